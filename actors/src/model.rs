@@ -1,0 +1,757 @@
+//! The MAPE-K vocabulary shared by every phase: violations, patterns, root
+//! causes, remediation policies, executions and outcomes.
+//!
+//! These are plain data types (serde-serialisable, no behaviour beyond small
+//! helpers) so that the HTTP API, the sled store and the actors all speak the
+//! same language.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// Wall-clock timestamp used in records (UTC).
+pub type Timestamp = DateTime<Utc>;
+
+/// Identifier of one incident chain (violations → analysis → policy →
+/// execution → outcome). Carried in every message and log line.
+pub type ChainId = String;
+
+/// A fresh, time-ordered identifier with a readable prefix (`pol-…`, `exe-…`).
+pub fn new_id(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::now_v7().simple())
+}
+
+/// How bad a violation is, as declared by the rule or alert that produced it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    /// Informational; never drives a high priority.
+    Info,
+    /// Needs attention.
+    Warning,
+    /// Needs action now.
+    Critical,
+}
+
+impl Severity {
+    /// Parses `critical`, `warning`/`warn`, `info` (case-insensitive).
+    pub fn parse(s: &str) -> Option<Severity> {
+        match s.to_ascii_lowercase().as_str() {
+            "critical" | "page" => Some(Severity::Critical),
+            "warning" | "warn" => Some(Severity::Warning),
+            "info" | "none" => Some(Severity::Info),
+            _ => None,
+        }
+    }
+
+    /// Lower-case name, as used in labels and JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Info => "info",
+            Severity::Warning => "warning",
+            Severity::Critical => "critical",
+        }
+    }
+}
+
+/// What kind of symptom a violation is. Inferred from the metric or rule
+/// name (see [`Signal::infer`]) unless a rule declares it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Signal {
+    /// Slow responses (validation latency, request duration).
+    Latency,
+    /// Too little work done (throughput below target).
+    Throughput,
+    /// Errors and failed enforcements (failure rate).
+    Failure,
+    /// Policy violations reported by the managed system.
+    Policy,
+    /// Nodes down or unhealthy.
+    Node,
+    /// Connectivity lost between parts of the system.
+    Network,
+    /// CPU, memory, disk or queue exhaustion.
+    Resource,
+    /// Anything else.
+    Other,
+}
+
+impl Signal {
+    /// Infers the signal from a metric or rule name by keyword.
+    pub fn infer(name: &str) -> Signal {
+        let n = name.to_ascii_lowercase();
+        let has = |words: &[&str]| words.iter().any(|w| n.contains(w));
+        if has(&["policy_violation", "policy"]) {
+            Signal::Policy
+        } else if has(&["latency", "duration", "response_time"]) {
+            Signal::Latency
+        } else if has(&["throughput", "ops_per_sec", "requests_per"]) {
+            Signal::Throughput
+        } else if has(&["failure", "error", "enforcement"]) {
+            Signal::Failure
+        } else if has(&["node", "replica", "up{", "crash"]) {
+            Signal::Node
+        } else if has(&["network", "partition", "unreachable"]) {
+            Signal::Network
+        } else if has(&["cpu", "memory", "disk", "saturation", "queue", "exhaust"]) {
+            Signal::Resource
+        } else {
+            Signal::Other
+        }
+    }
+}
+
+/// One observed breach of a rule: a series returned by a PromQL rule, or a
+/// firing Alertmanager alert.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Violation {
+    /// Unique id of this observation.
+    pub id: String,
+    /// Stable identity of the breached series (rule + labels, or the
+    /// Alertmanager fingerprint): the key for de-duplication.
+    pub fingerprint: String,
+    /// Name of the rule or alert.
+    pub rule: String,
+    /// Severity from the rule or the alert's `severity` label.
+    pub severity: Severity,
+    /// Component the violation is attributed to.
+    pub component: String,
+    /// Metric name the rule observed (or the alert name).
+    pub metric: String,
+    /// Observed value (NaN-free; alerts without a value carry 1.0).
+    pub value: f64,
+    /// All labels of the series or alert.
+    pub labels: BTreeMap<String, String>,
+    /// Kind of symptom.
+    pub signal: Signal,
+    /// When the series was first seen breaching (onset of this violation).
+    pub first_seen: Timestamp,
+    /// When this observation was made.
+    pub observed_at: Timestamp,
+    /// Which source reported it (`prometheus`, `alertmanager`, ...).
+    pub source: String,
+}
+
+/// The four detectors of the Analyze phase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PatternKind {
+    /// A burst: many violations close together in time.
+    Temporal,
+    /// Many violations on the same component.
+    Spatial,
+    /// Latency violations followed by failure/enforcement violations.
+    Causal,
+    /// An unusually high number of violations in a longer window.
+    Frequency,
+}
+
+impl PatternKind {
+    /// Lower-case name for labels and JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PatternKind::Temporal => "temporal",
+            PatternKind::Spatial => "spatial",
+            PatternKind::Causal => "causal",
+            PatternKind::Frequency => "frequency",
+        }
+    }
+}
+
+/// A pattern found by one detector.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Pattern {
+    /// Which detector found it.
+    pub kind: PatternKind,
+    /// Detector confidence (0..1).
+    pub confidence: f64,
+    /// Component the pattern is about, when it is about one.
+    pub component: Option<String>,
+    /// Fingerprints of the violations that make up the pattern.
+    pub violations: Vec<String>,
+    /// Human-readable explanation.
+    pub description: String,
+}
+
+/// Root-cause vocabulary of the Analyze phase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RootCause {
+    /// Validation is too slow.
+    ValidationLatency,
+    /// Not enough capacity for the load.
+    InsufficientCapacity,
+    /// A policy is wrong.
+    PolicyMisconfiguration,
+    /// Failures propagate from one part to others.
+    CascadeFailure,
+    /// The system is unstable (errors without a clearer cause).
+    SystemInstability,
+    /// A node crashed.
+    NodeCrash,
+    /// The network is partitioned.
+    NetworkPartition,
+    /// A resource is exhausted.
+    ResourceExhaustion,
+    /// Performance degraded without a clearer cause.
+    PerformanceDegradation,
+    /// Not enough evidence for a diagnosis.
+    Unknown,
+}
+
+impl RootCause {
+    /// Every cause, in tie-break precedence order (more specific first).
+    pub const ALL: [RootCause; 10] = [
+        RootCause::PolicyMisconfiguration,
+        RootCause::NodeCrash,
+        RootCause::NetworkPartition,
+        RootCause::CascadeFailure,
+        RootCause::ValidationLatency,
+        RootCause::InsufficientCapacity,
+        RootCause::ResourceExhaustion,
+        RootCause::SystemInstability,
+        RootCause::PerformanceDegradation,
+        RootCause::Unknown,
+    ];
+
+    /// snake_case name, as in the API (`validation_latency`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RootCause::ValidationLatency => "validation_latency",
+            RootCause::InsufficientCapacity => "insufficient_capacity",
+            RootCause::PolicyMisconfiguration => "policy_misconfiguration",
+            RootCause::CascadeFailure => "cascade_failure",
+            RootCause::SystemInstability => "system_instability",
+            RootCause::NodeCrash => "node_crash",
+            RootCause::NetworkPartition => "network_partition",
+            RootCause::ResourceExhaustion => "resource_exhaustion",
+            RootCause::PerformanceDegradation => "performance_degradation",
+            RootCause::Unknown => "unknown",
+        }
+    }
+
+    /// Parses a snake_case name.
+    pub fn parse(s: &str) -> Option<RootCause> {
+        RootCause::ALL.into_iter().find(|c| c.as_str() == s)
+    }
+
+    /// Position in the tie-break order (lower wins).
+    pub fn precedence(self) -> usize {
+        RootCause::ALL
+            .iter()
+            .position(|c| *c == self)
+            .unwrap_or(RootCause::ALL.len())
+    }
+}
+
+impl fmt::Display for RootCause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A ranked root-cause hypothesis.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RankedCause {
+    /// The cause.
+    pub cause: RootCause,
+    /// Confidence (0..1).
+    pub confidence: f64,
+}
+
+/// Output of the Analyze phase for one batch of evidence.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AnalysisResult {
+    /// Unique id (`ana-…`).
+    pub id: String,
+    /// Chain this analysis belongs to.
+    pub chain_id: ChainId,
+    /// When the analysis ran.
+    pub analyzed_at: Timestamp,
+    /// Patterns found, strongest first.
+    pub patterns: Vec<Pattern>,
+    /// Root causes, most likely first.
+    pub root_causes: Vec<RankedCause>,
+    /// Human-readable recommendations.
+    pub recommendations: Vec<String>,
+    /// `0.7 × mean(pattern confidence) + 0.3 × sample_size_factor`, 0..1.
+    pub confidence: f64,
+    /// Number of distinct violations in the window.
+    pub violation_count: usize,
+    /// Highest severity in the window.
+    pub max_severity: Option<Severity>,
+    /// Components involved, sorted.
+    pub components: Vec<String>,
+}
+
+/// The action catalogue of the Plan phase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ActionType {
+    /// Add replicas.
+    ScaleUp,
+    /// Remove replicas.
+    ScaleDown,
+    /// Restart the service.
+    RestartService,
+    /// Apply a (corrected) policy.
+    ApplyPolicy,
+    /// Bypass validation for a while.
+    BypassValidation,
+    /// Rate-limit requests.
+    ThrottleRequests,
+    /// Enter emergency-override mode for a while.
+    ActivateEmergencyOverride,
+    /// Rebalance load across nodes.
+    RebalanceLoad,
+    /// Change configuration.
+    UpdateConfiguration,
+    /// Fail over to a standby.
+    Failover,
+}
+
+impl ActionType {
+    /// The whole catalogue.
+    pub const ALL: [ActionType; 10] = [
+        ActionType::ScaleUp,
+        ActionType::ScaleDown,
+        ActionType::RestartService,
+        ActionType::ApplyPolicy,
+        ActionType::BypassValidation,
+        ActionType::ThrottleRequests,
+        ActionType::ActivateEmergencyOverride,
+        ActionType::RebalanceLoad,
+        ActionType::UpdateConfiguration,
+        ActionType::Failover,
+    ];
+
+    /// SCREAMING_SNAKE_CASE name (`SCALE_UP`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ActionType::ScaleUp => "SCALE_UP",
+            ActionType::ScaleDown => "SCALE_DOWN",
+            ActionType::RestartService => "RESTART_SERVICE",
+            ActionType::ApplyPolicy => "APPLY_POLICY",
+            ActionType::BypassValidation => "BYPASS_VALIDATION",
+            ActionType::ThrottleRequests => "THROTTLE_REQUESTS",
+            ActionType::ActivateEmergencyOverride => "ACTIVATE_EMERGENCY_OVERRIDE",
+            ActionType::RebalanceLoad => "REBALANCE_LOAD",
+            ActionType::UpdateConfiguration => "UPDATE_CONFIGURATION",
+            ActionType::Failover => "FAILOVER",
+        }
+    }
+
+    /// Parses the SCREAMING_SNAKE_CASE name (case-insensitive).
+    pub fn parse(s: &str) -> Option<ActionType> {
+        ActionType::ALL
+            .into_iter()
+            .find(|a| a.as_str().eq_ignore_ascii_case(s))
+    }
+
+    /// Risk of the action on its own.
+    pub fn risk(self) -> RiskLevel {
+        match self {
+            ActionType::ScaleUp | ActionType::ScaleDown | ActionType::RebalanceLoad => {
+                RiskLevel::Low
+            }
+            ActionType::RestartService
+            | ActionType::ApplyPolicy
+            | ActionType::ThrottleRequests
+            | ActionType::UpdateConfiguration => RiskLevel::Medium,
+            ActionType::BypassValidation
+            | ActionType::ActivateEmergencyOverride
+            | ActionType::Failover => RiskLevel::High,
+        }
+    }
+}
+
+impl fmt::Display for ActionType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Priority of a remediation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Priority {
+    /// Can wait.
+    Low,
+    /// Normal.
+    Medium,
+    /// Soon.
+    High,
+    /// Now.
+    Critical,
+}
+
+/// How risky a policy is; decides whether it may be auto-approved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RiskLevel {
+    /// Easily undone, little blast radius.
+    Low,
+    /// Changes behaviour; undoable.
+    Medium,
+    /// May hurt if wrong; a person should look first by default.
+    High,
+}
+
+/// The undo step of an action.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RollbackStep {
+    /// Action type that undoes the original.
+    pub action_type: ActionType,
+    /// Its parameters.
+    pub parameters: serde_json::Map<String, serde_json::Value>,
+    /// What undoing means, for people.
+    pub description: String,
+}
+
+/// One step of a remediation policy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RemediationAction {
+    /// Id unique within the policy (`a1`, `a2`, ...).
+    pub id: String,
+    /// What to do.
+    pub action_type: ActionType,
+    /// Component to act on.
+    pub target: String,
+    /// Action parameters (replicas, rate_limit, duration_seconds, ...).
+    pub parameters: serde_json::Map<String, serde_json::Value>,
+    /// Priority.
+    pub priority: Priority,
+    /// Catalogue cost of this action (0..1).
+    pub cost: f64,
+    /// Ids of actions in the same policy that must complete first.
+    pub depends_on: Vec<String>,
+    /// How to undo it; `None` for actions that cannot be undone (restart).
+    pub rollback: Option<RollbackStep>,
+}
+
+/// Approval state of a policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ApprovalStatus {
+    /// Waiting for a decision.
+    Pending,
+    /// Approved (by a person or by auto-approval); sent to the Executor.
+    Approved,
+    /// Rejected by a person.
+    Rejected,
+}
+
+impl ApprovalStatus {
+    /// Lower-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ApprovalStatus::Pending => "pending",
+            ApprovalStatus::Approved => "approved",
+            ApprovalStatus::Rejected => "rejected",
+        }
+    }
+
+    /// Parses a lower-case name.
+    pub fn parse(s: &str) -> Option<ApprovalStatus> {
+        match s {
+            "pending" => Some(ApprovalStatus::Pending),
+            "approved" => Some(ApprovalStatus::Approved),
+            "rejected" => Some(ApprovalStatus::Rejected),
+            _ => None,
+        }
+    }
+}
+
+/// Who decided about a policy, and when.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ApprovalDecision {
+    /// The decision.
+    pub status: ApprovalStatus,
+    /// `auto` for auto-approval, otherwise the operator's name.
+    pub by: String,
+    /// When.
+    pub at: Timestamp,
+    /// Optional reason.
+    pub reason: Option<String>,
+}
+
+/// A remediation policy proposed by the Planner.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RemediationPolicy {
+    /// Unique id (`pol-…`).
+    pub id: String,
+    /// Chain it belongs to.
+    pub chain_id: ChainId,
+    /// Analysis it was planned from.
+    pub analysis_id: String,
+    /// When it was planned.
+    pub created_at: Timestamp,
+    /// The cause it addresses.
+    pub root_cause: RootCause,
+    /// Confidence of that cause.
+    pub root_cause_confidence: f64,
+    /// Steps, in a valid dependency order.
+    pub actions: Vec<RemediationAction>,
+    /// What the policy should achieve.
+    pub expected_impact: String,
+    /// Highest risk among its actions.
+    pub risk_level: RiskLevel,
+    /// Highest priority among its actions.
+    pub priority: Priority,
+    /// Mean catalogue cost of its actions (0..1).
+    pub cost_estimate: f64,
+    /// Expected benefit (0..0.95), from confidence and learned success.
+    pub benefit_estimate: f64,
+    /// `benefit_estimate − cost_estimate`.
+    pub score: f64,
+    /// Current approval status.
+    pub approval_status: ApprovalStatus,
+    /// Decisions taken so far (audit trail).
+    pub decisions: Vec<ApprovalDecision>,
+    /// Violations counted when planned (the "before" of verification).
+    pub violations_at_planning: usize,
+    /// Components in scope (violations counted for verification).
+    pub scope: Vec<String>,
+}
+
+/// Status of an execution or of one action in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ExecutionStatus {
+    /// Not started.
+    Pending,
+    /// Running.
+    InProgress,
+    /// Done.
+    Completed,
+    /// Failed, nothing to undo (or undo failed).
+    Failed,
+    /// Failed and the completed steps were undone.
+    RolledBack,
+}
+
+impl ExecutionStatus {
+    /// SCREAMING_SNAKE_CASE name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExecutionStatus::Pending => "PENDING",
+            ExecutionStatus::InProgress => "IN_PROGRESS",
+            ExecutionStatus::Completed => "COMPLETED",
+            ExecutionStatus::Failed => "FAILED",
+            ExecutionStatus::RolledBack => "ROLLED_BACK",
+        }
+    }
+}
+
+/// Record of one action's execution.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ActionExecution {
+    /// Action id within the policy.
+    pub action_id: String,
+    /// Action type.
+    pub action_type: ActionType,
+    /// Effector that carried it out.
+    pub effector: String,
+    /// Final status.
+    pub status: ExecutionStatus,
+    /// Attempts made (1 + retries).
+    pub attempts: u32,
+    /// Start.
+    pub started_at: Option<Timestamp>,
+    /// End.
+    pub finished_at: Option<Timestamp>,
+    /// What the effector answered (or its output).
+    pub result: Option<serde_json::Value>,
+    /// Error, if it failed.
+    pub error: Option<String>,
+    /// Whether its rollback ran, and how it ended.
+    pub rollback: Option<String>,
+}
+
+/// Outcome classes of Knowledge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum OutcomeType {
+    /// No violations left.
+    Success,
+    /// More than half resolved.
+    Partial,
+    /// Half or less resolved.
+    Ineffective,
+    /// More violations than before.
+    Degradation,
+    /// No evidence to judge.
+    Unknown,
+}
+
+impl OutcomeType {
+    /// Every outcome type.
+    pub const ALL: [OutcomeType; 5] = [
+        OutcomeType::Success,
+        OutcomeType::Partial,
+        OutcomeType::Ineffective,
+        OutcomeType::Degradation,
+        OutcomeType::Unknown,
+    ];
+
+    /// SCREAMING_SNAKE_CASE name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutcomeType::Success => "SUCCESS",
+            OutcomeType::Partial => "PARTIAL",
+            OutcomeType::Ineffective => "INEFFECTIVE",
+            OutcomeType::Degradation => "DEGRADATION",
+            OutcomeType::Unknown => "UNKNOWN",
+        }
+    }
+
+    /// Success confidence attached to the class.
+    pub fn confidence(self) -> f64 {
+        match self {
+            OutcomeType::Success => 0.95,
+            OutcomeType::Partial => 0.70,
+            OutcomeType::Ineffective => 0.40,
+            OutcomeType::Degradation => 0.0,
+            OutcomeType::Unknown => 0.5,
+        }
+    }
+
+    /// Whether the outcome counts as a success for learning (SUCCESS or PARTIAL).
+    pub fn is_success(self) -> bool {
+        matches!(self, OutcomeType::Success | OutcomeType::Partial)
+    }
+}
+
+/// Durations of the phases of one chain, in seconds.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ChainTimings {
+    /// Observation to violations handed to the Analyzer.
+    pub detection_seconds: f64,
+    /// Analysis.
+    pub analysis_seconds: f64,
+    /// Planning (including approval wait for auto-approved policies).
+    pub planning_seconds: f64,
+    /// Executing actions and verifying.
+    pub execution_seconds: f64,
+    /// From detection to recorded outcome.
+    pub total_seconds: f64,
+    /// The chain ran past `max_cycle_time` and was cut off.
+    pub cut_off: bool,
+}
+
+/// Record of one policy execution (audit trail).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PolicyExecution {
+    /// Unique id (`exe-…`).
+    pub id: String,
+    /// Policy executed.
+    pub policy_id: String,
+    /// Chain.
+    pub chain_id: ChainId,
+    /// Root cause addressed.
+    pub root_cause: RootCause,
+    /// Final status.
+    pub status: ExecutionStatus,
+    /// Per-action records, in execution order.
+    pub actions: Vec<ActionExecution>,
+    /// Start.
+    pub started_at: Timestamp,
+    /// End (after verification).
+    pub finished_at: Option<Timestamp>,
+    /// Fraction of actions completed (0..1).
+    pub success_rate: f64,
+    /// Error summary, when it failed.
+    pub error: Option<String>,
+    /// Violations in scope before acting.
+    pub violations_before: Option<usize>,
+    /// Violations in scope after the verification window.
+    pub violations_after: Option<usize>,
+    /// Outcome class.
+    pub outcome: Option<OutcomeType>,
+    /// Phase timings of the chain.
+    pub timings: ChainTimings,
+}
+
+/// Outcome of an execution, as learned by Knowledge.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PolicyOutcome {
+    /// Execution it judges.
+    pub execution_id: String,
+    /// Policy.
+    pub policy_id: String,
+    /// Cause addressed.
+    pub root_cause: RootCause,
+    /// Action types of the policy.
+    pub actions: Vec<ActionType>,
+    /// When the policy was executed.
+    pub executed_at: Timestamp,
+    /// Class.
+    pub outcome_type: OutcomeType,
+    /// Violations before.
+    pub violations_before: Option<usize>,
+    /// Violations after.
+    pub violations_after: Option<usize>,
+    /// before − after, floored at 0.
+    pub violations_resolved: usize,
+    /// Seconds from the start of execution to the verification.
+    pub time_to_effect_seconds: f64,
+    /// Confidence of the class.
+    pub success_confidence: f64,
+}
+
+/// Learned statistics of one action type (overall, or for one root cause).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ActionStats {
+    /// Executions with a recorded outcome.
+    pub executions: u64,
+    /// Outcomes that were SUCCESS or PARTIAL.
+    pub successes: u64,
+    /// `successes / executions` (0 when there are none).
+    pub success_rate: f64,
+    /// Mean seconds from acting to the verified effect.
+    pub mean_time_to_effect_seconds: f64,
+    /// Mean violations resolved per execution.
+    pub mean_violations_resolved: f64,
+    /// How much to trust the rate: `min(1, executions / saturation)`.
+    pub confidence: f64,
+    /// Outcomes counted by class (`SUCCESS` → n).
+    pub outcomes: BTreeMap<OutcomeType, u64>,
+}
+
+/// Everything Knowledge has learned, per action and per (root cause, action).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LearnedStats {
+    /// Per action type.
+    pub by_action: BTreeMap<ActionType, ActionStats>,
+    /// Per root cause, then per action type.
+    pub by_cause: BTreeMap<RootCause, BTreeMap<ActionType, ActionStats>>,
+    /// Outcomes recorded in all.
+    pub outcomes_recorded: u64,
+}
+
+impl LearnedStats {
+    /// Statistics of `action` when used against `cause`, if any were recorded.
+    pub fn get(&self, cause: RootCause, action: ActionType) -> Option<&ActionStats> {
+        self.by_cause.get(&cause).and_then(|m| m.get(&action))
+    }
+}
+
+/// A rule extracted from the learned statistics.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LearningInsight {
+    /// Short title.
+    pub title: String,
+    /// Root cause it is about, if any.
+    pub root_cause: Option<RootCause>,
+    /// Action it is about, if any.
+    pub action: Option<ActionType>,
+    /// Confidence (sample-size based), 0..1.
+    pub confidence: f64,
+    /// What to do about it.
+    pub recommendations: Vec<String>,
+    /// When it was generated.
+    pub generated_at: Timestamp,
+}

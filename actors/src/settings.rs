@@ -1,0 +1,533 @@
+//! Settings of each phase, as they appear in the config file.
+//!
+//! Every struct deserialises with defaults for missing keys; unknown keys are
+//! detected by the daemon's config loader (which reports all of them at once,
+//! with their paths). `validate` methods push every problem they find instead
+//! of stopping at the first one.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{ActionType, RiskLevel, Severity, Signal};
+
+/// One configuration problem: the dotted key path and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigIssue {
+    /// Dotted path of the key (`monitor.interval_seconds`).
+    pub path: String,
+    /// Why it is wrong.
+    pub reason: String,
+}
+
+impl std::fmt::Display for ConfigIssue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.path, self.reason)
+    }
+}
+
+/// Collects issues under a path prefix.
+pub struct Issues<'a> {
+    prefix: String,
+    out: &'a mut Vec<ConfigIssue>,
+}
+
+impl<'a> Issues<'a> {
+    /// Starts collecting under `prefix` into `out`.
+    pub fn new(prefix: &str, out: &'a mut Vec<ConfigIssue>) -> Self {
+        Issues {
+            prefix: prefix.to_string(),
+            out,
+        }
+    }
+
+    /// Records `reason` for key `key` under the prefix.
+    pub fn push(&mut self, key: &str, reason: impl Into<String>) {
+        let path = if self.prefix.is_empty() {
+            key.to_string()
+        } else {
+            format!("{}.{}", self.prefix, key)
+        };
+        self.out.push(ConfigIssue {
+            path,
+            reason: reason.into(),
+        });
+    }
+
+    /// Records an issue when `value < min`.
+    pub fn at_least<T: PartialOrd + std::fmt::Display>(&mut self, key: &str, value: T, min: T) {
+        if value < min {
+            self.push(key, format!("must be at least {min} (got {value})"));
+        }
+    }
+
+    /// Records an issue when `value` is outside `lo..=hi`.
+    pub fn within(&mut self, key: &str, value: f64, lo: f64, hi: f64) {
+        if !(lo..=hi).contains(&value) || value.is_nan() {
+            self.push(key, format!("must be between {lo} and {hi} (got {value})"));
+        }
+    }
+}
+
+/// A PromQL rule polled by the Monitor.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RuleSpec {
+    /// Rule name (unique).
+    pub name: String,
+    /// PromQL expression; every series it returns is a violation.
+    pub expr: String,
+    /// Severity of its violations.
+    pub severity: Severity,
+    /// Component its violations are attributed to (a `component` label on a
+    /// series overrides it).
+    pub component: String,
+    /// Kind of symptom; inferred from the expression when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<Signal>,
+}
+
+impl RuleSpec {
+    /// Signal of the rule: declared, or inferred from its name and expression.
+    pub fn signal(&self) -> Signal {
+        self.signal.unwrap_or_else(|| {
+            let s = Signal::infer(&self.expr);
+            if s == Signal::Other {
+                Signal::infer(&self.name)
+            } else {
+                s
+            }
+        })
+    }
+}
+
+/// The default rules watching the managed "Charter" system.
+pub fn default_rules() -> Vec<RuleSpec> {
+    vec![
+        RuleSpec {
+            name: "CharterCriticalPolicyViolations".into(),
+            expr: "increase(westworld_charter_policy_violations_total{severity=\"critical\"}[5m]) > 0"
+                .into(),
+            severity: Severity::Critical,
+            component: "charter".into(),
+            signal: Some(Signal::Policy),
+        },
+        RuleSpec {
+            name: "CharterValidationLatencyHigh".into(),
+            expr: "westworld_charter_validation_latency_seconds > 1".into(),
+            severity: Severity::Warning,
+            component: "charter".into(),
+            signal: Some(Signal::Latency),
+        },
+        RuleSpec {
+            name: "CharterFailureRateHigh".into(),
+            expr: "westworld_charter_failure_rate > 0.10".into(),
+            severity: Severity::Critical,
+            component: "charter".into(),
+            signal: Some(Signal::Failure),
+        },
+        RuleSpec {
+            name: "CharterThroughputLow".into(),
+            expr: "westworld_charter_throughput_ops_per_sec < 100".into(),
+            severity: Severity::Warning,
+            component: "charter".into(),
+            signal: Some(Signal::Throughput),
+        },
+    ]
+}
+
+/// Monitor phase.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct MonitorSettings {
+    /// Seconds between polls of the rules (at least 1).
+    pub interval_seconds: u64,
+    /// A source whose last good answer is older than this many intervals is
+    /// stale: no evidence.
+    pub stale_after_intervals: u32,
+    /// Rules to poll.
+    pub rules: Vec<RuleSpec>,
+}
+
+impl Default for MonitorSettings {
+    fn default() -> Self {
+        MonitorSettings {
+            interval_seconds: 30,
+            stale_after_intervals: 3,
+            rules: default_rules(),
+        }
+    }
+}
+
+impl MonitorSettings {
+    /// Pushes every problem under `monitor`.
+    pub fn validate(&self, out: &mut Vec<ConfigIssue>) {
+        let mut i = Issues::new("monitor", out);
+        i.at_least("interval_seconds", self.interval_seconds, 1);
+        i.at_least("stale_after_intervals", self.stale_after_intervals, 1);
+        let mut seen = std::collections::HashSet::new();
+        for (n, r) in self.rules.iter().enumerate() {
+            if r.name.trim().is_empty() {
+                i.push(&format!("rules[{n}].name"), "must not be empty");
+            } else if !seen.insert(r.name.as_str()) {
+                i.push(&format!("rules[{n}].name"), format!("duplicate rule name `{}`", r.name));
+            }
+            if r.expr.trim().is_empty() {
+                i.push(&format!("rules[{n}].expr"), "must not be empty");
+            }
+            if r.component.trim().is_empty() {
+                i.push(&format!("rules[{n}].component"), "must not be empty");
+            }
+        }
+    }
+}
+
+/// One detector's thresholds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DetectorSettings {
+    /// Minimum number of violations for the pattern.
+    pub min_violations: usize,
+    /// Time window of the detector in seconds (0 = the whole analysis window).
+    pub window_seconds: u64,
+    /// Confidence reported when it fires.
+    pub confidence: f64,
+}
+
+impl Default for DetectorSettings {
+    fn default() -> Self {
+        DetectorSettings {
+            min_violations: 3,
+            window_seconds: 0,
+            confidence: 0.8,
+        }
+    }
+}
+
+impl DetectorSettings {
+    fn new(min_violations: usize, window_seconds: u64, confidence: f64) -> Self {
+        DetectorSettings {
+            min_violations,
+            window_seconds,
+            confidence,
+        }
+    }
+
+    fn validate(&self, i: &mut Issues<'_>, name: &str) {
+        i.at_least(&format!("{name}.min_violations"), self.min_violations, 1);
+        i.within(&format!("{name}.confidence"), self.confidence, 0.0, 1.0);
+    }
+}
+
+/// Causal detector settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct CausalSettings {
+    /// Minimum correlation between latency and failure counts per bucket.
+    pub min_correlation: f64,
+    /// Maximum lag (seconds) between a latency violation and a failure
+    /// violation for them to count as cause and effect.
+    pub max_lag_seconds: u64,
+    /// Width of the buckets the correlation is computed over.
+    pub bucket_seconds: u64,
+    /// Confidence reported when it fires.
+    pub confidence: f64,
+}
+
+impl Default for CausalSettings {
+    fn default() -> Self {
+        CausalSettings {
+            min_correlation: 0.8,
+            max_lag_seconds: 120,
+            bucket_seconds: 30,
+            confidence: 0.75,
+        }
+    }
+}
+
+/// Analyze phase.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct AnalyzeSettings {
+    /// Length of the sliding window of violations, seconds.
+    pub window_seconds: u64,
+    /// Bound on distinct violations kept in the window (oldest dropped first).
+    pub max_window_violations: usize,
+    /// Analyses kept in memory for the API (older ones live in Knowledge).
+    pub max_history: usize,
+    /// Sample size at which the sample-size factor of the confidence reaches 1.
+    pub sample_size_saturation: usize,
+    /// Burst detector: ≥ min_violations within window_seconds.
+    pub temporal: DetectorSettings,
+    /// Same-component detector.
+    pub spatial: DetectorSettings,
+    /// Latency → failure detector.
+    pub causal: CausalSettings,
+    /// Frequency detector: ≥ min_violations within window_seconds.
+    pub frequency: DetectorSettings,
+}
+
+impl Default for AnalyzeSettings {
+    fn default() -> Self {
+        AnalyzeSettings {
+            window_seconds: 300,
+            max_window_violations: 10_000,
+            max_history: 100,
+            sample_size_saturation: 10,
+            temporal: DetectorSettings::new(3, 60, 0.85),
+            spatial: DetectorSettings::new(3, 0, 0.80),
+            causal: CausalSettings::default(),
+            frequency: DetectorSettings::new(9, 300, 0.70),
+        }
+    }
+}
+
+impl AnalyzeSettings {
+    /// Pushes every problem under `analyze`.
+    pub fn validate(&self, out: &mut Vec<ConfigIssue>) {
+        let mut i = Issues::new("analyze", out);
+        i.at_least("window_seconds", self.window_seconds, 1);
+        i.at_least("max_window_violations", self.max_window_violations, 1);
+        i.at_least("max_history", self.max_history, 1);
+        i.at_least("sample_size_saturation", self.sample_size_saturation, 1);
+        self.temporal.validate(&mut i, "temporal");
+        self.spatial.validate(&mut i, "spatial");
+        self.frequency.validate(&mut i, "frequency");
+        i.at_least("temporal.window_seconds", self.temporal.window_seconds, 1);
+        i.at_least("frequency.window_seconds", self.frequency.window_seconds, 1);
+        for (key, w) in [
+            ("temporal.window_seconds", self.temporal.window_seconds),
+            ("frequency.window_seconds", self.frequency.window_seconds),
+        ] {
+            if w > self.window_seconds {
+                i.push(
+                    key,
+                    format!(
+                        "must not exceed analyze.window_seconds ({}) (got {w})",
+                        self.window_seconds
+                    ),
+                );
+            }
+        }
+        i.within("causal.min_correlation", self.causal.min_correlation, -1.0, 1.0);
+        i.within("causal.confidence", self.causal.confidence, 0.0, 1.0);
+        i.at_least("causal.bucket_seconds", self.causal.bucket_seconds, 1);
+    }
+}
+
+/// Plan phase.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PlanSettings {
+    /// Plan only when at least this many distinct violations are in the window.
+    pub plan_threshold: usize,
+    /// Root causes below this confidence are not planned for.
+    pub min_confidence: f64,
+    /// At most this many policies per analysis.
+    pub max_policies: usize,
+    /// Approve policies automatically (up to `auto_approve_max_risk`).
+    pub auto_approve: bool,
+    /// Highest risk that is auto-approved; riskier policies wait for a person.
+    pub auto_approve_max_risk: RiskLevel,
+    /// After a policy for a cause was executed, wait this long before
+    /// planning for the same cause again (lets the remedy take effect).
+    pub cooldown_seconds: u64,
+    /// Replicas added by SCALE_UP.
+    pub scale_step: u32,
+    /// Rate limit (requests/s) set by THROTTLE_REQUESTS.
+    pub throttle_rate_limit: u32,
+    /// Duration of emergency override and validation bypass, seconds.
+    pub override_duration_seconds: u64,
+    /// Cost per action type (0..1); missing types keep their catalogue cost.
+    pub action_costs: BTreeMap<ActionType, f64>,
+}
+
+/// Catalogue cost of an action type.
+pub fn default_cost(action: ActionType) -> f64 {
+    match action {
+        ActionType::ScaleUp => 0.15,
+        ActionType::ScaleDown => 0.05,
+        ActionType::RestartService => 0.20,
+        ActionType::ApplyPolicy => 0.30,
+        ActionType::BypassValidation => 0.70,
+        ActionType::ThrottleRequests => 0.40,
+        ActionType::ActivateEmergencyOverride => 0.60,
+        ActionType::RebalanceLoad => 0.25,
+        ActionType::UpdateConfiguration => 0.35,
+        ActionType::Failover => 0.50,
+    }
+}
+
+impl Default for PlanSettings {
+    fn default() -> Self {
+        PlanSettings {
+            plan_threshold: 3,
+            min_confidence: 0.6,
+            max_policies: 5,
+            auto_approve: true,
+            auto_approve_max_risk: RiskLevel::Medium,
+            cooldown_seconds: 60,
+            scale_step: 2,
+            throttle_rate_limit: 500,
+            override_duration_seconds: 300,
+            action_costs: ActionType::ALL
+                .into_iter()
+                .map(|a| (a, default_cost(a)))
+                .collect(),
+        }
+    }
+}
+
+impl PlanSettings {
+    /// Cost of an action type under these settings.
+    pub fn cost(&self, action: ActionType) -> f64 {
+        self.action_costs
+            .get(&action)
+            .copied()
+            .unwrap_or_else(|| default_cost(action))
+    }
+
+    /// Pushes every problem under `plan`.
+    pub fn validate(&self, out: &mut Vec<ConfigIssue>) {
+        let mut i = Issues::new("plan", out);
+        i.at_least("plan_threshold", self.plan_threshold, 1);
+        i.within("min_confidence", self.min_confidence, 0.0, 1.0);
+        i.at_least("max_policies", self.max_policies, 1);
+        i.at_least("scale_step", self.scale_step, 1);
+        i.at_least("throttle_rate_limit", self.throttle_rate_limit, 1);
+        i.at_least("override_duration_seconds", self.override_duration_seconds, 1);
+        for (a, c) in &self.action_costs {
+            i.within(&format!("action_costs.{}", a.as_str()), *c, 0.0, 1.0);
+        }
+    }
+}
+
+/// Execute phase.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ExecuteSettings {
+    /// Timeout of one effector call, seconds.
+    pub call_timeout_seconds: u64,
+    /// Retries of a failed call (connect errors, timeouts, 5xx only).
+    pub retries: u32,
+    /// First retry delay, milliseconds; doubles per retry, with jitter.
+    pub backoff_initial_ms: u64,
+    /// Longest retry delay, milliseconds.
+    pub backoff_max_ms: u64,
+    /// Ask the effector to validate a policy before acting
+    /// (`POST /api/v1/policies/validate` on Charter).
+    pub preflight_validate: bool,
+    /// Seconds to wait after acting before measuring the violations again.
+    pub verification_window_seconds: u64,
+}
+
+impl Default for ExecuteSettings {
+    fn default() -> Self {
+        ExecuteSettings {
+            call_timeout_seconds: 30,
+            retries: 3,
+            backoff_initial_ms: 500,
+            backoff_max_ms: 10_000,
+            preflight_validate: true,
+            verification_window_seconds: 60,
+        }
+    }
+}
+
+impl ExecuteSettings {
+    /// Pushes every problem under `execute`.
+    pub fn validate(&self, out: &mut Vec<ConfigIssue>) {
+        let mut i = Issues::new("execute", out);
+        i.at_least("call_timeout_seconds", self.call_timeout_seconds, 1);
+        i.at_least("backoff_initial_ms", self.backoff_initial_ms, 1);
+        if self.backoff_max_ms < self.backoff_initial_ms {
+            i.push(
+                "backoff_max_ms",
+                format!(
+                    "must be at least execute.backoff_initial_ms ({}) (got {})",
+                    self.backoff_initial_ms, self.backoff_max_ms
+                ),
+            );
+        }
+        if self.retries > 10 {
+            i.push("retries", format!("must be at most 10 (got {})", self.retries));
+        }
+    }
+}
+
+/// Knowledge phase.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct KnowledgeSettings {
+    /// Directory of the sled database.
+    pub data_dir: String,
+    /// Seconds to wait for the database to open before giving up.
+    pub open_timeout_seconds: u64,
+    /// Confidence of a learned success rate saturates at this many samples.
+    pub confidence_saturation: u32,
+    /// Regenerate insights after this many recorded outcomes.
+    pub insights_every: u32,
+    /// Records of each kind kept in the audit trail (oldest pruned first).
+    pub max_records: usize,
+}
+
+impl Default for KnowledgeSettings {
+    fn default() -> Self {
+        KnowledgeSettings {
+            data_dir: "data".into(),
+            open_timeout_seconds: 10,
+            confidence_saturation: 30,
+            insights_every: 5,
+            max_records: 100_000,
+        }
+    }
+}
+
+impl KnowledgeSettings {
+    /// Pushes every problem under `knowledge`.
+    pub fn validate(&self, out: &mut Vec<ConfigIssue>) {
+        let mut i = Issues::new("knowledge", out);
+        if self.data_dir.trim().is_empty() {
+            i.push("data_dir", "must not be empty");
+        }
+        i.at_least("open_timeout_seconds", self.open_timeout_seconds, 1);
+        i.at_least("confidence_saturation", self.confidence_saturation, 1);
+        i.at_least("insights_every", self.insights_every, 1);
+        i.at_least("max_records", self.max_records, 100);
+    }
+}
+
+/// Orchestrator and supervisor.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct OrchestratorSettings {
+    /// A chain (violations → outcome) running longer than this is cut off.
+    pub max_cycle_time_seconds: u64,
+    /// More restarts than this of one actor within `restart_period_seconds`
+    /// stop the daemon (exit code 70), naming the actor.
+    pub max_restarts: u32,
+    /// Window of the restart-intensity limit, seconds.
+    pub restart_period_seconds: u64,
+    /// Capacity of each phase actor's mailbox.
+    pub mailbox_capacity: usize,
+}
+
+impl Default for OrchestratorSettings {
+    fn default() -> Self {
+        OrchestratorSettings {
+            max_cycle_time_seconds: 600,
+            max_restarts: 5,
+            restart_period_seconds: 60,
+            mailbox_capacity: 64,
+        }
+    }
+}
+
+impl OrchestratorSettings {
+    /// Pushes every problem under `orchestrator`.
+    pub fn validate(&self, out: &mut Vec<ConfigIssue>) {
+        let mut i = Issues::new("orchestrator", out);
+        i.at_least("max_cycle_time_seconds", self.max_cycle_time_seconds, 1);
+        i.at_least("restart_period_seconds", self.restart_period_seconds, 1);
+        i.at_least("mailbox_capacity", self.mailbox_capacity, 1);
+    }
+}
