@@ -1,0 +1,418 @@
+//! Execute phase logic: dependency order, retries with backoff and
+//! per-call timeouts, rollback of completed actions in reverse order on a
+//! failure, and verification of the effect from fresh evidence.
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasher, Hasher};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::time::Instant;
+
+use crate::clock::SharedClock;
+use crate::knowledge::classify;
+use crate::metrics::{EffectorLabels, Metrics};
+use crate::model::{
+    ActionExecution, ActionType, ExecutionStatus, PolicyExecution, RemediationAction,
+    RemediationPolicy,
+};
+use crate::ports::{Effector, EffectorError, EvidenceProbe};
+use crate::settings::ExecuteSettings;
+
+/// Which effector carries out which action type.
+#[derive(Clone, Default)]
+pub struct EffectorRouter {
+    routes: HashMap<ActionType, Arc<dyn Effector>>,
+    fallback: Option<Arc<dyn Effector>>,
+}
+
+impl EffectorRouter {
+    /// A router sending every action type to `effector`.
+    pub fn all_to(effector: Arc<dyn Effector>) -> Self {
+        EffectorRouter {
+            routes: HashMap::new(),
+            fallback: Some(effector),
+        }
+    }
+
+    /// A router with no routes.
+    pub fn empty() -> Self {
+        Self::default()
+    }
+
+    /// Routes `action` to `effector`.
+    pub fn route(mut self, action: ActionType, effector: Arc<dyn Effector>) -> Self {
+        self.routes.insert(action, effector);
+        self
+    }
+
+    /// The effector for an action type.
+    pub fn get(&self, action: ActionType) -> Option<Arc<dyn Effector>> {
+        self.routes.get(&action).cloned().or_else(|| self.fallback.clone())
+    }
+}
+
+/// Orders the actions so that every action comes after those it depends
+/// on (Kahn's algorithm, stable with respect to the listed order).
+/// Unknown dependencies and cycles are errors.
+pub fn execution_order(actions: &[RemediationAction]) -> Result<Vec<usize>, String> {
+    let index: HashMap<&str, usize> = actions.iter().enumerate().map(|(i, a)| (a.id.as_str(), i)).collect();
+    if index.len() != actions.len() {
+        return Err("duplicate action ids".into());
+    }
+    let mut indegree = vec![0usize; actions.len()];
+    let mut dependents: Vec<Vec<usize>> = vec![Vec::new(); actions.len()];
+    for (i, a) in actions.iter().enumerate() {
+        for d in &a.depends_on {
+            let Some(&j) = index.get(d.as_str()) else {
+                return Err(format!("action `{}` depends on unknown action `{d}`", a.id));
+            };
+            indegree[i] += 1;
+            dependents[j].push(i);
+        }
+    }
+    let mut ready: VecDeque<usize> = (0..actions.len()).filter(|&i| indegree[i] == 0).collect();
+    let mut order = Vec::with_capacity(actions.len());
+    while let Some(i) = ready.pop_front() {
+        order.push(i);
+        for &k in &dependents[i] {
+            indegree[k] -= 1;
+            if indegree[k] == 0 {
+                ready.push_back(k);
+            }
+        }
+    }
+    if order.len() != actions.len() {
+        return Err("the actions' dependencies form a cycle".into());
+    }
+    Ok(order)
+}
+
+/// Delay before retry number `attempt` (1-based): exponential from
+/// `backoff_initial_ms`, capped at `backoff_max_ms`, with "equal jitter"
+/// (half fixed, half random from `jitter` in 0..1).
+pub fn backoff(attempt: u32, s: &ExecuteSettings, jitter: f64) -> Duration {
+    let exp = attempt.saturating_sub(1).min(20);
+    let base = s.backoff_initial_ms.saturating_mul(1u64 << exp).min(s.backoff_max_ms);
+    let half = base / 2;
+    let j = jitter.clamp(0.0, 1.0);
+    Duration::from_millis(half + (half as f64 * j) as u64)
+}
+
+/// A number in 0..1 for jitter (not cryptographic).
+fn jitter() -> f64 {
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(Instant::now().elapsed().as_nanos());
+    (h.finish() % 10_000) as f64 / 10_000.0
+}
+
+/// Everything an execution needs.
+#[derive(Clone)]
+pub struct ExecutionEnv {
+    /// Effectors by action type.
+    pub router: EffectorRouter,
+    /// Measures violations for verification.
+    pub probe: Arc<dyn EvidenceProbe>,
+    /// Timeouts, retries, verification window.
+    pub settings: ExecuteSettings,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Wall clock for records.
+    pub clock: SharedClock,
+}
+
+/// Why a call ended without success.
+#[derive(Debug)]
+enum CallEnd {
+    Failed(EffectorError),
+    CutOff,
+}
+
+impl ExecutionEnv {
+    /// One effector call with per-call timeout and retries (transient
+    /// failures only), stopped by the chain deadline.
+    async fn call<F>(&self, effector: &str, deadline: Instant, attempts: &mut u32, mut op: F) -> Result<Value, CallEnd>
+    where
+        F: FnMut() -> futures::future::BoxFuture<'static, Result<Value, EffectorError>>,
+    {
+        let timeout = Duration::from_secs(self.settings.call_timeout_seconds);
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            *attempts = attempt;
+            if Instant::now() >= deadline {
+                return Err(CallEnd::CutOff);
+            }
+            let started = Instant::now();
+            let res = match tokio::time::timeout_at(deadline.min(started + timeout), op()).await {
+                Ok(r) => r,
+                Err(_) if Instant::now() >= deadline => return Err(CallEnd::CutOff),
+                Err(_) => Err(EffectorError::Transient(format!(
+                    "timed out after {} s",
+                    self.settings.call_timeout_seconds
+                ))),
+            };
+            let result = match &res {
+                Ok(_) => "ok",
+                Err(EffectorError::Transient(m)) if m.starts_with("timed out") => "timeout",
+                Err(EffectorError::Transient(_)) => "transient_error",
+                Err(_) => "rejected",
+            };
+            self.metrics
+                .effector_call_duration
+                .get_or_create(&EffectorLabels { effector: effector.to_string(), result })
+                .observe(started.elapsed().as_secs_f64());
+            match res {
+                Ok(v) => return Ok(v),
+                Err(e) if e.is_transient() && attempt <= self.settings.retries => {
+                    let delay = backoff(attempt, &self.settings, jitter());
+                    tracing::warn!(effector, attempt, error = %e, delay_ms = delay.as_millis() as u64, "effector call failed; retrying");
+                    if Instant::now() + delay >= deadline {
+                        return Err(CallEnd::CutOff);
+                    }
+                    tokio::time::sleep(delay).await;
+                }
+                Err(e) => return Err(CallEnd::Failed(e)),
+            }
+        }
+    }
+
+    /// Runs an approved policy to its end: pre-flight, actions in
+    /// dependency order, rollback on failure, verification window, fresh
+    /// measurement, outcome. Never runs past `deadline` (the chain's
+    /// `max_cycle_time`): a chain that reaches it is cut off.
+    pub async fn run_policy(&self, policy: &RemediationPolicy, execution_id: String, chain_id: String, deadline: Instant) -> PolicyExecution {
+        let started = Instant::now();
+        let mut exec = PolicyExecution {
+            id: execution_id,
+            policy_id: policy.id.clone(),
+            chain_id,
+            root_cause: policy.root_cause,
+            status: ExecutionStatus::InProgress,
+            actions: Vec::new(),
+            started_at: self.clock.now(),
+            finished_at: None,
+            success_rate: 0.0,
+            error: None,
+            violations_before: None,
+            violations_after: None,
+            outcome: None,
+            timings: Default::default(),
+        };
+        self.run_into(policy, &mut exec, deadline).await;
+        exec.finished_at = Some(self.clock.now());
+        exec.timings.execution_seconds = started.elapsed().as_secs_f64();
+        let done = exec.actions.iter().filter(|a| a.status == ExecutionStatus::Completed).count();
+        exec.success_rate = if policy.actions.is_empty() { 0.0 } else { done as f64 / policy.actions.len() as f64 };
+        exec
+    }
+
+    async fn run_into(&self, policy: &RemediationPolicy, exec: &mut PolicyExecution, deadline: Instant) {
+        let order = match execution_order(&policy.actions) {
+            Ok(o) => o,
+            Err(e) => return fail(exec, format!("invalid policy: {e}")),
+        };
+        let mut routed = Vec::with_capacity(order.len());
+        for &i in &order {
+            let a = &policy.actions[i];
+            match self.router.get(a.action_type) {
+                Some(eff) => routed.push((a.clone(), eff)),
+                None => return fail(exec, format!("no effector configured for {}", a.action_type)),
+            }
+        }
+        if self.settings.preflight_validate {
+            let mut checked: Vec<&str> = Vec::new();
+            for (_, eff) in &routed {
+                if checked.contains(&eff.name()) {
+                    continue;
+                }
+                checked.push(eff.name());
+                let (eff2, pol) = (eff.clone(), policy.clone());
+                let mut attempts = 0;
+                let res = self
+                    .call(eff.name(), deadline, &mut attempts, move || {
+                        let (e, p) = (eff2.clone(), pol.clone());
+                        Box::pin(async move { e.validate(&p).await.map(|_| Value::Null) })
+                    })
+                    .await;
+                match res {
+                    Ok(_) => {}
+                    Err(CallEnd::CutOff) => return cut_off(exec, "during pre-flight validation"),
+                    Err(CallEnd::Failed(e)) => {
+                        return fail(exec, format!("pre-flight validation by {} failed: {e}", eff.name()))
+                    }
+                }
+            }
+        }
+        exec.violations_before = match self.probe.count_violations(&policy.scope).await {
+            Ok(n) => Some(n),
+            Err(e) => {
+                tracing::warn!(policy = %policy.id, error = %e, "no evidence before acting; the outcome will be UNKNOWN");
+                None
+            }
+        };
+        let mut completed: Vec<(usize, RemediationAction, Arc<dyn Effector>, Value)> = Vec::new();
+        for (action, eff) in routed {
+            let mut rec = ActionExecution {
+                action_id: action.id.clone(),
+                action_type: action.action_type,
+                effector: eff.name().to_string(),
+                status: ExecutionStatus::InProgress,
+                attempts: 0,
+                started_at: Some(self.clock.now()),
+                finished_at: None,
+                result: None,
+                error: None,
+                rollback: None,
+            };
+            let (e2, a2) = (eff.clone(), action.clone());
+            let res = self
+                .call(eff.name(), deadline, &mut rec.attempts, move || {
+                    let (e, a) = (e2.clone(), a2.clone());
+                    Box::pin(async move { e.apply(&a).await })
+                })
+                .await;
+            rec.finished_at = Some(self.clock.now());
+            match res {
+                Ok(v) => {
+                    tracing::info!(policy = %policy.id, action = %action.action_type, effector = eff.name(), "action completed");
+                    rec.status = ExecutionStatus::Completed;
+                    rec.result = Some(v.clone());
+                    exec.actions.push(rec);
+                    completed.push((exec.actions.len() - 1, action, eff, v));
+                }
+                Err(end) => {
+                    let why = match &end {
+                        CallEnd::Failed(e) => e.to_string(),
+                        CallEnd::CutOff => "cut off: the chain reached max_cycle_time".to_string(),
+                    };
+                    tracing::warn!(policy = %policy.id, action = %action.action_type, error = %why, "action failed; rolling back completed actions");
+                    rec.status = ExecutionStatus::Failed;
+                    rec.error = Some(why.clone());
+                    exec.actions.push(rec);
+                    if matches!(end, CallEnd::CutOff) {
+                        exec.timings.cut_off = true;
+                    }
+                    self.roll_back(exec, completed).await;
+                    exec.error = Some(format!("action {} failed: {why}", action.action_type));
+                    return;
+                }
+            }
+        }
+        exec.status = ExecutionStatus::Completed;
+        // Verification: wait, then measure the same signals again.
+        let window = Duration::from_secs(self.settings.verification_window_seconds);
+        if Instant::now() + window > deadline {
+            tokio::time::sleep_until(deadline).await;
+            exec.timings.cut_off = true;
+            exec.outcome = Some(classify(None, None));
+            exec.error = Some("cut off during verification: the chain reached max_cycle_time".into());
+            return;
+        }
+        tokio::time::sleep(window).await;
+        exec.violations_after = match self.probe.count_violations(&policy.scope).await {
+            Ok(n) => Some(n),
+            Err(e) => {
+                tracing::warn!(policy = %policy.id, error = %e, "no evidence after acting; outcome UNKNOWN");
+                None
+            }
+        };
+        exec.outcome = Some(classify(exec.violations_before, exec.violations_after));
+    }
+
+    async fn roll_back(&self, exec: &mut PolicyExecution, completed: Vec<(usize, RemediationAction, Arc<dyn Effector>, Value)>) {
+        if completed.is_empty() {
+            exec.status = ExecutionStatus::Failed;
+            return;
+        }
+        let mut all_ok = true;
+        // Rollback is not bound by the chain deadline: leaving the system
+        // half-changed is worse than a late chain.
+        let deadline = Instant::now() + Duration::from_secs(self.settings.call_timeout_seconds * (u64::from(self.settings.retries) + 2));
+        for (idx, action, eff, applied) in completed.into_iter().rev() {
+            let Some(step) = action.rollback.clone() else {
+                exec.actions[idx].rollback = Some("not reversible".into());
+                continue;
+            };
+            let (e2, a2, s2, v2) = (eff.clone(), action.clone(), step, applied);
+            let mut attempts = 0;
+            let res = self
+                .call(eff.name(), deadline, &mut attempts, move || {
+                    let (e, a, s, v) = (e2.clone(), a2.clone(), s2.clone(), v2.clone());
+                    Box::pin(async move { e.rollback(&a, &s, &v).await })
+                })
+                .await;
+            exec.actions[idx].rollback = Some(match res {
+                Ok(_) => {
+                    exec.actions[idx].status = ExecutionStatus::RolledBack;
+                    "rolled back".to_string()
+                }
+                Err(CallEnd::Failed(e)) => {
+                    all_ok = false;
+                    format!("rollback failed: {e}")
+                }
+                Err(CallEnd::CutOff) => {
+                    all_ok = false;
+                    "rollback timed out".to_string()
+                }
+            });
+        }
+        exec.status = if all_ok { ExecutionStatus::RolledBack } else { ExecutionStatus::Failed };
+    }
+}
+
+fn fail(exec: &mut PolicyExecution, why: String) {
+    tracing::warn!(policy = %exec.policy_id, error = %why, "execution failed before acting");
+    exec.status = ExecutionStatus::Failed;
+    exec.error = Some(why);
+}
+
+fn cut_off(exec: &mut PolicyExecution, when: &str) {
+    exec.status = ExecutionStatus::Failed;
+    exec.timings.cut_off = true;
+    exec.error = Some(format!("cut off {when}: the chain reached max_cycle_time"));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Priority;
+
+    fn action(id: &str, deps: &[&str]) -> RemediationAction {
+        RemediationAction {
+            id: id.into(),
+            action_type: ActionType::ScaleUp,
+            target: "c".into(),
+            parameters: Default::default(),
+            priority: Priority::High,
+            cost: 0.1,
+            depends_on: deps.iter().map(|d| d.to_string()).collect(),
+            rollback: None,
+        }
+    }
+
+    #[test]
+    fn order_respects_dependencies_and_listing() {
+        let a = vec![action("a2", &["a1"]), action("a1", &[]), action("a3", &[])];
+        assert_eq!(execution_order(&a), Ok(vec![1, 2, 0]));
+    }
+
+    #[test]
+    fn order_rejects_cycles_and_unknown_dependencies() {
+        let cyc = vec![action("a1", &["a2"]), action("a2", &["a1"])];
+        assert!(execution_order(&cyc).is_err());
+        let unknown = vec![action("a1", &["zz"])];
+        assert!(execution_order(&unknown).unwrap_err().contains("zz"));
+    }
+
+    #[test]
+    fn backoff_doubles_caps_and_jitters_within_half() {
+        let s = ExecuteSettings { backoff_initial_ms: 100, backoff_max_ms: 350, ..Default::default() };
+        assert_eq!(backoff(1, &s, 0.0), Duration::from_millis(50));
+        assert_eq!(backoff(1, &s, 1.0), Duration::from_millis(100));
+        assert_eq!(backoff(2, &s, 1.0), Duration::from_millis(200));
+        assert_eq!(backoff(3, &s, 1.0), Duration::from_millis(350), "capped");
+        assert_eq!(backoff(30, &s, 0.0), Duration::from_millis(175));
+    }
+}

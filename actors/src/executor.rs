@@ -1,0 +1,181 @@
+//! The Executor actor: runs one approved policy at a time (its mailbox is
+//! paused while a policy runs, so remedies never overlap and confound each
+//! other's verification), then reports the verified execution to Knowledge
+//! and back to the Planner.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use actix::prelude::*;
+use futures::FutureExt;
+
+use crate::execute::ExecutionEnv;
+use crate::knowledge_actor::Knowledge;
+use crate::mailbox::{panic_message, Inbox, PhaseAddr};
+use crate::messages::{ActorRestarted, ExecutionFinished, PolicyApproved, RecordExecution};
+use crate::metrics::StatusLabels;
+use crate::model::{new_id, ExecutionStatus, PolicyExecution};
+use crate::planner::Planner;
+use crate::state::SharedState;
+
+/// The Executor actor.
+pub struct Executor {
+    inbox: Inbox,
+    env: ExecutionEnv,
+    max_cycle_time: Duration,
+    knowledge: PhaseAddr<Knowledge>,
+    planner: Arc<OnceLock<PhaseAddr<Planner>>>,
+    state: SharedState,
+    supervisor: Recipient<ActorRestarted>,
+    judged: u64,
+    succeeded: u64,
+}
+
+impl Executor {
+    /// An Executor; `planner` is filled in once the Planner has started.
+    pub fn new(
+        inbox: Inbox,
+        env: ExecutionEnv,
+        max_cycle_time: Duration,
+        knowledge: PhaseAddr<Knowledge>,
+        planner: Arc<OnceLock<PhaseAddr<Planner>>>,
+        state: SharedState,
+        supervisor: Recipient<ActorRestarted>,
+    ) -> Self {
+        Executor {
+            inbox,
+            env,
+            max_cycle_time,
+            knowledge,
+            planner,
+            state,
+            supervisor,
+            judged: 0,
+            succeeded: 0,
+        }
+    }
+
+    fn account(&mut self, exec: &PolicyExecution, total_seconds: f64) {
+        let m = self.inbox.metrics();
+        m.policies_executed.inc();
+        m.policy_executions.get_or_create(&StatusLabels { status: exec.status.as_str() }).inc();
+        m.phase("execution", exec.timings.execution_seconds);
+        m.cycle_duration.observe(total_seconds);
+        if exec.timings.cut_off {
+            m.chains_cut_off.inc();
+        }
+        if let Some(o) = exec.outcome {
+            m.outcomes.get_or_create(&StatusLabels { status: o.as_str() }).inc();
+            if o != crate::model::OutcomeType::Unknown {
+                self.judged += 1;
+                if o.is_success() {
+                    self.succeeded += 1;
+                }
+                m.policy_success_rate.set(self.succeeded as f64 / self.judged as f64);
+            }
+        }
+        let now = self.env.clock.now();
+        self.state.update(now, |s| s.policies_executed += 1);
+    }
+}
+
+impl Actor for Executor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, _ctx: &mut Context<Self>) {
+        self.inbox.mark_up();
+    }
+}
+
+impl Supervised for Executor {
+    fn restarting(&mut self, _ctx: &mut Context<Self>) {
+        crate::monitor::note_restart(&self.inbox, &self.supervisor);
+    }
+}
+
+impl Handler<PolicyApproved> for Executor {
+    type Result = ();
+
+    fn handle(&mut self, msg: PolicyApproved, ctx: &mut Context<Self>) {
+        let inbox = self.inbox.clone();
+        let prepared = inbox.guard(self, ctx, "PolicyApproved", |act, _ctx| {
+            let deadline = msg.chain.started + act.max_cycle_time;
+            Ok((act.env.clone(), act.knowledge.clone(), act.planner.clone(), deadline))
+        });
+        let Some((env, knowledge, planner, deadline)) = prepared else {
+            return;
+        };
+        let PolicyApproved { mut chain, policy } = msg;
+        let exec_id = new_id("exe");
+        tracing::info!(chain = %chain.chain_id, policy = %policy.id, execution = %exec_id, "executing");
+        let fut = async move {
+            let started_record = PolicyExecution {
+                id: exec_id.clone(),
+                policy_id: policy.id.clone(),
+                chain_id: chain.chain_id.clone(),
+                root_cause: policy.root_cause,
+                status: ExecutionStatus::InProgress,
+                actions: Vec::new(),
+                started_at: env.clock.now(),
+                finished_at: None,
+                success_rate: 0.0,
+                error: None,
+                violations_before: None,
+                violations_after: None,
+                outcome: None,
+                timings: chain.timings.clone(),
+            };
+            // The audit trail shows the execution while it runs.
+            let _ = knowledge.send(RecordExecution(started_record.clone())).await;
+            let run = AssertUnwindSafe(env.run_policy(&policy, exec_id, chain.chain_id.clone(), deadline))
+                .catch_unwind()
+                .await;
+            let (mut exec, panicked) = match run {
+                Ok(e) => (e, None),
+                Err(p) => {
+                    let why = panic_message(&p);
+                    let mut e = started_record;
+                    e.status = ExecutionStatus::Failed;
+                    e.error = Some(format!("executor panicked: {why}"));
+                    e.finished_at = Some(env.clock.now());
+                    (e, Some(why))
+                }
+            };
+            let mut timings = chain.timings.clone();
+            timings.execution_seconds = exec.timings.execution_seconds;
+            timings.cut_off = exec.timings.cut_off;
+            timings.total_seconds = chain.elapsed_seconds();
+            exec.timings = timings.clone();
+            chain.timings = timings;
+            tracing::info!(
+                chain = %chain.chain_id, policy = %policy.id, execution = %exec.id,
+                status = exec.status.as_str(),
+                outcome = exec.outcome.map(|o| o.as_str()).unwrap_or("none"),
+                before = ?exec.violations_before, after = ?exec.violations_after,
+                total_seconds = exec.timings.total_seconds,
+                "execution finished"
+            );
+            let finished = ExecutionFinished { chain, execution: exec.clone(), policy };
+            if let Err(e) = knowledge.send(finished.clone()).await {
+                tracing::error!(error = %e, "execution outcome could not reach knowledge");
+            }
+            if let Some(p) = planner.get() {
+                if let Err(e) = p.send(finished).await {
+                    tracing::error!(error = %e, "execution outcome could not reach the planner");
+                }
+            }
+            (exec, panicked)
+        };
+        // `wait` pauses this actor's mailbox until the policy has run.
+        ctx.wait(fut.into_actor(self).map(|(exec, panicked), act, ctx| {
+            let total = exec.timings.total_seconds;
+            act.account(&exec, total);
+            if let Some(why) = panicked {
+                tracing::error!(actor = "executor", panic = %why, "execution panicked; restarting actor");
+                act.inbox.mark_down();
+                ctx.stop();
+            }
+        }));
+    }
+}

@@ -1,0 +1,307 @@
+//! Bounded, counted mailboxes and the guarded handler shell every phase
+//! actor uses.
+//!
+//! actix does not expose mailbox depth (TECH-NOTES), so [`PhaseAddr`] counts
+//! it: +1 when a message is handed to the mailbox, −1 when its handler
+//! starts ([`Inbox::received`]). All sends to a phase go through a
+//! `PhaseAddr`, never through the raw `Addr`, so the count is exact.
+//!
+//! Two delivery modes, chosen per message by what losing it would mean:
+//! - [`PhaseAddr::send`] waits for room (backpressure) — for messages that
+//!   must not be lost (approved policies, executions, audit records);
+//! - [`PhaseAddr::offer`] sheds when the mailbox is full and counts it — for
+//!   level-triggered messages that the next cycle supersedes (violation
+//!   snapshots, analyses).
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+
+use actix::dev::ToEnvelope;
+use actix::prelude::*;
+
+use crate::metrics::{ActorKind, ActorLabels, ActorMessageLabels, Metrics};
+
+/// A message with a stable name for metrics and logs.
+pub trait Named {
+    /// Message type name (`ViolationsDetected`).
+    const NAME: &'static str;
+}
+
+/// Fault injection for chaos tests: called at the start of every handler,
+/// inside the panic guard. Production passes none.
+pub trait FaultInjector: Send + Sync + 'static {
+    /// May panic to simulate a crashing handler.
+    fn before_handle(&self, actor: ActorKind, message: &'static str);
+}
+
+/// The counting side of one actor's mailbox, shared by its [`PhaseAddr`]s
+/// and the actor itself.
+#[derive(Clone)]
+pub struct Inbox {
+    kind: ActorKind,
+    depth: Arc<AtomicI64>,
+    metrics: Arc<Metrics>,
+    chaos: Option<Arc<dyn FaultInjector>>,
+}
+
+impl Inbox {
+    /// A new inbox for `kind`.
+    pub fn new(kind: ActorKind, metrics: Arc<Metrics>, chaos: Option<Arc<dyn FaultInjector>>) -> Self {
+        Inbox {
+            kind,
+            depth: Arc::new(AtomicI64::new(0)),
+            metrics,
+            chaos,
+        }
+    }
+
+    /// Which actor it belongs to.
+    pub fn kind(&self) -> ActorKind {
+        self.kind
+    }
+
+    /// Messages waiting now.
+    pub fn depth(&self) -> i64 {
+        self.depth.load(Ordering::SeqCst)
+    }
+
+    /// Shared metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    fn set_gauge(&self, depth: i64) {
+        self.metrics
+            .mailbox_depth
+            .get_or_create(&ActorLabels { actor: self.kind.as_str() })
+            .set(depth);
+    }
+
+    fn enqueued(&self) {
+        let d = self.depth.fetch_add(1, Ordering::SeqCst) + 1;
+        self.set_gauge(d);
+    }
+
+    fn unqueued(&self) {
+        let d = self.depth.fetch_sub(1, Ordering::SeqCst) - 1;
+        self.set_gauge(d);
+    }
+
+    fn shed(&self, message: &'static str) {
+        self.metrics
+            .messages_shed
+            .get_or_create(&ActorMessageLabels { actor: self.kind.as_str(), message })
+            .inc();
+    }
+
+    /// Called by the actor when a handler starts: counts the message as
+    /// taken out of the mailbox and handled; the returned guard records the
+    /// handler's duration when dropped.
+    pub fn received(&self, message: &'static str) -> HandlerTimer {
+        self.unqueued();
+        self.metrics
+            .messages_handled
+            .get_or_create(&ActorMessageLabels { actor: self.kind.as_str(), message })
+            .inc();
+        HandlerTimer {
+            metrics: self.metrics.clone(),
+            labels: ActorMessageLabels { actor: self.kind.as_str(), message },
+            started: std::time::Instant::now(),
+        }
+    }
+
+    /// Runs a handler body under the panic guard: a panic (or a
+    /// [`Fault`]) is logged and stops the actor so its supervisor restarts
+    /// it; the message in hand is lost, queued messages are kept.
+    pub fn guard<A, R>(
+        &self,
+        act: &mut A,
+        ctx: &mut Context<A>,
+        message: &'static str,
+        body: impl FnOnce(&mut A, &mut Context<A>) -> Result<R, Fault>,
+    ) -> Option<R>
+    where
+        A: Actor<Context = Context<A>>,
+    {
+        let _timer = self.received(message);
+        self.guard_internal(act, ctx, message, body)
+    }
+
+    /// Like [`Inbox::guard`] for work the actor started itself (timers,
+    /// completions of its own futures): runs it under the panic guard
+    /// without counting a mailbox message.
+    pub fn guard_internal<A, R>(
+        &self,
+        act: &mut A,
+        ctx: &mut Context<A>,
+        message: &'static str,
+        body: impl FnOnce(&mut A, &mut Context<A>) -> Result<R, Fault>,
+    ) -> Option<R>
+    where
+        A: Actor<Context = Context<A>>,
+    {
+        let chaos = self.chaos.clone();
+        let kind = self.kind;
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            if let Some(c) = &chaos {
+                c.before_handle(kind, message);
+            }
+            body(act, ctx)
+        }));
+        match result {
+            Ok(Ok(r)) => Some(r),
+            Ok(Err(fault)) => {
+                tracing::error!(actor = %kind, message, error = %fault, "handler failed; restarting actor");
+                self.mark_down();
+                ctx.stop();
+                None
+            }
+            Err(panic) => {
+                tracing::error!(actor = %kind, message, panic = %panic_message(&panic), "handler panicked; restarting actor");
+                self.mark_down();
+                ctx.stop();
+                None
+            }
+        }
+    }
+
+    /// Marks the actor as up in the metrics.
+    pub fn mark_up(&self) {
+        self.metrics
+            .actor_up
+            .get_or_create(&ActorLabels { actor: self.kind.as_str() })
+            .set(1);
+    }
+
+    /// Marks the actor as down in the metrics.
+    pub fn mark_down(&self) {
+        self.metrics
+            .actor_up
+            .get_or_create(&ActorLabels { actor: self.kind.as_str() })
+            .set(0);
+    }
+}
+
+/// Text of a caught panic payload.
+pub fn panic_message(payload: &Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".to_string()
+    }
+}
+
+/// An actor-level failure: the actor cannot go on with its state and must be
+/// restarted. Errors that concern only the caller (an unknown policy id) are
+/// returned in the message's result instead.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Fault(pub String);
+
+/// Records a handler's duration when dropped.
+pub struct HandlerTimer {
+    metrics: Arc<Metrics>,
+    labels: ActorMessageLabels,
+    started: std::time::Instant,
+}
+
+impl Drop for HandlerTimer {
+    fn drop(&mut self) {
+        self.metrics
+            .handler_duration
+            .get_or_create(&self.labels)
+            .observe(self.started.elapsed().as_secs_f64());
+    }
+}
+
+/// Why a message was not delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum DeliveryError {
+    /// The mailbox was full and the message was shed.
+    #[error("mailbox of {0} is full; message shed")]
+    Full(ActorKind),
+    /// The actor is gone (or dropped the message while restarting).
+    #[error("{0} is not running")]
+    Closed(ActorKind),
+}
+
+/// Address of a phase actor with a counted, bounded mailbox.
+pub struct PhaseAddr<A: Actor> {
+    addr: Addr<A>,
+    inbox: Inbox,
+}
+
+impl<A: Actor> Clone for PhaseAddr<A> {
+    fn clone(&self) -> Self {
+        PhaseAddr {
+            addr: self.addr.clone(),
+            inbox: self.inbox.clone(),
+        }
+    }
+}
+
+impl<A: Actor> PhaseAddr<A> {
+    /// Wraps an address with the inbox its actor decrements.
+    pub fn new(addr: Addr<A>, inbox: Inbox) -> Self {
+        PhaseAddr { addr, inbox }
+    }
+
+    /// Messages waiting in the mailbox now.
+    pub fn depth(&self) -> i64 {
+        self.inbox.depth()
+    }
+
+    /// Whether the actor is still reachable.
+    pub fn connected(&self) -> bool {
+        self.addr.connected()
+    }
+
+    /// Sends and waits for room and for the handler's answer.
+    pub async fn send<M>(&self, msg: M) -> Result<M::Result, DeliveryError>
+    where
+        M: Message + Named + Send + 'static,
+        M::Result: Send,
+        A: Handler<M>,
+        A::Context: ToEnvelope<A, M>,
+    {
+        if !self.addr.connected() {
+            self.inbox.shed(M::NAME);
+            return Err(DeliveryError::Closed(self.inbox.kind));
+        }
+        self.inbox.enqueued();
+        // Once queued, the handler's start decrements the depth; an error
+        // here means the handler dropped the reply (it crashed) after that.
+        self.addr
+            .send(msg)
+            .await
+            .map_err(|_| DeliveryError::Closed(self.inbox.kind))
+    }
+
+    /// Delivers if there is room; otherwise sheds the message and counts it.
+    pub fn offer<M>(&self, msg: M) -> Result<(), DeliveryError>
+    where
+        M: Message + Named + Send + 'static,
+        M::Result: Send,
+        A: Handler<M>,
+        A::Context: ToEnvelope<A, M>,
+    {
+        self.inbox.enqueued();
+        match self.addr.try_send(msg) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.inbox.unqueued();
+                self.inbox.shed(M::NAME);
+                match e {
+                    SendError::Full(_) => {
+                        tracing::warn!(actor = %self.inbox.kind, message = M::NAME, "mailbox full; message shed");
+                        Err(DeliveryError::Full(self.inbox.kind))
+                    }
+                    SendError::Closed(_) => Err(DeliveryError::Closed(self.inbox.kind)),
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,285 @@
+//! Typed messages between the phases.
+//!
+//! The main flow: `Observe` (sources → Monitor) → [`ViolationsDetected`]
+//! (Monitor → Analyzer) → [`AnalysisReady`] (Analyzer → Planner) →
+//! [`PolicyApproved`] (Planner or an operator → Executor) →
+//! [`ExecutionFinished`] (Executor → Knowledge and Planner). Every message of
+//! the flow carries a [`ChainTrace`] so one incident can be followed, and
+//! timed, from detection to outcome.
+
+use actix::prelude::*;
+use tokio::time::Instant;
+
+use crate::mailbox::Named;
+use crate::model::{
+    AnalysisResult, ApprovalStatus, ChainId, ChainTimings, LearnedStats, PolicyExecution,
+    RemediationPolicy, Timestamp, Violation,
+};
+use crate::metrics::ActorKind;
+use crate::ports::SourceError;
+
+macro_rules! named {
+    ($($t:ty),* $(,)?) => {
+        $(impl Named for $t { const NAME: &'static str = stringify!($t); })*
+    };
+}
+
+/// Identity and clock of one incident chain.
+#[derive(Debug, Clone)]
+pub struct ChainTrace {
+    /// Chain id, in every log line of the chain.
+    pub chain_id: ChainId,
+    /// When the chain started (tokio clock, so tests can pause time).
+    pub started: Instant,
+    /// Wall-clock time of detection.
+    pub detected_at: Timestamp,
+    /// Phase durations so far.
+    pub timings: ChainTimings,
+}
+
+impl ChainTrace {
+    /// A chain starting now.
+    pub fn start(detected_at: Timestamp) -> Self {
+        ChainTrace {
+            chain_id: crate::model::new_id("chn"),
+            started: Instant::now(),
+            detected_at,
+            timings: ChainTimings::default(),
+        }
+    }
+
+    /// Seconds since the chain started.
+    pub fn elapsed_seconds(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+}
+
+/// A batch from a source to the Monitor (a poll result or a webhook batch).
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Result<ObserveAck, ObserveError>")]
+pub struct Observe {
+    /// Source name (`prometheus`, `alertmanager`).
+    pub source: String,
+    /// Breaching series / firing alerts.
+    pub violations: Vec<Violation>,
+    /// Fingerprints that stopped breaching (resolved alerts).
+    pub resolved: Vec<String>,
+    /// The batch is the source's complete current state: anything of the
+    /// source not in it has resolved (true for polls, false for webhooks).
+    pub complete: bool,
+}
+
+/// What the Monitor did with an [`Observe`] batch.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ObserveAck {
+    /// Violations in the batch.
+    pub received: usize,
+    /// Of those, not active before.
+    pub new: usize,
+    /// Of those, already active (re-sent or still breaching).
+    pub duplicates: usize,
+    /// Violations that ended.
+    pub resolved: usize,
+}
+
+/// Why the Monitor could not take a batch.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ObserveError {
+    /// The Analyzer could not take the snapshot (down or backed up): the
+    /// sender should retry later.
+    #[error("analyzer unavailable: {0}")]
+    AnalyzerUnavailable(String),
+}
+
+/// Health of one evidence source.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct SourceHealth {
+    /// Source name.
+    pub name: String,
+    /// `unknown` (never answered yet), `up`, `degraded` (last query failed)
+    /// or `stale` (no good answer for too long).
+    pub status: SourceStatus,
+    /// Last good answer.
+    pub last_success: Option<Timestamp>,
+    /// Last failure.
+    pub last_error: Option<String>,
+    /// Failures in a row.
+    pub consecutive_failures: u32,
+}
+
+/// Evidence state of a source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceStatus {
+    /// Not yet polled.
+    Unknown,
+    /// Answering.
+    Up,
+    /// The last query failed: no evidence.
+    Degraded,
+    /// No good answer for longer than the stale limit: no evidence.
+    Stale,
+}
+
+/// Ask the Monitor for the health of its sources.
+#[derive(Debug, Message)]
+#[rtype(result = "Vec<SourceHealth>")]
+pub struct GetSources;
+
+/// Ask the Monitor for the active violations.
+#[derive(Debug, Message)]
+#[rtype(result = "Vec<Violation>")]
+pub struct GetActiveViolations;
+
+/// Ask the Monitor to measure the violations in a scope now (fresh polls of
+/// every source plus active webhook alerts). An error means no evidence.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<usize, SourceError>")]
+pub struct MeasureNow {
+    /// Components in scope (all when empty).
+    pub scope: Vec<String>,
+}
+
+/// Monitor → Analyzer: the active violations after a batch.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "()")]
+pub struct ViolationsDetected {
+    /// Chain started by this batch.
+    pub chain: ChainTrace,
+    /// Every active violation of the sources that give evidence (a
+    /// snapshot: the message is level-triggered and may be shed when the
+    /// Analyzer is backed up, the next one supersedes it).
+    pub violations: Vec<Violation>,
+    /// Fingerprints that ended since the last delivered snapshot.
+    pub resolved: Vec<String>,
+}
+
+/// Ask the Analyzer for its recent analyses (newest first).
+#[derive(Debug, Message)]
+#[rtype(result = "Vec<AnalysisResult>")]
+pub struct GetAnalyses {
+    /// At most this many.
+    pub limit: usize,
+}
+
+/// Analyzer → Planner: one analysis.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "()")]
+pub struct AnalysisReady {
+    /// Chain.
+    pub chain: ChainTrace,
+    /// The analysis.
+    pub analysis: AnalysisResult,
+}
+
+/// Operator → Planner: approve or reject a pending policy.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Result<RemediationPolicy, DecisionError>")]
+pub struct DecidePolicy {
+    /// Policy id.
+    pub id: String,
+    /// `approved` or `rejected`.
+    pub decision: ApprovalStatus,
+    /// Who decides.
+    pub by: String,
+    /// Why.
+    pub reason: Option<String>,
+}
+
+/// Why a decision was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecisionError {
+    /// No pending policy has this id.
+    #[error("no pending policy `{0}`")]
+    NotFound(String),
+    /// The policy was already decided.
+    #[error("{0}")]
+    Invalid(String),
+    /// The policy could not be recorded or handed to the Executor.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// Knowledge → Planner: the learned statistics changed.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "()")]
+pub struct KnowledgeUpdated {
+    /// New statistics.
+    pub stats: LearnedStats,
+}
+
+/// Planner (or operator approval) → Executor: run this policy.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "()")]
+pub struct PolicyApproved {
+    /// Chain.
+    pub chain: ChainTrace,
+    /// The approved policy.
+    pub policy: RemediationPolicy,
+}
+
+/// Executor → Knowledge and Planner: an execution ended and was verified.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "()")]
+pub struct ExecutionFinished {
+    /// Chain, with all timings.
+    pub chain: ChainTrace,
+    /// The execution record (status, actions, before/after, outcome).
+    pub execution: PolicyExecution,
+    /// The policy that was executed.
+    pub policy: RemediationPolicy,
+}
+
+/// Any phase → Knowledge: keep this analysis in the audit trail.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "()")]
+pub struct RecordAnalysis(pub AnalysisResult);
+
+/// Planner → Knowledge: keep this policy (new or newly decided).
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Result<(), String>")]
+pub struct RecordPolicy(pub RemediationPolicy);
+
+/// Executor → Knowledge: keep this execution record (in progress).
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "()")]
+pub struct RecordExecution(pub PolicyExecution);
+
+/// Make everything durable now.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Result<usize, String>")]
+pub struct FlushKnowledge;
+
+/// A phase actor → Supervisor: I was restarted.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "()")]
+pub struct ActorRestarted {
+    /// Which actor.
+    pub actor: ActorKind,
+}
+
+/// Stop the loop cleanly (SIGTERM): stop polling, flush knowledge, stop the
+/// actix system with exit code 0.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "()")]
+pub struct Shutdown;
+
+named!(
+    Observe,
+    GetSources,
+    GetActiveViolations,
+    MeasureNow,
+    ViolationsDetected,
+    GetAnalyses,
+    AnalysisReady,
+    DecidePolicy,
+    KnowledgeUpdated,
+    PolicyApproved,
+    ExecutionFinished,
+    RecordAnalysis,
+    RecordPolicy,
+    RecordExecution,
+    FlushKnowledge,
+    ActorRestarted,
+    Shutdown,
+);

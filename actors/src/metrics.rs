@@ -1,0 +1,254 @@
+//! Metrics of the loop and of its actors (prometheus-client).
+//!
+//! One [`Metrics`] value is shared by every actor; the daemon registers it in
+//! its registry and serves it on `/metrics`. Label values are bounded: actor
+//! and message names, phases, statuses, effector and source names — never ids.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+
+/// The actors of the loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ActorKind {
+    /// Monitor phase.
+    Monitor,
+    /// Analyze phase.
+    Analyzer,
+    /// Plan phase.
+    Planner,
+    /// Execute phase.
+    Executor,
+    /// Knowledge phase.
+    Knowledge,
+    /// The supervisor of the phases.
+    Supervisor,
+}
+
+impl ActorKind {
+    /// Every actor.
+    pub const ALL: [ActorKind; 6] = [
+        ActorKind::Monitor,
+        ActorKind::Analyzer,
+        ActorKind::Planner,
+        ActorKind::Executor,
+        ActorKind::Knowledge,
+        ActorKind::Supervisor,
+    ];
+
+    /// Lower-case name, as in labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ActorKind::Monitor => "monitor",
+            ActorKind::Analyzer => "analyzer",
+            ActorKind::Planner => "planner",
+            ActorKind::Executor => "executor",
+            ActorKind::Knowledge => "knowledge",
+            ActorKind::Supervisor => "supervisor",
+        }
+    }
+}
+
+impl std::fmt::Display for ActorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `{actor}`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ActorLabels {
+    /// Actor name.
+    pub actor: &'static str,
+}
+
+/// `{actor, message}`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ActorMessageLabels {
+    /// Actor name.
+    pub actor: &'static str,
+    /// Message type.
+    pub message: &'static str,
+}
+
+/// `{phase}`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabels {
+    /// detection, analysis, planning, execution.
+    pub phase: &'static str,
+}
+
+/// `{status}`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabels {
+    /// Execution status or outcome.
+    pub status: &'static str,
+}
+
+/// `{kind}`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    /// Pattern kind.
+    pub kind: &'static str,
+}
+
+/// `{effector, result}`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EffectorLabels {
+    /// Effector name.
+    pub effector: String,
+    /// ok, transient_error, rejected, timeout.
+    pub result: &'static str,
+}
+
+/// `{source}`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    /// Source name.
+    pub source: String,
+}
+
+/// `{source, result}`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceResultLabels {
+    /// Source name.
+    pub source: String,
+    /// ok or error.
+    pub result: &'static str,
+}
+
+fn seconds_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0005, 2.5, 16))
+}
+
+/// Every metric of the loop. Cheap to share (`Arc<Metrics>`).
+#[derive(Debug)]
+pub struct Metrics {
+    /// Messages waiting in each actor's mailbox.
+    pub mailbox_depth: Family<ActorLabels, Gauge>,
+    /// Messages handled, by actor and message type.
+    pub messages_handled: Family<ActorMessageLabels, Counter>,
+    /// Time spent in handlers.
+    pub handler_duration: Family<ActorMessageLabels, Histogram, fn() -> Histogram>,
+    /// Messages shed (dropped because a mailbox was full) or rejected
+    /// (mailbox closed), by receiving actor and message type.
+    pub messages_shed: Family<ActorMessageLabels, Counter>,
+    /// Restarts of each actor by the supervisor.
+    pub restarts: Family<ActorLabels, Counter>,
+    /// Whether each actor is running (1) or down (0).
+    pub actor_up: Family<ActorLabels, Gauge>,
+    /// Monitor iterations (polls and webhook batches handled).
+    pub iteration: Gauge,
+    /// Violations observed (each observation of a breaching series).
+    pub violations_detected: Counter,
+    /// Violations currently active.
+    pub violations_active: Gauge,
+    /// Patterns found, by kind.
+    pub patterns_detected: Family<KindLabels, Counter>,
+    /// Analyses produced.
+    pub analyses: Counter,
+    /// Policies generated.
+    pub policies_generated: Counter,
+    /// Policies executed (any status).
+    pub policies_executed: Counter,
+    /// Executions by final status.
+    pub policy_executions: Family<StatusLabels, Counter>,
+    /// Outcomes by class.
+    pub outcomes: Family<StatusLabels, Counter>,
+    /// Share of judged outcomes that were SUCCESS or PARTIAL.
+    pub policy_success_rate: Gauge<f64, AtomicU64>,
+    /// Chain duration, violations to outcome.
+    pub cycle_duration: Histogram,
+    /// Phase durations.
+    pub phase_duration: Family<PhaseLabels, Histogram, fn() -> Histogram>,
+    /// Chains cut off by `max_cycle_time`.
+    pub chains_cut_off: Counter,
+    /// Alerts received on the webhook.
+    pub alerts_received: Counter,
+    /// Alerts accepted by the Monitor.
+    pub alerts_processed: Counter,
+    /// Effector call durations by effector and result.
+    pub effector_call_duration: Family<EffectorLabels, Histogram, fn() -> Histogram>,
+    /// Source query durations by source and result.
+    pub source_query_duration: Family<SourceResultLabels, Histogram, fn() -> Histogram>,
+    /// Whether each source currently gives evidence (1) or not (0).
+    pub source_up: Family<SourceLabels, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Fresh metrics, all at zero.
+    pub fn new() -> Self {
+        Metrics {
+            mailbox_depth: Family::default(),
+            messages_handled: Family::default(),
+            handler_duration: Family::new_with_constructor(seconds_histogram),
+            messages_shed: Family::default(),
+            restarts: Family::default(),
+            actor_up: Family::default(),
+            iteration: Gauge::default(),
+            violations_detected: Counter::default(),
+            violations_active: Gauge::default(),
+            patterns_detected: Family::default(),
+            analyses: Counter::default(),
+            policies_generated: Counter::default(),
+            policies_executed: Counter::default(),
+            policy_executions: Family::default(),
+            outcomes: Family::default(),
+            policy_success_rate: Gauge::default(),
+            cycle_duration: seconds_histogram(),
+            phase_duration: Family::new_with_constructor(seconds_histogram),
+            chains_cut_off: Counter::default(),
+            alerts_received: Counter::default(),
+            alerts_processed: Counter::default(),
+            effector_call_duration: Family::new_with_constructor(seconds_histogram),
+            source_query_duration: Family::new_with_constructor(seconds_histogram),
+            source_up: Family::default(),
+        }
+    }
+
+    /// Registers every metric under its documented name.
+    pub fn register(&self, r: &mut Registry) {
+        r.register("mape_k_actor_mailbox_depth", "Messages waiting in the actor's mailbox", self.mailbox_depth.clone());
+        r.register("mape_k_actor_messages_handled", "Messages handled by the actor", self.messages_handled.clone());
+        r.register("mape_k_actor_handler_duration_seconds", "Time spent in the actor's message handlers", self.handler_duration.clone());
+        r.register("mape_k_actor_messages_shed", "Messages shed because the receiving mailbox was full or closed", self.messages_shed.clone());
+        r.register("mape_k_actor_restarts", "Restarts of the actor by the supervisor", self.restarts.clone());
+        r.register("mape_k_actor_up", "Whether the actor is running (1) or down (0)", self.actor_up.clone());
+        r.register("mape_k_iteration", "Monitor iterations (polls and webhook batches)", self.iteration.clone());
+        r.register("mape_k_violations_detected", "Violation observations", self.violations_detected.clone());
+        r.register("mape_k_violations_active", "Violations currently active", self.violations_active.clone());
+        r.register("mape_k_patterns_detected", "Patterns found by the analyzer", self.patterns_detected.clone());
+        r.register("mape_k_analyses", "Analyses produced", self.analyses.clone());
+        r.register("mape_k_policies_generated", "Remediation policies generated", self.policies_generated.clone());
+        r.register("mape_k_policies_executed", "Remediation policies executed", self.policies_executed.clone());
+        r.register("mape_k_policy_executions", "Policy executions by final status", self.policy_executions.clone());
+        r.register("mape_k_outcomes", "Verified outcomes by class", self.outcomes.clone());
+        r.register("mape_k_policy_success_rate", "Share of judged outcomes that were SUCCESS or PARTIAL", self.policy_success_rate.clone());
+        r.register("mape_k_cycle_duration_seconds", "Duration of a chain from detection to outcome", self.cycle_duration.clone());
+        r.register("mape_k_phase_duration_seconds", "Duration of each phase of a chain", self.phase_duration.clone());
+        r.register("mape_k_chains_cut_off", "Chains cut off after max_cycle_time", self.chains_cut_off.clone());
+        r.register("mape_k_alerts_received", "Alerts received on the Alertmanager webhook", self.alerts_received.clone());
+        r.register("mape_k_alerts_processed", "Alerts accepted by the Monitor", self.alerts_processed.clone());
+        r.register("mape_k_effector_call_duration_seconds", "Duration of effector calls", self.effector_call_duration.clone());
+        r.register("mape_k_source_query_duration_seconds", "Duration of metric source queries", self.source_query_duration.clone());
+        r.register("mape_k_source_up", "Whether the source gives evidence (1) or not (0)", self.source_up.clone());
+    }
+
+    /// Observes one phase duration.
+    pub fn phase(&self, phase: &'static str, seconds: f64) {
+        self.phase_duration
+            .get_or_create(&PhaseLabels { phase })
+            .observe(seconds);
+    }
+}

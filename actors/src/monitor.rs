@@ -1,0 +1,617 @@
+//! Monitor phase: polls the metric sources, takes webhook batches, keeps the
+//! set of active violations (de-duplicated by fingerprint) and the health of
+//! every source, and hands snapshots to the Analyzer.
+//!
+//! A source that fails or goes stale is *no evidence*: its violations are
+//! withdrawn from the snapshot (so nothing is planned from them) and its
+//! health says why, until it answers again.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use actix::prelude::*;
+
+use crate::analyzer::Analyzer;
+use crate::clock::SharedClock;
+use crate::mailbox::{Fault, Inbox, PhaseAddr};
+use crate::messages::{
+    ActorRestarted, ChainTrace, GetActiveViolations, GetSources, MeasureNow, Observe, ObserveAck,
+    ObserveError, SourceHealth, SourceStatus, ViolationsDetected,
+};
+use crate::metrics::{SourceLabels, SourceResultLabels};
+use crate::model::{Timestamp, Violation};
+use crate::ports::{EvidenceProbe, MetricSource, SourceError};
+use crate::settings::MonitorSettings;
+use crate::state::SharedState;
+
+/// What applying a batch changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Violations not active before.
+    pub new: usize,
+    /// Violations already active.
+    pub duplicates: usize,
+    /// Fingerprints that ended.
+    pub resolved: Vec<String>,
+}
+
+/// The active violations, keyed by fingerprint, remembering which source
+/// reported each. Every operation is linear in the batch (plus the source's
+/// active set for complete batches), never in the history.
+#[derive(Debug, Default, Clone)]
+pub struct ActiveViolations {
+    by_fingerprint: HashMap<String, Violation>,
+    by_source: HashMap<String, HashSet<String>>,
+}
+
+impl ActiveViolations {
+    /// Applies a batch from `source`. Re-observed violations keep their
+    /// onset (`first_seen`) and take the new value and labels; `resolved`
+    /// fingerprints end; for a `complete` batch every active violation of
+    /// the source that is not in the batch ends as well.
+    pub fn apply(&mut self, source: &str, batch: &[Violation], resolved: &[String], complete: bool) -> Applied {
+        let mut out = Applied::default();
+        let mut seen: HashSet<&str> = HashSet::with_capacity(batch.len());
+        for v in batch {
+            seen.insert(v.fingerprint.as_str());
+            match self.by_fingerprint.get_mut(&v.fingerprint) {
+                Some(existing) => {
+                    let first_seen = existing.first_seen.min(v.first_seen);
+                    *existing = v.clone();
+                    existing.first_seen = first_seen;
+                    out.duplicates += 1;
+                }
+                None => {
+                    self.by_fingerprint.insert(v.fingerprint.clone(), v.clone());
+                    out.new += 1;
+                }
+            }
+            self.by_source
+                .entry(source.to_string())
+                .or_default()
+                .insert(v.fingerprint.clone());
+        }
+        for fp in resolved {
+            if !seen.contains(fp.as_str()) && self.remove(source, fp) {
+                out.resolved.push(fp.clone());
+            }
+        }
+        if complete {
+            let gone: Vec<String> = self
+                .by_source
+                .get(source)
+                .map(|set| set.iter().filter(|fp| !seen.contains(fp.as_str())).cloned().collect())
+                .unwrap_or_default();
+            for fp in gone {
+                if self.remove(source, &fp) {
+                    out.resolved.push(fp);
+                }
+            }
+        }
+        out
+    }
+
+    fn remove(&mut self, source: &str, fp: &str) -> bool {
+        if let Some(set) = self.by_source.get_mut(source) {
+            set.remove(fp);
+        }
+        self.by_fingerprint.remove(fp).is_some()
+    }
+
+    /// Withdraws every violation of a source (it stopped giving evidence);
+    /// returns their fingerprints.
+    pub fn withdraw_source(&mut self, source: &str) -> Vec<String> {
+        let fps: Vec<String> = self
+            .by_source
+            .remove(source)
+            .map(|s| s.into_iter().collect())
+            .unwrap_or_default();
+        for fp in &fps {
+            self.by_fingerprint.remove(fp);
+        }
+        fps
+    }
+
+    /// Active violations, oldest onset first.
+    pub fn snapshot(&self) -> Vec<Violation> {
+        let mut v: Vec<Violation> = self.by_fingerprint.values().cloned().collect();
+        v.sort_by(|a, b| a.first_seen.cmp(&b.first_seen).then_with(|| a.fingerprint.cmp(&b.fingerprint)));
+        v
+    }
+
+    /// Number of active violations.
+    pub fn len(&self) -> usize {
+        self.by_fingerprint.len()
+    }
+
+    /// Whether none are active.
+    pub fn is_empty(&self) -> bool {
+        self.by_fingerprint.is_empty()
+    }
+
+    /// Active violations of `source` on the components in `scope` (all
+    /// components when empty).
+    pub fn count_in_scope(&self, source: &str, scope: &[String]) -> usize {
+        self.by_source
+            .get(source)
+            .map(|set| {
+                set.iter()
+                    .filter_map(|fp| self.by_fingerprint.get(fp))
+                    .filter(|v| in_scope(v, scope))
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+}
+
+/// Whether a violation is on one of the components (any, when empty).
+pub fn in_scope(v: &Violation, scope: &[String]) -> bool {
+    scope.is_empty() || scope.iter().any(|c| *c == v.component)
+}
+
+/// The Monitor actor.
+pub struct Monitor {
+    inbox: Inbox,
+    settings: MonitorSettings,
+    sources: Vec<Arc<dyn MetricSource>>,
+    health: BTreeMap<String, SourceHealth>,
+    polling: HashSet<String>,
+    active: ActiveViolations,
+    pending_resolved: Vec<String>,
+    dirty: bool,
+    analyzer: PhaseAddr<Analyzer>,
+    clock: SharedClock,
+    state: SharedState,
+    supervisor: Recipient<ActorRestarted>,
+}
+
+impl Monitor {
+    /// A Monitor polling `sources` and feeding `analyzer`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        inbox: Inbox,
+        settings: MonitorSettings,
+        sources: Vec<Arc<dyn MetricSource>>,
+        analyzer: PhaseAddr<Analyzer>,
+        clock: SharedClock,
+        state: SharedState,
+        supervisor: Recipient<ActorRestarted>,
+    ) -> Self {
+        let health = sources
+            .iter()
+            .map(|s| {
+                (
+                    s.name().to_string(),
+                    SourceHealth {
+                        name: s.name().to_string(),
+                        status: SourceStatus::Unknown,
+                        last_success: None,
+                        last_error: None,
+                        consecutive_failures: 0,
+                    },
+                )
+            })
+            .collect();
+        Monitor {
+            inbox,
+            settings,
+            sources,
+            health,
+            polling: HashSet::new(),
+            active: ActiveViolations::default(),
+            pending_resolved: Vec::new(),
+            dirty: false,
+            analyzer,
+            clock,
+            state,
+            supervisor,
+        }
+    }
+
+    fn interval(&self) -> Duration {
+        Duration::from_secs(self.settings.interval_seconds.max(1))
+    }
+
+    fn tick(&mut self, ctx: &mut Context<Self>) {
+        self.check_stale();
+        for source in self.sources.clone() {
+            let name = source.name().to_string();
+            if !self.polling.insert(name.clone()) {
+                continue; // previous poll still running: never overlap
+            }
+            let rules = self.settings.rules.clone();
+            let metrics = self.inbox.metrics().clone();
+            let fut = async move {
+                let started = tokio::time::Instant::now();
+                let res = source.poll(&rules).await;
+                let secs = started.elapsed().as_secs_f64();
+                metrics
+                    .source_query_duration
+                    .get_or_create(&SourceResultLabels {
+                        source: source.name().to_string(),
+                        result: if res.is_ok() { "ok" } else { "error" },
+                    })
+                    .observe(secs);
+                (res, secs)
+            };
+            ctx.spawn(fut.into_actor(self).map(move |(res, secs), act, ctx| {
+                let inbox = act.inbox.clone();
+                inbox.guard_internal(act, ctx, "PollResult", |act, _ctx| {
+                    act.polling.remove(&name);
+                    act.on_poll(&name, res, secs);
+                    Ok(())
+                });
+            }));
+        }
+        if self.dirty {
+            self.forward(0.0);
+        }
+    }
+
+    fn check_stale(&mut self) {
+        let now = self.clock.now();
+        let limit = self.interval() * self.settings.stale_after_intervals.max(1);
+        let limit = chrono::Duration::from_std(limit).unwrap_or(chrono::Duration::MAX);
+        let mut stale = Vec::new();
+        for h in self.health.values_mut() {
+            if h.status == SourceStatus::Up {
+                if let Some(ok) = h.last_success {
+                    if now - ok > limit {
+                        h.status = SourceStatus::Stale;
+                        h.last_error = Some(format!(
+                            "no answer since {ok} (more than {} intervals)",
+                            self.settings.stale_after_intervals
+                        ));
+                        stale.push(h.name.clone());
+                    }
+                }
+            }
+        }
+        for name in stale {
+            tracing::warn!(source = %name, "source is stale: no evidence until it answers again");
+            self.no_evidence(&name);
+        }
+    }
+
+    fn no_evidence(&mut self, source: &str) {
+        self.inbox
+            .metrics()
+            .source_up
+            .get_or_create(&SourceLabels { source: source.to_string() })
+            .set(0);
+        let withdrawn = self.active.withdraw_source(source);
+        if !withdrawn.is_empty() {
+            self.pending_resolved.extend(withdrawn);
+            self.dirty = true;
+        }
+        let reason = self
+            .health
+            .get(source)
+            .and_then(|h| h.last_error.clone())
+            .unwrap_or_default();
+        let now = self.clock.now();
+        self.state.update(now, |s| {
+            s.error = Some(format!("source `{source}` gives no evidence: {reason}"));
+        });
+    }
+
+    fn on_poll(&mut self, source: &str, res: Result<Vec<Violation>, SourceError>, secs: f64) {
+        let now = self.clock.now();
+        match res {
+            Ok(batch) => {
+                let was = self.health.get(source).map(|h| h.status);
+                if let Some(h) = self.health.get_mut(source) {
+                    h.status = SourceStatus::Up;
+                    h.last_success = Some(now);
+                    h.consecutive_failures = 0;
+                }
+                if matches!(was, Some(SourceStatus::Degraded | SourceStatus::Stale)) {
+                    tracing::info!(source, "source recovered: evidence again");
+                    self.state.update(now, |s| s.error = None);
+                }
+                self.inbox
+                    .metrics()
+                    .source_up
+                    .get_or_create(&SourceLabels { source: source.to_string() })
+                    .set(1);
+                self.accept(source, &batch, &[], true);
+                self.forward(secs);
+            }
+            Err(e) => {
+                let mut first = false;
+                if let Some(h) = self.health.get_mut(source) {
+                    first = h.status != SourceStatus::Degraded;
+                    h.status = SourceStatus::Degraded;
+                    h.last_error = Some(e.to_string());
+                    h.consecutive_failures += 1;
+                }
+                if first {
+                    tracing::warn!(source, error = %e, "source degraded: no evidence, nothing will be planned from it");
+                } else {
+                    tracing::debug!(source, error = %e, "source still degraded");
+                }
+                self.no_evidence(source);
+                if self.dirty {
+                    self.forward(secs);
+                }
+            }
+        }
+    }
+
+    fn accept(&mut self, source: &str, batch: &[Violation], resolved: &[String], complete: bool) -> ObserveAck {
+        let applied = self.active.apply(source, batch, resolved, complete);
+        let m = self.inbox.metrics();
+        m.violations_detected.inc_by(batch.len() as u64);
+        m.violations_active.set(self.active.len() as i64);
+        m.iteration.inc();
+        let ack = ObserveAck {
+            received: batch.len(),
+            new: applied.new,
+            duplicates: applied.duplicates,
+            resolved: applied.resolved.len(),
+        };
+        if applied.new > 0 || !applied.resolved.is_empty() {
+            tracing::info!(source, new = applied.new, resolved = applied.resolved.len(), active = self.active.len(), "violations changed");
+        }
+        self.pending_resolved.extend(applied.resolved);
+        let now = self.clock.now();
+        let active = self.active.len();
+        self.state.update(now, |s| {
+            s.iteration += 1;
+            s.violations_detected = active;
+        });
+        self.dirty = true;
+        ack
+    }
+
+    /// Hands the current snapshot to the Analyzer; sheds it when the
+    /// Analyzer is backed up (the next tick sends a newer one).
+    fn forward(&mut self, detection_seconds: f64) {
+        if self.active.is_empty() && self.pending_resolved.is_empty() {
+            self.dirty = false;
+            return;
+        }
+        let mut chain = ChainTrace::start(self.clock.now());
+        chain.timings.detection_seconds = detection_seconds;
+        self.inbox.metrics().phase("detection", detection_seconds);
+        let msg = ViolationsDetected {
+            chain,
+            violations: self.active.snapshot(),
+            resolved: self.pending_resolved.clone(),
+        };
+        let chain_id = msg.chain.chain_id.clone();
+        match self.analyzer.offer(msg) {
+            Ok(()) => {
+                tracing::debug!(chain = %chain_id, active = self.active.len(), "violations handed to the analyzer");
+                self.pending_resolved.clear();
+                self.dirty = false;
+            }
+            Err(e) => tracing::warn!(error = %e, "snapshot not delivered; will retry next tick"),
+        }
+    }
+}
+
+impl Actor for Monitor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        self.inbox.mark_up();
+        self.polling.clear();
+        let interval = self.interval();
+        // First poll at once, then every interval.
+        ctx.run_later(Duration::ZERO, |act, ctx| {
+            let inbox = act.inbox.clone();
+            inbox.guard_internal(act, ctx, "Tick", |act, ctx| {
+                act.tick(ctx);
+                Ok(())
+            });
+        });
+        ctx.run_interval(interval, |act, ctx| {
+            let inbox = act.inbox.clone();
+            inbox.guard_internal(act, ctx, "Tick", |act, ctx| {
+                act.tick(ctx);
+                Ok(())
+            });
+        });
+    }
+}
+
+impl Supervised for Monitor {
+    fn restarting(&mut self, _ctx: &mut Context<Self>) {
+        note_restart(&self.inbox, &self.supervisor);
+    }
+}
+
+/// Counts a restart and tells the supervisor (shared by every phase actor).
+pub(crate) fn note_restart(inbox: &Inbox, supervisor: &Recipient<ActorRestarted>) {
+    inbox
+        .metrics()
+        .restarts
+        .get_or_create(&crate::metrics::ActorLabels { actor: inbox.kind().as_str() })
+        .inc();
+    tracing::warn!(actor = %inbox.kind(), "actor restarting");
+    supervisor.do_send(ActorRestarted { actor: inbox.kind() });
+}
+
+impl Handler<Observe> for Monitor {
+    type Result = Result<ObserveAck, ObserveError>;
+
+    fn handle(&mut self, msg: Observe, ctx: &mut Context<Self>) -> Self::Result {
+        let inbox = self.inbox.clone();
+        inbox
+            .guard(self, ctx, "Observe", |act, _ctx| {
+                let ack = act.accept(&msg.source, &msg.violations, &msg.resolved, msg.complete);
+                act.forward(0.0);
+                Ok(ack)
+            })
+            .ok_or_else(|| ObserveError::AnalyzerUnavailable("monitor failed while handling the batch".into()))
+    }
+}
+
+impl Handler<GetSources> for Monitor {
+    type Result = Vec<SourceHealth>;
+
+    fn handle(&mut self, _msg: GetSources, ctx: &mut Context<Self>) -> Self::Result {
+        let inbox = self.inbox.clone();
+        inbox
+            .guard(self, ctx, "GetSources", |act, _| Ok(act.health.values().cloned().collect()))
+            .unwrap_or_default()
+    }
+}
+
+impl Handler<GetActiveViolations> for Monitor {
+    type Result = Vec<Violation>;
+
+    fn handle(&mut self, _msg: GetActiveViolations, ctx: &mut Context<Self>) -> Self::Result {
+        let inbox = self.inbox.clone();
+        inbox
+            .guard(self, ctx, "GetActiveViolations", |act, _| Ok(act.active.snapshot()))
+            .unwrap_or_default()
+    }
+}
+
+impl Handler<MeasureNow> for Monitor {
+    type Result = ResponseActFuture<Self, Result<usize, SourceError>>;
+
+    fn handle(&mut self, msg: MeasureNow, ctx: &mut Context<Self>) -> Self::Result {
+        let inbox = self.inbox.clone();
+        let prepared = inbox.guard(self, ctx, "MeasureNow", |act, _| {
+            Ok((act.sources.clone(), act.settings.rules.clone()))
+        });
+        let Some((sources, rules)) = prepared else {
+            return Box::pin(fut::ready(Err(SourceError::Unreachable("monitor restarting".into()))));
+        };
+        let scope = msg.scope;
+        let polled: HashSet<String> = sources.iter().map(|s| s.name().to_string()).collect();
+        let fut = async move {
+            let mut total = 0usize;
+            for s in &sources {
+                let vs = s.poll(&rules).await?;
+                total += vs.iter().filter(|v| in_scope(v, &scope)).count();
+            }
+            Ok::<(usize, Vec<String>), SourceError>((total, scope))
+        };
+        Box::pin(fut.into_actor(self).map(move |res, act, _ctx| {
+            let (polled_total, scope) = res?;
+            // Violations of sources that are not polled (webhooks) count as
+            // they stand now.
+            let pushed: usize = act
+                .active
+                .by_source
+                .keys()
+                .filter(|s| !polled.contains(*s))
+                .map(|s| act.active.count_in_scope(s, &scope))
+                .sum();
+            Ok(polled_total + pushed)
+        }))
+    }
+}
+
+/// [`EvidenceProbe`] that asks the Monitor to measure now. The address is
+/// filled in once the Monitor has started (it starts after the Executor).
+#[derive(Clone, Default)]
+pub struct MonitorProbe {
+    monitor: Arc<OnceLock<PhaseAddr<Monitor>>>,
+}
+
+impl MonitorProbe {
+    /// An unconnected probe.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Connects it to the Monitor.
+    pub fn connect(&self, monitor: PhaseAddr<Monitor>) {
+        let _ = self.monitor.set(monitor);
+    }
+}
+
+impl EvidenceProbe for MonitorProbe {
+    fn count_violations<'a>(&'a self, scope: &'a [String]) -> futures::future::BoxFuture<'a, Result<usize, SourceError>> {
+        Box::pin(async move {
+            let monitor = self
+                .monitor
+                .get()
+                .ok_or_else(|| SourceError::Unreachable("monitor not started".into()))?;
+            monitor
+                .send(MeasureNow { scope: scope.to_vec() })
+                .await
+                .map_err(|e| SourceError::Unreachable(e.to_string()))?
+        })
+    }
+}
+
+/// Time of an observation, for sources that build violations.
+pub fn observation_time(clock: &SharedClock) -> Timestamp {
+    clock.now()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Severity, Signal};
+
+    fn v(fp: &str, t: i64) -> Violation {
+        let at = chrono::DateTime::from_timestamp(t, 0).unwrap_or_default();
+        Violation {
+            id: format!("id-{fp}-{t}"),
+            fingerprint: fp.into(),
+            rule: "r".into(),
+            severity: Severity::Warning,
+            component: "c".into(),
+            metric: "m".into(),
+            value: 1.0,
+            labels: Default::default(),
+            signal: Signal::Latency,
+            first_seen: at,
+            observed_at: at,
+            source: "s".into(),
+        }
+    }
+
+    #[test]
+    fn re_observation_keeps_onset_and_counts_duplicate() {
+        let mut a = ActiveViolations::default();
+        let r = a.apply("p", &[v("x", 10)], &[], true);
+        assert_eq!((r.new, r.duplicates), (1, 0));
+        let r = a.apply("p", &[v("x", 40)], &[], true);
+        assert_eq!((r.new, r.duplicates), (0, 1));
+        let snap = a.snapshot();
+        assert_eq!(snap.len(), 1);
+        assert_eq!(snap[0].first_seen.timestamp(), 10);
+        assert_eq!(snap[0].observed_at.timestamp(), 40);
+    }
+
+    #[test]
+    fn complete_batch_resolves_missing_series_of_that_source_only() {
+        let mut a = ActiveViolations::default();
+        a.apply("p", &[v("x", 1), v("y", 1)], &[], true);
+        a.apply("am", &[v("z", 1)], &[], false);
+        let r = a.apply("p", &[v("y", 2)], &[], true);
+        assert_eq!(r.resolved, vec!["x".to_string()]);
+        assert_eq!(a.len(), 2, "z from another source stays");
+    }
+
+    #[test]
+    fn webhook_resolution_ends_violation_once() {
+        let mut a = ActiveViolations::default();
+        a.apply("am", &[v("z", 1)], &[], false);
+        let r = a.apply("am", &[], &["z".into()], false);
+        assert_eq!(r.resolved.len(), 1);
+        let r = a.apply("am", &[], &["z".into()], false);
+        assert!(r.resolved.is_empty(), "a re-sent resolution counts once");
+        assert!(a.is_empty());
+    }
+
+    #[test]
+    fn withdrawing_a_source_removes_only_its_violations() {
+        let mut a = ActiveViolations::default();
+        a.apply("p", &[v("x", 1)], &[], true);
+        a.apply("am", &[v("z", 1)], &[], false);
+        assert_eq!(a.withdraw_source("p"), vec!["x".to_string()]);
+        assert_eq!(a.snapshot().len(), 1);
+        assert_eq!(a.count_in_scope("am", &[]), 1);
+        assert_eq!(a.count_in_scope("am", &["other".into()]), 0);
+    }
+}

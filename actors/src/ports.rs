@@ -1,0 +1,104 @@
+//! The traits through which the loop reaches the world. The daemon (`mapek`)
+//! implements them with HTTP clients and programs; tests use the doubles in
+//! [`crate::testing`].
+
+use futures::future::BoxFuture;
+use serde_json::Value;
+
+use crate::model::{RemediationAction, RemediationPolicy, RollbackStep, Violation};
+use crate::settings::RuleSpec;
+
+/// Why a metric source gave no evidence.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SourceError {
+    /// The source could not be reached (connection refused, DNS, reset).
+    #[error("unreachable: {0}")]
+    Unreachable(String),
+    /// The source did not answer within the timeout.
+    #[error("timed out after {0} s")]
+    Timeout(u64),
+    /// The source answered with an HTTP error status.
+    #[error("HTTP {status}: {body}")]
+    Status {
+        /// HTTP status code.
+        status: u16,
+        /// Start of the body, for the log.
+        body: String,
+    },
+    /// The source rejected the query (Prometheus `bad_data`, `execution`).
+    #[error("query `{rule}` rejected ({error_type}): {message}")]
+    Query {
+        /// Rule whose expression was rejected.
+        rule: String,
+        /// Prometheus error type.
+        error_type: String,
+        /// Prometheus error message.
+        message: String,
+    },
+    /// The answer could not be understood.
+    #[error("unintelligible answer: {0}")]
+    Garbage(String),
+}
+
+/// A source of violations that is polled (Prometheus, a direct scrape).
+pub trait MetricSource: Send + Sync + 'static {
+    /// Short stable name (`prometheus`), used in labels and the state API.
+    fn name(&self) -> &str;
+
+    /// Evaluates every rule now and returns one violation per breaching
+    /// series. `first_seen` may equal `observed_at`: the Monitor keeps the
+    /// real onset. An error means *no evidence*, never *no violations*.
+    fn poll<'a>(&'a self, rules: &'a [RuleSpec]) -> BoxFuture<'a, Result<Vec<Violation>, SourceError>>;
+}
+
+/// Why an effector call failed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum EffectorError {
+    /// A failure worth retrying: connection error, timeout, HTTP 5xx.
+    #[error("transient failure: {0}")]
+    Transient(String),
+    /// The managed system refused the action (HTTP 4xx, non-zero exit):
+    /// retrying would not help.
+    #[error("rejected: {0}")]
+    Rejected(String),
+    /// No effector is configured for this action type.
+    #[error("no effector for {0}")]
+    NotConfigured(String),
+}
+
+impl EffectorError {
+    /// Whether a retry may help.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, EffectorError::Transient(_))
+    }
+}
+
+/// Something that carries out remediation actions on the managed system.
+pub trait Effector: Send + Sync + 'static {
+    /// Short stable name (`charter`, `command`, `webhook`, `recording`).
+    fn name(&self) -> &str;
+
+    /// Pre-flight check of a whole policy before any action runs.
+    fn validate<'a>(&'a self, _policy: &'a RemediationPolicy) -> BoxFuture<'a, Result<(), EffectorError>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    /// Carries out one action; the answer is kept in the execution record
+    /// and handed back to [`Effector::rollback`].
+    fn apply<'a>(&'a self, action: &'a RemediationAction) -> BoxFuture<'a, Result<Value, EffectorError>>;
+
+    /// Undoes a completed action with its rollback step.
+    fn rollback<'a>(
+        &'a self,
+        action: &'a RemediationAction,
+        step: &'a RollbackStep,
+        applied: &'a Value,
+    ) -> BoxFuture<'a, Result<Value, EffectorError>>;
+}
+
+/// Measures the violations in a scope *now*, for verification after acting.
+pub trait EvidenceProbe: Send + Sync + 'static {
+    /// Number of violations currently observed on the given components (all
+    /// components when the scope is empty). An error means no evidence.
+    fn count_violations<'a>(&'a self, scope: &'a [String]) -> BoxFuture<'a, Result<usize, SourceError>>;
+}

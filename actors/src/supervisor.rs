@@ -1,0 +1,379 @@
+//! The supervisor: starts the phases (Knowledge first), restarts a phase
+//! whose handler failed or panicked, and enforces an OTP-style restart
+//! intensity: more than `max_restarts` restarts of one actor within
+//! `restart_period_seconds` stop the actix system with exit code
+//! [`ESCALATION_EXIT_CODE`] and a reason naming the actor.
+//!
+//! Restarts use actix's `Supervisor`: the actor value, its address and its
+//! queued messages survive; only the message whose handler failed is lost.
+//! actix restarts only an actor that *stops*, so every handler runs under
+//! [`crate::mailbox::Inbox::guard`], which turns a panic into `ctx.stop()`.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use actix::prelude::*;
+use tokio::time::Instant;
+
+use crate::analyzer::Analyzer;
+use crate::clock::SharedClock;
+use crate::execute::{EffectorRouter, ExecutionEnv};
+use crate::executor::Executor;
+use crate::knowledge_actor::Knowledge;
+use crate::mailbox::{FaultInjector, Inbox, PhaseAddr};
+use crate::messages::{ActorRestarted, FlushKnowledge, Shutdown};
+use crate::metrics::{ActorKind, Metrics};
+use crate::monitor::{Monitor, MonitorProbe};
+use crate::planner::Planner;
+use crate::ports::{EvidenceProbe, MetricSource};
+use crate::settings::{
+    AnalyzeSettings, ExecuteSettings, KnowledgeSettings, MonitorSettings, OrchestratorSettings,
+    PlanSettings,
+};
+use crate::state::SharedState;
+use crate::store::KnowledgeStore;
+
+/// Exit code of the process when the restart intensity is exceeded
+/// (EX_SOFTWARE).
+pub const ESCALATION_EXIT_CODE: i32 = 70;
+
+/// Settings of every phase.
+#[derive(Debug, Clone, Default)]
+pub struct LoopSettings {
+    /// Supervisor and chain limits.
+    pub orchestrator: OrchestratorSettings,
+    /// Monitor.
+    pub monitor: MonitorSettings,
+    /// Analyzer.
+    pub analyze: AnalyzeSettings,
+    /// Planner.
+    pub plan: PlanSettings,
+    /// Executor.
+    pub execute: ExecuteSettings,
+    /// Knowledge.
+    pub knowledge: KnowledgeSettings,
+}
+
+/// What the loop is built from.
+pub struct LoopParts {
+    /// Settings.
+    pub settings: LoopSettings,
+    /// Polled sources.
+    pub sources: Vec<Arc<dyn MetricSource>>,
+    /// Effectors by action type.
+    pub effectors: EffectorRouter,
+    /// Verification probe; `None` measures through the Monitor.
+    pub probe: Option<Arc<dyn EvidenceProbe>>,
+    /// The open knowledge store.
+    pub store: KnowledgeStore,
+    /// Wall clock.
+    pub clock: SharedClock,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Fault injection (chaos tests only).
+    pub chaos: Option<Arc<dyn FaultInjector>>,
+}
+
+/// Why the loop stopped on its own, if it did.
+#[derive(Debug, Clone, Default)]
+pub struct ExitReason(Arc<Mutex<Option<String>>>);
+
+impl ExitReason {
+    /// The reason, if the supervisor escalated.
+    pub fn get(&self) -> Option<String> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set(&self, why: String) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+    }
+}
+
+/// Addresses and shared state of a running loop.
+#[derive(Clone)]
+pub struct LoopHandle {
+    /// The supervisor.
+    pub supervisor: Addr<LoopSupervisor>,
+    /// Monitor.
+    pub monitor: PhaseAddr<Monitor>,
+    /// Analyzer.
+    pub analyzer: PhaseAddr<Analyzer>,
+    /// Planner.
+    pub planner: PhaseAddr<Planner>,
+    /// Executor.
+    pub executor: PhaseAddr<Executor>,
+    /// Knowledge.
+    pub knowledge: PhaseAddr<Knowledge>,
+    /// Store, for reads.
+    pub store: KnowledgeStore,
+    /// Orchestrator state.
+    pub state: SharedState,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Set when the supervisor stops the system on its own.
+    pub exit: ExitReason,
+}
+
+impl LoopHandle {
+    /// Whether each phase actor is reachable.
+    pub fn phases_connected(&self) -> BTreeMap<ActorKind, bool> {
+        BTreeMap::from([
+            (ActorKind::Monitor, self.monitor.connected()),
+            (ActorKind::Analyzer, self.analyzer.connected()),
+            (ActorKind::Planner, self.planner.connected()),
+            (ActorKind::Executor, self.executor.connected()),
+            (ActorKind::Knowledge, self.knowledge.connected()),
+            (ActorKind::Supervisor, self.supervisor.connected()),
+        ])
+    }
+}
+
+/// The supervisor actor.
+pub struct LoopSupervisor {
+    settings: OrchestratorSettings,
+    history: BTreeMap<ActorKind, VecDeque<Instant>>,
+    handle: Option<LoopHandle>,
+    exit: ExitReason,
+    metrics: Arc<Metrics>,
+}
+
+/// Starts the loop inside the current actix system: Knowledge first, then
+/// Executor, Planner, Analyzer and Monitor (each downstream phase exists
+/// before the phase that feeds it). Must be called from within a running
+/// `actix::System`.
+pub fn start_loop(parts: LoopParts) -> LoopHandle {
+    let LoopParts { settings, sources, effectors, probe, store, clock, metrics, chaos } = parts;
+    let exit = ExitReason::default();
+    let state = SharedState::default();
+    let now = clock.now();
+    state.update(now, |s| {
+        s.started_at = Some(now);
+        s.is_running = true;
+    });
+    let mut out: Option<LoopHandle> = None;
+    let cap = settings.orchestrator.mailbox_capacity.max(1);
+    let sup_settings = settings.orchestrator.clone();
+    let sup_metrics = metrics.clone();
+    let sup_exit = exit.clone();
+    LoopSupervisor::create(|sctx| {
+        let restarts = sctx.address().recipient::<ActorRestarted>();
+        let inbox = |kind| Inbox::new(kind, metrics.clone(), chaos.clone());
+        let planner_slot: Arc<OnceLock<PhaseAddr<Planner>>> = Arc::new(OnceLock::new());
+
+        let k_inbox = inbox(ActorKind::Knowledge);
+        let (ks, kst, kp, kc, kstate, kr) = (
+            settings.knowledge.clone(),
+            store.clone(),
+            planner_slot.clone(),
+            clock.clone(),
+            state.clone(),
+            restarts.clone(),
+        );
+        let ki = k_inbox.clone();
+        let knowledge = PhaseAddr::new(
+            Supervisor::start(move |ctx: &mut Context<Knowledge>| {
+                ctx.set_mailbox_capacity(cap);
+                Knowledge::new(ki, ks, kst, kp, kc, kstate, kr)
+            }),
+            k_inbox,
+        );
+
+        let monitor_probe = MonitorProbe::new();
+        let probe: Arc<dyn EvidenceProbe> = probe.unwrap_or_else(|| Arc::new(monitor_probe.clone()));
+        let env = ExecutionEnv {
+            router: effectors,
+            probe,
+            settings: settings.execute.clone(),
+            metrics: metrics.clone(),
+            clock: clock.clone(),
+        };
+        let e_inbox = inbox(ActorKind::Executor);
+        let (ei, ek, ep, est, er) = (
+            e_inbox.clone(),
+            knowledge.clone(),
+            planner_slot.clone(),
+            state.clone(),
+            restarts.clone(),
+        );
+        let max_cycle = Duration::from_secs(settings.orchestrator.max_cycle_time_seconds);
+        let executor = PhaseAddr::new(
+            Supervisor::start(move |ctx: &mut Context<Executor>| {
+                ctx.set_mailbox_capacity(cap);
+                Executor::new(ei, env, max_cycle, ek, ep, est, er)
+            }),
+            e_inbox,
+        );
+
+        let p_inbox = inbox(ActorKind::Planner);
+        let (pi, ps, pe, pk, pst, pc, pstate, pr) = (
+            p_inbox.clone(),
+            settings.plan.clone(),
+            executor.clone(),
+            knowledge.clone(),
+            store.clone(),
+            clock.clone(),
+            state.clone(),
+            restarts.clone(),
+        );
+        let planner = PhaseAddr::new(
+            Supervisor::start(move |ctx: &mut Context<Planner>| {
+                ctx.set_mailbox_capacity(cap);
+                Planner::new(pi, ps, pe, pk, pst, pc, pstate, pr)
+            }),
+            p_inbox,
+        );
+        let _ = planner_slot.set(planner.clone());
+
+        let a_inbox = inbox(ActorKind::Analyzer);
+        let (ai, aset, ap, ak, ac, ar) = (
+            a_inbox.clone(),
+            settings.analyze.clone(),
+            planner.clone(),
+            knowledge.clone(),
+            clock.clone(),
+            restarts.clone(),
+        );
+        let analyzer = PhaseAddr::new(
+            Supervisor::start(move |ctx: &mut Context<Analyzer>| {
+                ctx.set_mailbox_capacity(cap);
+                Analyzer::new(ai, aset, ap, ak, ac, ar)
+            }),
+            a_inbox,
+        );
+
+        let m_inbox = inbox(ActorKind::Monitor);
+        let (mi, mset, ma, mc, mstate, mr) = (
+            m_inbox.clone(),
+            settings.monitor.clone(),
+            analyzer.clone(),
+            clock.clone(),
+            state.clone(),
+            restarts,
+        );
+        let monitor = PhaseAddr::new(
+            Supervisor::start(move |ctx: &mut Context<Monitor>| {
+                ctx.set_mailbox_capacity(cap);
+                Monitor::new(mi, mset, sources, ma, mc, mstate, mr)
+            }),
+            m_inbox,
+        );
+        monitor_probe.connect(monitor.clone());
+
+        let handle = LoopHandle {
+            supervisor: sctx.address(),
+            monitor,
+            analyzer,
+            planner,
+            executor,
+            knowledge,
+            store,
+            state,
+            metrics: metrics.clone(),
+            exit: exit.clone(),
+        };
+        out = Some(handle.clone());
+        LoopSupervisor {
+            settings: sup_settings,
+            history: BTreeMap::new(),
+            handle: Some(handle),
+            exit: sup_exit,
+            metrics: sup_metrics,
+        }
+    });
+    match out {
+        Some(h) => h,
+        None => unreachable!("Actor::create runs its closure before returning"),
+    }
+}
+
+impl LoopSupervisor {
+    fn escalate(&mut self, why: String) {
+        tracing::error!(reason = %why, "restart intensity exceeded; stopping mapek");
+        self.exit.set(why.clone());
+        if let Some(h) = &self.handle {
+            let now = chrono::Utc::now();
+            h.state.update(now, |s| {
+                s.is_running = false;
+                s.error = Some(why);
+            });
+            let _ = h.store.flush();
+        }
+        System::current().stop_with_code(ESCALATION_EXIT_CODE);
+    }
+}
+
+impl Actor for LoopSupervisor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        self.metrics
+            .actor_up
+            .get_or_create(&crate::metrics::ActorLabels { actor: ActorKind::Supervisor.as_str() })
+            .set(1);
+        // An actor that died outside the panic guard cannot be restarted:
+        // that is an escalation too.
+        ctx.run_interval(Duration::from_secs(1), |act, _ctx| {
+            let Some(h) = &act.handle else { return };
+            let dead: Vec<ActorKind> = h
+                .phases_connected()
+                .into_iter()
+                .filter(|(k, up)| !up && *k != ActorKind::Supervisor)
+                .map(|(k, _)| k)
+                .collect();
+            if let Some(k) = dead.first() {
+                act.escalate(format!("actor `{k}` stopped and cannot be restarted"));
+            }
+        });
+    }
+}
+
+impl Handler<ActorRestarted> for LoopSupervisor {
+    type Result = ();
+
+    fn handle(&mut self, msg: ActorRestarted, _ctx: &mut Context<Self>) {
+        let now = Instant::now();
+        let period = Duration::from_secs(self.settings.restart_period_seconds);
+        let h = self.history.entry(msg.actor).or_default();
+        h.push_back(now);
+        while h.front().is_some_and(|t| now.duration_since(*t) > period) {
+            h.pop_front();
+        }
+        let n = h.len();
+        if n as u64 > u64::from(self.settings.max_restarts) {
+            self.escalate(format!(
+                "actor `{}` restarted {n} times within {} s (orchestrator.max_restarts = {})",
+                msg.actor, self.settings.restart_period_seconds, self.settings.max_restarts
+            ));
+        }
+    }
+}
+
+impl Handler<Shutdown> for LoopSupervisor {
+    type Result = ResponseActFuture<Self, ()>;
+
+    fn handle(&mut self, _msg: Shutdown, _ctx: &mut Context<Self>) -> Self::Result {
+        let handle = self.handle.clone();
+        Box::pin(
+            async move {
+                if let Some(h) = handle {
+                    tracing::info!("shutting down: flushing knowledge");
+                    match h.knowledge.send(FlushKnowledge).await {
+                        Ok(Ok(n)) => tracing::info!(bytes = n, "knowledge flushed"),
+                        Ok(Err(e)) => tracing::error!(error = %e, "knowledge flush failed"),
+                        Err(_) => {
+                            // Knowledge is down: flush the store directly.
+                            if let Err(e) = h.store.flush() {
+                                tracing::error!(error = %e, "knowledge flush failed");
+                            }
+                        }
+                    }
+                    h.store.close();
+                    h.state.update(chrono::Utc::now(), |s| s.is_running = false);
+                }
+            }
+            .into_actor(self)
+            .map(|_, _, _| System::current().stop_with_code(0)),
+        )
+    }
+}

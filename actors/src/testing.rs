@@ -1,0 +1,184 @@
+//! Test doubles for the ports, used by this crate's tests and the daemon's
+//! integration tests. They are doubles, named as such: the daemon's real
+//! sources and effectors live in the `mapek` crate.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use futures::future::BoxFuture;
+use serde_json::{json, Value};
+
+use crate::model::{ActionType, RemediationAction, RollbackStep, Violation};
+use crate::ports::{Effector, EffectorError, EvidenceProbe, MetricSource, SourceError};
+use crate::settings::RuleSpec;
+
+/// One call an effector double received.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecordedCall {
+    /// `apply`, `rollback` or `validate`.
+    pub kind: &'static str,
+    /// Action type (`None` for validate).
+    pub action: Option<ActionType>,
+    /// Parameters sent.
+    pub parameters: Value,
+}
+
+/// Test double: an in-process effector that records its calls and fails
+/// the action types it is told to fail.
+#[derive(Clone, Default)]
+pub struct RecordingEffector {
+    calls: Arc<Mutex<Vec<RecordedCall>>>,
+    failing: Arc<Mutex<Vec<(ActionType, EffectorError)>>>,
+    on_apply: Arc<Mutex<Option<Arc<dyn Fn(&RemediationAction) + Send + Sync>>>>,
+}
+
+impl RecordingEffector {
+    /// A double that succeeds at everything.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Makes every `apply` of `action` fail with `err`.
+    pub fn fail(&self, action: ActionType, err: EffectorError) {
+        self.failing.lock().unwrap_or_else(|p| p.into_inner()).push((action, err));
+    }
+
+    /// Runs `f` on every successful apply (e.g. to heal a simulated fault).
+    pub fn on_apply(&self, f: impl Fn(&RemediationAction) + Send + Sync + 'static) {
+        *self.on_apply.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(f));
+    }
+
+    /// Calls so far, in order.
+    pub fn calls(&self) -> Vec<RecordedCall> {
+        self.calls.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn push(&self, c: RecordedCall) {
+        self.calls.lock().unwrap_or_else(|p| p.into_inner()).push(c);
+    }
+}
+
+impl Effector for RecordingEffector {
+    fn name(&self) -> &str {
+        "recording"
+    }
+
+    fn validate<'a>(&'a self, _policy: &'a crate::model::RemediationPolicy) -> BoxFuture<'a, Result<(), EffectorError>> {
+        self.push(RecordedCall { kind: "validate", action: None, parameters: Value::Null });
+        Box::pin(async { Ok(()) })
+    }
+
+    fn apply<'a>(&'a self, action: &'a RemediationAction) -> BoxFuture<'a, Result<Value, EffectorError>> {
+        self.push(RecordedCall {
+            kind: "apply",
+            action: Some(action.action_type),
+            parameters: Value::Object(action.parameters.clone()),
+        });
+        let failure = self
+            .failing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .find(|(a, _)| *a == action.action_type)
+            .map(|(_, e)| e.clone());
+        if failure.is_none() {
+            if let Some(f) = self.on_apply.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+                f(action);
+            }
+        }
+        Box::pin(async move {
+            match failure {
+                Some(e) => Err(e),
+                None => Ok(json!({"applied": action.action_type.as_str()})),
+            }
+        })
+    }
+
+    fn rollback<'a>(&'a self, action: &'a RemediationAction, step: &'a RollbackStep, _applied: &'a Value) -> BoxFuture<'a, Result<Value, EffectorError>> {
+        self.push(RecordedCall {
+            kind: "rollback",
+            action: Some(action.action_type),
+            parameters: Value::Object(step.parameters.clone()),
+        });
+        Box::pin(async { Ok(json!({"rolled_back": true})) })
+    }
+}
+
+/// Test double: a metric source answering from a script; when the script
+/// is exhausted it repeats its last answer.
+#[derive(Clone, Default)]
+pub struct ScriptedSource {
+    name: String,
+    script: Arc<Mutex<VecDeque<Result<Vec<Violation>, SourceError>>>>,
+    last: Arc<Mutex<Option<Result<Vec<Violation>, SourceError>>>>,
+    polls: Arc<Mutex<u64>>,
+}
+
+impl ScriptedSource {
+    /// A source named `name` with an empty script (answers no violations).
+    pub fn new(name: &str) -> Self {
+        ScriptedSource { name: name.into(), ..Default::default() }
+    }
+
+    /// Queues an answer.
+    pub fn push(&self, answer: Result<Vec<Violation>, SourceError>) {
+        self.script.lock().unwrap_or_else(|p| p.into_inner()).push_back(answer);
+    }
+
+    /// Replaces the script with one answer repeated from now on.
+    pub fn set(&self, answer: Result<Vec<Violation>, SourceError>) {
+        self.script.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(answer);
+    }
+
+    /// Polls answered so far.
+    pub fn polls(&self) -> u64 {
+        *self.polls.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl MetricSource for ScriptedSource {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn poll<'a>(&'a self, _rules: &'a [RuleSpec]) -> BoxFuture<'a, Result<Vec<Violation>, SourceError>> {
+        *self.polls.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+        let next = self.script.lock().unwrap_or_else(|p| p.into_inner()).pop_front();
+        let answer = match next {
+            Some(a) => {
+                *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(a.clone());
+                a
+            }
+            None => self
+                .last
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
+                .unwrap_or(Ok(Vec::new())),
+        };
+        Box::pin(async move { answer })
+    }
+}
+
+/// Test double: a probe answering fixed counts in order (last one repeats).
+#[derive(Clone, Default)]
+pub struct ScriptedProbe {
+    answers: Arc<Mutex<VecDeque<Result<usize, SourceError>>>>,
+}
+
+impl ScriptedProbe {
+    /// A probe with these answers.
+    pub fn new(answers: Vec<Result<usize, SourceError>>) -> Self {
+        ScriptedProbe { answers: Arc::new(Mutex::new(answers.into())) }
+    }
+}
+
+impl EvidenceProbe for ScriptedProbe {
+    fn count_violations<'a>(&'a self, _scope: &'a [String]) -> BoxFuture<'a, Result<usize, SourceError>> {
+        let mut q = self.answers.lock().unwrap_or_else(|p| p.into_inner());
+        let a = if q.len() > 1 { q.pop_front() } else { q.front().cloned() };
+        let a = a.unwrap_or(Err(SourceError::Unreachable("no scripted answer".into())));
+        Box::pin(async move { a })
+    }
+}
