@@ -1,0 +1,315 @@
+//! The daemon's HTTP surface on one port: health, readiness, metrics, the
+//! Alertmanager webhook and the JSON API (see `docs/API.md`).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use mapek_actors::messages::{DecidePolicy, DecisionError, GetActiveViolations, GetSources, Observe, SourceStatus};
+use mapek_actors::model::{ApprovalStatus, RootCause};
+use mapek_actors::supervisor::LoopHandle;
+use prometheus_client::registry::Registry;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::alertmanager;
+
+/// Shared state of the HTTP handlers.
+#[derive(Clone)]
+pub struct ApiState {
+    /// The running loop.
+    pub handle: LoopHandle,
+    /// Metrics registry served on `/metrics`.
+    pub registry: Arc<Registry>,
+    /// Whether at least one source must give evidence for `/ready`.
+    pub sources_required: bool,
+}
+
+/// The webhook paths: the configured one, and the seeds' `/webhooks/alerts`.
+pub fn router(state: ApiState, webhook_path: &str, max_body_bytes: usize) -> Router {
+    let mut r = Router::new()
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .route("/api/v1/state", get(loop_state))
+        .route("/api/v1/violations", get(violations))
+        .route("/api/v1/analyses", get(analyses))
+        .route("/api/v1/policies", get(policies))
+        .route("/api/v1/policies/{id}", get(policy))
+        .route("/api/v1/policies/{id}/approve", post(approve))
+        .route("/api/v1/policies/{id}/reject", post(reject))
+        .route("/api/v1/executions", get(executions))
+        .route("/api/v1/outcomes", get(outcomes))
+        .route("/api/v1/knowledge/patterns", get(patterns))
+        .route("/api/v1/knowledge/insights", get(insights))
+        .route("/api/v1/knowledge/best-action", get(best_action))
+        .route("/webhooks/alerts", post(webhook));
+    if webhook_path != "/webhooks/alerts" {
+        r = r.route(webhook_path, post(webhook));
+    }
+    r.layer(DefaultBodyLimit::max(max_body_bytes))
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint") })
+        .with_state(state)
+}
+
+/// Serves `router` on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router).with_graceful_shutdown(shutdown).await
+}
+
+/// Binds the listen address, with a message naming it on failure.
+pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, String> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("cannot listen on {addr}: {e}"))
+}
+
+fn error(status: StatusCode, msg: impl Into<String>) -> Response {
+    (status, Json(json!({"error": msg.into()}))).into_response()
+}
+
+async fn health(State(s): State<ApiState>) -> Response {
+    if s.handle.supervisor.connected() {
+        Json(json!({"status": "ok"})).into_response()
+    } else {
+        error(StatusCode::SERVICE_UNAVAILABLE, "supervisor stopped")
+    }
+}
+
+async fn ready(State(s): State<ApiState>) -> Response {
+    let mut reasons = Vec::new();
+    let mut phases = serde_json::Map::new();
+    for (kind, up) in s.handle.phases_connected() {
+        phases.insert(kind.as_str().into(), json!(if up { "up" } else { "down" }));
+        if !up {
+            reasons.push(format!("actor {kind} is down"));
+        }
+    }
+    let store_open = s.handle.store.is_open();
+    if !store_open {
+        reasons.push("knowledge store is closed".into());
+    }
+    let sources = s.handle.monitor.send(GetSources).await.unwrap_or_default();
+    let any_evidence = sources.iter().any(|h| h.status == SourceStatus::Up);
+    if s.sources_required && !sources.is_empty() && !any_evidence {
+        reasons.push("no metric source gives evidence".into());
+    }
+    let body = json!({
+        "ready": reasons.is_empty(),
+        "reasons": reasons,
+        "phases": phases,
+        "knowledge_store": if store_open { "open" } else { "closed" },
+        "sources": sources,
+    });
+    let code = if reasons.is_empty() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (code, Json(body)).into_response()
+}
+
+async fn metrics(State(s): State<ApiState>) -> Response {
+    let mut out = String::new();
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &s.registry) {
+        return error(StatusCode::INTERNAL_SERVER_ERROR, format!("encoding metrics: {e}"));
+    }
+    (
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        out,
+    )
+        .into_response()
+}
+
+async fn loop_state(State(s): State<ApiState>) -> Response {
+    let state = s.handle.state.snapshot();
+    let sources = s.handle.monitor.send(GetSources).await.unwrap_or_default();
+    let depths: serde_json::Map<String, Value> = [
+        ("monitor", s.handle.monitor.depth()),
+        ("analyzer", s.handle.analyzer.depth()),
+        ("planner", s.handle.planner.depth()),
+        ("executor", s.handle.executor.depth()),
+        ("knowledge", s.handle.knowledge.depth()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), json!(v)))
+    .collect();
+    Json(json!({"state": state, "sources": sources, "mailbox_depth": depths})).into_response()
+}
+
+async fn violations(State(s): State<ApiState>) -> Response {
+    match s.handle.monitor.send(GetActiveViolations).await {
+        Ok(v) => Json(json!({"violations": v})).into_response(),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+/// `?limit=N` (default 50, at most 1000).
+#[derive(Debug, Deserialize)]
+struct Limit {
+    limit: Option<usize>,
+}
+
+impl Limit {
+    fn get(&self) -> usize {
+        self.limit.unwrap_or(50).clamp(1, 1000)
+    }
+}
+
+fn store_result<T: serde::Serialize>(key: &str, r: Result<T, mapek_actors::store::StoreError>) -> Response {
+    match r {
+        Ok(v) => Json(json!({ key: v })).into_response(),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+async fn analyses(State(s): State<ApiState>, Query(q): Query<Limit>) -> Response {
+    store_result("analyses", s.handle.store.list_analyses(q.get()))
+}
+
+#[derive(Debug, Deserialize)]
+struct PolicyQuery {
+    status: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn policies(State(s): State<ApiState>, Query(q): Query<PolicyQuery>) -> Response {
+    let status = match q.status.as_deref() {
+        None | Some("") | Some("all") => None,
+        Some(x) => match ApprovalStatus::parse(x) {
+            Some(st) => Some(st),
+            None => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("unknown status `{x}` (expected pending, approved, rejected or all)"),
+                )
+            }
+        },
+    };
+    let limit = q.limit.unwrap_or(50).clamp(1, 1000);
+    store_result("policies", s.handle.store.list_policies(status, limit))
+}
+
+async fn policy(State(s): State<ApiState>, Path(id): Path<String>) -> Response {
+    match s.handle.store.get_policy(&id) {
+        Ok(Some(p)) => Json(p).into_response(),
+        Ok(None) => error(StatusCode::NOT_FOUND, format!("no policy `{id}`")),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+/// Optional body of approve/reject.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Decision {
+    by: Option<String>,
+    reason: Option<String>,
+}
+
+async fn decide(s: ApiState, id: String, decision: ApprovalStatus, body: Bytes) -> Response {
+    let d: Decision = if body.is_empty() {
+        Decision::default()
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(d) => d,
+            Err(e) => return error(StatusCode::BAD_REQUEST, format!("malformed body: {e}")),
+        }
+    };
+    let msg = DecidePolicy {
+        id,
+        decision,
+        by: d.by.unwrap_or_else(|| "operator".into()),
+        reason: d.reason,
+    };
+    match s.handle.planner.send(msg).await {
+        Ok(Ok(p)) => Json(p).into_response(),
+        Ok(Err(DecisionError::NotFound(id))) => error(StatusCode::NOT_FOUND, format!("no pending policy `{id}`")),
+        Ok(Err(DecisionError::Invalid(m))) => error(StatusCode::CONFLICT, m),
+        Ok(Err(DecisionError::Unavailable(m))) => error(StatusCode::SERVICE_UNAVAILABLE, m),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+async fn approve(State(s): State<ApiState>, Path(id): Path<String>, body: Bytes) -> Response {
+    decide(s, id, ApprovalStatus::Approved, body).await
+}
+
+async fn reject(State(s): State<ApiState>, Path(id): Path<String>, body: Bytes) -> Response {
+    decide(s, id, ApprovalStatus::Rejected, body).await
+}
+
+async fn executions(State(s): State<ApiState>, Query(q): Query<Limit>) -> Response {
+    store_result("executions", s.handle.store.list_executions(q.get()))
+}
+
+async fn outcomes(State(s): State<ApiState>, Query(q): Query<Limit>) -> Response {
+    store_result("outcomes", s.handle.store.list_outcomes(q.get()))
+}
+
+async fn patterns(State(s): State<ApiState>) -> Response {
+    store_result("patterns", s.handle.store.stats())
+}
+
+async fn insights(State(s): State<ApiState>) -> Response {
+    store_result("insights", s.handle.store.insights())
+}
+
+#[derive(Debug, Deserialize)]
+struct CauseQuery {
+    cause: Option<String>,
+}
+
+async fn best_action(State(s): State<ApiState>, Query(q): Query<CauseQuery>) -> Response {
+    let Some(name) = q.cause else {
+        return error(StatusCode::BAD_REQUEST, "missing query parameter `cause`");
+    };
+    let Some(cause) = RootCause::parse(&name) else {
+        let known: Vec<&str> = RootCause::ALL.iter().map(|c| c.as_str()).collect();
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("unknown cause `{name}` (known: {})", known.join(", ")),
+        );
+    };
+    match s.handle.store.stats() {
+        Ok(stats) => match stats.best_action_for_cause(cause) {
+            Some((action, st)) => Json(json!({"cause": cause, "action": action, "stats": st})).into_response(),
+            None => Json(json!({"cause": cause, "action": null, "reason": "no evidence yet"})).into_response(),
+        },
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+async fn webhook(State(s): State<ApiState>, body: Bytes) -> Response {
+    let payload = match alertmanager::parse(&body) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(error = %e, "webhook payload refused");
+            return error(StatusCode::BAD_REQUEST, e.to_string());
+        }
+    };
+    let m = &s.handle.metrics;
+    m.alerts_received.inc_by(payload.alerts.len() as u64);
+    let (firing, resolved) = alertmanager::to_violations(&payload, chrono::Utc::now());
+    let n = payload.alerts.len();
+    let msg = Observe {
+        source: alertmanager::SOURCE.into(),
+        violations: firing,
+        resolved,
+        complete: false,
+    };
+    // 2xx only once the Monitor has taken the batch: otherwise 503 and
+    // Alertmanager re-sends (handling is idempotent per fingerprint).
+    match s.handle.monitor.send(msg).await {
+        Ok(Ok(ack)) => {
+            m.alerts_processed.inc_by(n as u64);
+            Json(json!({"status": "accepted", "ack": ack})).into_response()
+        }
+        Ok(Err(e)) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}

@@ -1,0 +1,249 @@
+//! Metric sources: the Prometheus sensor (PromQL rules through
+//! `/api/v1/query`).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use mapek_actors::clock::SharedClock;
+use mapek_actors::model::{new_id, Violation};
+use mapek_actors::ports::{MetricSource, SourceError};
+use mapek_actors::settings::RuleSpec;
+use serde::Deserialize;
+
+use crate::retry::{backoff_delay, Retry};
+
+/// Polls PromQL rules from a Prometheus server.
+pub struct PrometheusSource {
+    client: reqwest::Client,
+    base: String,
+    timeout: Duration,
+    retries: u32,
+    clock: SharedClock,
+}
+
+#[derive(Debug, Deserialize)]
+struct QueryResponse {
+    status: String,
+    #[serde(default)]
+    data: Option<QueryData>,
+    #[serde(default, rename = "errorType")]
+    error_type: Option<String>,
+    #[serde(default)]
+    error: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct QueryData {
+    #[serde(rename = "resultType")]
+    result_type: String,
+    result: serde_json::Value,
+}
+
+#[derive(Debug, Deserialize)]
+struct Sample {
+    metric: BTreeMap<String, String>,
+    value: (f64, String),
+}
+
+impl PrometheusSource {
+    /// A source querying `base_url` (e.g. `http://127.0.0.1:9090`).
+    pub fn new(base_url: &str, timeout: Duration, retries: u32, clock: SharedClock) -> Result<Self, String> {
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(5)))
+            .build()
+            .map_err(|e| format!("building the HTTP client: {e}"))?;
+        Ok(PrometheusSource {
+            client,
+            base: base_url.trim_end_matches('/').to_string(),
+            timeout,
+            retries,
+            clock,
+        })
+    }
+
+    async fn query_once(&self, rule: &RuleSpec) -> Result<Vec<Sample>, Retry<SourceError>> {
+        let url = format!("{}/api/v1/query", self.base);
+        let resp = self
+            .client
+            .get(&url)
+            .query(&[("query", rule.expr.as_str())])
+            .send()
+            .await
+            .map_err(|e| {
+                if e.is_timeout() {
+                    Retry::Transient(SourceError::Timeout(self.timeout.as_secs()))
+                } else {
+                    Retry::Transient(SourceError::Unreachable(format!("{url}: {e}")))
+                }
+            })?;
+        let status = resp.status();
+        let body = resp.bytes().await.map_err(|e| {
+            if e.is_timeout() {
+                Retry::Transient(SourceError::Timeout(self.timeout.as_secs()))
+            } else {
+                Retry::Transient(SourceError::Unreachable(format!("{url}: reading body: {e}")))
+            }
+        })?;
+        let parsed: Result<QueryResponse, _> = serde_json::from_slice(&body);
+        if status.as_u16() == 400 || status.as_u16() == 422 {
+            if let Ok(QueryResponse { status: s, error_type, error, .. }) = &parsed {
+                if s == "error" {
+                    return Err(Retry::Permanent(SourceError::Query {
+                        rule: rule.name.clone(),
+                        error_type: error_type.clone().unwrap_or_default(),
+                        message: error.clone().unwrap_or_default(),
+                    }));
+                }
+            }
+        }
+        if !status.is_success() {
+            let err = SourceError::Status { status: status.as_u16(), body: snippet(&body) };
+            return Err(if status.is_server_error() { Retry::Transient(err) } else { Retry::Permanent(err) });
+        }
+        let parsed = parsed.map_err(|e| Retry::Permanent(SourceError::Garbage(format!("{e}: {}", snippet(&body)))))?;
+        if parsed.status != "success" {
+            return Err(Retry::Permanent(SourceError::Garbage(format!(
+                "status `{}`: {}",
+                parsed.status,
+                parsed.error.unwrap_or_default()
+            ))));
+        }
+        let data = parsed
+            .data
+            .ok_or_else(|| Retry::Permanent(SourceError::Garbage("success without data".into())))?;
+        match data.result_type.as_str() {
+            "vector" => serde_json::from_value::<Vec<Sample>>(data.result)
+                .map_err(|e| Retry::Permanent(SourceError::Garbage(format!("vector result: {e}")))),
+            "scalar" => Ok(Vec::new()),
+            other => Err(Retry::Permanent(SourceError::Garbage(format!(
+                "rule `{}` returned a {other}, expected an instant vector",
+                rule.name
+            )))),
+        }
+    }
+
+    async fn query(&self, rule: &RuleSpec) -> Result<Vec<Sample>, SourceError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.query_once(rule).await {
+                Ok(v) => return Ok(v),
+                Err(Retry::Transient(e)) if attempt <= self.retries => {
+                    let d = backoff_delay(attempt, 200, 2_000);
+                    tracing::debug!(rule = %rule.name, error = %e, delay_ms = d.as_millis() as u64, "prometheus query failed; retrying");
+                    tokio::time::sleep(d).await;
+                }
+                Err(Retry::Transient(e)) | Err(Retry::Permanent(e)) => return Err(e),
+            }
+        }
+    }
+
+    fn to_violation(&self, rule: &RuleSpec, s: Sample) -> Result<Violation, SourceError> {
+        let value: f64 = s
+            .value
+            .1
+            .trim()
+            .parse()
+            .map_err(|_| SourceError::Garbage(format!("rule `{}`: value `{}` is not a number", rule.name, s.value.1)))?;
+        let now = self.clock.now();
+        let mut fp = format!("prom:{}", rule.name);
+        for (k, v) in &s.metric {
+            fp.push_str(&format!(",{k}={v}"));
+        }
+        let metric = s
+            .metric
+            .get("__name__")
+            .cloned()
+            .unwrap_or_else(|| metric_name(&rule.expr).unwrap_or_else(|| rule.name.clone()));
+        Ok(Violation {
+            id: new_id("vio"),
+            fingerprint: fp,
+            rule: rule.name.clone(),
+            severity: rule.severity,
+            component: s.metric.get("component").cloned().unwrap_or_else(|| rule.component.clone()),
+            metric,
+            value: if value.is_finite() { value } else { 0.0 },
+            labels: s.metric,
+            signal: rule.signal(),
+            first_seen: now,
+            observed_at: now,
+            source: "prometheus".into(),
+        })
+    }
+}
+
+/// First metric-like identifier of a PromQL expression that is not a
+/// function or keyword (`increase(foo_total[5m]) > 0` → `foo_total`).
+pub fn metric_name(expr: &str) -> Option<String> {
+    const WORDS: &[&str] = &[
+        "increase", "rate", "irate", "sum", "avg", "max", "min", "count", "by", "without", "on",
+        "ignoring", "group_left", "group_right", "and", "or", "unless", "histogram_quantile",
+        "delta", "deriv", "abs", "offset", "bool", "topk", "bottomk", "absent", "changes",
+        "resets", "avg_over_time", "max_over_time", "min_over_time", "sum_over_time",
+    ];
+    let mut in_braces = 0i32;
+    let mut token = String::new();
+    for ch in expr.chars().chain(std::iter::once(' ')) {
+        if ch == '{' || ch == '[' {
+            in_braces += 1;
+        }
+        if ch.is_ascii_alphanumeric() || ch == '_' || ch == ':' {
+            if in_braces == 0 {
+                token.push(ch);
+            }
+        } else {
+            if !token.is_empty()
+                && !token.chars().next().is_some_and(|c| c.is_ascii_digit())
+                && !WORDS.contains(&token.as_str())
+            {
+                return Some(token);
+            }
+            token.clear();
+        }
+        if ch == '}' || ch == ']' {
+            in_braces -= 1;
+        }
+    }
+    None
+}
+
+fn snippet(body: &[u8]) -> String {
+    let s = String::from_utf8_lossy(body);
+    s.chars().take(200).collect()
+}
+
+impl MetricSource for PrometheusSource {
+    fn name(&self) -> &str {
+        "prometheus"
+    }
+
+    fn poll<'a>(&'a self, rules: &'a [RuleSpec]) -> BoxFuture<'a, Result<Vec<Violation>, SourceError>> {
+        Box::pin(async move {
+            let mut out = Vec::new();
+            for rule in rules {
+                for sample in self.query(rule).await? {
+                    out.push(self.to_violation(rule, sample)?);
+                }
+            }
+            Ok(out)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metric_name_skips_functions_and_selectors() {
+        assert_eq!(
+            metric_name("increase(westworld_charter_policy_violations_total{severity=\"critical\"}[5m]) > 0").as_deref(),
+            Some("westworld_charter_policy_violations_total")
+        );
+        assert_eq!(metric_name("westworld_charter_failure_rate > 0.10").as_deref(), Some("westworld_charter_failure_rate"));
+        assert_eq!(metric_name("sum by (job) (rate(x_total[1m]))").as_deref(), Some("job"));
+        assert_eq!(metric_name("1 > 0"), None);
+    }
+}
