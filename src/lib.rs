@@ -1,1 +1,11 @@
+//! `mapek`: the daemon around the MAPE-K loop of `mapek-actors` — config,
+//! HTTP API and Alertmanager webhook, Prometheus sensor, effectors, logging.
 
+pub mod alertmanager;
+pub mod config;
+pub mod daemon;
+pub mod effectors;
+pub mod http;
+pub mod retry;
+pub mod sensors;
+pub mod telemetry;

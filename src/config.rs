@@ -1,0 +1,1270 @@
+//! Daemon configuration: the YAML file, environment overrides and validation.
+//!
+//! The configuration is read from a YAML file (see `config/mapek.yaml` for a
+//! commented example listing every key with its default), then overridden by
+//! environment variables, then validated. Every problem is collected and
+//! reported at once, each with the dotted path of its key:
+//!
+//! * unknown keys (`monitor.intervall_seconds: unknown key`), found anywhere,
+//!   including inside list items (`monitor.rules[0].foo: unknown key`);
+//! * values of the wrong type (`plan.min_confidence: invalid type: ...`),
+//!   the first one of each section (that section then keeps its defaults);
+//! * unparseable environment overrides (`env MAPE_K_INTERVAL: ...`);
+//! * values out of range and inconsistent combinations (`validate`).
+//!
+//! Library users who do not want a file can start from [`Config::builder`].
+//!
+//! Values given in the file are laid over the defaults key by key, also in
+//! nested tables; lists (such as `monitor.rules`) replace the default list.
+//! Beware of YAML 1.1 booleans: an unquoted `y`, `n`, `yes`, `no`, `on` or
+//! `off` is a boolean, not a string.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use mapek_actors::settings::{
+    AnalyzeSettings, ConfigIssue, ExecuteSettings, Issues, KnowledgeSettings, MonitorSettings,
+    OrchestratorSettings, PlanSettings, RuleSpec,
+};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// Origin name used for configurations that do not come from a file.
+const DEFAULTS_ORIGIN: &str = "defaults";
+
+/// The whole daemon configuration, one field per section of the file.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Config {
+    /// Orchestrator and supervisor: chain time limit, restart intensity,
+    /// mailbox sizes.
+    pub orchestrator: OrchestratorSettings,
+    /// Monitor phase: poll interval, staleness and the PromQL rules.
+    pub monitor: MonitorSettings,
+    /// Prometheus server the Monitor queries.
+    pub prometheus: PrometheusSettings,
+    /// Analyze phase: window and pattern detectors.
+    pub analyze: AnalyzeSettings,
+    /// Plan phase: thresholds, approval and action costs.
+    pub plan: PlanSettings,
+    /// Execute phase: effector calls, retries and verification.
+    pub execute: ExecuteSettings,
+    /// Knowledge base: storage and learning.
+    pub knowledge: KnowledgeSettings,
+    /// The managed "Charter" system (the effector).
+    pub charter: CharterSettings,
+    /// Alertmanager: alerts pushed to the webhook.
+    pub alertmanager: AlertmanagerSettings,
+    /// HTTP API of the daemon.
+    pub api: ApiSettings,
+    /// Logging.
+    pub logging: LoggingSettings,
+}
+
+/// Prometheus server queried by the Monitor.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PrometheusSettings {
+    /// Base URL of the Prometheus HTTP API (`http://` or `https://`).
+    /// Environment override: `PROMETHEUS_URL`.
+    pub url: String,
+    /// Timeout of one query, seconds (at least 1).
+    pub timeout_seconds: u64,
+    /// Retries of a failed query (at most 10).
+    pub retries: u32,
+    /// Poll Prometheus at all; when false only Alertmanager alerts feed the
+    /// loop.
+    pub enabled: bool,
+}
+
+impl Default for PrometheusSettings {
+    fn default() -> Self {
+        PrometheusSettings {
+            url: "http://127.0.0.1:9090".into(),
+            timeout_seconds: 10,
+            retries: 2,
+            enabled: true,
+        }
+    }
+}
+
+/// The managed "Charter" system, which is also the effector.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct CharterSettings {
+    /// Base URL of the Charter API (`http://` or `https://`).
+    /// Environment override: `CHARTER_URL`.
+    pub url: String,
+    /// API key sent to Charter; empty for none. Prefer the environment
+    /// variable `CHARTER_API_KEY` to keeping it in the file.
+    pub api_key: String,
+    /// Timeout of one request to Charter, seconds (at least 1).
+    pub timeout_seconds: u64,
+}
+
+impl Default for CharterSettings {
+    fn default() -> Self {
+        CharterSettings {
+            url: "http://127.0.0.1:8080".into(),
+            api_key: String::new(),
+            timeout_seconds: 30,
+        }
+    }
+}
+
+impl fmt::Debug for CharterSettings {
+    /// Like the derived `Debug`, but never prints the API key.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let key = if self.api_key.is_empty() {
+            "<none>"
+        } else {
+            "<redacted>"
+        };
+        f.debug_struct("CharterSettings")
+            .field("url", &self.url)
+            .field("api_key", &key)
+            .field("timeout_seconds", &self.timeout_seconds)
+            .finish()
+    }
+}
+
+/// Alertmanager, which pushes alerts to the daemon's webhook.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct AlertmanagerSettings {
+    /// Accept alerts on the webhook.
+    pub enabled: bool,
+    /// Base URL of Alertmanager (`http://` or `https://`).
+    /// Environment override: `ALERTMANAGER_URL`.
+    pub url: String,
+    /// Path of the webhook on the daemon's HTTP port (starts with `/`).
+    pub webhook_path: String,
+    /// Largest accepted webhook body, bytes (at least 1024).
+    pub max_body_bytes: usize,
+}
+
+impl Default for AlertmanagerSettings {
+    fn default() -> Self {
+        AlertmanagerSettings {
+            enabled: true,
+            url: "http://127.0.0.1:9093".into(),
+            webhook_path: "/api/v1/alerts".into(),
+            max_body_bytes: 1_048_576,
+        }
+    }
+}
+
+/// HTTP API of the daemon (health, metrics, webhook, JSON API).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ApiSettings {
+    /// Address and port to listen on, such as `127.0.0.1:8001` or
+    /// `0.0.0.0:8001`.
+    pub listen: String,
+}
+
+impl Default for ApiSettings {
+    fn default() -> Self {
+        ApiSettings {
+            listen: "127.0.0.1:8001".into(),
+        }
+    }
+}
+
+/// Output format of the logs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Logging.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LoggingSettings {
+    /// Lowest level logged: `trace`, `debug`, `info`, `warn` or `error`.
+    /// Environment override: `LOG_LEVEL`.
+    pub level: String,
+    /// `text` or `json`.
+    pub format: LogFormat,
+}
+
+impl Default for LoggingSettings {
+    fn default() -> Self {
+        LoggingSettings {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+/// Accepted values of `logging.level`.
+pub const LOG_LEVELS: [&str; 5] = ["trace", "debug", "info", "warn", "error"];
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The text is not valid YAML.
+    #[error("{origin}: YAML syntax error: {message}")]
+    Syntax {
+        /// File name (or other origin) of the text.
+        origin: String,
+        /// What is wrong, with line and column when known.
+        message: String,
+    },
+    /// The YAML is well-formed but the configuration is wrong: every problem
+    /// found (unknown keys, wrong types, bad environment values, values out
+    /// of range), each with its key path.
+    #[error("{}", render_issues(origin, issues))]
+    Invalid {
+        /// File name (or other origin) of the configuration.
+        origin: String,
+        /// Every problem found.
+        issues: Vec<ConfigIssue>,
+    },
+}
+
+impl ConfigError {
+    /// The issues of an `Invalid` error; empty for the other variants.
+    pub fn issues(&self) -> &[ConfigIssue] {
+        match self {
+            ConfigError::Invalid { issues, .. } => issues,
+            _ => &[],
+        }
+    }
+}
+
+fn render_issues(origin: &str, issues: &[ConfigIssue]) -> String {
+    let noun = if issues.len() == 1 { "issue" } else { "issues" };
+    let mut s = format!(
+        "invalid configuration in {origin} ({} {noun}):",
+        issues.len()
+    );
+    for issue in issues {
+        s.push_str("\n  - ");
+        s.push_str(&issue.to_string());
+    }
+    s
+}
+
+/// Reads an environment variable of the process; the usual lookup for
+/// [`Config::apply_env`] and [`Config::load_with_env`].
+pub fn process_env(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+impl Config {
+    /// Parses and validates a YAML configuration. `origin` names the text in
+    /// messages (usually the file name). An empty document gives the
+    /// defaults.
+    pub fn from_yaml_str(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let (config, mut issues) = parse_yaml(text, origin)?;
+        issues.extend(config.validate());
+        finish(config, origin, issues)
+    }
+
+    /// Reads, parses and validates a YAML configuration file (no environment
+    /// overrides; see [`Config::load_with_env`]).
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = read_file(path)?;
+        Config::from_yaml_str(&text, &path.display().to_string())
+    }
+
+    /// The configuration of the daemon: the file at `path` (or the defaults
+    /// when `None`), then the environment overrides read through `get`
+    /// (see [`Config::apply_env`]), then validation. All problems of the
+    /// three steps are reported together.
+    pub fn load_with_env(
+        path: Option<&Path>,
+        get: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let (mut config, mut issues, origin) = match path {
+            Some(path) => {
+                let origin = path.display().to_string();
+                let text = read_file(path)?;
+                let (config, issues) = parse_yaml(&text, &origin)?;
+                (config, issues, origin)
+            }
+            None => (Config::default(), Vec::new(), DEFAULTS_ORIGIN.to_string()),
+        };
+        issues.extend(config.apply_env(get));
+        issues.extend(config.validate());
+        finish(config, &origin, issues)
+    }
+
+    /// Applies the environment overrides read through `get` (pass
+    /// [`process_env`] for the real environment):
+    ///
+    /// | variable              | key                         |
+    /// |-----------------------|-----------------------------|
+    /// | `PROMETHEUS_URL`      | `prometheus.url`            |
+    /// | `CHARTER_URL`         | `charter.url`               |
+    /// | `CHARTER_API_KEY`     | `charter.api_key`           |
+    /// | `ALERTMANAGER_URL`    | `alertmanager.url`          |
+    /// | `MAPE_K_INTERVAL`     | `monitor.interval_seconds`  |
+    /// | `MAPE_K_THRESHOLD`    | `plan.plan_threshold`       |
+    /// | `MAPE_K_AUTO_APPROVE` | `plan.auto_approve`         |
+    /// | `LOG_LEVEL`           | `logging.level`             |
+    ///
+    /// Variables that are unset or empty are ignored. Values that cannot be
+    /// parsed leave the key unchanged and are returned as issues with the
+    /// path `env NAME`. The result is not validated here.
+    pub fn apply_env(&mut self, get: &dyn Fn(&str) -> Option<String>) -> Vec<ConfigIssue> {
+        let mut issues = Vec::new();
+        let lookup = |name: &str| -> Option<String> {
+            get(name)
+                .map(|v| v.trim().to_string())
+                .filter(|v| !v.is_empty())
+        };
+        let mut bad = |name: &str, reason: String| {
+            issues.push(ConfigIssue {
+                path: format!("env {name}"),
+                reason,
+            });
+        };
+
+        if let Some(v) = lookup("PROMETHEUS_URL") {
+            self.prometheus.url = v;
+        }
+        if let Some(v) = lookup("CHARTER_URL") {
+            self.charter.url = v;
+        }
+        if let Some(v) = lookup("CHARTER_API_KEY") {
+            self.charter.api_key = v;
+        }
+        if let Some(v) = lookup("ALERTMANAGER_URL") {
+            self.alertmanager.url = v;
+        }
+        if let Some(v) = lookup("MAPE_K_INTERVAL") {
+            match v.parse::<u64>() {
+                Ok(n) => self.monitor.interval_seconds = n,
+                Err(_) => bad(
+                    "MAPE_K_INTERVAL",
+                    format!("must be a whole number of seconds (got {v:?})"),
+                ),
+            }
+        }
+        if let Some(v) = lookup("MAPE_K_THRESHOLD") {
+            match v.parse::<usize>() {
+                Ok(n) => self.plan.plan_threshold = n,
+                Err(_) => bad(
+                    "MAPE_K_THRESHOLD",
+                    format!("must be a whole number of violations (got {v:?})"),
+                ),
+            }
+        }
+        if let Some(v) = lookup("MAPE_K_AUTO_APPROVE") {
+            match parse_bool(&v) {
+                Some(b) => self.plan.auto_approve = b,
+                None => bad(
+                    "MAPE_K_AUTO_APPROVE",
+                    format!("must be one of true, false, 1, 0, yes, no (got {v:?})"),
+                ),
+            }
+        }
+        if let Some(v) = lookup("LOG_LEVEL") {
+            self.logging.level = v.to_ascii_lowercase();
+        }
+        issues
+    }
+
+    /// Every problem of the configuration: those of each section plus the
+    /// URL, address and cross-section checks. Empty when it is valid.
+    pub fn validate(&self) -> Vec<ConfigIssue> {
+        let mut out = Vec::new();
+        self.orchestrator.validate(&mut out);
+        self.monitor.validate(&mut out);
+        self.analyze.validate(&mut out);
+        self.plan.validate(&mut out);
+        self.execute.validate(&mut out);
+        self.knowledge.validate(&mut out);
+
+        {
+            let mut i = Issues::new("prometheus", &mut out);
+            check_url(&mut i, &self.prometheus.url);
+            i.at_least("timeout_seconds", self.prometheus.timeout_seconds, 1);
+            if self.prometheus.retries > 10 {
+                i.push(
+                    "retries",
+                    format!("must be at most 10 (got {})", self.prometheus.retries),
+                );
+            }
+        }
+        {
+            let mut i = Issues::new("charter", &mut out);
+            check_url(&mut i, &self.charter.url);
+            i.at_least("timeout_seconds", self.charter.timeout_seconds, 1);
+        }
+        {
+            let mut i = Issues::new("alertmanager", &mut out);
+            check_url(&mut i, &self.alertmanager.url);
+            if !self.alertmanager.webhook_path.starts_with('/') {
+                i.push(
+                    "webhook_path",
+                    format!(
+                        "must start with `/` (got {:?})",
+                        self.alertmanager.webhook_path
+                    ),
+                );
+            }
+            i.at_least("max_body_bytes", self.alertmanager.max_body_bytes, 1024);
+        }
+        {
+            let mut i = Issues::new("api", &mut out);
+            if self.api.listen.parse::<SocketAddr>().is_err() {
+                i.push(
+                    "listen",
+                    format!(
+                        "must be an IP address and port such as 127.0.0.1:8001 (got {:?})",
+                        self.api.listen
+                    ),
+                );
+            }
+        }
+        {
+            let mut i = Issues::new("logging", &mut out);
+            if !LOG_LEVELS.contains(&self.logging.level.as_str()) {
+                i.push(
+                    "level",
+                    format!(
+                        "must be one of {} (got {:?})",
+                        LOG_LEVELS.join(", "),
+                        self.logging.level
+                    ),
+                );
+            }
+        }
+
+        // Cross-section rules.
+        let mut i = Issues::new("", &mut out);
+        let acting = self
+            .execute
+            .verification_window_seconds
+            .saturating_add(self.execute.call_timeout_seconds);
+        if acting >= self.orchestrator.max_cycle_time_seconds {
+            i.push(
+                "execute.verification_window_seconds",
+                format!(
+                    "execute.verification_window_seconds ({}) + execute.call_timeout_seconds ({}) = {acting} \
+                     must be less than orchestrator.max_cycle_time_seconds ({}): otherwise every chain \
+                     that acts and then waits to verify its outcome is cut off before it can finish",
+                    self.execute.verification_window_seconds,
+                    self.execute.call_timeout_seconds,
+                    self.orchestrator.max_cycle_time_seconds
+                ),
+            );
+        }
+        if self.monitor.interval_seconds > self.analyze.window_seconds {
+            i.push(
+                "monitor.interval_seconds",
+                format!(
+                    "must not exceed analyze.window_seconds ({}) (got {}): violations would leave \
+                     the analysis window before the next poll could add to them",
+                    self.analyze.window_seconds, self.monitor.interval_seconds
+                ),
+            );
+        }
+        out
+    }
+
+    /// Starts a builder from the defaults.
+    pub fn builder() -> ConfigBuilder {
+        ConfigBuilder::default()
+    }
+}
+
+/// Builds a [`Config`] in code, starting from the defaults; `build`
+/// validates it.
+#[derive(Debug, Clone, Default)]
+pub struct ConfigBuilder {
+    config: Config,
+}
+
+/// Whole seconds of `d`, rounded up (so 500 ms is 1 s, not an invalid 0).
+fn ceil_secs(d: Duration) -> u64 {
+    if d.subsec_nanos() > 0 {
+        d.as_secs().saturating_add(1)
+    } else {
+        d.as_secs()
+    }
+}
+
+impl ConfigBuilder {
+    /// Starts from an existing configuration instead of the defaults.
+    pub fn from_config(config: Config) -> Self {
+        ConfigBuilder { config }
+    }
+
+    /// Sets `monitor.interval_seconds` (rounded up to whole seconds).
+    pub fn with_interval(mut self, interval: Duration) -> Self {
+        self.config.monitor.interval_seconds = ceil_secs(interval);
+        self
+    }
+
+    /// Sets `plan.plan_threshold`.
+    pub fn with_plan_threshold(mut self, threshold: usize) -> Self {
+        self.config.plan.plan_threshold = threshold;
+        self
+    }
+
+    /// Sets `plan.auto_approve`.
+    pub fn with_auto_approve(mut self, auto_approve: bool) -> Self {
+        self.config.plan.auto_approve = auto_approve;
+        self
+    }
+
+    /// Sets `prometheus.url`.
+    pub fn with_prometheus_url(mut self, url: impl Into<String>) -> Self {
+        self.config.prometheus.url = url.into();
+        self
+    }
+
+    /// Sets `charter.url`.
+    pub fn with_charter_url(mut self, url: impl Into<String>) -> Self {
+        self.config.charter.url = url.into();
+        self
+    }
+
+    /// Sets `charter.api_key`.
+    pub fn with_charter_api_key(mut self, key: impl Into<String>) -> Self {
+        self.config.charter.api_key = key.into();
+        self
+    }
+
+    /// Sets `alertmanager.url`.
+    pub fn with_alertmanager_url(mut self, url: impl Into<String>) -> Self {
+        self.config.alertmanager.url = url.into();
+        self
+    }
+
+    /// Sets `api.listen` (such as `127.0.0.1:8001`).
+    pub fn with_listen(mut self, listen: impl Into<String>) -> Self {
+        self.config.api.listen = listen.into();
+        self
+    }
+
+    /// Sets `knowledge.data_dir`.
+    pub fn with_data_dir(mut self, dir: impl Into<String>) -> Self {
+        self.config.knowledge.data_dir = dir.into();
+        self
+    }
+
+    /// Sets `orchestrator.max_cycle_time_seconds` (rounded up to whole
+    /// seconds).
+    pub fn with_max_cycle_time(mut self, max: Duration) -> Self {
+        self.config.orchestrator.max_cycle_time_seconds = ceil_secs(max);
+        self
+    }
+
+    /// Sets `execute.verification_window_seconds` (rounded up to whole
+    /// seconds).
+    pub fn with_verification_window(mut self, window: Duration) -> Self {
+        self.config.execute.verification_window_seconds = ceil_secs(window);
+        self
+    }
+
+    /// Replaces `monitor.rules`.
+    pub fn with_rules(mut self, rules: Vec<RuleSpec>) -> Self {
+        self.config.monitor.rules = rules;
+        self
+    }
+
+    /// Sets `logging.level`.
+    pub fn with_log_level(mut self, level: impl Into<String>) -> Self {
+        self.config.logging.level = level.into();
+        self
+    }
+
+    /// Changes anything else through a closure.
+    pub fn edit(mut self, f: impl FnOnce(&mut Config)) -> Self {
+        f(&mut self.config);
+        self
+    }
+
+    /// Validates and returns the configuration, or every problem found
+    /// (origin `builder`).
+    pub fn build(self) -> Result<Config, ConfigError> {
+        let issues = self.config.validate();
+        finish(self.config, "builder", issues)
+    }
+}
+
+fn finish(config: Config, origin: &str, issues: Vec<ConfigIssue>) -> Result<Config, ConfigError> {
+    if issues.is_empty() {
+        Ok(config)
+    } else {
+        Err(ConfigError::Invalid {
+            origin: origin.to_string(),
+            issues,
+        })
+    }
+}
+
+fn read_file(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn parse_bool(v: &str) -> Option<bool> {
+    match v.to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" => Some(true),
+        "false" | "0" | "no" => Some(false),
+        _ => None,
+    }
+}
+
+fn check_url(i: &mut Issues<'_>, url: &str) {
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"));
+    match rest {
+        None => i.push(
+            "url",
+            format!("must start with http:// or https:// (got {url:?})"),
+        ),
+        Some(rest) if rest.is_empty() || rest.starts_with('/') => {
+            i.push("url", format!("has no host (got {url:?})"))
+        }
+        Some(_) => {}
+    }
+}
+
+/// Parses YAML into a configuration, collecting unknown keys and type errors
+/// as issues (the section with a type error keeps its defaults). Only YAML
+/// syntax errors are returned as errors. Does not validate.
+fn parse_yaml(text: &str, origin: &str) -> Result<(Config, Vec<ConfigIssue>), ConfigError> {
+    let value: Option<Value> = serde_saphyr::from_str(text).map_err(|e| ConfigError::Syntax {
+        origin: origin.to_string(),
+        message: syntax_message(&e),
+    })?;
+    let mut issues = Vec::new();
+    let mut map = match value {
+        None | Some(Value::Null) => return Ok((Config::default(), issues)),
+        Some(Value::Object(map)) => map,
+        Some(other) => {
+            issues.push(ConfigIssue {
+                path: "(root)".into(),
+                reason: format!(
+                    "expected a mapping of sections (orchestrator, monitor, ...), got {}",
+                    kind_of(&other)
+                ),
+            });
+            return Ok((Config::default(), issues));
+        }
+    };
+    let config = Config {
+        orchestrator: section(&mut map, "orchestrator", &mut issues),
+        monitor: section(&mut map, "monitor", &mut issues),
+        prometheus: section(&mut map, "prometheus", &mut issues),
+        analyze: section(&mut map, "analyze", &mut issues),
+        plan: section(&mut map, "plan", &mut issues),
+        execute: section(&mut map, "execute", &mut issues),
+        knowledge: section(&mut map, "knowledge", &mut issues),
+        charter: section(&mut map, "charter", &mut issues),
+        alertmanager: section(&mut map, "alertmanager", &mut issues),
+        api: section(&mut map, "api", &mut issues),
+        logging: section(&mut map, "logging", &mut issues),
+    };
+    for key in map.keys() {
+        issues.push(unknown_key(key.clone()));
+    }
+    issues.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok((config, issues))
+}
+
+fn unknown_key(path: String) -> ConfigIssue {
+    ConfigIssue {
+        path,
+        reason: "unknown key".into(),
+    }
+}
+
+fn kind_of(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "nothing",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "a mapping",
+    }
+}
+
+/// Deserialises section `name` of `map` (removing it), reporting unknown
+/// keys and the first type error with their full paths. A missing or empty
+/// section gives the defaults, as does a section with a type error.
+///
+/// The file's values are laid over the serialised defaults of the section,
+/// so a partly given nested table (`analyze.temporal` with only
+/// `confidence`) keeps the section's defaults for its other keys.
+fn section<T: DeserializeOwned + Serialize + Default>(
+    map: &mut Map<String, Value>,
+    name: &str,
+    issues: &mut Vec<ConfigIssue>,
+) -> T {
+    let value = match map.remove(name) {
+        None | Some(Value::Null) => return T::default(),
+        Some(user) => match serde_json::to_value(T::default()) {
+            Ok(mut base) => {
+                overlay(&mut base, user);
+                base
+            }
+            Err(_) => user,
+        },
+    };
+    let mut unknown = Vec::new();
+    let result: Result<T, _> = {
+        let mut record = |p: serde_ignored::Path<'_>| {
+            let mut path = name.to_string();
+            push_ignored_path(&mut path, &p);
+            unknown.push(path);
+        };
+        let de = serde_ignored::Deserializer::new(value, &mut record);
+        serde_path_to_error::deserialize(de)
+    };
+    issues.extend(unknown.into_iter().map(unknown_key));
+    match result {
+        Ok(v) => v,
+        Err(e) => {
+            let mut path = name.to_string();
+            for seg in e.path() {
+                match seg {
+                    serde_path_to_error::Segment::Seq { index } => {
+                        path.push_str(&format!("[{index}]"))
+                    }
+                    serde_path_to_error::Segment::Map { key } => {
+                        path.push('.');
+                        path.push_str(key);
+                    }
+                    serde_path_to_error::Segment::Enum { variant } => {
+                        path.push('.');
+                        path.push_str(variant);
+                    }
+                    // A map key that failed to parse: the reason names it.
+                    serde_path_to_error::Segment::Unknown => {}
+                }
+            }
+            issues.push(ConfigIssue {
+                path,
+                reason: e.inner().to_string(),
+            });
+            T::default()
+        }
+    }
+}
+
+/// Lays `user` over `base`: mappings are merged key by key (recursively),
+/// anything else replaces the base value. A null over a mapping keeps the
+/// mapping (an empty table in YAML means "defaults").
+fn overlay(base: &mut Value, user: Value) {
+    match (base, user) {
+        (Value::Object(b), Value::Object(u)) => {
+            for (k, v) in u {
+                match b.get_mut(&k) {
+                    Some(slot) => overlay(slot, v),
+                    None => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (Value::Object(_), Value::Null) => {}
+        (slot, v) => *slot = v,
+    }
+}
+
+/// Appends the readable form of a `serde_ignored` path: `.key` for map
+/// keys, `[i]` for list items.
+fn push_ignored_path(out: &mut String, p: &serde_ignored::Path<'_>) {
+    match p {
+        serde_ignored::Path::Root => {}
+        serde_ignored::Path::Seq { parent, index } => {
+            push_ignored_path(out, parent);
+            out.push_str(&format!("[{index}]"));
+        }
+        serde_ignored::Path::Map { parent, key } => {
+            push_ignored_path(out, parent);
+            out.push('.');
+            out.push_str(key);
+        }
+        serde_ignored::Path::Some { parent }
+        | serde_ignored::Path::NewtypeStruct { parent }
+        | serde_ignored::Path::NewtypeVariant { parent } => push_ignored_path(out, parent),
+    }
+}
+
+/// The core message of a YAML error (no source snippet), prefixed with its
+/// line and column when known.
+fn syntax_message(e: &serde_saphyr::Error) -> String {
+    use serde_saphyr::MessageFormatter;
+    let core = serde_saphyr::DefaultMessageFormatter.format_message(e.without_snippet());
+    match e.location() {
+        Some(loc) if loc.line() > 0 => {
+            format!("line {}, column {}: {core}", loc.line(), loc.column())
+        }
+        _ => core.into_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    const EXAMPLE: &str = include_str!("../config/mapek.yaml");
+
+    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k: &str| map.get(k).cloned()
+    }
+
+    fn issues_of(r: Result<Config, ConfigError>) -> Vec<ConfigIssue> {
+        match r {
+            Err(ConfigError::Invalid { issues, .. }) => issues,
+            other => panic!("expected Invalid, got {other:?}"),
+        }
+    }
+
+    fn find<'a>(issues: &'a [ConfigIssue], path: &str) -> &'a ConfigIssue {
+        issues
+            .iter()
+            .find(|i| i.path == path)
+            .unwrap_or_else(|| panic!("no issue at {path} in {issues:?}"))
+    }
+
+    #[test]
+    fn example_file_is_the_defaults() {
+        let parsed = Config::from_yaml_str(EXAMPLE, "config/mapek.yaml").unwrap();
+        assert_eq!(parsed, Config::default());
+    }
+
+    fn collect_paths(v: &Value, prefix: &str, out: &mut Vec<String>) {
+        match v {
+            Value::Object(m) => {
+                for (k, child) in m {
+                    let p = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    out.push(p.clone());
+                    collect_paths(child, &p, out);
+                }
+            }
+            Value::Array(items) => {
+                for (n, child) in items.iter().enumerate() {
+                    let p = format!("{prefix}[{n}]");
+                    out.push(p.clone());
+                    collect_paths(child, &p, out);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    #[test]
+    fn example_file_lists_every_key() {
+        let mut want = Vec::new();
+        collect_paths(
+            &serde_json::to_value(Config::default()).unwrap(),
+            "",
+            &mut want,
+        );
+        let example: Value = serde_saphyr::from_str(EXAMPLE).unwrap();
+        let mut have = Vec::new();
+        collect_paths(&example, "", &mut have);
+        let missing: Vec<&String> = want.iter().filter(|p| !have.contains(p)).collect();
+        assert!(missing.is_empty(), "missing from the example: {missing:?}");
+        let extra: Vec<&String> = have.iter().filter(|p| !want.contains(p)).collect();
+        assert!(extra.is_empty(), "unknown in the example: {extra:?}");
+        // All ten action types are listed.
+        assert_eq!(
+            example["plan"]["action_costs"].as_object().unwrap().len(),
+            10
+        );
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        assert_eq!(Config::default().validate(), vec![]);
+    }
+
+    #[test]
+    fn empty_file_is_defaults() {
+        assert_eq!(Config::from_yaml_str("", "t").unwrap(), Config::default());
+        assert_eq!(
+            Config::from_yaml_str("# only a comment\n", "t").unwrap(),
+            Config::default()
+        );
+        assert_eq!(
+            Config::from_yaml_str("monitor:\n", "t").unwrap(),
+            Config::default()
+        );
+    }
+
+    #[test]
+    fn partial_file_keeps_other_defaults() {
+        let c = Config::from_yaml_str(
+            "monitor:\n  interval_seconds: 15\nlogging:\n  format: json\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(c.monitor.interval_seconds, 15);
+        assert_eq!(c.monitor.rules, MonitorSettings::default().rules);
+        assert_eq!(c.logging.format, LogFormat::Json);
+        assert_eq!(c.plan, PlanSettings::default());
+    }
+
+    #[test]
+    fn partial_nested_table_keeps_section_defaults() {
+        let c = Config::from_yaml_str(
+            "analyze:\n  temporal:\n    confidence: 0.9\n  spatial:\nplan:\n  action_costs:\n    FAILOVER: 0.9\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(c.analyze.temporal.confidence, 0.9);
+        assert_eq!(
+            c.analyze.temporal.window_seconds,
+            AnalyzeSettings::default().temporal.window_seconds
+        );
+        assert_eq!(c.analyze.spatial, AnalyzeSettings::default().spatial);
+        let mut costs = PlanSettings::default().action_costs;
+        costs.insert(mapek_actors::model::ActionType::Failover, 0.9);
+        assert_eq!(c.plan.action_costs, costs);
+    }
+
+    #[test]
+    fn unknown_key_and_bad_value_reported_together() {
+        let yaml = "monitor:\n  interval_seconds: 0\n  intervall_seconds: 10\n";
+        let err = Config::from_yaml_str(yaml, "mapek.yaml").unwrap_err();
+        let text = err.to_string();
+        let issues = err.issues();
+        assert!(find(issues, "monitor.interval_seconds")
+            .reason
+            .contains("must be at least 1"));
+        assert_eq!(
+            find(issues, "monitor.intervall_seconds").reason,
+            "unknown key"
+        );
+        assert!(text.contains("mapek.yaml"), "{text}");
+        assert!(
+            text.contains("\n  - monitor.intervall_seconds: unknown key"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\n  - monitor.interval_seconds: must be at least 1"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn every_unknown_key_is_reported() {
+        let yaml = "\
+bogus: 1
+monitor:
+  foo: 1
+analyze:
+  temporal:
+    bar: 2
+plan:
+  baz: true
+execute:
+  qux: 3
+";
+        let issues = issues_of(Config::from_yaml_str(yaml, "t"));
+        let paths: Vec<&str> = issues.iter().map(|i| i.path.as_str()).collect();
+        for p in [
+            "bogus",
+            "monitor.foo",
+            "analyze.temporal.bar",
+            "plan.baz",
+            "execute.qux",
+        ] {
+            assert!(paths.contains(&p), "{p} not in {paths:?}");
+        }
+        assert_eq!(issues.len(), 5, "{issues:?}");
+    }
+
+    #[test]
+    fn unknown_key_in_rule_item_has_index_path() {
+        let yaml = "\
+monitor:
+  rules:
+    - name: a
+      expr: up == 0
+      severity: critical
+      component: db
+    - name: b
+      expr: up == 0
+      severity: warning
+      component: web
+      foo: 1
+";
+        let issues = issues_of(Config::from_yaml_str(yaml, "t"));
+        assert_eq!(
+            issues,
+            vec![ConfigIssue {
+                path: "monitor.rules[1].foo".into(),
+                reason: "unknown key".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn type_error_has_path() {
+        let issues = issues_of(Config::from_yaml_str("plan:\n  min_confidence: x\n", "t"));
+        let i = find(&issues, "plan.min_confidence");
+        assert!(
+            i.reason
+                .contains("invalid type: string \"x\", expected f64"),
+            "{i}"
+        );
+    }
+
+    #[test]
+    fn type_errors_in_several_sections_and_unknown_keys_together() {
+        let yaml = "\
+plan:
+  min_confidence: x
+monitor:
+  rules:
+    - name: a
+      expr: up
+      severity: loud
+      component: c
+execute:
+  retries: many
+  nope: 1
+";
+        let issues = issues_of(Config::from_yaml_str(yaml, "t"));
+        find(&issues, "plan.min_confidence");
+        assert!(find(&issues, "monitor.rules[0].severity")
+            .reason
+            .contains("loud"));
+        find(&issues, "execute.retries");
+        assert_eq!(find(&issues, "execute.nope").reason, "unknown key");
+    }
+
+    #[test]
+    fn bad_action_cost_key_and_value() {
+        let issues = issues_of(Config::from_yaml_str(
+            "plan:\n  action_costs:\n    SCALE_UP: 1.5\n",
+            "t",
+        ));
+        assert!(find(&issues, "plan.action_costs.SCALE_UP")
+            .reason
+            .contains("between 0 and 1"));
+        let issues = issues_of(Config::from_yaml_str(
+            "plan:\n  action_costs:\n    SCALE_SIDEWAYS: 0.5\n",
+            "t",
+        ));
+        assert!(
+            issues[0].path.starts_with("plan.action_costs"),
+            "{issues:?}"
+        );
+        assert!(issues[0].reason.contains("SCALE_SIDEWAYS"), "{issues:?}");
+    }
+
+    #[test]
+    fn non_mapping_root_and_section() {
+        let issues = issues_of(Config::from_yaml_str("- 1\n- 2\n", "t"));
+        assert_eq!(issues[0].path, "(root)");
+        let issues = issues_of(Config::from_yaml_str("monitor: 5\n", "t"));
+        assert_eq!(issues[0].path, "monitor");
+        assert!(issues[0].reason.contains("invalid type"), "{issues:?}");
+    }
+
+    #[test]
+    fn syntax_error() {
+        let err = Config::from_yaml_str("monitor:\n  a: [1, 2\n  b: {\n", "bad.yaml").unwrap_err();
+        match &err {
+            ConfigError::Syntax { origin, message } => {
+                assert_eq!(origin, "bad.yaml");
+                assert!(message.starts_with("line 3, column 4: "), "{message}");
+                assert!(!message.contains('\n'), "{message}");
+            }
+            other => panic!("expected Syntax, got {other:?}"),
+        }
+        assert!(err.to_string().starts_with("bad.yaml: YAML syntax error"));
+    }
+
+    #[test]
+    fn env_overrides_apply() {
+        let get = env(&[
+            ("PROMETHEUS_URL", "http://prom:9090"),
+            ("CHARTER_URL", "https://charter.example"),
+            ("CHARTER_API_KEY", "s3cret"),
+            ("ALERTMANAGER_URL", "http://am:9093"),
+            ("MAPE_K_INTERVAL", "15"),
+            ("MAPE_K_THRESHOLD", "7"),
+            ("MAPE_K_AUTO_APPROVE", "no"),
+            ("LOG_LEVEL", "DEBUG"),
+        ]);
+        let mut c = Config::default();
+        assert_eq!(c.apply_env(&get), vec![]);
+        assert_eq!(c.prometheus.url, "http://prom:9090");
+        assert_eq!(c.charter.url, "https://charter.example");
+        assert_eq!(c.charter.api_key, "s3cret");
+        assert_eq!(c.alertmanager.url, "http://am:9093");
+        assert_eq!(c.monitor.interval_seconds, 15);
+        assert_eq!(c.plan.plan_threshold, 7);
+        assert!(!c.plan.auto_approve);
+        assert_eq!(c.logging.level, "debug");
+        assert_eq!(c.validate(), vec![]);
+        assert!(!format!("{c:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn env_overrides_beat_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mapek.yaml");
+        std::fs::write(&path, "monitor:\n  interval_seconds: 20\n").unwrap();
+        let c = Config::load_with_env(Some(&path), &env(&[("MAPE_K_INTERVAL", "5")])).unwrap();
+        assert_eq!(c.monitor.interval_seconds, 5);
+        let c = Config::load_with_env(Some(&path), &env(&[])).unwrap();
+        assert_eq!(c.monitor.interval_seconds, 20);
+        assert_eq!(Config::load(&path).unwrap().monitor.interval_seconds, 20);
+        let c = Config::load_with_env(None, &env(&[("MAPE_K_AUTO_APPROVE", "")])).unwrap();
+        assert_eq!(c, Config::default());
+    }
+
+    #[test]
+    fn bad_env_values_reported_with_names_and_file_issues() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mapek.yaml");
+        std::fs::write(&path, "api:\n  lissen: x\n").unwrap();
+        let get = env(&[
+            ("MAPE_K_INTERVAL", "ten"),
+            ("MAPE_K_THRESHOLD", "-1"),
+            ("MAPE_K_AUTO_APPROVE", "maybe"),
+            ("PROMETHEUS_URL", "prom:9090"),
+            ("LOG_LEVEL", "loud"),
+        ]);
+        let issues = issues_of(Config::load_with_env(Some(&path), &get));
+        assert!(find(&issues, "env MAPE_K_INTERVAL").reason.contains("ten"));
+        find(&issues, "env MAPE_K_THRESHOLD");
+        find(&issues, "env MAPE_K_AUTO_APPROVE");
+        find(&issues, "api.lissen");
+        assert!(find(&issues, "prometheus.url").reason.contains("http://"));
+        find(&issues, "logging.level");
+        assert_eq!(issues.len(), 6, "{issues:?}");
+    }
+
+    #[test]
+    fn missing_file_is_read_error() {
+        let err = Config::load(Path::new("/nonexistent/mapek.yaml")).unwrap_err();
+        assert!(matches!(err, ConfigError::Read { .. }), "{err:?}");
+        assert!(err.to_string().contains("/nonexistent/mapek.yaml"));
+    }
+
+    #[test]
+    fn validation_of_own_sections() {
+        let mut c = Config::default();
+        c.charter.url = "ftp://x".into();
+        c.alertmanager.url = "https://".into();
+        c.alertmanager.webhook_path = "alerts".into();
+        c.alertmanager.max_body_bytes = 10;
+        c.api.listen = "localhost".into();
+        c.logging.level = "verbose".into();
+        let issues = c.validate();
+        for p in [
+            "charter.url",
+            "alertmanager.url",
+            "alertmanager.webhook_path",
+            "alertmanager.max_body_bytes",
+            "api.listen",
+            "logging.level",
+        ] {
+            find(&issues, p);
+        }
+        assert_eq!(issues.len(), 6, "{issues:?}");
+    }
+
+    #[test]
+    fn cross_field_rules() {
+        let yaml = "\
+orchestrator:
+  max_cycle_time_seconds: 90
+execute:
+  verification_window_seconds: 60
+  call_timeout_seconds: 30
+monitor:
+  interval_seconds: 400
+";
+        let issues = issues_of(Config::from_yaml_str(yaml, "t"));
+        let i = find(&issues, "execute.verification_window_seconds");
+        assert!(i
+            .reason
+            .contains("orchestrator.max_cycle_time_seconds (90)"));
+        assert!(i.reason.contains("cut off"));
+        assert!(find(&issues, "monitor.interval_seconds")
+            .reason
+            .contains("analyze.window_seconds"));
+        assert_eq!(issues.len(), 2, "{issues:?}");
+    }
+
+    #[test]
+    fn builder_builds_and_validates() {
+        let c = Config::builder()
+            .with_interval(Duration::from_secs(10))
+            .with_plan_threshold(5)
+            .with_auto_approve(false)
+            .with_prometheus_url("http://prom:9090")
+            .with_charter_url("http://charter:8080")
+            .with_listen("0.0.0.0:9000")
+            .with_data_dir("/var/lib/mapek")
+            .with_max_cycle_time(Duration::from_secs(120))
+            .with_verification_window(Duration::from_millis(1500))
+            .with_rules(vec![])
+            .build()
+            .unwrap();
+        assert_eq!(c.monitor.interval_seconds, 10);
+        assert_eq!(c.plan.plan_threshold, 5);
+        assert!(!c.plan.auto_approve);
+        assert_eq!(c.api.listen, "0.0.0.0:9000");
+        assert_eq!(c.knowledge.data_dir, "/var/lib/mapek");
+        assert_eq!(c.orchestrator.max_cycle_time_seconds, 120);
+        assert_eq!(c.execute.verification_window_seconds, 2);
+        assert!(c.monitor.rules.is_empty());
+
+        let err = Config::builder()
+            .with_interval(Duration::ZERO)
+            .with_listen("nowhere")
+            .with_max_cycle_time(Duration::from_secs(60))
+            .build()
+            .unwrap_err();
+        let issues = err.issues();
+        find(issues, "monitor.interval_seconds");
+        find(issues, "api.listen");
+        find(issues, "execute.verification_window_seconds");
+        assert!(err.to_string().contains("builder"));
+    }
+
+    #[test]
+    fn serialises_round_trip() {
+        let c = Config::default();
+        let v = serde_json::to_value(&c).unwrap();
+        let back: Config = serde_json::from_value(v).unwrap();
+        assert_eq!(back, c);
+    }
+}

@@ -1,0 +1,201 @@
+//! Wiring of the daemon: open the knowledge store, build sources and
+//! effectors from the config, start the supervised loop and the HTTP server
+//! in one actix system, and stop cleanly on SIGTERM/SIGINT.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::System;
+use mapek_actors::clock::{SharedClock, SystemClock};
+use mapek_actors::execute::EffectorRouter;
+use mapek_actors::messages::Shutdown;
+use mapek_actors::metrics::Metrics;
+use mapek_actors::ports::{EvidenceProbe, MetricSource};
+use mapek_actors::store::{KnowledgeStore, StoreError};
+use mapek_actors::supervisor::{start_loop, LoopHandle, LoopParts, LoopSettings};
+use prometheus_client::registry::Registry;
+
+use crate::config::Config;
+use crate::http::{self, ApiState};
+use crate::sensors::PrometheusSource;
+
+/// Opens the knowledge store named in the config, failing at once on a
+/// lock and within `open_timeout_seconds` on a corrupt database.
+pub fn open_store(cfg: &Config) -> Result<KnowledgeStore, StoreError> {
+    KnowledgeStore::open(
+        Path::new(&cfg.knowledge.data_dir),
+        Duration::from_secs(cfg.knowledge.open_timeout_seconds),
+    )
+}
+
+/// The phase settings of a config.
+pub fn loop_settings(cfg: &Config) -> LoopSettings {
+    LoopSettings {
+        orchestrator: cfg.orchestrator.clone(),
+        monitor: cfg.monitor.clone(),
+        analyze: cfg.analyze.clone(),
+        plan: cfg.plan.clone(),
+        execute: cfg.execute.clone(),
+        knowledge: cfg.knowledge.clone(),
+    }
+}
+
+/// Sources configured in `cfg`.
+pub fn build_sources(cfg: &Config, clock: &SharedClock) -> Result<Vec<Arc<dyn MetricSource>>, String> {
+    let mut out: Vec<Arc<dyn MetricSource>> = Vec::new();
+    if cfg.prometheus.enabled {
+        out.push(Arc::new(PrometheusSource::new(
+            &cfg.prometheus.url,
+            Duration::from_secs(cfg.prometheus.timeout_seconds),
+            cfg.prometheus.retries,
+            clock.clone(),
+        )?));
+    }
+    Ok(out)
+}
+
+/// Everything needed to start the loop, with the defaults of `cfg`;
+/// callers may replace parts (the demo and tests do).
+pub struct DaemonParts {
+    /// Sources.
+    pub sources: Vec<Arc<dyn MetricSource>>,
+    /// Effectors.
+    pub effectors: EffectorRouter,
+    /// Verification probe (`None`: measure through the Monitor).
+    pub probe: Option<Arc<dyn EvidenceProbe>>,
+    /// Clock.
+    pub clock: SharedClock,
+}
+
+impl DaemonParts {
+    /// Parts built from the config.
+    pub fn from_config(cfg: &Config) -> Result<Self, String> {
+        let clock: SharedClock = Arc::new(SystemClock);
+        Ok(DaemonParts {
+            sources: build_sources(cfg, &clock)?,
+            effectors: crate::effectors::build_router(cfg)?,
+            probe: None,
+            clock,
+        })
+    }
+}
+
+/// A running daemon inside an actix system.
+pub struct Running {
+    /// The loop.
+    pub handle: LoopHandle,
+    /// Address the HTTP server listens on.
+    pub addr: SocketAddr,
+}
+
+/// Starts the loop and the HTTP server. Must run inside an actix system.
+pub async fn start(cfg: &Config, store: KnowledgeStore, parts: DaemonParts, listen: SocketAddr) -> Result<Running, String> {
+    let metrics = Arc::new(Metrics::new());
+    let mut registry = Registry::default();
+    metrics.register(&mut registry);
+    let listener = http::bind(listen).await?;
+    let addr = listener.local_addr().map_err(|e| format!("listen address: {e}"))?;
+    let sources_required = !parts.sources.is_empty() && !cfg.alertmanager.enabled;
+    let handle = start_loop(LoopParts {
+        settings: loop_settings(cfg),
+        sources: parts.sources,
+        effectors: parts.effectors,
+        probe: parts.probe,
+        store,
+        clock: parts.clock,
+        metrics,
+        chaos: None,
+    });
+    let state = ApiState {
+        handle: handle.clone(),
+        registry: Arc::new(registry),
+        sources_required,
+    };
+    let router = http::router(state, &cfg.alertmanager.webhook_path, cfg.alertmanager.max_body_bytes);
+    let sup = handle.supervisor.clone();
+    tokio::spawn(async move {
+        let stopped = async move {
+            // The server stops when the supervisor (and so the system) does.
+            while sup.connected() {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        };
+        if let Err(e) = http::serve(listener, router, stopped).await {
+            tracing::error!(error = %e, "HTTP server failed");
+        }
+    });
+    tracing::info!(%addr, "serving /health, /ready, /metrics, the webhook and the API");
+    Ok(Running { handle, addr })
+}
+
+/// Waits for SIGTERM or SIGINT, then asks the supervisor to shut down.
+pub async fn shutdown_on_signal(handle: LoopHandle) {
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = term => tracing::info!("SIGTERM received"),
+        r = tokio::signal::ctrl_c() => {
+            if r.is_ok() { tracing::info!("SIGINT received") }
+        }
+    }
+    if handle.supervisor.send(Shutdown).await.is_err() {
+        System::current().stop_with_code(0);
+    }
+}
+
+/// Builds the actix system the daemon runs in: actors on the system
+/// thread, HTTP and clients on two tokio workers.
+pub fn new_system() -> actix::SystemRunner {
+    System::with_tokio_rt(|| {
+        match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+            Ok(rt) => rt,
+            Err(e) => {
+                eprintln!("mapek: cannot start the tokio runtime: {e}");
+                std::process::exit(1)
+            }
+        }
+    })
+}
+
+/// `mapek run`: runs until a signal (exit code 0) or an escalation by the
+/// supervisor (non-zero, with the reason on stderr).
+pub fn run(cfg: Config, listen: SocketAddr) -> anyhow::Result<i32> {
+    let store = open_store(&cfg).map_err(|e| anyhow::anyhow!("{e}"))?;
+    tracing::info!(dir = %cfg.knowledge.data_dir, "knowledge store open");
+    let parts = DaemonParts::from_config(&cfg).map_err(|e| anyhow::anyhow!(e))?;
+    let system = new_system();
+    let running = system.block_on(async {
+        let running = start(&cfg, store, parts, listen).await?;
+        if cfg.prometheus.enabled {
+            tracing::info!(url = %cfg.prometheus.url, rules = cfg.monitor.rules.len(), interval_seconds = cfg.monitor.interval_seconds, "polling Prometheus");
+        }
+        actix::spawn(shutdown_on_signal(running.handle.clone()));
+        Ok::<Running, String>(running)
+    });
+    let running = running.map_err(|e| anyhow::anyhow!(e))?;
+    let code = system.run_with_code()?;
+    let store = running.handle.store.clone();
+    if let Err(e) = store.flush() {
+        if !matches!(e, StoreError::Closed) {
+            eprintln!("mapek: final flush of the knowledge store failed: {e}");
+        }
+    }
+    if let Some(reason) = running.handle.exit.get() {
+        eprintln!("mapek: stopped by the supervisor: {reason}");
+    }
+    Ok(code)
+}
