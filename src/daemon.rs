@@ -107,6 +107,7 @@ pub async fn start(cfg: &Config, store: KnowledgeStore, parts: DaemonParts, list
         clock: parts.clock,
         metrics,
         chaos: None,
+        events: None,
     });
     let state = ApiState {
         handle: handle.clone(),
@@ -190,7 +191,7 @@ pub fn run(cfg: Config, listen: SocketAddr) -> anyhow::Result<i32> {
     let code = system.run_with_code()?;
     let store = running.handle.store.clone();
     if let Err(e) = store.flush() {
-        if !matches!(e, StoreError::Closed) {
+        if !matches!(e, StoreError::Closed { .. }) {
             eprintln!("mapek: final flush of the knowledge store failed: {e}");
         }
     }

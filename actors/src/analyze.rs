@@ -565,6 +565,13 @@ pub fn rank_root_causes(patterns: &[Pattern], vs: &[&Violation]) -> Vec<RankedCa
             raise(cause_for_signal(signal), p.confidence * weight);
         }
     }
+    // Failures that a causal pattern explains (latency came first) are
+    // effects, not causes: they weigh as a minor signal.
+    if patterns.iter().any(|p| p.kind == PatternKind::Causal) {
+        if let Some(c) = best.get_mut(&RootCause::SystemInstability) {
+            *c *= MINOR_SIGNAL_WEIGHT;
+        }
+    }
     let mut ranked: Vec<RankedCause> = best
         .into_iter()
         .map(|(cause, confidence)| RankedCause { cause, confidence })
@@ -1133,9 +1140,10 @@ mod tests {
         assert!(approx(got[0].1, 0.85));
         assert_eq!(got[1].0, RootCause::CascadeFailure);
         assert!(approx(got[1].1, 0.75));
-        // max(0.85 × 0.8 = 0.68, 0.70 × 1.0) = 0.70
+        // max(0.85 × 0.8 = 0.68, 0.70 × 1.0) = 0.70, then × 0.8 because
+        // the causal pattern explains the failure: 0.56
         assert_eq!(got[2].0, RootCause::SystemInstability);
-        assert!(approx(got[2].1, 0.70));
+        assert!(approx(got[2].1, 0.56));
 
         assert!(rank_root_causes(&[], &refs(&vs)).is_empty());
     }
@@ -1306,5 +1314,27 @@ mod tests {
         assert!(!rank_root_causes(&r.patterns, &all).is_empty());
         assert_eq!(w.expire(at(10_000)), 10_000);
         assert!(w.is_empty());
+    }
+
+    #[test]
+    fn failures_explained_by_preceding_latency_rank_below_the_latency_cause() {
+        let vs = vec![
+            v("lat", "charter", Signal::Latency, 0),
+            v("fail", "charter", Signal::Failure, 10),
+            v("tput", "charter", Signal::Throughput, 20),
+        ];
+        let r = refs(&vs);
+        let burst = pattern(PatternKind::Temporal, 0.85, &["lat", "fail", "tput"]);
+        let without = rank_root_causes(std::slice::from_ref(&burst), &r);
+        let instability = |rs: &[RankedCause]| {
+            rs.iter()
+                .find(|c| c.cause == RootCause::SystemInstability)
+                .map(|c| c.confidence)
+        };
+        assert!(approx(instability(&without).unwrap_or(0.0), 0.85));
+        let causal = pattern(PatternKind::Causal, 0.75, &["lat", "fail"]);
+        let with = rank_root_causes(&[burst, causal], &r);
+        assert_eq!(with[0].cause, RootCause::ValidationLatency);
+        assert!(approx(instability(&with).unwrap_or(0.0), 0.85 * 0.8));
     }
 }

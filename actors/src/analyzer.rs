@@ -8,6 +8,7 @@ use actix::prelude::*;
 
 use crate::analyze::{analyze, ViolationWindow};
 use crate::clock::SharedClock;
+use crate::events::LoopEvent;
 use crate::knowledge_actor::Knowledge;
 use crate::mailbox::{Inbox, PhaseAddr};
 use crate::messages::{ActorRestarted, AnalysisReady, GetAnalyses, RecordAnalysis, ViolationsDetected};
@@ -100,6 +101,12 @@ impl Handler<ViolationsDetected> for Analyzer {
                 confidence = analysis.confidence,
                 "analysed"
             );
+            act.inbox.emit(LoopEvent::Analysed {
+                chain_id: chain.chain_id.clone(),
+                cause: analysis.root_causes.first().map(|c| c.cause),
+                confidence: analysis.root_causes.first().map(|c| c.confidence).unwrap_or(0.0),
+                patterns: analysis.patterns.len(),
+            });
             if act.history.len() >= act.settings.max_history {
                 act.history.pop_front();
             }

@@ -11,6 +11,7 @@ use serde_json::Value;
 use tokio::time::Instant;
 
 use crate::clock::SharedClock;
+use crate::events::{EventBus, LoopEvent};
 use crate::knowledge::classify;
 use crate::metrics::{EffectorLabels, Metrics};
 use crate::model::{
@@ -120,6 +121,8 @@ pub struct ExecutionEnv {
     pub metrics: Arc<Metrics>,
     /// Wall clock for records.
     pub clock: SharedClock,
+    /// Where `Executed` events go.
+    pub events: Option<EventBus>,
 }
 
 /// Why a call ended without success.
@@ -201,6 +204,9 @@ impl ExecutionEnv {
             timings: Default::default(),
         };
         self.run_into(policy, &mut exec, deadline).await;
+        if exec.status != ExecutionStatus::Completed {
+            self.executed(&exec);
+        }
         exec.finished_at = Some(self.clock.now());
         exec.timings.execution_seconds = started.elapsed().as_secs_f64();
         let done = exec.actions.iter().filter(|a| a.status == ExecutionStatus::Completed).count();
@@ -301,6 +307,7 @@ impl ExecutionEnv {
             }
         }
         exec.status = ExecutionStatus::Completed;
+        self.executed(exec);
         // Verification: wait, then measure the same signals again.
         let window = Duration::from_secs(self.settings.verification_window_seconds);
         if Instant::now() + window > deadline {
@@ -319,6 +326,17 @@ impl ExecutionEnv {
             }
         };
         exec.outcome = Some(classify(exec.violations_before, exec.violations_after));
+    }
+
+    fn executed(&self, exec: &PolicyExecution) {
+        if let Some(bus) = &self.events {
+            let _ = bus.send(LoopEvent::Executed {
+                chain_id: exec.chain_id.clone(),
+                policy_id: exec.policy_id.clone(),
+                execution_id: exec.id.clone(),
+                status: exec.status,
+            });
+        }
     }
 
     async fn roll_back(&self, exec: &mut PolicyExecution, completed: Vec<(usize, RemediationAction, Arc<dyn Effector>, Value)>) {

@@ -10,6 +10,7 @@ use std::time::Duration;
 use actix::prelude::*;
 use futures::FutureExt;
 
+use crate::events::LoopEvent;
 use crate::execute::ExecutionEnv;
 use crate::knowledge_actor::Knowledge;
 use crate::mailbox::{panic_message, Inbox, PhaseAddr};
@@ -170,6 +171,15 @@ impl Handler<PolicyApproved> for Executor {
         // `wait` pauses this actor's mailbox until the policy has run.
         ctx.wait(fut.into_actor(self).map(|(exec, panicked), act, ctx| {
             let total = exec.timings.total_seconds;
+            act.inbox.emit(LoopEvent::Verified {
+                chain_id: exec.chain_id.clone(),
+                policy_id: exec.policy_id.clone(),
+                cause: exec.root_cause,
+                outcome: exec.outcome,
+                before: exec.violations_before,
+                after: exec.violations_after,
+                total_seconds: total,
+            });
             act.account(&exec, total);
             if let Some(why) = panicked {
                 tracing::error!(actor = "executor", panic = %why, "execution panicked; restarting actor");

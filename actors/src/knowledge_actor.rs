@@ -60,7 +60,7 @@ impl Knowledge {
     fn check(&self, what: &str, r: Result<(), StoreError>) -> Result<(), Fault> {
         match r {
             Ok(()) => Ok(()),
-            Err(StoreError::Closed) => {
+            Err(StoreError::Closed { .. }) => {
                 tracing::warn!(what, "knowledge store is closed; record dropped");
                 Ok(())
             }

@@ -12,6 +12,7 @@
 pub mod analyze;
 pub mod analyzer;
 pub mod clock;
+pub mod events;
 pub mod execute;
 pub mod executor;
 pub mod knowledge;

@@ -20,6 +20,7 @@ use std::sync::Arc;
 use actix::dev::ToEnvelope;
 use actix::prelude::*;
 
+use crate::events::{EventBus, LoopEvent};
 use crate::metrics::{ActorKind, ActorLabels, ActorMessageLabels, Metrics};
 
 /// A message with a stable name for metrics and logs.
@@ -43,17 +44,34 @@ pub struct Inbox {
     depth: Arc<AtomicI64>,
     metrics: Arc<Metrics>,
     chaos: Option<Arc<dyn FaultInjector>>,
+    events: EventBus,
 }
 
 impl Inbox {
     /// A new inbox for `kind`.
-    pub fn new(kind: ActorKind, metrics: Arc<Metrics>, chaos: Option<Arc<dyn FaultInjector>>) -> Self {
+    pub fn new(
+        kind: ActorKind,
+        metrics: Arc<Metrics>,
+        chaos: Option<Arc<dyn FaultInjector>>,
+        events: EventBus,
+    ) -> Self {
         Inbox {
             kind,
             depth: Arc::new(AtomicI64::new(0)),
             metrics,
             chaos,
+            events,
         }
+    }
+
+    /// Publishes a loop event (never blocks).
+    pub fn emit(&self, event: LoopEvent) {
+        let _ = self.events.send(event);
+    }
+
+    /// The event bus.
+    pub fn events(&self) -> &EventBus {
+        &self.events
     }
 
     /// Which actor it belongs to.

@@ -14,7 +14,8 @@ use actix::prelude::*;
 
 use crate::analyzer::Analyzer;
 use crate::clock::SharedClock;
-use crate::mailbox::{Fault, Inbox, PhaseAddr};
+use crate::events::LoopEvent;
+use crate::mailbox::{Inbox, PhaseAddr};
 use crate::messages::{
     ActorRestarted, ChainTrace, GetActiveViolations, GetSources, MeasureNow, Observe, ObserveAck,
     ObserveError, SourceHealth, SourceStatus, ViolationsDetected,
@@ -159,6 +160,7 @@ pub struct Monitor {
     polling: HashSet<String>,
     active: ActiveViolations,
     pending_resolved: Vec<String>,
+    new_since_forward: usize,
     dirty: bool,
     analyzer: PhaseAddr<Analyzer>,
     clock: SharedClock,
@@ -201,6 +203,7 @@ impl Monitor {
             polling: HashSet::new(),
             active: ActiveViolations::default(),
             pending_resolved: Vec::new(),
+            new_since_forward: 0,
             dirty: false,
             analyzer,
             clock,
@@ -355,6 +358,7 @@ impl Monitor {
             tracing::info!(source, new = applied.new, resolved = applied.resolved.len(), active = self.active.len(), "violations changed");
         }
         self.pending_resolved.extend(applied.resolved);
+        self.new_since_forward += applied.new;
         let now = self.clock.now();
         let active = self.active.len();
         self.state.update(now, |s| {
@@ -384,6 +388,12 @@ impl Monitor {
         match self.analyzer.offer(msg) {
             Ok(()) => {
                 tracing::debug!(chain = %chain_id, active = self.active.len(), "violations handed to the analyzer");
+                self.inbox.emit(LoopEvent::Detected {
+                    chain_id,
+                    active: self.active.len(),
+                    new: self.new_since_forward,
+                });
+                self.new_since_forward = 0;
                 self.pending_resolved.clear();
                 self.dirty = false;
             }
@@ -431,6 +441,7 @@ pub(crate) fn note_restart(inbox: &Inbox, supervisor: &Recipient<ActorRestarted>
         .get_or_create(&crate::metrics::ActorLabels { actor: inbox.kind().as_str() })
         .inc();
     tracing::warn!(actor = %inbox.kind(), "actor restarting");
+    inbox.emit(LoopEvent::Restarted { actor: inbox.kind() });
     supervisor.do_send(ActorRestarted { actor: inbox.kind() });
 }
 

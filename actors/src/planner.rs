@@ -10,6 +10,7 @@ use actix::prelude::*;
 use tokio::time::Instant;
 
 use crate::clock::SharedClock;
+use crate::events::LoopEvent;
 use crate::executor::Executor;
 use crate::knowledge_actor::Knowledge;
 use crate::mailbox::{Inbox, PhaseAddr};
@@ -17,7 +18,7 @@ use crate::messages::{
     ActorRestarted, AnalysisReady, ChainTrace, DecidePolicy, DecisionError, ExecutionFinished,
     KnowledgeUpdated, PolicyApproved, RecordPolicy,
 };
-use crate::model::{ApprovalStatus, LearnedStats, RemediationPolicy, RootCause};
+use crate::model::{ApprovalStatus, LearnedStats, RemediationPolicy};
 use crate::plan::{auto_approvable, decide, plan, PlanDecision};
 use crate::settings::PlanSettings;
 use crate::state::SharedState;
@@ -29,8 +30,11 @@ pub struct Planner {
     settings: PlanSettings,
     learned: LearnedStats,
     pending: HashMap<String, (RemediationPolicy, ChainTrace)>,
-    in_flight: HashMap<RootCause, String>,
-    cooldown_until: HashMap<RootCause, Instant>,
+    /// Component → (policy running on it, lease end). The lease ends a
+    /// hold whose execution never reported back (an Executor crash).
+    in_flight: HashMap<String, (String, Instant)>,
+    cooldown_until: HashMap<String, Instant>,
+    max_cycle_time: Duration,
     last_escalation: Option<String>,
     executor: PhaseAddr<Executor>,
     knowledge: PhaseAddr<Knowledge>,
@@ -53,6 +57,7 @@ impl Planner {
         clock: SharedClock,
         state: SharedState,
         supervisor: Recipient<ActorRestarted>,
+        max_cycle_time: Duration,
     ) -> Self {
         let learned = store.stats().unwrap_or_default();
         let pending = store
@@ -72,6 +77,7 @@ impl Planner {
             pending,
             in_flight: HashMap::new(),
             cooldown_until: HashMap::new(),
+            max_cycle_time,
             last_escalation: None,
             executor,
             knowledge,
@@ -82,10 +88,33 @@ impl Planner {
         }
     }
 
-    fn held_back(&self, cause: RootCause) -> bool {
-        self.in_flight.contains_key(&cause)
-            || self.cooldown_until.get(&cause).is_some_and(|t| Instant::now() < *t)
-            || self.pending.values().any(|(p, _)| p.root_cause == cause)
+    /// A policy is held back while a remedy runs or cools down on one of
+    /// its components (one remedy at a time per component, so verification
+    /// measures one remedy), or while a policy for the same cause waits for
+    /// a person.
+    fn held_back(&mut self, p: &RemediationPolicy) -> bool {
+        let now = Instant::now();
+        self.in_flight.retain(|component, (policy, lease)| {
+            let live = now < *lease;
+            if !live {
+                tracing::warn!(%component, %policy, "execution never reported back; releasing the component");
+            }
+            live
+        });
+        let scope = scope_of(p);
+        scope.iter().any(|c| {
+            self.in_flight.contains_key(c) || self.cooldown_until.get(c).is_some_and(|t| now < *t)
+        }) || self.pending.values().any(|(q, _)| q.root_cause == p.root_cause)
+    }
+
+    fn announce(&self, p: &RemediationPolicy) {
+        self.inbox.emit(LoopEvent::Planned {
+            chain_id: p.chain_id.clone(),
+            policy_id: p.id.clone(),
+            cause: p.root_cause,
+            actions: p.actions.iter().map(|a| a.action_type).collect(),
+            score: p.score,
+        });
     }
 
     fn record(&self, ctx: &mut Context<Self>, policy: RemediationPolicy) {
@@ -103,7 +132,15 @@ impl Planner {
     }
 
     fn dispatch(&mut self, ctx: &mut Context<Self>, policy: RemediationPolicy, chain: ChainTrace) {
-        self.in_flight.insert(policy.root_cause, policy.id.clone());
+        let lease = Instant::now() + self.max_cycle_time + Duration::from_secs(30);
+        for c in scope_of(&policy) {
+            self.in_flight.insert(c, (policy.id.clone(), lease));
+        }
+        self.inbox.emit(LoopEvent::Approved {
+            chain_id: chain.chain_id.clone(),
+            policy_id: policy.id.clone(),
+            by: policy.decisions.last().map(|d| d.by.clone()).unwrap_or_default(),
+        });
         let executor = self.executor.clone();
         tracing::info!(chain = %chain.chain_id, policy = %policy.id, cause = %policy.root_cause,
             actions = ?policy.actions.iter().map(|a| a.action_type.as_str()).collect::<Vec<_>>(), "approved; handing to the executor");
@@ -153,6 +190,7 @@ impl Handler<AnalysisReady> for Planner {
                 PlanDecision::Escalate { reason } => {
                     if act.last_escalation.as_deref() != Some(reason.as_str()) {
                         tracing::warn!(chain = %chain.chain_id, %reason, "escalating to a human; acting on nothing");
+                        act.inbox.emit(LoopEvent::Escalated { chain_id: chain.chain_id.clone(), reason: reason.clone() });
                         act.last_escalation = Some(reason);
                     }
                     act.state.update(now, |s| s.policies_generated = 0);
@@ -162,7 +200,7 @@ impl Handler<AnalysisReady> for Planner {
             };
             act.last_escalation = None;
             let fresh: Vec<RemediationPolicy> =
-                policies.into_iter().filter(|p| !act.held_back(p.root_cause)).collect();
+                policies.into_iter().filter(|p| !act.held_back(p)).collect();
             act.state.update(now, |s| s.policies_generated = fresh.len());
             if fresh.is_empty() {
                 return Ok(());
@@ -178,18 +216,20 @@ impl Handler<AnalysisReady> for Planner {
                     chosen = Some(i);
                 }
             }
-            let mut dispatched_cause = None;
+            let mut dispatched = false;
             for (i, mut p) in fresh.into_iter().enumerate() {
                 if Some(i) == chosen {
+                    act.announce(&p);
                     if let Err(e) = decide(&mut p, ApprovalStatus::Approved, "auto", Some("auto-approved by risk level".into()), now) {
                         tracing::error!(error = %e, "auto-approval failed");
                         continue;
                     }
                     act.record(ctx, p.clone());
-                    dispatched_cause = Some(p.root_cause);
+                    dispatched = true;
                     act.dispatch(ctx, p, chain.clone());
-                } else if Some(p.root_cause) != dispatched_cause && !act.held_back(p.root_cause) {
+                } else if !dispatched && !act.held_back(&p) {
                     tracing::info!(chain = %chain.chain_id, policy = %p.id, cause = %p.root_cause, risk = ?p.risk_level, "policy waits for approval");
+                    act.announce(&p);
                     act.record(ctx, p.clone());
                     act.pending.insert(p.id.clone(), (p, chain.clone()));
                 }
@@ -229,6 +269,7 @@ impl Handler<DecidePolicy> for Planner {
                     act.dispatch(ctx, policy.clone(), chain);
                 } else {
                     tracing::info!(policy = %policy.id, by = %msg.by, "policy rejected");
+                    act.inbox.emit(LoopEvent::Rejected { policy_id: policy.id.clone(), by: msg.by.clone() });
                 }
                 Ok(Ok(policy))
             })
@@ -242,10 +283,13 @@ impl Handler<ExecutionFinished> for Planner {
     fn handle(&mut self, msg: ExecutionFinished, ctx: &mut Context<Self>) {
         let inbox = self.inbox.clone();
         inbox.guard(self, ctx, "ExecutionFinished", |act, _| {
-            let cause = msg.policy.root_cause;
-            act.in_flight.remove(&cause);
-            act.cooldown_until
-                .insert(cause, Instant::now() + Duration::from_secs(act.settings.cooldown_seconds));
+            let until = Instant::now() + Duration::from_secs(act.settings.cooldown_seconds);
+            for c in scope_of(&msg.policy) {
+                if act.in_flight.get(&c).is_some_and(|(id, _)| *id == msg.policy.id) {
+                    act.in_flight.remove(&c);
+                }
+                act.cooldown_until.insert(c, until);
+            }
             Ok(())
         });
     }
@@ -260,5 +304,17 @@ impl Handler<KnowledgeUpdated> for Planner {
             act.learned = msg.stats;
             Ok(())
         });
+    }
+}
+
+/// Components a policy acts on (its scope, or its actions' targets).
+fn scope_of(p: &RemediationPolicy) -> Vec<String> {
+    if p.scope.is_empty() {
+        let mut t: Vec<String> = p.actions.iter().map(|a| a.target.clone()).collect();
+        t.sort();
+        t.dedup();
+        t
+    } else {
+        p.scope.clone()
     }
 }

@@ -18,6 +18,7 @@ use tokio::time::Instant;
 
 use crate::analyzer::Analyzer;
 use crate::clock::SharedClock;
+use crate::events::EventBus;
 use crate::execute::{EffectorRouter, ExecutionEnv};
 use crate::executor::Executor;
 use crate::knowledge_actor::Knowledge;
@@ -73,6 +74,8 @@ pub struct LoopParts {
     pub metrics: Arc<Metrics>,
     /// Fault injection (chaos tests only).
     pub chaos: Option<Arc<dyn FaultInjector>>,
+    /// Event bus to publish on (a new one when `None`).
+    pub events: Option<EventBus>,
 }
 
 /// Why the loop stopped on its own, if it did.
@@ -113,6 +116,8 @@ pub struct LoopHandle {
     pub metrics: Arc<Metrics>,
     /// Set when the supervisor stops the system on its own.
     pub exit: ExitReason,
+    /// Loop events.
+    pub events: EventBus,
 }
 
 impl LoopHandle {
@@ -143,7 +148,8 @@ pub struct LoopSupervisor {
 /// before the phase that feeds it). Must be called from within a running
 /// `actix::System`.
 pub fn start_loop(parts: LoopParts) -> LoopHandle {
-    let LoopParts { settings, sources, effectors, probe, store, clock, metrics, chaos } = parts;
+    let LoopParts { settings, sources, effectors, probe, store, clock, metrics, chaos, events } = parts;
+    let events = events.unwrap_or_else(|| crate::events::bus(1024));
     let exit = ExitReason::default();
     let state = SharedState::default();
     let now = clock.now();
@@ -158,7 +164,7 @@ pub fn start_loop(parts: LoopParts) -> LoopHandle {
     let sup_exit = exit.clone();
     LoopSupervisor::create(|sctx| {
         let restarts = sctx.address().recipient::<ActorRestarted>();
-        let inbox = |kind| Inbox::new(kind, metrics.clone(), chaos.clone());
+        let inbox = |kind| Inbox::new(kind, metrics.clone(), chaos.clone(), events.clone());
         let planner_slot: Arc<OnceLock<PhaseAddr<Planner>>> = Arc::new(OnceLock::new());
 
         let k_inbox = inbox(ActorKind::Knowledge);
@@ -187,6 +193,7 @@ pub fn start_loop(parts: LoopParts) -> LoopHandle {
             settings: settings.execute.clone(),
             metrics: metrics.clone(),
             clock: clock.clone(),
+            events: Some(events.clone()),
         };
         let e_inbox = inbox(ActorKind::Executor);
         let (ei, ek, ep, est, er) = (
@@ -219,7 +226,7 @@ pub fn start_loop(parts: LoopParts) -> LoopHandle {
         let planner = PhaseAddr::new(
             Supervisor::start(move |ctx: &mut Context<Planner>| {
                 ctx.set_mailbox_capacity(cap);
-                Planner::new(pi, ps, pe, pk, pst, pc, pstate, pr)
+                Planner::new(pi, ps, pe, pk, pst, pc, pstate, pr, max_cycle)
             }),
             p_inbox,
         );
@@ -271,6 +278,7 @@ pub fn start_loop(parts: LoopParts) -> LoopHandle {
             state,
             metrics: metrics.clone(),
             exit: exit.clone(),
+            events: events.clone(),
         };
         out = Some(handle.clone());
         LoopSupervisor {
@@ -368,7 +376,9 @@ impl Handler<Shutdown> for LoopSupervisor {
                             }
                         }
                     }
-                    h.store.close();
+                    if let Err(e) = h.store.close() {
+                        tracing::error!(error = %e, "closing the knowledge store failed");
+                    }
                     h.state.update(chrono::Utc::now(), |s| s.is_running = false);
                 }
             }
