@@ -78,13 +78,17 @@ pub enum PayloadError {
 
 /// Parses a request body.
 pub fn parse(body: &[u8]) -> Result<WebhookPayload, PayloadError> {
-    let p: WebhookPayload = serde_json::from_slice(body).map_err(|e| PayloadError::Malformed(e.to_string()))?;
+    let p: WebhookPayload =
+        serde_json::from_slice(body).map_err(|e| PayloadError::Malformed(e.to_string()))?;
     if p.version != "4" {
         return Err(PayloadError::Version(p.version));
     }
     for (index, a) in p.alerts.iter().enumerate() {
         if a.status != "firing" && a.status != "resolved" {
-            return Err(PayloadError::Status { index, status: a.status.clone() });
+            return Err(PayloadError::Status {
+                index,
+                status: a.status.clone(),
+            });
         }
     }
     Ok(p)
@@ -115,7 +119,11 @@ pub fn to_violations(p: &WebhookPayload, now: Timestamp) -> (Vec<Violation>, Vec
             resolved.push(fp);
             continue;
         }
-        let name = a.labels.get("alertname").cloned().unwrap_or_else(|| "unnamed".into());
+        let name = a
+            .labels
+            .get("alertname")
+            .cloned()
+            .unwrap_or_else(|| "unnamed".into());
         let severity = a
             .labels
             .get("severity")
@@ -125,11 +133,17 @@ pub fn to_violations(p: &WebhookPayload, now: Timestamp) -> (Vec<Violation>, Vec
             .iter()
             .find_map(|k| a.labels.get(*k).cloned())
             .unwrap_or_else(|| "unknown".into());
-        let metric = a.labels.get("metric").cloned().unwrap_or_else(|| name.clone());
+        let metric = a
+            .labels
+            .get("metric")
+            .cloned()
+            .unwrap_or_else(|| name.clone());
         let signal = a
             .labels
             .get("signal")
-            .and_then(|s| serde_json::from_value::<Signal>(serde_json::Value::String(s.clone())).ok())
+            .and_then(|s| {
+                serde_json::from_value::<Signal>(serde_json::Value::String(s.clone())).ok()
+            })
             .unwrap_or_else(|| {
                 let s = Signal::infer(&metric);
                 if s == Signal::Other {
@@ -190,11 +204,23 @@ mod tests {
 
     #[test]
     fn bad_payloads_are_refused_with_a_reason() {
-        assert!(matches!(parse(b"{not json"), Err(PayloadError::Malformed(_))));
+        assert!(matches!(
+            parse(b"{not json"),
+            Err(PayloadError::Malformed(_))
+        ));
         let v3 = BODY.replace(r#""version":"4""#, r#""version":"3""#);
         assert!(matches!(parse(v3.as_bytes()), Err(PayloadError::Version(v)) if v == "3"));
-        let st = BODY.replacen(r#""status":"firing","labels""#, r#""status":"burning","labels""#, 1);
-        assert!(matches!(parse(st.as_bytes()), Err(PayloadError::Status { index: 0, .. })));
-        assert!(matches!(parse(br#"{"version":"4"}"#), Err(PayloadError::Malformed(m)) if m.contains("alerts")));
+        let st = BODY.replacen(
+            r#""status":"firing","labels""#,
+            r#""status":"burning","labels""#,
+            1,
+        );
+        assert!(matches!(
+            parse(st.as_bytes()),
+            Err(PayloadError::Status { index: 0, .. })
+        ));
+        assert!(
+            matches!(parse(br#"{"version":"4"}"#), Err(PayloadError::Malformed(m)) if m.contains("alerts"))
+        );
     }
 }

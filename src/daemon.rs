@@ -43,7 +43,10 @@ pub fn loop_settings(cfg: &Config) -> LoopSettings {
 }
 
 /// Sources configured in `cfg`.
-pub fn build_sources(cfg: &Config, clock: &SharedClock) -> Result<Vec<Arc<dyn MetricSource>>, String> {
+pub fn build_sources(
+    cfg: &Config,
+    clock: &SharedClock,
+) -> Result<Vec<Arc<dyn MetricSource>>, String> {
     let mut out: Vec<Arc<dyn MetricSource>> = Vec::new();
     if cfg.prometheus.enabled {
         out.push(Arc::new(PrometheusSource::new(
@@ -91,12 +94,19 @@ pub struct Running {
 }
 
 /// Starts the loop and the HTTP server. Must run inside an actix system.
-pub async fn start(cfg: &Config, store: KnowledgeStore, parts: DaemonParts, listen: SocketAddr) -> Result<Running, String> {
+pub async fn start(
+    cfg: &Config,
+    store: KnowledgeStore,
+    parts: DaemonParts,
+    listen: SocketAddr,
+) -> Result<Running, String> {
     let metrics = Arc::new(Metrics::new());
     let mut registry = Registry::default();
     metrics.register(&mut registry);
     let listener = http::bind(listen).await?;
-    let addr = listener.local_addr().map_err(|e| format!("listen address: {e}"))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| format!("listen address: {e}"))?;
     let sources_required = !parts.sources.is_empty() && !cfg.alertmanager.enabled;
     let handle = start_loop(LoopParts {
         settings: loop_settings(cfg),
@@ -114,7 +124,11 @@ pub async fn start(cfg: &Config, store: KnowledgeStore, parts: DaemonParts, list
         registry: Arc::new(registry),
         sources_required,
     };
-    let router = http::router(state, &cfg.alertmanager.webhook_path, cfg.alertmanager.max_body_bytes);
+    let router = http::router(
+        state,
+        &cfg.alertmanager.webhook_path,
+        cfg.alertmanager.max_body_bytes,
+    );
     let sup = handle.supervisor.clone();
     tokio::spawn(async move {
         let stopped = async move {
@@ -162,7 +176,11 @@ pub async fn shutdown_on_signal(handle: LoopHandle) {
 /// thread, HTTP and clients on two tokio workers.
 pub fn new_system() -> actix::SystemRunner {
     System::with_tokio_rt(|| {
-        match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        match tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+        {
             Ok(rt) => rt,
             Err(e) => {
                 eprintln!("mapek: cannot start the tokio runtime: {e}");

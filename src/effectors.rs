@@ -17,7 +17,9 @@ pub fn build_router(cfg: &Config) -> Result<EffectorRouter, String> {
         &cfg.charter.api_key,
         Duration::from_secs(cfg.charter.timeout_seconds),
     )?;
-    Ok(EffectorRouter::all_to(std::sync::Arc::new(CharterEffector { client: charter })))
+    Ok(EffectorRouter::all_to(std::sync::Arc::new(
+        CharterEffector { client: charter },
+    )))
 }
 
 /// A thin client of the Charter REST API. One call, no retries: the
@@ -61,7 +63,11 @@ impl CharterClient {
     }
 
     async fn send(&self, path: &str, req: reqwest::RequestBuilder) -> Result<Value, EffectorError> {
-        let req = if self.api_key.is_empty() { req } else { req.header("X-API-Key", &self.api_key) };
+        let req = if self.api_key.is_empty() {
+            req
+        } else {
+            req.header("X-API-Key", &self.api_key)
+        };
         let resp = req.send().await.map_err(|e| {
             EffectorError::Transient(if e.is_timeout() {
                 format!("{path}: timed out")
@@ -82,9 +88,13 @@ impl CharterClient {
         if status.is_success() {
             Ok(value)
         } else if status.is_server_error() || status.as_u16() == 429 {
-            Err(EffectorError::Transient(format!("{path}: HTTP {status}: {value}")))
+            Err(EffectorError::Transient(format!(
+                "{path}: HTTP {status}: {value}"
+            )))
         } else {
-            Err(EffectorError::Rejected(format!("{path}: HTTP {status}: {value}")))
+            Err(EffectorError::Rejected(format!(
+                "{path}: HTTP {status}: {value}"
+            )))
         }
     }
 
@@ -94,7 +104,9 @@ impl CharterClient {
         state
             .get("replicas")
             .and_then(Value::as_u64)
-            .ok_or_else(|| EffectorError::Rejected(format!("committee state without replicas: {state}")))
+            .ok_or_else(|| {
+                EffectorError::Rejected(format!("committee state without replicas: {state}"))
+            })
     }
 }
 
@@ -112,12 +124,21 @@ impl CharterEffector {
     async fn scale(&self, delta: i64) -> Result<Value, EffectorError> {
         let before = self.client.replicas().await?;
         let after = (before as i64 + delta).max(1) as u64;
-        let answer = self.client.post("/api/v1/committee/scale", &json!({"replicas": after})).await?;
+        let answer = self
+            .client
+            .post("/api/v1/committee/scale", &json!({"replicas": after}))
+            .await?;
         Ok(json!({"previous_replicas": before, "replicas": after, "answer": answer}))
     }
 
-    async fn run(&self, action: ActionType, p: &Map<String, Value>) -> Result<Value, EffectorError> {
-        let delta = param(p, "replicas_delta").and_then(Value::as_i64).unwrap_or(1);
+    async fn run(
+        &self,
+        action: ActionType,
+        p: &Map<String, Value>,
+    ) -> Result<Value, EffectorError> {
+        let delta = param(p, "replicas_delta")
+            .and_then(Value::as_i64)
+            .unwrap_or(1);
         match action {
             ActionType::ScaleUp => self.scale(delta).await,
             ActionType::ScaleDown => self.scale(-delta).await,
@@ -128,25 +149,54 @@ impl CharterEffector {
                 });
                 self.client.post("/api/v1/committee/restart", &body).await
             }
-            ActionType::ApplyPolicy => self.client.post("/api/v1/policies/apply", &Value::Object(p.clone())).await,
+            ActionType::ApplyPolicy => {
+                self.client
+                    .post("/api/v1/policies/apply", &Value::Object(p.clone()))
+                    .await
+            }
             ActionType::BypassValidation => {
-                let d = param(p, "duration_seconds").and_then(Value::as_u64).unwrap_or(0);
-                self.client.post("/api/v1/validation/bypass", &json!({"duration_seconds": d})).await
+                let d = param(p, "duration_seconds")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(0);
+                self.client
+                    .post("/api/v1/validation/bypass", &json!({"duration_seconds": d}))
+                    .await
             }
             ActionType::ThrottleRequests => {
                 let rate = param(p, "rate_limit").cloned().unwrap_or(Value::Null);
-                self.client.post("/api/v1/throttle", &json!({"rate_limit": rate})).await
+                self.client
+                    .post("/api/v1/throttle", &json!({"rate_limit": rate}))
+                    .await
             }
             ActionType::ActivateEmergencyOverride => {
-                let d = param(p, "duration_seconds").and_then(Value::as_u64).unwrap_or(0);
-                self.client.post("/api/v1/emergency-override", &json!({"duration_seconds": d})).await
+                let d = param(p, "duration_seconds")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(0);
+                self.client
+                    .post(
+                        "/api/v1/emergency-override",
+                        &json!({"duration_seconds": d}),
+                    )
+                    .await
             }
             ActionType::RebalanceLoad => {
-                let s = param(p, "strategy").cloned().unwrap_or(json!("least_loaded"));
-                self.client.post("/api/v1/rebalance", &json!({"strategy": s})).await
+                let s = param(p, "strategy")
+                    .cloned()
+                    .unwrap_or(json!("least_loaded"));
+                self.client
+                    .post("/api/v1/rebalance", &json!({"strategy": s}))
+                    .await
             }
-            ActionType::UpdateConfiguration => self.client.post("/api/v1/config", &Value::Object(p.clone())).await,
-            ActionType::Failover => self.client.post("/api/v1/failover", &Value::Object(p.clone())).await,
+            ActionType::UpdateConfiguration => {
+                self.client
+                    .post("/api/v1/config", &Value::Object(p.clone()))
+                    .await
+            }
+            ActionType::Failover => {
+                self.client
+                    .post("/api/v1/failover", &Value::Object(p.clone()))
+                    .await
+            }
         }
     }
 }
@@ -156,7 +206,10 @@ impl Effector for CharterEffector {
         "charter"
     }
 
-    fn validate<'a>(&'a self, policy: &'a RemediationPolicy) -> BoxFuture<'a, Result<(), EffectorError>> {
+    fn validate<'a>(
+        &'a self,
+        policy: &'a RemediationPolicy,
+    ) -> BoxFuture<'a, Result<(), EffectorError>> {
         Box::pin(async move {
             let body = json!({
                 "policy_id": policy.id,
@@ -167,31 +220,54 @@ impl Effector for CharterEffector {
             });
             let answer = self.client.post("/api/v1/policies/validate", &body).await?;
             if answer.get("valid").and_then(Value::as_bool) == Some(false) {
-                return Err(EffectorError::Rejected(format!("Charter refused the policy: {answer}")));
+                return Err(EffectorError::Rejected(format!(
+                    "Charter refused the policy: {answer}"
+                )));
             }
             Ok(())
         })
     }
 
-    fn apply<'a>(&'a self, action: &'a RemediationAction) -> BoxFuture<'a, Result<Value, EffectorError>> {
+    fn apply<'a>(
+        &'a self,
+        action: &'a RemediationAction,
+    ) -> BoxFuture<'a, Result<Value, EffectorError>> {
         Box::pin(self.run(action.action_type, &action.parameters))
     }
 
-    fn rollback<'a>(&'a self, _action: &'a RemediationAction, step: &'a RollbackStep, applied: &'a Value) -> BoxFuture<'a, Result<Value, EffectorError>> {
+    fn rollback<'a>(
+        &'a self,
+        _action: &'a RemediationAction,
+        step: &'a RollbackStep,
+        applied: &'a Value,
+    ) -> BoxFuture<'a, Result<Value, EffectorError>> {
         Box::pin(async move {
             match step.action_type {
                 // Scaling back restores the replica count seen before.
-                ActionType::ScaleDown | ActionType::ScaleUp if applied.get("previous_replicas").is_some() => {
-                    let r = applied.get("previous_replicas").cloned().unwrap_or(json!(1));
-                    self.client.post("/api/v1/committee/scale", &json!({"replicas": r})).await
+                ActionType::ScaleDown | ActionType::ScaleUp
+                    if applied.get("previous_replicas").is_some() =>
+                {
+                    let r = applied
+                        .get("previous_replicas")
+                        .cloned()
+                        .unwrap_or(json!(1));
+                    self.client
+                        .post("/api/v1/committee/scale", &json!({"replicas": r}))
+                        .await
                 }
                 ActionType::ApplyPolicy => {
                     let id = applied
                         .get("id")
                         .or_else(|| applied.get("policy_id"))
                         .and_then(Value::as_str)
-                        .ok_or_else(|| EffectorError::Rejected(format!("no policy id to roll back in {applied}")))?;
-                    self.client.post(&format!("/api/v1/policies/{id}/rollback"), &json!({})).await
+                        .ok_or_else(|| {
+                            EffectorError::Rejected(format!(
+                                "no policy id to roll back in {applied}"
+                            ))
+                        })?;
+                    self.client
+                        .post(&format!("/api/v1/policies/{id}/rollback"), &json!({}))
+                        .await
                 }
                 other => self.run(other, &step.parameters).await,
             }

@@ -10,7 +10,9 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use mapek_actors::messages::{DecidePolicy, DecisionError, GetActiveViolations, GetSources, Observe, SourceStatus};
+use mapek_actors::messages::{
+    DecidePolicy, DecisionError, GetActiveViolations, GetSources, Observe, SourceStatus,
+};
 use mapek_actors::model::{ApprovalStatus, RootCause};
 use mapek_actors::supervisor::LoopHandle;
 use prometheus_client::registry::Registry;
@@ -63,7 +65,9 @@ pub async fn serve(
     router: Router,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router).with_graceful_shutdown(shutdown).await
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await
 }
 
 /// Binds the listen address, with a message naming it on failure.
@@ -110,17 +114,27 @@ async fn ready(State(s): State<ApiState>) -> Response {
         "knowledge_store": if store_open { "open" } else { "closed" },
         "sources": sources,
     });
-    let code = if reasons.is_empty() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let code = if reasons.is_empty() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (code, Json(body)).into_response()
 }
 
 async fn metrics(State(s): State<ApiState>) -> Response {
     let mut out = String::new();
     if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &s.registry) {
-        return error(StatusCode::INTERNAL_SERVER_ERROR, format!("encoding metrics: {e}"));
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("encoding metrics: {e}"),
+        );
     }
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         out,
     )
         .into_response()
@@ -161,7 +175,10 @@ impl Limit {
     }
 }
 
-fn store_result<T: serde::Serialize>(key: &str, r: Result<T, mapek_actors::store::StoreError>) -> Response {
+fn store_result<T: serde::Serialize>(
+    key: &str,
+    r: Result<T, mapek_actors::store::StoreError>,
+) -> Response {
     match r {
         Ok(v) => Json(json!({ key: v })).into_response(),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
@@ -228,7 +245,9 @@ async fn decide(s: ApiState, id: String, decision: ApprovalStatus, body: Bytes) 
     };
     match s.handle.planner.send(msg).await {
         Ok(Ok(p)) => Json(p).into_response(),
-        Ok(Err(DecisionError::NotFound(id))) => error(StatusCode::NOT_FOUND, format!("no pending policy `{id}`")),
+        Ok(Err(DecisionError::NotFound(id))) => {
+            error(StatusCode::NOT_FOUND, format!("no pending policy `{id}`"))
+        }
         Ok(Err(DecisionError::Invalid(m))) => error(StatusCode::CONFLICT, m),
         Ok(Err(DecisionError::Unavailable(m))) => error(StatusCode::SERVICE_UNAVAILABLE, m),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
@@ -277,8 +296,11 @@ async fn best_action(State(s): State<ApiState>, Query(q): Query<CauseQuery>) -> 
     };
     match s.handle.store.stats() {
         Ok(stats) => match stats.best_action_for_cause(cause) {
-            Some((action, st)) => Json(json!({"cause": cause, "action": action, "stats": st})).into_response(),
-            None => Json(json!({"cause": cause, "action": null, "reason": "no evidence yet"})).into_response(),
+            Some((action, st)) => {
+                Json(json!({"cause": cause, "action": action, "stats": st})).into_response()
+            }
+            None => Json(json!({"cause": cause, "action": null, "reason": "no evidence yet"}))
+                .into_response(),
         },
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }

@@ -8,7 +8,11 @@ use clap::{Parser, Subcommand};
 use mapek::config::{Config, ConfigError, LogFormat};
 
 #[derive(Debug, Parser)]
-#[command(name = "mapek", version, about = "Self-healing MAPE-K controller: Monitor, Analyze, Plan, Execute over Knowledge")]
+#[command(
+    name = "mapek",
+    version,
+    about = "Self-healing MAPE-K controller: Monitor, Analyze, Plan, Execute over Knowledge"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -61,7 +65,12 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::Run { config, listen, data_dir, log_format } => {
+        Command::Run {
+            config,
+            listen,
+            data_dir,
+            log_format,
+        } => {
             let mut cfg = match load(config.as_deref()) {
                 Ok(c) => c,
                 Err(e) => {

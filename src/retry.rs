@@ -32,7 +32,11 @@ mod tests {
         for attempt in 1..=8 {
             let d = backoff_delay(attempt, 100, 1_000).as_millis() as u64;
             let base = (100u64 << (attempt - 1)).min(1_000);
-            assert!(d >= base / 2 && d <= base, "attempt {attempt}: {d} ms outside {}..={base}", base / 2);
+            assert!(
+                d >= base / 2 && d <= base,
+                "attempt {attempt}: {d} ms outside {}..={base}",
+                base / 2
+            );
         }
     }
 }

@@ -48,7 +48,12 @@ struct Sample {
 
 impl PrometheusSource {
     /// A source querying `base_url` (e.g. `http://127.0.0.1:9090`).
-    pub fn new(base_url: &str, timeout: Duration, retries: u32, clock: SharedClock) -> Result<Self, String> {
+    pub fn new(
+        base_url: &str,
+        timeout: Duration,
+        retries: u32,
+        clock: SharedClock,
+    ) -> Result<Self, String> {
         let client = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(5)))
@@ -83,12 +88,20 @@ impl PrometheusSource {
             if e.is_timeout() {
                 Retry::Transient(SourceError::Timeout(self.timeout.as_secs()))
             } else {
-                Retry::Transient(SourceError::Unreachable(format!("{url}: reading body: {e}")))
+                Retry::Transient(SourceError::Unreachable(format!(
+                    "{url}: reading body: {e}"
+                )))
             }
         })?;
         let parsed: Result<QueryResponse, _> = serde_json::from_slice(&body);
         if status.as_u16() == 400 || status.as_u16() == 422 {
-            if let Ok(QueryResponse { status: s, error_type, error, .. }) = &parsed {
+            if let Ok(QueryResponse {
+                status: s,
+                error_type,
+                error,
+                ..
+            }) = &parsed
+            {
                 if s == "error" {
                     return Err(Retry::Permanent(SourceError::Query {
                         rule: rule.name.clone(),
@@ -99,10 +112,19 @@ impl PrometheusSource {
             }
         }
         if !status.is_success() {
-            let err = SourceError::Status { status: status.as_u16(), body: snippet(&body) };
-            return Err(if status.is_server_error() { Retry::Transient(err) } else { Retry::Permanent(err) });
+            let err = SourceError::Status {
+                status: status.as_u16(),
+                body: snippet(&body),
+            };
+            return Err(if status.is_server_error() {
+                Retry::Transient(err)
+            } else {
+                Retry::Permanent(err)
+            });
         }
-        let parsed = parsed.map_err(|e| Retry::Permanent(SourceError::Garbage(format!("{e}: {}", snippet(&body)))))?;
+        let parsed = parsed.map_err(|e| {
+            Retry::Permanent(SourceError::Garbage(format!("{e}: {}", snippet(&body))))
+        })?;
         if parsed.status != "success" {
             return Err(Retry::Permanent(SourceError::Garbage(format!(
                 "status `{}`: {}",
@@ -141,12 +163,12 @@ impl PrometheusSource {
     }
 
     fn to_violation(&self, rule: &RuleSpec, s: Sample) -> Result<Violation, SourceError> {
-        let value: f64 = s
-            .value
-            .1
-            .trim()
-            .parse()
-            .map_err(|_| SourceError::Garbage(format!("rule `{}`: value `{}` is not a number", rule.name, s.value.1)))?;
+        let value: f64 = s.value.1.trim().parse().map_err(|_| {
+            SourceError::Garbage(format!(
+                "rule `{}`: value `{}` is not a number",
+                rule.name, s.value.1
+            ))
+        })?;
         let now = self.clock.now();
         let mut fp = format!("prom:{}", rule.name);
         for (k, v) in &s.metric {
@@ -162,7 +184,11 @@ impl PrometheusSource {
             fingerprint: fp,
             rule: rule.name.clone(),
             severity: rule.severity,
-            component: s.metric.get("component").cloned().unwrap_or_else(|| rule.component.clone()),
+            component: s
+                .metric
+                .get("component")
+                .cloned()
+                .unwrap_or_else(|| rule.component.clone()),
             metric,
             value: if value.is_finite() { value } else { 0.0 },
             labels: s.metric,
@@ -178,10 +204,38 @@ impl PrometheusSource {
 /// function or keyword (`increase(foo_total[5m]) > 0` → `foo_total`).
 pub fn metric_name(expr: &str) -> Option<String> {
     const WORDS: &[&str] = &[
-        "increase", "rate", "irate", "sum", "avg", "max", "min", "count", "by", "without", "on",
-        "ignoring", "group_left", "group_right", "and", "or", "unless", "histogram_quantile",
-        "delta", "deriv", "abs", "offset", "bool", "topk", "bottomk", "absent", "changes",
-        "resets", "avg_over_time", "max_over_time", "min_over_time", "sum_over_time",
+        "increase",
+        "rate",
+        "irate",
+        "sum",
+        "avg",
+        "max",
+        "min",
+        "count",
+        "by",
+        "without",
+        "on",
+        "ignoring",
+        "group_left",
+        "group_right",
+        "and",
+        "or",
+        "unless",
+        "histogram_quantile",
+        "delta",
+        "deriv",
+        "abs",
+        "offset",
+        "bool",
+        "topk",
+        "bottomk",
+        "absent",
+        "changes",
+        "resets",
+        "avg_over_time",
+        "max_over_time",
+        "min_over_time",
+        "sum_over_time",
     ];
     let mut in_braces = 0i32;
     let mut token = String::new();
@@ -219,7 +273,10 @@ impl MetricSource for PrometheusSource {
         "prometheus"
     }
 
-    fn poll<'a>(&'a self, rules: &'a [RuleSpec]) -> BoxFuture<'a, Result<Vec<Violation>, SourceError>> {
+    fn poll<'a>(
+        &'a self,
+        rules: &'a [RuleSpec],
+    ) -> BoxFuture<'a, Result<Vec<Violation>, SourceError>> {
         Box::pin(async move {
             let mut out = Vec::new();
             for rule in rules {
@@ -242,8 +299,14 @@ mod tests {
             metric_name("increase(westworld_charter_policy_violations_total{severity=\"critical\"}[5m]) > 0").as_deref(),
             Some("westworld_charter_policy_violations_total")
         );
-        assert_eq!(metric_name("westworld_charter_failure_rate > 0.10").as_deref(), Some("westworld_charter_failure_rate"));
-        assert_eq!(metric_name("sum by (job) (rate(x_total[1m]))").as_deref(), Some("job"));
+        assert_eq!(
+            metric_name("westworld_charter_failure_rate > 0.10").as_deref(),
+            Some("westworld_charter_failure_rate")
+        );
+        assert_eq!(
+            metric_name("sum by (job) (rate(x_total[1m]))").as_deref(),
+            Some("job")
+        );
         assert_eq!(metric_name("1 > 0"), None);
     }
 }

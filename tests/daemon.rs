@@ -16,17 +16,40 @@ fn repo() -> std::path::PathBuf {
 
 #[test]
 fn check_config_accepts_the_example_and_lists_every_error() {
-    let ok = std::process::Command::new(bin()).args(["check-config", "config/mapek.yaml"]).current_dir(repo()).output().expect("run");
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    let ok = std::process::Command::new(bin())
+        .args(["check-config", "config/mapek.yaml"])
+        .current_dir(repo())
+        .output()
+        .expect("run");
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
 
     let dir = tempfile::tempdir().expect("tempdir");
     let bad = dir.path().join("bad.yaml");
-    std::fs::write(&bad, "monitor:\n  interval_seconds: 0\n  intervall: 5\nplan:\n  min_confidence: 2\n").expect("write");
-    let out = std::process::Command::new(bin()).arg("check-config").arg(&bad).env_remove("MAPE_K_INTERVAL").output().expect("run");
+    std::fs::write(
+        &bad,
+        "monitor:\n  interval_seconds: 0\n  intervall: 5\nplan:\n  min_confidence: 2\n",
+    )
+    .expect("write");
+    let out = std::process::Command::new(bin())
+        .arg("check-config")
+        .arg(&bad)
+        .env_remove("MAPE_K_INTERVAL")
+        .output()
+        .expect("run");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("monitor.interval_seconds") && err.contains("at least 1"), "{err}");
-    assert!(err.contains("monitor.intervall") && err.contains("unknown"), "{err}");
+    assert!(
+        err.contains("monitor.interval_seconds") && err.contains("at least 1"),
+        "{err}"
+    );
+    assert!(
+        err.contains("monitor.intervall") && err.contains("unknown"),
+        "{err}"
+    );
     assert!(err.contains("plan.min_confidence"), "{err}");
 }
 
@@ -62,25 +85,61 @@ fn run_serves_health_keeps_running_without_its_source_and_a_second_daemon_fails_
     let cfg_s = cfg.display().to_string();
     let data_s = data.display().to_string();
     let addr_s = addr.to_string();
-    let mut first = Proc::start(&["run", "--config", &cfg_s, "--data-dir", &data_s, "--listen", &addr_s], &[], dir.path());
+    let mut first = Proc::start(
+        &[
+            "run",
+            "--config",
+            &cfg_s,
+            "--data-dir",
+            &data_s,
+            "--listen",
+            &addr_s,
+        ],
+        &[],
+        dir.path(),
+    );
     first.wait_for("serving", Duration::from_secs(20));
     // Prometheus is down: the daemon says so and keeps running.
     first.wait_for("source degraded", Duration::from_secs(20));
 
     let health = reqwest::blocking::get(format!("http://{addr}/health")).expect("health");
     assert_eq!(health.status(), 200);
-    let ready: serde_json::Value = reqwest::blocking::get(format!("http://{addr}/ready")).expect("ready").json().expect("json");
+    let ready: serde_json::Value = reqwest::blocking::get(format!("http://{addr}/ready"))
+        .expect("ready")
+        .json()
+        .expect("json");
     assert_eq!(ready["phases"]["analyzer"], "up");
     assert_eq!(ready["knowledge_store"], "open");
     assert_eq!(ready["sources"][0]["status"], "degraded");
-    let state: serde_json::Value = reqwest::blocking::get(format!("http://{addr}/api/v1/state")).expect("state").json().expect("json");
-    assert!(state["state"]["error"].as_str().unwrap_or("").contains("prometheus"), "{state}");
+    let state: serde_json::Value = reqwest::blocking::get(format!("http://{addr}/api/v1/state"))
+        .expect("state")
+        .json()
+        .expect("json");
+    assert!(
+        state["state"]["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("prometheus"),
+        "{state}"
+    );
     assert_eq!(state["state"]["is_running"], true);
 
     // A second daemon on the same data directory fails at once, naming the lock.
     let started = std::time::Instant::now();
     let other = free_addr().to_string();
-    let mut second = Proc::start(&["run", "--config", &cfg_s, "--data-dir", &data_s, "--listen", &other], &[], dir.path());
+    let mut second = Proc::start(
+        &[
+            "run",
+            "--config",
+            &cfg_s,
+            "--data-dir",
+            &data_s,
+            "--listen",
+            &other,
+        ],
+        &[],
+        dir.path(),
+    );
     let status = second.wait_exit(Duration::from_secs(10));
     assert!(!status.success());
     let out = second.output();
@@ -88,7 +147,12 @@ fn run_serves_health_keeps_running_without_its_source_and_a_second_daemon_fails_
     assert!(started.elapsed() < Duration::from_secs(10));
 
     // The first one is still serving.
-    assert_eq!(reqwest::blocking::get(format!("http://{addr}/health")).expect("health").status(), 200);
+    assert_eq!(
+        reqwest::blocking::get(format!("http://{addr}/health"))
+            .expect("health")
+            .status(),
+        200
+    );
 
     first.term();
     let status = first.wait_exit(Duration::from_secs(20));
@@ -129,13 +193,37 @@ fn knowledge_survives_a_restart_of_the_daemon_and_pending_policies_can_be_decide
         store.close().expect("close");
     }
     let addr = free_addr();
-    let (cfg_s, data_s, addr_s) = (cfg.display().to_string(), data.display().to_string(), addr.to_string());
-    let mut p = Proc::start(&["run", "--config", &cfg_s, "--data-dir", &data_s, "--listen", &addr_s], &[], dir.path());
+    let (cfg_s, data_s, addr_s) = (
+        cfg.display().to_string(),
+        data.display().to_string(),
+        addr.to_string(),
+    );
+    let mut p = Proc::start(
+        &[
+            "run",
+            "--config",
+            &cfg_s,
+            "--data-dir",
+            &data_s,
+            "--listen",
+            &addr_s,
+        ],
+        &[],
+        dir.path(),
+    );
     p.wait_for("serving", Duration::from_secs(20));
     let client = reqwest::blocking::Client::new();
-    let list: serde_json::Value = client.get(format!("http://{addr}/api/v1/policies?status=pending")).send().expect("list").json().expect("json");
+    let list: serde_json::Value = client
+        .get(format!("http://{addr}/api/v1/policies?status=pending"))
+        .send()
+        .expect("list")
+        .json()
+        .expect("json");
     assert_eq!(list["policies"][0]["id"], "pol-0001", "{list}");
-    let bad = client.get(format!("http://{addr}/api/v1/policies?status=maybe")).send().expect("list");
+    let bad = client
+        .get(format!("http://{addr}/api/v1/policies?status=maybe"))
+        .send()
+        .expect("list");
     assert_eq!(bad.status(), 400);
     let rejected = client
         .post(format!("http://{addr}/api/v1/policies/pol-0001/reject"))
@@ -143,9 +231,19 @@ fn knowledge_survives_a_restart_of_the_daemon_and_pending_policies_can_be_decide
         .send()
         .expect("reject");
     assert_eq!(rejected.status(), 200, "{:?}", rejected.text());
-    let again = client.post(format!("http://{addr}/api/v1/policies/pol-0001/approve")).send().expect("approve");
-    assert_eq!(again.status(), 409, "a decided policy cannot be decided again");
-    let missing = client.post(format!("http://{addr}/api/v1/policies/nope/approve")).send().expect("approve");
+    let again = client
+        .post(format!("http://{addr}/api/v1/policies/pol-0001/approve"))
+        .send()
+        .expect("approve");
+    assert_eq!(
+        again.status(),
+        409,
+        "a decided policy cannot be decided again"
+    );
+    let missing = client
+        .post(format!("http://{addr}/api/v1/policies/nope/approve"))
+        .send()
+        .expect("approve");
     assert_eq!(missing.status(), 404);
     p.term();
     assert!(p.wait_exit(Duration::from_secs(20)).success());
@@ -163,7 +261,11 @@ fn a_corrupt_data_directory_fails_within_seconds_with_a_clear_message() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
     std::fs::create_dir_all(&data).expect("mkdir");
-    std::fs::write(data.join("conf"), b"\x00\xffgarbage that is not a sled config").expect("write");
+    std::fs::write(
+        data.join("conf"),
+        b"\x00\xffgarbage that is not a sled config",
+    )
+    .expect("write");
     std::fs::write(data.join("db"), vec![0xA5u8; 4096]).expect("write");
     let started = std::time::Instant::now();
     let out = std::process::Command::new(bin())
@@ -175,6 +277,9 @@ fn a_corrupt_data_directory_fails_within_seconds_with_a_clear_message() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(&data.display().to_string()), "{err}");
-    assert!(err.to_lowercase().contains("corrupt") || err.contains("did not open"), "{err}");
+    assert!(
+        err.to_lowercase().contains("corrupt") || err.contains("did not open"),
+        "{err}"
+    );
     assert!(started.elapsed() < Duration::from_secs(15));
 }

@@ -11,7 +11,9 @@ use crate::clock::SharedClock;
 use crate::events::LoopEvent;
 use crate::knowledge_actor::Knowledge;
 use crate::mailbox::{Inbox, PhaseAddr};
-use crate::messages::{ActorRestarted, AnalysisReady, GetAnalyses, RecordAnalysis, ViolationsDetected};
+use crate::messages::{
+    ActorRestarted, AnalysisReady, GetAnalyses, RecordAnalysis, ViolationsDetected,
+};
 use crate::metrics::KindLabels;
 use crate::model::AnalysisResult;
 use crate::planner::Planner;

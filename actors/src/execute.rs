@@ -50,7 +50,10 @@ impl EffectorRouter {
 
     /// The effector for an action type.
     pub fn get(&self, action: ActionType) -> Option<Arc<dyn Effector>> {
-        self.routes.get(&action).cloned().or_else(|| self.fallback.clone())
+        self.routes
+            .get(&action)
+            .cloned()
+            .or_else(|| self.fallback.clone())
     }
 }
 
@@ -58,7 +61,11 @@ impl EffectorRouter {
 /// on (Kahn's algorithm, stable with respect to the listed order).
 /// Unknown dependencies and cycles are errors.
 pub fn execution_order(actions: &[RemediationAction]) -> Result<Vec<usize>, String> {
-    let index: HashMap<&str, usize> = actions.iter().enumerate().map(|(i, a)| (a.id.as_str(), i)).collect();
+    let index: HashMap<&str, usize> = actions
+        .iter()
+        .enumerate()
+        .map(|(i, a)| (a.id.as_str(), i))
+        .collect();
     if index.len() != actions.len() {
         return Err("duplicate action ids".into());
     }
@@ -95,7 +102,10 @@ pub fn execution_order(actions: &[RemediationAction]) -> Result<Vec<usize>, Stri
 /// (half fixed, half random from `jitter` in 0..1).
 pub fn backoff(attempt: u32, s: &ExecuteSettings, jitter: f64) -> Duration {
     let exp = attempt.saturating_sub(1).min(20);
-    let base = s.backoff_initial_ms.saturating_mul(1u64 << exp).min(s.backoff_max_ms);
+    let base = s
+        .backoff_initial_ms
+        .saturating_mul(1u64 << exp)
+        .min(s.backoff_max_ms);
     let half = base / 2;
     let j = jitter.clamp(0.0, 1.0);
     Duration::from_millis(half + (half as f64 * j) as u64)
@@ -135,7 +145,13 @@ enum CallEnd {
 impl ExecutionEnv {
     /// One effector call with per-call timeout and retries (transient
     /// failures only), stopped by the chain deadline.
-    async fn call<F>(&self, effector: &str, deadline: Instant, attempts: &mut u32, mut op: F) -> Result<Value, CallEnd>
+    async fn call<F>(
+        &self,
+        effector: &str,
+        deadline: Instant,
+        attempts: &mut u32,
+        mut op: F,
+    ) -> Result<Value, CallEnd>
     where
         F: FnMut() -> futures::future::BoxFuture<'static, Result<Value, EffectorError>>,
     {
@@ -164,7 +180,10 @@ impl ExecutionEnv {
             };
             self.metrics
                 .effector_call_duration
-                .get_or_create(&EffectorLabels { effector: effector.to_string(), result })
+                .get_or_create(&EffectorLabels {
+                    effector: effector.to_string(),
+                    result,
+                })
                 .observe(started.elapsed().as_secs_f64());
             match res {
                 Ok(v) => return Ok(v),
@@ -185,7 +204,13 @@ impl ExecutionEnv {
     /// dependency order, rollback on failure, verification window, fresh
     /// measurement, outcome. Never runs past `deadline` (the chain's
     /// `max_cycle_time`): a chain that reaches it is cut off.
-    pub async fn run_policy(&self, policy: &RemediationPolicy, execution_id: String, chain_id: String, deadline: Instant) -> PolicyExecution {
+    pub async fn run_policy(
+        &self,
+        policy: &RemediationPolicy,
+        execution_id: String,
+        chain_id: String,
+        deadline: Instant,
+    ) -> PolicyExecution {
         let started = Instant::now();
         let mut exec = PolicyExecution {
             id: execution_id,
@@ -209,12 +234,25 @@ impl ExecutionEnv {
         }
         exec.finished_at = Some(self.clock.now());
         exec.timings.execution_seconds = started.elapsed().as_secs_f64();
-        let done = exec.actions.iter().filter(|a| a.status == ExecutionStatus::Completed).count();
-        exec.success_rate = if policy.actions.is_empty() { 0.0 } else { done as f64 / policy.actions.len() as f64 };
+        let done = exec
+            .actions
+            .iter()
+            .filter(|a| a.status == ExecutionStatus::Completed)
+            .count();
+        exec.success_rate = if policy.actions.is_empty() {
+            0.0
+        } else {
+            done as f64 / policy.actions.len() as f64
+        };
         exec
     }
 
-    async fn run_into(&self, policy: &RemediationPolicy, exec: &mut PolicyExecution, deadline: Instant) {
+    async fn run_into(
+        &self,
+        policy: &RemediationPolicy,
+        exec: &mut PolicyExecution,
+        deadline: Instant,
+    ) {
         let order = match execution_order(&policy.actions) {
             Ok(o) => o,
             Err(e) => return fail(exec, format!("invalid policy: {e}")),
@@ -224,7 +262,12 @@ impl ExecutionEnv {
             let a = &policy.actions[i];
             match self.router.get(a.action_type) {
                 Some(eff) => routed.push((a.clone(), eff)),
-                None => return fail(exec, format!("no effector configured for {}", a.action_type)),
+                None => {
+                    return fail(
+                        exec,
+                        format!("no effector configured for {}", a.action_type),
+                    )
+                }
             }
         }
         if self.settings.preflight_validate {
@@ -246,7 +289,10 @@ impl ExecutionEnv {
                     Ok(_) => {}
                     Err(CallEnd::CutOff) => return cut_off(exec, "during pre-flight validation"),
                     Err(CallEnd::Failed(e)) => {
-                        return fail(exec, format!("pre-flight validation by {} failed: {e}", eff.name()))
+                        return fail(
+                            exec,
+                            format!("pre-flight validation by {} failed: {e}", eff.name()),
+                        )
                     }
                 }
             }
@@ -314,7 +360,8 @@ impl ExecutionEnv {
             tokio::time::sleep_until(deadline).await;
             exec.timings.cut_off = true;
             exec.outcome = Some(classify(None, None));
-            exec.error = Some("cut off during verification: the chain reached max_cycle_time".into());
+            exec.error =
+                Some("cut off during verification: the chain reached max_cycle_time".into());
             return;
         }
         tokio::time::sleep(window).await;
@@ -339,7 +386,11 @@ impl ExecutionEnv {
         }
     }
 
-    async fn roll_back(&self, exec: &mut PolicyExecution, completed: Vec<(usize, RemediationAction, Arc<dyn Effector>, Value)>) {
+    async fn roll_back(
+        &self,
+        exec: &mut PolicyExecution,
+        completed: Vec<(usize, RemediationAction, Arc<dyn Effector>, Value)>,
+    ) {
         if completed.is_empty() {
             exec.status = ExecutionStatus::Failed;
             return;
@@ -347,7 +398,10 @@ impl ExecutionEnv {
         let mut all_ok = true;
         // Rollback is not bound by the chain deadline: leaving the system
         // half-changed is worse than a late chain.
-        let deadline = Instant::now() + Duration::from_secs(self.settings.call_timeout_seconds * (u64::from(self.settings.retries) + 2));
+        let deadline = Instant::now()
+            + Duration::from_secs(
+                self.settings.call_timeout_seconds * (u64::from(self.settings.retries) + 2),
+            );
         for (idx, action, eff, applied) in completed.into_iter().rev() {
             let Some(step) = action.rollback.clone() else {
                 exec.actions[idx].rollback = Some("not reversible".into());
@@ -376,7 +430,11 @@ impl ExecutionEnv {
                 }
             });
         }
-        exec.status = if all_ok { ExecutionStatus::RolledBack } else { ExecutionStatus::Failed };
+        exec.status = if all_ok {
+            ExecutionStatus::RolledBack
+        } else {
+            ExecutionStatus::Failed
+        };
     }
 }
 
@@ -426,7 +484,11 @@ mod tests {
 
     #[test]
     fn backoff_doubles_caps_and_jitters_within_half() {
-        let s = ExecuteSettings { backoff_initial_ms: 100, backoff_max_ms: 350, ..Default::default() };
+        let s = ExecuteSettings {
+            backoff_initial_ms: 100,
+            backoff_max_ms: 350,
+            ..Default::default()
+        };
         assert_eq!(backoff(1, &s, 0.0), Duration::from_millis(50));
         assert_eq!(backoff(1, &s, 1.0), Duration::from_millis(100));
         assert_eq!(backoff(2, &s, 1.0), Duration::from_millis(200));

@@ -60,20 +60,27 @@ impl Executor {
     fn account(&mut self, exec: &PolicyExecution, total_seconds: f64) {
         let m = self.inbox.metrics();
         m.policies_executed.inc();
-        m.policy_executions.get_or_create(&StatusLabels { status: exec.status.as_str() }).inc();
+        m.policy_executions
+            .get_or_create(&StatusLabels {
+                status: exec.status.as_str(),
+            })
+            .inc();
         m.phase("execution", exec.timings.execution_seconds);
         m.cycle_duration.observe(total_seconds);
         if exec.timings.cut_off {
             m.chains_cut_off.inc();
         }
         if let Some(o) = exec.outcome {
-            m.outcomes.get_or_create(&StatusLabels { status: o.as_str() }).inc();
+            m.outcomes
+                .get_or_create(&StatusLabels { status: o.as_str() })
+                .inc();
             if o != crate::model::OutcomeType::Unknown {
                 self.judged += 1;
                 if o.is_success() {
                     self.succeeded += 1;
                 }
-                m.policy_success_rate.set(self.succeeded as f64 / self.judged as f64);
+                m.policy_success_rate
+                    .set(self.succeeded as f64 / self.judged as f64);
             }
         }
         let now = self.env.clock.now();
@@ -102,7 +109,12 @@ impl Handler<PolicyApproved> for Executor {
         let inbox = self.inbox.clone();
         let prepared = inbox.guard(self, ctx, "PolicyApproved", |act, _ctx| {
             let deadline = msg.chain.started + act.max_cycle_time;
-            Ok((act.env.clone(), act.knowledge.clone(), act.planner.clone(), deadline))
+            Ok((
+                act.env.clone(),
+                act.knowledge.clone(),
+                act.planner.clone(),
+                deadline,
+            ))
         });
         let Some((env, knowledge, planner, deadline)) = prepared else {
             return;
@@ -128,10 +140,17 @@ impl Handler<PolicyApproved> for Executor {
                 timings: chain.timings.clone(),
             };
             // The audit trail shows the execution while it runs.
-            let _ = knowledge.send(RecordExecution(started_record.clone())).await;
-            let run = AssertUnwindSafe(env.run_policy(&policy, exec_id, chain.chain_id.clone(), deadline))
-                .catch_unwind()
+            let _ = knowledge
+                .send(RecordExecution(started_record.clone()))
                 .await;
+            let run = AssertUnwindSafe(env.run_policy(
+                &policy,
+                exec_id,
+                chain.chain_id.clone(),
+                deadline,
+            ))
+            .catch_unwind()
+            .await;
             let (mut exec, panicked) = match run {
                 Ok(e) => (e, None),
                 Err(p) => {
@@ -157,7 +176,11 @@ impl Handler<PolicyApproved> for Executor {
                 total_seconds = exec.timings.total_seconds,
                 "execution finished"
             );
-            let finished = ExecutionFinished { chain, execution: exec.clone(), policy };
+            let finished = ExecutionFinished {
+                chain,
+                execution: exec.clone(),
+                policy,
+            };
             if let Err(e) = knowledge.send(finished.clone()).await {
                 tracing::error!(error = %e, "execution outcome could not reach knowledge");
             }

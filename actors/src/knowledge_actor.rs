@@ -66,7 +66,8 @@ impl Knowledge {
             }
             Err(e) => {
                 let now = self.clock.now();
-                self.state.update(now, |s| s.error = Some(format!("knowledge store: {e}")));
+                self.state
+                    .update(now, |s| s.error = Some(format!("knowledge store: {e}")));
                 Err(Fault(format!("{what}: {e}")))
             }
         }
@@ -118,7 +119,10 @@ impl Handler<RecordPolicy> for Knowledge {
         inbox
             .guard(self, ctx, "RecordPolicy", |act, _| {
                 // Policies and their approvals are critical: durable now.
-                let r = act.store.put_policy(&msg.0).and_then(|_| act.store.flush().map(|_| ()));
+                let r = act
+                    .store
+                    .put_policy(&msg.0)
+                    .and_then(|_| act.store.flush().map(|_| ()));
                 act.maybe_prune();
                 act.check("recording a policy", r)
             })
@@ -132,7 +136,10 @@ impl Handler<RecordExecution> for Knowledge {
     fn handle(&mut self, msg: RecordExecution, ctx: &mut Context<Self>) {
         let inbox = self.inbox.clone();
         inbox.guard(self, ctx, "RecordExecution", |act, _| {
-            let r = act.store.put_execution(&msg.0).and_then(|_| act.store.flush().map(|_| ()));
+            let r = act
+                .store
+                .put_execution(&msg.0)
+                .and_then(|_| act.store.flush().map(|_| ()));
             act.check("recording an execution", r)
         });
     }
@@ -150,7 +157,10 @@ impl Handler<ExecutionFinished> for Knowledge {
             if exec.outcome.is_some() {
                 let actions = msg.policy.actions.iter().map(|a| a.action_type).collect();
                 let outcome = outcome_of(exec, actions, act.clock.now());
-                match act.store.record_outcome(&outcome, act.settings.confidence_saturation) {
+                match act
+                    .store
+                    .record_outcome(&outcome, act.settings.confidence_saturation)
+                {
                     Ok(stats) => {
                         act.outcomes_since_insights += 1;
                         if act.outcomes_since_insights >= act.settings.insights_every {
@@ -178,7 +188,9 @@ impl Handler<FlushKnowledge> for Knowledge {
     fn handle(&mut self, _msg: FlushKnowledge, ctx: &mut Context<Self>) -> Self::Result {
         let inbox = self.inbox.clone();
         inbox
-            .guard(self, ctx, "FlushKnowledge", |act, _| Ok(act.store.flush().map_err(|e| e.to_string())))
+            .guard(self, ctx, "FlushKnowledge", |act, _| {
+                Ok(act.store.flush().map_err(|e| e.to_string()))
+            })
             .unwrap_or_else(|| Err("knowledge failed while flushing".into()))
     }
 }

@@ -92,7 +92,9 @@ impl Inbox {
     fn set_gauge(&self, depth: i64) {
         self.metrics
             .mailbox_depth
-            .get_or_create(&ActorLabels { actor: self.kind.as_str() })
+            .get_or_create(&ActorLabels {
+                actor: self.kind.as_str(),
+            })
             .set(depth);
     }
 
@@ -109,7 +111,10 @@ impl Inbox {
     fn shed(&self, message: &'static str) {
         self.metrics
             .messages_shed
-            .get_or_create(&ActorMessageLabels { actor: self.kind.as_str(), message })
+            .get_or_create(&ActorMessageLabels {
+                actor: self.kind.as_str(),
+                message,
+            })
             .inc();
     }
 
@@ -120,11 +125,17 @@ impl Inbox {
         self.unqueued();
         self.metrics
             .messages_handled
-            .get_or_create(&ActorMessageLabels { actor: self.kind.as_str(), message })
+            .get_or_create(&ActorMessageLabels {
+                actor: self.kind.as_str(),
+                message,
+            })
             .inc();
         HandlerTimer {
             metrics: self.metrics.clone(),
-            labels: ActorMessageLabels { actor: self.kind.as_str(), message },
+            labels: ActorMessageLabels {
+                actor: self.kind.as_str(),
+                message,
+            },
             started: std::time::Instant::now(),
         }
     }
@@ -188,7 +199,9 @@ impl Inbox {
     pub fn mark_up(&self) {
         self.metrics
             .actor_up
-            .get_or_create(&ActorLabels { actor: self.kind.as_str() })
+            .get_or_create(&ActorLabels {
+                actor: self.kind.as_str(),
+            })
             .set(1);
     }
 
@@ -196,7 +209,9 @@ impl Inbox {
     pub fn mark_down(&self) {
         self.metrics
             .actor_up
-            .get_or_create(&ActorLabels { actor: self.kind.as_str() })
+            .get_or_create(&ActorLabels {
+                actor: self.kind.as_str(),
+            })
             .set(0);
     }
 }

@@ -11,11 +11,11 @@ use actix::prelude::*;
 use tokio::time::Instant;
 
 use crate::mailbox::Named;
+use crate::metrics::ActorKind;
 use crate::model::{
     AnalysisResult, ApprovalStatus, ChainId, ChainTimings, LearnedStats, PolicyExecution,
     RemediationPolicy, Timestamp, Violation,
 };
-use crate::metrics::ActorKind;
 use crate::ports::SourceError;
 
 macro_rules! named {

@@ -219,30 +219,126 @@ impl Metrics {
 
     /// Registers every metric under its documented name.
     pub fn register(&self, r: &mut Registry) {
-        r.register("mape_k_actor_mailbox_depth", "Messages waiting in the actor's mailbox", self.mailbox_depth.clone());
-        r.register("mape_k_actor_messages_handled", "Messages handled by the actor", self.messages_handled.clone());
-        r.register("mape_k_actor_handler_duration_seconds", "Time spent in the actor's message handlers", self.handler_duration.clone());
-        r.register("mape_k_actor_messages_shed", "Messages shed because the receiving mailbox was full or closed", self.messages_shed.clone());
-        r.register("mape_k_actor_restarts", "Restarts of the actor by the supervisor", self.restarts.clone());
-        r.register("mape_k_actor_up", "Whether the actor is running (1) or down (0)", self.actor_up.clone());
-        r.register("mape_k_iteration", "Monitor iterations (polls and webhook batches)", self.iteration.clone());
-        r.register("mape_k_violations_detected", "Violation observations", self.violations_detected.clone());
-        r.register("mape_k_violations_active", "Violations currently active", self.violations_active.clone());
-        r.register("mape_k_patterns_detected", "Patterns found by the analyzer", self.patterns_detected.clone());
-        r.register("mape_k_analyses", "Analyses produced", self.analyses.clone());
-        r.register("mape_k_policies_generated", "Remediation policies generated", self.policies_generated.clone());
-        r.register("mape_k_policies_executed", "Remediation policies executed", self.policies_executed.clone());
-        r.register("mape_k_policy_executions", "Policy executions by final status", self.policy_executions.clone());
-        r.register("mape_k_outcomes", "Verified outcomes by class", self.outcomes.clone());
-        r.register("mape_k_policy_success_rate", "Share of judged outcomes that were SUCCESS or PARTIAL", self.policy_success_rate.clone());
-        r.register("mape_k_cycle_duration_seconds", "Duration of a chain from detection to outcome", self.cycle_duration.clone());
-        r.register("mape_k_phase_duration_seconds", "Duration of each phase of a chain", self.phase_duration.clone());
-        r.register("mape_k_chains_cut_off", "Chains cut off after max_cycle_time", self.chains_cut_off.clone());
-        r.register("mape_k_alerts_received", "Alerts received on the Alertmanager webhook", self.alerts_received.clone());
-        r.register("mape_k_alerts_processed", "Alerts accepted by the Monitor", self.alerts_processed.clone());
-        r.register("mape_k_effector_call_duration_seconds", "Duration of effector calls", self.effector_call_duration.clone());
-        r.register("mape_k_source_query_duration_seconds", "Duration of metric source queries", self.source_query_duration.clone());
-        r.register("mape_k_source_up", "Whether the source gives evidence (1) or not (0)", self.source_up.clone());
+        r.register(
+            "mape_k_actor_mailbox_depth",
+            "Messages waiting in the actor's mailbox",
+            self.mailbox_depth.clone(),
+        );
+        r.register(
+            "mape_k_actor_messages_handled",
+            "Messages handled by the actor",
+            self.messages_handled.clone(),
+        );
+        r.register(
+            "mape_k_actor_handler_duration_seconds",
+            "Time spent in the actor's message handlers",
+            self.handler_duration.clone(),
+        );
+        r.register(
+            "mape_k_actor_messages_shed",
+            "Messages shed because the receiving mailbox was full or closed",
+            self.messages_shed.clone(),
+        );
+        r.register(
+            "mape_k_actor_restarts",
+            "Restarts of the actor by the supervisor",
+            self.restarts.clone(),
+        );
+        r.register(
+            "mape_k_actor_up",
+            "Whether the actor is running (1) or down (0)",
+            self.actor_up.clone(),
+        );
+        r.register(
+            "mape_k_iteration",
+            "Monitor iterations (polls and webhook batches)",
+            self.iteration.clone(),
+        );
+        r.register(
+            "mape_k_violations_detected",
+            "Violation observations",
+            self.violations_detected.clone(),
+        );
+        r.register(
+            "mape_k_violations_active",
+            "Violations currently active",
+            self.violations_active.clone(),
+        );
+        r.register(
+            "mape_k_patterns_detected",
+            "Patterns found by the analyzer",
+            self.patterns_detected.clone(),
+        );
+        r.register(
+            "mape_k_analyses",
+            "Analyses produced",
+            self.analyses.clone(),
+        );
+        r.register(
+            "mape_k_policies_generated",
+            "Remediation policies generated",
+            self.policies_generated.clone(),
+        );
+        r.register(
+            "mape_k_policies_executed",
+            "Remediation policies executed",
+            self.policies_executed.clone(),
+        );
+        r.register(
+            "mape_k_policy_executions",
+            "Policy executions by final status",
+            self.policy_executions.clone(),
+        );
+        r.register(
+            "mape_k_outcomes",
+            "Verified outcomes by class",
+            self.outcomes.clone(),
+        );
+        r.register(
+            "mape_k_policy_success_rate",
+            "Share of judged outcomes that were SUCCESS or PARTIAL",
+            self.policy_success_rate.clone(),
+        );
+        r.register(
+            "mape_k_cycle_duration_seconds",
+            "Duration of a chain from detection to outcome",
+            self.cycle_duration.clone(),
+        );
+        r.register(
+            "mape_k_phase_duration_seconds",
+            "Duration of each phase of a chain",
+            self.phase_duration.clone(),
+        );
+        r.register(
+            "mape_k_chains_cut_off",
+            "Chains cut off after max_cycle_time",
+            self.chains_cut_off.clone(),
+        );
+        r.register(
+            "mape_k_alerts_received",
+            "Alerts received on the Alertmanager webhook",
+            self.alerts_received.clone(),
+        );
+        r.register(
+            "mape_k_alerts_processed",
+            "Alerts accepted by the Monitor",
+            self.alerts_processed.clone(),
+        );
+        r.register(
+            "mape_k_effector_call_duration_seconds",
+            "Duration of effector calls",
+            self.effector_call_duration.clone(),
+        );
+        r.register(
+            "mape_k_source_query_duration_seconds",
+            "Duration of metric source queries",
+            self.source_query_duration.clone(),
+        );
+        r.register(
+            "mape_k_source_up",
+            "Whether the source gives evidence (1) or not (0)",
+            self.source_up.clone(),
+        );
     }
 
     /// Observes one phase duration.

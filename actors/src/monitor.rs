@@ -51,7 +51,13 @@ impl ActiveViolations {
     /// onset (`first_seen`) and take the new value and labels; `resolved`
     /// fingerprints end; for a `complete` batch every active violation of
     /// the source that is not in the batch ends as well.
-    pub fn apply(&mut self, source: &str, batch: &[Violation], resolved: &[String], complete: bool) -> Applied {
+    pub fn apply(
+        &mut self,
+        source: &str,
+        batch: &[Violation],
+        resolved: &[String],
+        complete: bool,
+    ) -> Applied {
         let mut out = Applied::default();
         let mut seen: HashSet<&str> = HashSet::with_capacity(batch.len());
         for v in batch {
@@ -82,7 +88,12 @@ impl ActiveViolations {
             let gone: Vec<String> = self
                 .by_source
                 .get(source)
-                .map(|set| set.iter().filter(|fp| !seen.contains(fp.as_str())).cloned().collect())
+                .map(|set| {
+                    set.iter()
+                        .filter(|fp| !seen.contains(fp.as_str()))
+                        .cloned()
+                        .collect()
+                })
                 .unwrap_or_default();
             for fp in gone {
                 if self.remove(source, &fp) {
@@ -117,7 +128,11 @@ impl ActiveViolations {
     /// Active violations, oldest onset first.
     pub fn snapshot(&self) -> Vec<Violation> {
         let mut v: Vec<Violation> = self.by_fingerprint.values().cloned().collect();
-        v.sort_by(|a, b| a.first_seen.cmp(&b.first_seen).then_with(|| a.fingerprint.cmp(&b.fingerprint)));
+        v.sort_by(|a, b| {
+            a.first_seen
+                .cmp(&b.first_seen)
+                .then_with(|| a.fingerprint.cmp(&b.fingerprint))
+        });
         v
     }
 
@@ -148,7 +163,7 @@ impl ActiveViolations {
 
 /// Whether a violation is on one of the components (any, when empty).
 pub fn in_scope(v: &Violation, scope: &[String]) -> bool {
-    scope.is_empty() || scope.iter().any(|c| *c == v.component)
+    scope.is_empty() || scope.contains(&v.component)
 }
 
 /// The Monitor actor.
@@ -281,7 +296,9 @@ impl Monitor {
         self.inbox
             .metrics()
             .source_up
-            .get_or_create(&SourceLabels { source: source.to_string() })
+            .get_or_create(&SourceLabels {
+                source: source.to_string(),
+            })
             .set(0);
         let withdrawn = self.active.withdraw_source(source);
         if !withdrawn.is_empty() {
@@ -316,7 +333,9 @@ impl Monitor {
                 self.inbox
                     .metrics()
                     .source_up
-                    .get_or_create(&SourceLabels { source: source.to_string() })
+                    .get_or_create(&SourceLabels {
+                        source: source.to_string(),
+                    })
                     .set(1);
                 self.accept(source, &batch, &[], true);
                 self.forward(secs);
@@ -342,7 +361,13 @@ impl Monitor {
         }
     }
 
-    fn accept(&mut self, source: &str, batch: &[Violation], resolved: &[String], complete: bool) -> ObserveAck {
+    fn accept(
+        &mut self,
+        source: &str,
+        batch: &[Violation],
+        resolved: &[String],
+        complete: bool,
+    ) -> ObserveAck {
         let applied = self.active.apply(source, batch, resolved, complete);
         let m = self.inbox.metrics();
         m.violations_detected.inc_by(batch.len() as u64);
@@ -355,7 +380,13 @@ impl Monitor {
             resolved: applied.resolved.len(),
         };
         if applied.new > 0 || !applied.resolved.is_empty() {
-            tracing::info!(source, new = applied.new, resolved = applied.resolved.len(), active = self.active.len(), "violations changed");
+            tracing::info!(
+                source,
+                new = applied.new,
+                resolved = applied.resolved.len(),
+                active = self.active.len(),
+                "violations changed"
+            );
         }
         self.pending_resolved.extend(applied.resolved);
         self.new_since_forward += applied.new;
@@ -438,11 +469,17 @@ pub(crate) fn note_restart(inbox: &Inbox, supervisor: &Recipient<ActorRestarted>
     inbox
         .metrics()
         .restarts
-        .get_or_create(&crate::metrics::ActorLabels { actor: inbox.kind().as_str() })
+        .get_or_create(&crate::metrics::ActorLabels {
+            actor: inbox.kind().as_str(),
+        })
         .inc();
     tracing::warn!(actor = %inbox.kind(), "actor restarting");
-    inbox.emit(LoopEvent::Restarted { actor: inbox.kind() });
-    supervisor.do_send(ActorRestarted { actor: inbox.kind() });
+    inbox.emit(LoopEvent::Restarted {
+        actor: inbox.kind(),
+    });
+    supervisor.do_send(ActorRestarted {
+        actor: inbox.kind(),
+    });
 }
 
 impl Handler<Observe> for Monitor {
@@ -456,7 +493,9 @@ impl Handler<Observe> for Monitor {
                 act.forward(0.0);
                 Ok(ack)
             })
-            .ok_or_else(|| ObserveError::AnalyzerUnavailable("monitor failed while handling the batch".into()))
+            .ok_or_else(|| {
+                ObserveError::AnalyzerUnavailable("monitor failed while handling the batch".into())
+            })
     }
 }
 
@@ -466,7 +505,9 @@ impl Handler<GetSources> for Monitor {
     fn handle(&mut self, _msg: GetSources, ctx: &mut Context<Self>) -> Self::Result {
         let inbox = self.inbox.clone();
         inbox
-            .guard(self, ctx, "GetSources", |act, _| Ok(act.health.values().cloned().collect()))
+            .guard(self, ctx, "GetSources", |act, _| {
+                Ok(act.health.values().cloned().collect())
+            })
             .unwrap_or_default()
     }
 }
@@ -477,7 +518,9 @@ impl Handler<GetActiveViolations> for Monitor {
     fn handle(&mut self, _msg: GetActiveViolations, ctx: &mut Context<Self>) -> Self::Result {
         let inbox = self.inbox.clone();
         inbox
-            .guard(self, ctx, "GetActiveViolations", |act, _| Ok(act.active.snapshot()))
+            .guard(self, ctx, "GetActiveViolations", |act, _| {
+                Ok(act.active.snapshot())
+            })
             .unwrap_or_default()
     }
 }
@@ -491,7 +534,9 @@ impl Handler<MeasureNow> for Monitor {
             Ok((act.sources.clone(), act.settings.rules.clone()))
         });
         let Some((sources, rules)) = prepared else {
-            return Box::pin(fut::ready(Err(SourceError::Unreachable("monitor restarting".into()))));
+            return Box::pin(fut::ready(Err(SourceError::Unreachable(
+                "monitor restarting".into(),
+            ))));
         };
         let scope = msg.scope;
         let polled: HashSet<String> = sources.iter().map(|s| s.name().to_string()).collect();
@@ -539,14 +584,19 @@ impl MonitorProbe {
 }
 
 impl EvidenceProbe for MonitorProbe {
-    fn count_violations<'a>(&'a self, scope: &'a [String]) -> futures::future::BoxFuture<'a, Result<usize, SourceError>> {
+    fn count_violations<'a>(
+        &'a self,
+        scope: &'a [String],
+    ) -> futures::future::BoxFuture<'a, Result<usize, SourceError>> {
         Box::pin(async move {
             let monitor = self
                 .monitor
                 .get()
                 .ok_or_else(|| SourceError::Unreachable("monitor not started".into()))?;
             monitor
-                .send(MeasureNow { scope: scope.to_vec() })
+                .send(MeasureNow {
+                    scope: scope.to_vec(),
+                })
                 .await
                 .map_err(|e| SourceError::Unreachable(e.to_string()))?
         })

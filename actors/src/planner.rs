@@ -104,7 +104,10 @@ impl Planner {
         let scope = scope_of(p);
         scope.iter().any(|c| {
             self.in_flight.contains_key(c) || self.cooldown_until.get(c).is_some_and(|t| now < *t)
-        }) || self.pending.values().any(|(q, _)| q.root_cause == p.root_cause)
+        }) || self
+            .pending
+            .values()
+            .any(|(q, _)| q.root_cause == p.root_cause)
     }
 
     fn announce(&self, p: &RemediationPolicy) {
@@ -139,7 +142,11 @@ impl Planner {
         self.inbox.emit(LoopEvent::Approved {
             chain_id: chain.chain_id.clone(),
             policy_id: policy.id.clone(),
-            by: policy.decisions.last().map(|d| d.by.clone()).unwrap_or_default(),
+            by: policy
+                .decisions
+                .last()
+                .map(|d| d.by.clone())
+                .unwrap_or_default(),
         });
         let executor = self.executor.clone();
         tracing::info!(chain = %chain.chain_id, policy = %policy.id, cause = %policy.root_cause,
@@ -257,7 +264,8 @@ impl Handler<DecidePolicy> for Planner {
                         _ => DecisionError::NotFound(msg.id.clone()),
                     }));
                 };
-                if let Err(e) = decide(&mut policy, msg.decision, &msg.by, msg.reason.clone(), now) {
+                if let Err(e) = decide(&mut policy, msg.decision, &msg.by, msg.reason.clone(), now)
+                {
                     act.pending.insert(msg.id.clone(), (policy, chain));
                     return Ok(Err(DecisionError::Invalid(e.to_string())));
                 }
@@ -269,11 +277,18 @@ impl Handler<DecidePolicy> for Planner {
                     act.dispatch(ctx, policy.clone(), chain);
                 } else {
                     tracing::info!(policy = %policy.id, by = %msg.by, "policy rejected");
-                    act.inbox.emit(LoopEvent::Rejected { policy_id: policy.id.clone(), by: msg.by.clone() });
+                    act.inbox.emit(LoopEvent::Rejected {
+                        policy_id: policy.id.clone(),
+                        by: msg.by.clone(),
+                    });
                 }
                 Ok(Ok(policy))
             })
-            .unwrap_or_else(|| Err(DecisionError::Unavailable("planner failed while deciding".into())))
+            .unwrap_or_else(|| {
+                Err(DecisionError::Unavailable(
+                    "planner failed while deciding".into(),
+                ))
+            })
     }
 }
 
@@ -285,7 +300,11 @@ impl Handler<ExecutionFinished> for Planner {
         inbox.guard(self, ctx, "ExecutionFinished", |act, _| {
             let until = Instant::now() + Duration::from_secs(act.settings.cooldown_seconds);
             for c in scope_of(&msg.policy) {
-                if act.in_flight.get(&c).is_some_and(|(id, _)| *id == msg.policy.id) {
+                if act
+                    .in_flight
+                    .get(&c)
+                    .is_some_and(|(id, _)| *id == msg.policy.id)
+                {
                     act.in_flight.remove(&c);
                 }
                 act.cooldown_until.insert(c, until);

@@ -48,7 +48,10 @@ pub trait MetricSource: Send + Sync + 'static {
     /// Evaluates every rule now and returns one violation per breaching
     /// series. `first_seen` may equal `observed_at`: the Monitor keeps the
     /// real onset. An error means *no evidence*, never *no violations*.
-    fn poll<'a>(&'a self, rules: &'a [RuleSpec]) -> BoxFuture<'a, Result<Vec<Violation>, SourceError>>;
+    fn poll<'a>(
+        &'a self,
+        rules: &'a [RuleSpec],
+    ) -> BoxFuture<'a, Result<Vec<Violation>, SourceError>>;
 }
 
 /// Why an effector call failed.
@@ -79,13 +82,19 @@ pub trait Effector: Send + Sync + 'static {
     fn name(&self) -> &str;
 
     /// Pre-flight check of a whole policy before any action runs.
-    fn validate<'a>(&'a self, _policy: &'a RemediationPolicy) -> BoxFuture<'a, Result<(), EffectorError>> {
+    fn validate<'a>(
+        &'a self,
+        _policy: &'a RemediationPolicy,
+    ) -> BoxFuture<'a, Result<(), EffectorError>> {
         Box::pin(async { Ok(()) })
     }
 
     /// Carries out one action; the answer is kept in the execution record
     /// and handed back to [`Effector::rollback`].
-    fn apply<'a>(&'a self, action: &'a RemediationAction) -> BoxFuture<'a, Result<Value, EffectorError>>;
+    fn apply<'a>(
+        &'a self,
+        action: &'a RemediationAction,
+    ) -> BoxFuture<'a, Result<Value, EffectorError>>;
 
     /// Undoes a completed action with its rollback step.
     fn rollback<'a>(
@@ -100,5 +109,8 @@ pub trait Effector: Send + Sync + 'static {
 pub trait EvidenceProbe: Send + Sync + 'static {
     /// Number of violations currently observed on the given components (all
     /// components when the scope is empty). An error means no evidence.
-    fn count_violations<'a>(&'a self, scope: &'a [String]) -> BoxFuture<'a, Result<usize, SourceError>>;
+    fn count_violations<'a>(
+        &'a self,
+        scope: &'a [String],
+    ) -> BoxFuture<'a, Result<usize, SourceError>>;
 }

@@ -105,8 +105,9 @@ pub fn default_rules() -> Vec<RuleSpec> {
     vec![
         RuleSpec {
             name: "CharterCriticalPolicyViolations".into(),
-            expr: "increase(westworld_charter_policy_violations_total{severity=\"critical\"}[5m]) > 0"
-                .into(),
+            expr:
+                "increase(westworld_charter_policy_violations_total{severity=\"critical\"}[5m]) > 0"
+                    .into(),
             severity: Severity::Critical,
             component: "charter".into(),
             signal: Some(Signal::Policy),
@@ -169,7 +170,10 @@ impl MonitorSettings {
             if r.name.trim().is_empty() {
                 i.push(&format!("rules[{n}].name"), "must not be empty");
             } else if !seen.insert(r.name.as_str()) {
-                i.push(&format!("rules[{n}].name"), format!("duplicate rule name `{}`", r.name));
+                i.push(
+                    &format!("rules[{n}].name"),
+                    format!("duplicate rule name `{}`", r.name),
+                );
             }
             if r.expr.trim().is_empty() {
                 i.push(&format!("rules[{n}].expr"), "must not be empty");
@@ -308,7 +312,12 @@ impl AnalyzeSettings {
                 );
             }
         }
-        i.within("causal.min_correlation", self.causal.min_correlation, -1.0, 1.0);
+        i.within(
+            "causal.min_correlation",
+            self.causal.min_correlation,
+            -1.0,
+            1.0,
+        );
         i.within("causal.confidence", self.causal.confidence, 0.0, 1.0);
         i.at_least("causal.bucket_seconds", self.causal.bucket_seconds, 1);
     }
@@ -394,7 +403,11 @@ impl PlanSettings {
         i.at_least("max_policies", self.max_policies, 1);
         i.at_least("scale_step", self.scale_step, 1);
         i.at_least("throttle_rate_limit", self.throttle_rate_limit, 1);
-        i.at_least("override_duration_seconds", self.override_duration_seconds, 1);
+        i.at_least(
+            "override_duration_seconds",
+            self.override_duration_seconds,
+            1,
+        );
         for (a, c) in &self.action_costs {
             i.within(&format!("action_costs.{}", a.as_str()), *c, 0.0, 1.0);
         }
@@ -449,7 +462,10 @@ impl ExecuteSettings {
             );
         }
         if self.retries > 10 {
-            i.push("retries", format!("must be at most 10 (got {})", self.retries));
+            i.push(
+                "retries",
+                format!("must be at most 10 (got {})", self.retries),
+            );
         }
     }
 }

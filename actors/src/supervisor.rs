@@ -148,7 +148,17 @@ pub struct LoopSupervisor {
 /// before the phase that feeds it). Must be called from within a running
 /// `actix::System`.
 pub fn start_loop(parts: LoopParts) -> LoopHandle {
-    let LoopParts { settings, sources, effectors, probe, store, clock, metrics, chaos, events } = parts;
+    let LoopParts {
+        settings,
+        sources,
+        effectors,
+        probe,
+        store,
+        clock,
+        metrics,
+        chaos,
+        events,
+    } = parts;
     let events = events.unwrap_or_else(|| crate::events::bus(1024));
     let exit = ExitReason::default();
     let state = SharedState::default();
@@ -186,7 +196,8 @@ pub fn start_loop(parts: LoopParts) -> LoopHandle {
         );
 
         let monitor_probe = MonitorProbe::new();
-        let probe: Arc<dyn EvidenceProbe> = probe.unwrap_or_else(|| Arc::new(monitor_probe.clone()));
+        let probe: Arc<dyn EvidenceProbe> =
+            probe.unwrap_or_else(|| Arc::new(monitor_probe.clone()));
         let env = ExecutionEnv {
             router: effectors,
             probe,
@@ -317,7 +328,9 @@ impl Actor for LoopSupervisor {
     fn started(&mut self, ctx: &mut Context<Self>) {
         self.metrics
             .actor_up
-            .get_or_create(&crate::metrics::ActorLabels { actor: ActorKind::Supervisor.as_str() })
+            .get_or_create(&crate::metrics::ActorLabels {
+                actor: ActorKind::Supervisor.as_str(),
+            })
             .set(1);
         // An actor that died outside the panic guard cannot be restarted:
         // that is an escalation too.

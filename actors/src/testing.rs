@@ -12,6 +12,9 @@ use crate::model::{ActionType, RemediationAction, RollbackStep, Violation};
 use crate::ports::{Effector, EffectorError, EvidenceProbe, MetricSource, SourceError};
 use crate::settings::RuleSpec;
 
+type ApplyHook = Arc<dyn Fn(&RemediationAction) + Send + Sync>;
+type Answer = Result<Vec<Violation>, SourceError>;
+
 /// One call an effector double received.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RecordedCall {
@@ -29,7 +32,7 @@ pub struct RecordedCall {
 pub struct RecordingEffector {
     calls: Arc<Mutex<Vec<RecordedCall>>>,
     failing: Arc<Mutex<Vec<(ActionType, EffectorError)>>>,
-    on_apply: Arc<Mutex<Option<Arc<dyn Fn(&RemediationAction) + Send + Sync>>>>,
+    on_apply: Arc<Mutex<Option<ApplyHook>>>,
 }
 
 impl RecordingEffector {
@@ -40,7 +43,10 @@ impl RecordingEffector {
 
     /// Makes every `apply` of `action` fail with `err`.
     pub fn fail(&self, action: ActionType, err: EffectorError) {
-        self.failing.lock().unwrap_or_else(|p| p.into_inner()).push((action, err));
+        self.failing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((action, err));
     }
 
     /// Runs `f` on every successful apply (e.g. to heal a simulated fault).
@@ -63,12 +69,22 @@ impl Effector for RecordingEffector {
         "recording"
     }
 
-    fn validate<'a>(&'a self, _policy: &'a crate::model::RemediationPolicy) -> BoxFuture<'a, Result<(), EffectorError>> {
-        self.push(RecordedCall { kind: "validate", action: None, parameters: Value::Null });
+    fn validate<'a>(
+        &'a self,
+        _policy: &'a crate::model::RemediationPolicy,
+    ) -> BoxFuture<'a, Result<(), EffectorError>> {
+        self.push(RecordedCall {
+            kind: "validate",
+            action: None,
+            parameters: Value::Null,
+        });
         Box::pin(async { Ok(()) })
     }
 
-    fn apply<'a>(&'a self, action: &'a RemediationAction) -> BoxFuture<'a, Result<Value, EffectorError>> {
+    fn apply<'a>(
+        &'a self,
+        action: &'a RemediationAction,
+    ) -> BoxFuture<'a, Result<Value, EffectorError>> {
         self.push(RecordedCall {
             kind: "apply",
             action: Some(action.action_type),
@@ -82,7 +98,12 @@ impl Effector for RecordingEffector {
             .find(|(a, _)| *a == action.action_type)
             .map(|(_, e)| e.clone());
         if failure.is_none() {
-            if let Some(f) = self.on_apply.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+            if let Some(f) = self
+                .on_apply
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
+            {
                 f(action);
             }
         }
@@ -94,7 +115,12 @@ impl Effector for RecordingEffector {
         })
     }
 
-    fn rollback<'a>(&'a self, action: &'a RemediationAction, step: &'a RollbackStep, _applied: &'a Value) -> BoxFuture<'a, Result<Value, EffectorError>> {
+    fn rollback<'a>(
+        &'a self,
+        action: &'a RemediationAction,
+        step: &'a RollbackStep,
+        _applied: &'a Value,
+    ) -> BoxFuture<'a, Result<Value, EffectorError>> {
         self.push(RecordedCall {
             kind: "rollback",
             action: Some(action.action_type),
@@ -109,25 +135,34 @@ impl Effector for RecordingEffector {
 #[derive(Clone, Default)]
 pub struct ScriptedSource {
     name: String,
-    script: Arc<Mutex<VecDeque<Result<Vec<Violation>, SourceError>>>>,
-    last: Arc<Mutex<Option<Result<Vec<Violation>, SourceError>>>>,
+    script: Arc<Mutex<VecDeque<Answer>>>,
+    last: Arc<Mutex<Option<Answer>>>,
     polls: Arc<Mutex<u64>>,
 }
 
 impl ScriptedSource {
     /// A source named `name` with an empty script (answers no violations).
     pub fn new(name: &str) -> Self {
-        ScriptedSource { name: name.into(), ..Default::default() }
+        ScriptedSource {
+            name: name.into(),
+            ..Default::default()
+        }
     }
 
     /// Queues an answer.
     pub fn push(&self, answer: Result<Vec<Violation>, SourceError>) {
-        self.script.lock().unwrap_or_else(|p| p.into_inner()).push_back(answer);
+        self.script
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push_back(answer);
     }
 
     /// Replaces the script with one answer repeated from now on.
     pub fn set(&self, answer: Result<Vec<Violation>, SourceError>) {
-        self.script.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.script
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(answer);
     }
 
@@ -142,9 +177,16 @@ impl MetricSource for ScriptedSource {
         &self.name
     }
 
-    fn poll<'a>(&'a self, _rules: &'a [RuleSpec]) -> BoxFuture<'a, Result<Vec<Violation>, SourceError>> {
+    fn poll<'a>(
+        &'a self,
+        _rules: &'a [RuleSpec],
+    ) -> BoxFuture<'a, Result<Vec<Violation>, SourceError>> {
         *self.polls.lock().unwrap_or_else(|p| p.into_inner()) += 1;
-        let next = self.script.lock().unwrap_or_else(|p| p.into_inner()).pop_front();
+        let next = self
+            .script
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop_front();
         let answer = match next {
             Some(a) => {
                 *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(a.clone());
@@ -170,14 +212,23 @@ pub struct ScriptedProbe {
 impl ScriptedProbe {
     /// A probe with these answers.
     pub fn new(answers: Vec<Result<usize, SourceError>>) -> Self {
-        ScriptedProbe { answers: Arc::new(Mutex::new(answers.into())) }
+        ScriptedProbe {
+            answers: Arc::new(Mutex::new(answers.into())),
+        }
     }
 }
 
 impl EvidenceProbe for ScriptedProbe {
-    fn count_violations<'a>(&'a self, _scope: &'a [String]) -> BoxFuture<'a, Result<usize, SourceError>> {
+    fn count_violations<'a>(
+        &'a self,
+        _scope: &'a [String],
+    ) -> BoxFuture<'a, Result<usize, SourceError>> {
         let mut q = self.answers.lock().unwrap_or_else(|p| p.into_inner());
-        let a = if q.len() > 1 { q.pop_front() } else { q.front().cloned() };
+        let a = if q.len() > 1 {
+            q.pop_front()
+        } else {
+            q.front().cloned()
+        };
         let a = a.unwrap_or(Err(SourceError::Unreachable("no scripted answer".into())));
         Box::pin(async move { a })
     }

@@ -16,11 +16,14 @@ use mapek_actors::mailbox::FaultInjector;
 use mapek_actors::messages::{DecidePolicy, Shutdown};
 use mapek_actors::metrics::{ActorKind, Metrics};
 use mapek_actors::model::{
-    ActionType, ApprovalStatus, ExecutionStatus, OutcomeType, RiskLevel, Severity, Signal, Violation,
+    ActionType, ApprovalStatus, ExecutionStatus, OutcomeType, RiskLevel, Severity, Signal,
+    Violation,
 };
 use mapek_actors::ports::{EffectorError, SourceError};
 use mapek_actors::store::KnowledgeStore;
-use mapek_actors::supervisor::{start_loop, LoopHandle, LoopParts, LoopSettings, ESCALATION_EXIT_CODE};
+use mapek_actors::supervisor::{
+    start_loop, LoopHandle, LoopParts, LoopSettings, ESCALATION_EXIT_CODE,
+};
 use mapek_actors::testing::{RecordingEffector, ScriptedProbe, ScriptedSource};
 use tokio::sync::broadcast::Receiver;
 
@@ -132,7 +135,12 @@ async fn until<T>(rx: &mut Receiver<LoopEvent>, mut f: impl FnMut(&LoopEvent) ->
 
 fn verified(e: &LoopEvent) -> Option<(Option<OutcomeType>, Option<usize>, Option<usize>)> {
     match e {
-        LoopEvent::Verified { outcome, before, after, .. } => Some((*outcome, *before, *after)),
+        LoopEvent::Verified {
+            outcome,
+            before,
+            after,
+            ..
+        } => Some((*outcome, *before, *after)),
         _ => None,
     }
 }
@@ -149,19 +157,43 @@ fn violations_flow_to_a_verified_outcome_in_knowledge() {
         assert_eq!((before, after), (Some(3), Some(0)));
 
         let calls = rig.effector.calls();
-        let applied: Vec<ActionType> = calls.iter().filter(|c| c.kind == "apply").filter_map(|c| c.action).collect();
-        assert_eq!(applied, vec![ActionType::ScaleUp, ActionType::UpdateConfiguration], "validation-latency strategy, in dependency order");
-        assert_eq!(calls[0].kind, "validate", "pre-flight validation comes first");
+        let applied: Vec<ActionType> = calls
+            .iter()
+            .filter(|c| c.kind == "apply")
+            .filter_map(|c| c.action)
+            .collect();
+        assert_eq!(
+            applied,
+            vec![ActionType::ScaleUp, ActionType::UpdateConfiguration],
+            "validation-latency strategy, in dependency order"
+        );
+        assert_eq!(
+            calls[0].kind, "validate",
+            "pre-flight validation comes first"
+        );
 
         let execs = rig.store.list_executions(10).expect("executions");
-        let e = execs.iter().find(|e| e.outcome.is_some()).expect("a finished execution");
+        let e = execs
+            .iter()
+            .find(|e| e.outcome.is_some())
+            .expect("a finished execution");
         assert_eq!(e.status, ExecutionStatus::Completed);
-        assert!(e.timings.total_seconds >= 5.0, "total includes the verification window: {:?}", e.timings);
+        assert!(
+            e.timings.total_seconds >= 5.0,
+            "total includes the verification window: {:?}",
+            e.timings
+        );
         assert!(e.timings.execution_seconds >= 5.0);
         let stats = rig.store.stats().expect("stats");
-        let st = stats.by_action.get(&ActionType::ScaleUp).expect("scale-up learned");
+        let st = stats
+            .by_action
+            .get(&ActionType::ScaleUp)
+            .expect("scale-up learned");
         assert_eq!((st.executions, st.successes), (1, 1));
-        let policies = rig.store.list_policies(Some(ApprovalStatus::Approved), 10).expect("policies");
+        let policies = rig
+            .store
+            .list_policies(Some(ApprovalStatus::Approved), 10)
+            .expect("policies");
         assert!(policies.iter().any(|p| p.id == e.policy_id));
         let state = h.state.snapshot();
         assert!(state.iteration >= 1 && state.policies_executed == 1 && state.is_running);
@@ -178,7 +210,12 @@ struct PanicOnce {
 
 impl FaultInjector for PanicOnce {
     fn before_handle(&self, actor: ActorKind, message: &'static str) {
-        if actor == self.target && self.left.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
+        if actor == self.target
+            && self
+                .left
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+        {
             panic!("injected fault in {actor} while handling {message}");
         }
     }
@@ -186,10 +223,19 @@ impl FaultInjector for PanicOnce {
 
 #[test]
 fn a_panic_in_any_phase_is_survived_and_the_loop_still_acts() {
-    for target in [ActorKind::Monitor, ActorKind::Analyzer, ActorKind::Planner, ActorKind::Executor, ActorKind::Knowledge] {
+    for target in [
+        ActorKind::Monitor,
+        ActorKind::Analyzer,
+        ActorKind::Planner,
+        ActorKind::Executor,
+        ActorKind::Knowledge,
+    ] {
         let rig = rig(vec![Ok(3), Ok(0)]);
         let sys = paused_system();
-        let chaos = Arc::new(PanicOnce { target, left: AtomicUsize::new(1) });
+        let chaos = Arc::new(PanicOnce {
+            target,
+            left: AtomicUsize::new(1),
+        });
         sys.block_on(async {
             let h = start(&rig, settings(), Some(chaos.clone()));
             let mut rx = h.events.subscribe();
@@ -200,18 +246,35 @@ fn a_panic_in_any_phase_is_survived_and_the_loop_still_acts() {
             .await;
             assert_eq!(restarted, target);
             let (outcome, ..) = until(&mut rx, verified).await;
-            assert_eq!(outcome, Some(OutcomeType::Success), "after a panic in {target}");
-            assert_eq!(chaos.left.load(Ordering::SeqCst), 0, "the fault was injected");
+            assert_eq!(
+                outcome,
+                Some(OutcomeType::Success),
+                "after a panic in {target}"
+            );
+            assert_eq!(
+                chaos.left.load(Ordering::SeqCst),
+                0,
+                "the fault was injected"
+            );
             let restarts = h
                 .metrics
                 .restarts
-                .get_or_create(&mapek_actors::metrics::ActorLabels { actor: target.as_str() })
+                .get_or_create(&mapek_actors::metrics::ActorLabels {
+                    actor: target.as_str(),
+                })
                 .get();
             assert_eq!(restarts, 1, "{target} restarted once");
-            assert!(h.phases_connected().values().all(|up| *up), "every phase is up again");
+            assert!(
+                h.phases_connected().values().all(|up| *up),
+                "every phase is up again"
+            );
             h.supervisor.send(Shutdown).await.expect("shutdown");
         });
-        assert_eq!(sys.run_with_code().expect("run"), 0, "clean exit after surviving a panic in {target}");
+        assert_eq!(
+            sys.run_with_code().expect("run"),
+            0,
+            "clean exit after surviving a panic in {target}"
+        );
     }
 }
 
@@ -232,18 +295,25 @@ fn exceeding_the_restart_intensity_stops_the_system_non_zero_naming_the_actor() 
     let sys = paused_system();
     let mut s = settings();
     s.orchestrator.max_restarts = 2;
-    let h = sys.block_on(async { start(&rig, s, Some(Arc::new(AlwaysPanic(ActorKind::Analyzer)))) });
+    let h =
+        sys.block_on(async { start(&rig, s, Some(Arc::new(AlwaysPanic(ActorKind::Analyzer)))) });
     let code = sys.run_with_code().expect("run");
     assert_eq!(code, ESCALATION_EXIT_CODE);
     let why = h.exit.get().expect("a reason");
-    assert!(why.contains("`analyzer`") && why.contains("max_restarts = 2"), "{why}");
+    assert!(
+        why.contains("`analyzer`") && why.contains("max_restarts = 2"),
+        "{why}"
+    );
     assert!(rig.effector.calls().is_empty(), "nothing was executed");
 }
 
 #[test]
 fn a_failed_action_rolls_back_completed_ones_in_reverse_order() {
     let rig = rig(vec![Ok(3), Ok(3)]);
-    rig.effector.fail(ActionType::UpdateConfiguration, EffectorError::Rejected("HTTP 400".into()));
+    rig.effector.fail(
+        ActionType::UpdateConfiguration,
+        EffectorError::Rejected("HTTP 400".into()),
+    );
     let sys = paused_system();
     sys.block_on(async {
         let h = start(&rig, settings(), None);
@@ -256,7 +326,12 @@ fn a_failed_action_rolls_back_completed_ones_in_reverse_order() {
         assert_eq!(status, ExecutionStatus::RolledBack);
         let (outcome, ..) = until(&mut rx, verified).await;
         assert_eq!(outcome, None, "a rolled-back execution teaches nothing");
-        let kinds: Vec<(&str, Option<ActionType>)> = rig.effector.calls().iter().map(|c| (c.kind, c.action)).collect();
+        let kinds: Vec<(&str, Option<ActionType>)> = rig
+            .effector
+            .calls()
+            .iter()
+            .map(|c| (c.kind, c.action))
+            .collect();
         assert_eq!(
             kinds,
             vec![
@@ -279,12 +354,18 @@ fn a_failed_action_rolls_back_completed_ones_in_reverse_order() {
 #[test]
 fn transient_failures_are_retried_with_backoff_then_rolled_back() {
     let rig = rig(vec![Ok(3)]);
-    rig.effector.fail(ActionType::UpdateConfiguration, EffectorError::Transient("HTTP 503".into()));
+    rig.effector.fail(
+        ActionType::UpdateConfiguration,
+        EffectorError::Transient("HTTP 503".into()),
+    );
     let sys = paused_system();
     sys.block_on(async {
         let h = start(&rig, settings(), None);
         let mut rx = h.events.subscribe();
-        until(&mut rx, |e| matches!(e, LoopEvent::Executed { .. }).then_some(())).await;
+        until(&mut rx, |e| {
+            matches!(e, LoopEvent::Executed { .. }).then_some(())
+        })
+        .await;
         let tries = rig
             .effector
             .calls()
@@ -299,15 +380,29 @@ fn transient_failures_are_retried_with_backoff_then_rolled_back() {
 
 #[test]
 fn no_evidence_after_acting_gives_unknown_never_an_assumed_success() {
-    let rig = rig(vec![Ok(3), Err(SourceError::Unreachable("prometheus down".into()))]);
+    let rig = rig(vec![
+        Ok(3),
+        Err(SourceError::Unreachable("prometheus down".into())),
+    ]);
     let sys = paused_system();
     sys.block_on(async {
         let h = start(&rig, settings(), None);
         let mut rx = h.events.subscribe();
         let (outcome, before, after) = until(&mut rx, verified).await;
-        assert_eq!((outcome, before, after), (Some(OutcomeType::Unknown), Some(3), None));
+        assert_eq!(
+            (outcome, before, after),
+            (Some(OutcomeType::Unknown), Some(3), None)
+        );
         let stats = rig.store.stats().expect("stats");
-        assert_eq!(stats.by_action.get(&ActionType::ScaleUp).map(|s| s.executions).unwrap_or(0), 0, "UNKNOWN teaches nothing");
+        assert_eq!(
+            stats
+                .by_action
+                .get(&ActionType::ScaleUp)
+                .map(|s| s.executions)
+                .unwrap_or(0),
+            0,
+            "UNKNOWN teaches nothing"
+        );
         h.supervisor.send(Shutdown).await.expect("shutdown");
     });
     sys.run_with_code().expect("run");
@@ -316,7 +411,10 @@ fn no_evidence_after_acting_gives_unknown_never_an_assumed_success() {
 #[test]
 fn a_degraded_source_is_no_evidence_and_nothing_is_planned() {
     let rig = rig(vec![Ok(3)]);
-    rig.source.set(Err(SourceError::Status { status: 500, body: "boom".into() }));
+    rig.source.set(Err(SourceError::Status {
+        status: 500,
+        body: "boom".into(),
+    }));
     let sys = paused_system();
     sys.block_on(async {
         let h = start(&rig, settings(), None);
@@ -325,11 +423,31 @@ fn a_degraded_source_is_no_evidence_and_nothing_is_planned() {
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
         assert!(rig.effector.calls().is_empty());
-        assert!(rig.store.list_policies(None, 10).expect("policies").is_empty());
-        let sources = h.monitor.send(mapek_actors::messages::GetSources).await.expect("sources");
-        assert_eq!(sources[0].status, mapek_actors::messages::SourceStatus::Degraded);
-        assert!(sources[0].last_error.as_deref().unwrap_or("").contains("500"));
-        assert!(h.state.snapshot().error.unwrap_or_default().contains("scripted"));
+        assert!(rig
+            .store
+            .list_policies(None, 10)
+            .expect("policies")
+            .is_empty());
+        let sources = h
+            .monitor
+            .send(mapek_actors::messages::GetSources)
+            .await
+            .expect("sources");
+        assert_eq!(
+            sources[0].status,
+            mapek_actors::messages::SourceStatus::Degraded
+        );
+        assert!(sources[0]
+            .last_error
+            .as_deref()
+            .unwrap_or("")
+            .contains("500"));
+        assert!(h
+            .state
+            .snapshot()
+            .error
+            .unwrap_or_default()
+            .contains("scripted"));
         // It recovers by itself when the source does.
         rig.source.set(Ok(incident()));
         let mut rx = h.events.subscribe();
@@ -354,26 +472,53 @@ fn high_risk_policies_wait_for_a_person_and_run_once_approved() {
             _ => None,
         })
         .await;
-        assert!(rig.effector.calls().is_empty(), "nothing runs before approval");
-        let pending = rig.store.list_policies(Some(ApprovalStatus::Pending), 10).expect("pending");
+        assert!(
+            rig.effector.calls().is_empty(),
+            "nothing runs before approval"
+        );
+        let pending = rig
+            .store
+            .list_policies(Some(ApprovalStatus::Pending), 10)
+            .expect("pending");
         assert!(pending.iter().any(|p| p.id == policy_id));
         let decided = h
             .planner
-            .send(DecidePolicy { id: policy_id.clone(), decision: ApprovalStatus::Approved, by: "alice".into(), reason: None })
+            .send(DecidePolicy {
+                id: policy_id.clone(),
+                decision: ApprovalStatus::Approved,
+                by: "alice".into(),
+                reason: None,
+            })
             .await
             .expect("planner")
             .expect("approved");
         assert_eq!(decided.approval_status, ApprovalStatus::Approved);
         let again = h
             .planner
-            .send(DecidePolicy { id: policy_id.clone(), decision: ApprovalStatus::Rejected, by: "bob".into(), reason: None })
+            .send(DecidePolicy {
+                id: policy_id.clone(),
+                decision: ApprovalStatus::Rejected,
+                by: "bob".into(),
+                reason: None,
+            })
             .await
             .expect("planner");
         assert!(again.is_err(), "an approved policy cannot be rejected");
         let (outcome, ..) = until(&mut rx, verified).await;
-        assert_eq!(outcome, Some(OutcomeType::Partial), "3 → 1 resolves more than half");
-        let stored = rig.store.get_policy(&policy_id).expect("get").expect("stored");
-        assert_eq!(stored.decisions.last().map(|d| d.by.as_str()), Some("alice"));
+        assert_eq!(
+            outcome,
+            Some(OutcomeType::Partial),
+            "3 → 1 resolves more than half"
+        );
+        let stored = rig
+            .store
+            .get_policy(&policy_id)
+            .expect("get")
+            .expect("stored");
+        assert_eq!(
+            stored.decisions.last().map(|d| d.by.as_str()),
+            Some("alice")
+        );
         h.supervisor.send(Shutdown).await.expect("shutdown");
     });
     sys.run_with_code().expect("run");
@@ -393,7 +538,11 @@ fn a_chain_past_max_cycle_time_is_cut_off_and_recorded_as_such() {
         assert_eq!(outcome, Some(OutcomeType::Unknown));
         let e = &rig.store.list_executions(1).expect("executions")[0];
         assert!(e.timings.cut_off, "{:?}", e.timings);
-        assert!(e.timings.total_seconds <= 31.0, "stopped at the limit: {:?}", e.timings);
+        assert!(
+            e.timings.total_seconds <= 31.0,
+            "stopped at the limit: {:?}",
+            e.timings
+        );
         let cut = h.metrics.chains_cut_off.get();
         assert_eq!(cut, 1);
         h.supervisor.send(Shutdown).await.expect("shutdown");

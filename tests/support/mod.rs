@@ -32,7 +32,11 @@ impl Proc {
     /// Starts `mapek ARGS` with extra environment.
     pub fn start(args: &[&str], env: &[(&str, &str)], cwd: &Path) -> Proc {
         let mut cmd = Command::new(bin());
-        cmd.args(args).current_dir(cwd).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.args(args)
+            .current_dir(cwd)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         cmd.env_remove("RUST_LOG");
         for (k, v) in env {
             cmd.env(k, v);
@@ -56,7 +60,11 @@ impl Proc {
                 }
             }
         });
-        Proc { child, lines: rx, seen: Vec::new() }
+        Proc {
+            child,
+            lines: rx,
+            seen: Vec::new(),
+        }
     }
 
     /// Waits until a line containing `needle` is printed; panics with
@@ -75,7 +83,10 @@ impl Proc {
                         return l;
                     }
                 }
-                Err(_) => panic!("`{needle}` not printed within {limit:?}; output so far:\n{}", self.seen.join("\n")),
+                Err(_) => panic!(
+                    "`{needle}` not printed within {limit:?}; output so far:\n{}",
+                    self.seen.join("\n")
+                ),
             }
         }
     }
@@ -89,7 +100,11 @@ impl Proc {
 
     /// Sends SIGTERM.
     pub fn term(&self) {
-        let ok = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status().expect("kill");
+        let ok = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("kill");
         assert!(ok.success());
     }
 
@@ -106,7 +121,10 @@ impl Proc {
             }
             if Instant::now() > end {
                 let _ = self.child.kill();
-                panic!("mapek did not exit within {limit:?}; output:\n{}", self.seen.join("\n"));
+                panic!(
+                    "mapek did not exit within {limit:?}; output:\n{}",
+                    self.seen.join("\n")
+                );
             }
             // Process exit has no event to await from std; poll briefly.
             self.drain();
