@@ -19,11 +19,13 @@
 //! Beware of YAML 1.1 booleans: an unquoted `y`, `n`, `yes`, `no`, `on` or
 //! `off` is a boolean, not a string.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use mapek_actors::model::ActionType;
 use mapek_actors::settings::{
     AnalyzeSettings, ConfigIssue, ExecuteSettings, Issues, KnowledgeSettings, MonitorSettings,
     OrchestratorSettings, PlanSettings, RuleSpec,
@@ -54,8 +56,11 @@ pub struct Config {
     pub execute: ExecuteSettings,
     /// Knowledge base: storage and learning.
     pub knowledge: KnowledgeSettings,
-    /// The managed "Charter" system (the effector).
+    /// The managed "Charter" system (the default effector).
     pub charter: CharterSettings,
+    /// Which effector carries out which action type, and the settings of
+    /// the command and webhook effectors.
+    pub effectors: EffectorsSettings,
     /// Alertmanager: alerts pushed to the webhook.
     pub alertmanager: AlertmanagerSettings,
     /// HTTP API of the daemon.
@@ -126,6 +131,298 @@ impl fmt::Debug for CharterSettings {
         f.debug_struct("CharterSettings")
             .field("url", &self.url)
             .field("api_key", &key)
+            .field("timeout_seconds", &self.timeout_seconds)
+            .finish()
+    }
+}
+
+/// An effector that `effectors.default` and `effectors.routes` can name.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum EffectorKind {
+    /// The Charter REST API (section `charter`).
+    #[default]
+    Charter,
+    /// A local program (section `effectors.command`).
+    Command,
+    /// An HTTP webhook (section `effectors.webhook`).
+    Webhook,
+    /// No effector: the Executor fails policies containing such actions with
+    /// "no effector configured", before running any of their actions.
+    None,
+}
+
+impl EffectorKind {
+    /// Every effector name.
+    pub const ALL: [EffectorKind; 4] = [
+        EffectorKind::Charter,
+        EffectorKind::Command,
+        EffectorKind::Webhook,
+        EffectorKind::None,
+    ];
+
+    /// Lower-case name, as written in the file (`charter`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EffectorKind::Charter => "charter",
+            EffectorKind::Command => "command",
+            EffectorKind::Webhook => "webhook",
+            EffectorKind::None => "none",
+        }
+    }
+}
+
+impl fmt::Display for EffectorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Which effector carries out which action type, and the settings of the
+/// effectors other than Charter (whose settings are the `charter` section).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct EffectorsSettings {
+    /// Effector for the action types not listed in `routes`.
+    pub default: EffectorKind,
+    /// Effector per action type (`RESTART_SERVICE: command`), overriding
+    /// `default`.
+    #[serde(deserialize_with = "deserialize_routes")]
+    pub routes: BTreeMap<ActionType, EffectorKind>,
+    /// The command effector: runs a local program per action.
+    pub command: CommandSettings,
+    /// The webhook effector: POSTs each action as JSON.
+    pub webhook: WebhookSettings,
+}
+
+impl EffectorsSettings {
+    /// The effector carrying out `action`: its route, else the default.
+    pub fn kind_for(&self, action: ActionType) -> EffectorKind {
+        self.routes.get(&action).copied().unwrap_or(self.default)
+    }
+
+    /// Whether any action type is carried out by `kind`.
+    pub fn uses(&self, kind: EffectorKind) -> bool {
+        ActionType::ALL.iter().any(|a| self.kind_for(*a) == kind)
+    }
+
+    /// Key paths that make some action type use `kind`
+    /// (`effectors.default`, `effectors.routes.FAILOVER`).
+    fn users_of(&self, kind: EffectorKind) -> Vec<String> {
+        let mut users = Vec::new();
+        let default_used = ActionType::ALL.iter().any(|a| !self.routes.contains_key(a));
+        if self.default == kind && default_used {
+            users.push("effectors.default".to_string());
+        }
+        for (action, k) in &self.routes {
+            if *k == kind {
+                users.push(format!("effectors.routes.{}", action.as_str()));
+            }
+        }
+        users
+    }
+
+    /// Records the problems of the section under `effectors`.
+    fn validate(&self, out: &mut Vec<ConfigIssue>) {
+        let mut i = Issues::new("effectors", out);
+        let command_users = self.users_of(EffectorKind::Command);
+        if !command_users.is_empty() && self.command.program.trim().is_empty() {
+            i.push(
+                "command.program",
+                format!(
+                    "required because {} the command effector",
+                    name_users(&command_users)
+                ),
+            );
+        }
+        for (n, arg) in self.command.args.iter().enumerate() {
+            if let Err(why) = crate::effectors::check_template(arg) {
+                i.push(&format!("command.args[{n}]"), why);
+            }
+        }
+        i.at_least("command.timeout_seconds", self.command.timeout_seconds, 1);
+        for (n, code) in self.command.retry_exit_codes.iter().enumerate() {
+            if !(1..=255).contains(code) {
+                i.push(
+                    &format!("command.retry_exit_codes[{n}]"),
+                    format!("must be an exit code between 1 and 255 (got {code})"),
+                );
+            }
+        }
+
+        let webhook_users = self.users_of(EffectorKind::Webhook);
+        if self.webhook.url.is_empty() && !webhook_users.is_empty() {
+            i.push(
+                "webhook.url",
+                format!(
+                    "required because {} the webhook effector",
+                    name_users(&webhook_users)
+                ),
+            );
+        }
+        for (name, value) in &self.webhook.headers {
+            let key = format!("webhook.headers.{name}");
+            if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                i.push(&key, "is not a valid HTTP header name");
+            } else if reqwest::header::HeaderValue::from_str(value).is_err() {
+                i.push(
+                    &key,
+                    "is not a valid HTTP header value (control characters or non-ASCII)",
+                );
+            }
+        }
+        i.at_least("webhook.timeout_seconds", self.webhook.timeout_seconds, 1);
+        if !self.webhook.url.is_empty() {
+            check_url(
+                &mut Issues::new("effectors.webhook", out),
+                &self.webhook.url,
+            );
+        }
+    }
+}
+
+/// Reads `effectors.routes`, reporting an unknown action type at its own
+/// path (`effectors.routes.SCALE_SIDEWAYS`) rather than at the map's: the
+/// error is raised while the key's value is read, once the path tracker has
+/// recorded the key.
+fn deserialize_routes<'de, D>(d: D) -> Result<BTreeMap<ActionType, EffectorKind>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    use serde::de::{DeserializeSeed, Error, MapAccess, Visitor};
+
+    /// Fails the value of an unknown action type with a helpful reason.
+    struct UnknownActionType(String);
+
+    impl<'de> DeserializeSeed<'de> for UnknownActionType {
+        type Value = ();
+        fn deserialize<D2: serde::Deserializer<'de>>(self, _d: D2) -> Result<(), D2::Error> {
+            Err(D2::Error::custom(unknown_action_type(&self.0)))
+        }
+    }
+
+    struct Routes;
+
+    impl<'de> Visitor<'de> for Routes {
+        type Value = BTreeMap<ActionType, EffectorKind>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a mapping of action types to effector names")
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut routes = BTreeMap::new();
+            while let Some(key) = map.next_key::<String>()? {
+                match ActionType::ALL.into_iter().find(|a| a.as_str() == key) {
+                    Some(action) => {
+                        routes.insert(action, map.next_value::<EffectorKind>()?);
+                    }
+                    None => {
+                        map.next_value_seed(UnknownActionType(key.clone()))?;
+                        return Err(A::Error::custom(unknown_action_type(&key)));
+                    }
+                }
+            }
+            Ok(routes)
+        }
+    }
+
+    d.deserialize_map(Routes)
+}
+
+fn unknown_action_type(key: &str) -> String {
+    match ActionType::parse(key) {
+        Some(a) => format!("unknown action type `{key}` (action types are upper case: `{a}`)"),
+        None => format!(
+            "unknown action type `{key}`, expected one of {}",
+            ActionType::ALL
+                .iter()
+                .map(|a| format!("`{a}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
+/// "`a` uses" / "`a` and `b` use" / "`a`, `b` and `c` use".
+fn name_users(users: &[String]) -> String {
+    match users {
+        [] => String::new(),
+        [one] => format!("{one} uses"),
+        [init @ .., last] => format!("{} and {last} use", init.join(", ")),
+    }
+}
+
+/// The command effector: runs a program per action, without a shell.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct CommandSettings {
+    /// Path of the program (searched in `PATH` when it has no `/`);
+    /// required when an action type uses the command effector.
+    pub program: String,
+    /// Argument templates, one argument each (never split, never given to a
+    /// shell). Placeholders: `{action}` (`SCALE_UP`), `{target}`,
+    /// `{param.NAME}` (a parameter as plain text; missing or null: empty),
+    /// `{params_json}`; `{{` and `}}` are literal braces.
+    pub args: Vec<String>,
+    /// The program is killed after this many seconds (at least 1); a
+    /// timeout is a transient failure, retried by the Executor.
+    pub timeout_seconds: u64,
+    /// Exit codes meaning "try again later" (1..255), retried by the
+    /// Executor; other non-zero codes reject the action.
+    pub retry_exit_codes: Vec<i32>,
+}
+
+impl Default for CommandSettings {
+    fn default() -> Self {
+        CommandSettings {
+            program: String::new(),
+            args: Vec::new(),
+            timeout_seconds: 30,
+            // EX_TEMPFAIL of sysexits.h.
+            retry_exit_codes: vec![75],
+        }
+    }
+}
+
+/// The webhook effector: POSTs each action, rollback and pre-flight
+/// validation as JSON to one URL.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct WebhookSettings {
+    /// URL the requests are POSTed to (`http://` or `https://`); required
+    /// when an action type uses the webhook effector.
+    pub url: String,
+    /// Extra HTTP headers sent with every request (`Authorization: ...`).
+    pub headers: BTreeMap<String, String>,
+    /// Timeout of one request, seconds (at least 1).
+    pub timeout_seconds: u64,
+}
+
+impl Default for WebhookSettings {
+    fn default() -> Self {
+        WebhookSettings {
+            url: String::new(),
+            headers: BTreeMap::new(),
+            timeout_seconds: 10,
+        }
+    }
+}
+
+impl fmt::Debug for WebhookSettings {
+    /// Like the derived `Debug`, but never prints header values (they often
+    /// hold credentials).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let headers: BTreeMap<&str, &str> = self
+            .headers
+            .keys()
+            .map(|k| (k.as_str(), "<redacted>"))
+            .collect();
+        f.debug_struct("WebhookSettings")
+            .field("url", &self.url)
+            .field("headers", &headers)
             .field("timeout_seconds", &self.timeout_seconds)
             .finish()
     }
@@ -410,6 +707,7 @@ impl Config {
             check_url(&mut i, &self.charter.url);
             i.at_least("timeout_seconds", self.charter.timeout_seconds, 1);
         }
+        self.effectors.validate(&mut out);
         {
             let mut i = Issues::new("alertmanager", &mut out);
             check_url(&mut i, &self.alertmanager.url);
@@ -678,6 +976,7 @@ fn parse_yaml(text: &str, origin: &str) -> Result<(Config, Vec<ConfigIssue>), Co
         execute: section(&mut map, "execute", &mut issues),
         knowledge: section(&mut map, "knowledge", &mut issues),
         charter: section(&mut map, "charter", &mut issues),
+        effectors: section(&mut map, "effectors", &mut issues),
         alertmanager: section(&mut map, "alertmanager", &mut issues),
         api: section(&mut map, "api", &mut issues),
         logging: section(&mut map, "logging", &mut issues),
@@ -897,6 +1196,25 @@ mod tests {
         assert!(missing.is_empty(), "missing from the example: {missing:?}");
         let extra: Vec<&String> = have.iter().filter(|p| !want.contains(p)).collect();
         assert!(extra.is_empty(), "unknown in the example: {extra:?}");
+        // Maps and lists empty by default are written as such, so the walk
+        // above sees their keys; and the maps take the documented types.
+        for p in [
+            "effectors.routes",
+            "effectors.command.args",
+            "effectors.webhook.headers",
+            "effectors.command.retry_exit_codes[0]",
+        ] {
+            assert!(want.contains(&p.to_string()), "{p} not in {want:?}");
+        }
+        assert_eq!(example["effectors"]["routes"], serde_json::json!({}));
+        assert_eq!(
+            example["effectors"]["webhook"]["headers"],
+            serde_json::json!({})
+        );
+        assert_eq!(
+            example["effectors"]["command"]["args"],
+            serde_json::json!([])
+        );
         // All ten action types are listed.
         assert_eq!(
             example["plan"]["action_costs"].as_object().unwrap().len(),
@@ -1258,6 +1576,180 @@ monitor:
         find(issues, "api.listen");
         find(issues, "execute.verification_window_seconds");
         assert!(err.to_string().contains("builder"));
+    }
+
+    #[test]
+    fn effectors_section_parses_and_keeps_defaults() {
+        let yaml = "\
+effectors:
+  default: webhook
+  routes:
+    RESTART_SERVICE: command
+    FAILOVER: none
+  command:
+    program: /usr/local/bin/remedy
+    args: [\"--action={action}\", \"{param.replicas_delta}\"]
+  webhook:
+    url: https://hooks.example/mapek
+    headers:
+      Authorization: Bearer s3cret
+";
+        let c = Config::from_yaml_str(yaml, "t").unwrap();
+        let e = &c.effectors;
+        assert_eq!(e.default, EffectorKind::Webhook);
+        assert_eq!(
+            e.kind_for(ActionType::RestartService),
+            EffectorKind::Command
+        );
+        assert_eq!(e.kind_for(ActionType::Failover), EffectorKind::None);
+        assert_eq!(e.kind_for(ActionType::ScaleUp), EffectorKind::Webhook);
+        assert!(e.uses(EffectorKind::Command) && !e.uses(EffectorKind::Charter));
+        assert_eq!(
+            e.command.args,
+            vec!["--action={action}", "{param.replicas_delta}"]
+        );
+        assert_eq!(e.command.timeout_seconds, 30);
+        assert_eq!(e.command.retry_exit_codes, vec![75]);
+        assert_eq!(e.webhook.timeout_seconds, 10);
+        assert_eq!(e.webhook.headers["Authorization"], "Bearer s3cret");
+        let debug = format!("{c:?}");
+        assert!(
+            !debug.contains("s3cret") && debug.contains("Authorization"),
+            "{debug}"
+        );
+    }
+
+    #[test]
+    fn effector_names_and_route_keys_are_checked() {
+        let issues = issues_of(Config::from_yaml_str(
+            "effectors:\n  routes:\n    SCALE_UP: ansible\n",
+            "t",
+        ));
+        let i = find(&issues, "effectors.routes.SCALE_UP");
+        assert!(
+            i.reason.contains("ansible") && i.reason.contains("`webhook`"),
+            "{i}"
+        );
+
+        let issues = issues_of(Config::from_yaml_str(
+            "effectors:\n  routes:\n    SCALE_SIDEWAYS: command\n",
+            "t",
+        ));
+        let i = find(&issues, "effectors.routes.SCALE_SIDEWAYS");
+        assert!(
+            i.reason.contains("unknown action type") && i.reason.contains("`SCALE_UP`"),
+            "{i}"
+        );
+        assert_eq!(issues.len(), 1, "{issues:?}");
+
+        let issues = issues_of(Config::from_yaml_str(
+            "effectors:\n  routes:\n    failover: webhook\n",
+            "t",
+        ));
+        assert!(find(&issues, "effectors.routes.failover")
+            .reason
+            .contains("upper case: `FAILOVER`"));
+
+        let issues = issues_of(Config::from_yaml_str("effectors:\n  routes: [1]\n", "t"));
+        assert!(find(&issues, "effectors.routes")
+            .reason
+            .contains("a mapping of action types"));
+
+        let issues = issues_of(Config::from_yaml_str("effectors:\n  default: shell\n", "t"));
+        assert!(find(&issues, "effectors.default").reason.contains("shell"));
+
+        let issues = issues_of(Config::from_yaml_str(
+            "effectors:\n  command:\n    programme: /bin/true\n",
+            "t",
+        ));
+        assert_eq!(
+            find(&issues, "effectors.command.programme").reason,
+            "unknown key"
+        );
+    }
+
+    #[test]
+    fn used_effectors_need_their_settings() {
+        let mut c = Config::default();
+        c.effectors
+            .routes
+            .insert(ActionType::RestartService, EffectorKind::Command);
+        c.effectors
+            .routes
+            .insert(ActionType::Failover, EffectorKind::Webhook);
+        let issues = c.validate();
+        assert_eq!(
+            find(&issues, "effectors.command.program").reason,
+            "required because effectors.routes.RESTART_SERVICE uses the command effector"
+        );
+        assert_eq!(
+            find(&issues, "effectors.webhook.url").reason,
+            "required because effectors.routes.FAILOVER uses the webhook effector"
+        );
+        assert_eq!(issues.len(), 2, "{issues:?}");
+
+        c.effectors.default = EffectorKind::Command;
+        let issues = c.validate();
+        assert_eq!(
+            find(&issues, "effectors.command.program").reason,
+            "required because effectors.default and effectors.routes.RESTART_SERVICE use \
+             the command effector"
+        );
+
+        c.effectors.command.program = "/usr/local/bin/remedy".into();
+        c.effectors.webhook.url = "https://hooks.example/x".into();
+        assert_eq!(c.validate(), vec![]);
+
+        // A default that no action type falls back to is not in use.
+        let mut c = Config::default();
+        c.effectors.default = EffectorKind::Webhook;
+        for a in ActionType::ALL {
+            c.effectors.routes.insert(a, EffectorKind::Charter);
+        }
+        assert_eq!(c.validate(), vec![]);
+        // Unused effectors need nothing.
+        assert!(!Config::default().effectors.uses(EffectorKind::Command));
+    }
+
+    #[test]
+    fn effector_settings_out_of_range() {
+        let mut c = Config::default();
+        c.effectors.command.timeout_seconds = 0;
+        c.effectors.command.retry_exit_codes = vec![75, 0, 256];
+        c.effectors.command.args = vec!["{action}".into(), "{actoin}".into(), "{".into()];
+        c.effectors.webhook.timeout_seconds = 0;
+        c.effectors.webhook.url = "ftp://hooks.example".into();
+        c.effectors
+            .webhook
+            .headers
+            .insert("Bad Header".into(), "x".into());
+        c.effectors
+            .webhook
+            .headers
+            .insert("X-Ok".into(), "line\nbreak".into());
+        let issues = c.validate();
+        assert!(find(&issues, "effectors.command.timeout_seconds")
+            .reason
+            .contains("at least 1"));
+        find(&issues, "effectors.command.retry_exit_codes[1]");
+        find(&issues, "effectors.command.retry_exit_codes[2]");
+        assert!(find(&issues, "effectors.command.args[1]")
+            .reason
+            .contains("{actoin}"));
+        assert!(find(&issues, "effectors.command.args[2]")
+            .reason
+            .contains("unclosed"));
+        find(&issues, "effectors.webhook.timeout_seconds");
+        assert!(find(&issues, "effectors.webhook.url")
+            .reason
+            .contains("http://"));
+        assert!(find(&issues, "effectors.webhook.headers.Bad Header")
+            .reason
+            .contains("name"));
+        assert!(find(&issues, "effectors.webhook.headers.X-Ok")
+            .reason
+            .contains("value"));
+        assert_eq!(issues.len(), 9, "{issues:?}");
     }
 
     #[test]

@@ -2,6 +2,8 @@
 //! awaiting what it says.
 #![allow(dead_code)]
 
+pub mod servers;
+
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
