@@ -7,5 +7,7 @@ pub mod daemon;
 pub mod effectors;
 pub mod http;
 pub mod retry;
+pub mod scrape;
 pub mod sensors;
+pub mod sim;
 pub mod telemetry;

@@ -133,6 +133,13 @@ pub fn default_rules() -> Vec<RuleSpec> {
             component: "charter".into(),
             signal: Some(Signal::Throughput),
         },
+        RuleSpec {
+            name: "CharterNodesUnhealthy".into(),
+            expr: "westworld_charter_replicas - westworld_charter_healthy_nodes > 0".into(),
+            severity: Severity::Critical,
+            component: "charter".into(),
+            signal: Some(Signal::Node),
+        },
     ]
 }
 
