@@ -4,6 +4,7 @@
 pub mod alertmanager;
 pub mod config;
 pub mod daemon;
+pub mod demo;
 pub mod effectors;
 pub mod http;
 pub mod retry;

@@ -40,6 +40,31 @@ enum Command {
         /// Config file (YAML).
         path: PathBuf,
     },
+    /// Run the whole loop against an in-process simulated Charter, inject a
+    /// schedule of faults and narrate every step (no outside service).
+    Demo {
+        /// How long to run, seconds.
+        #[arg(long, default_value_t = 60)]
+        duration: u64,
+        /// Print a closing report (`json`: one JSON object on stdout; the
+        /// narration then goes to stderr).
+        #[arg(long, value_enum)]
+        report: Option<ReportFormat>,
+    },
+    /// Serve the simulated Charter (API, /metrics, /sim/faults) on its own.
+    Sim {
+        /// Listen address.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// Require this X-API-Key on the Charter API.
+        #[arg(long, env = "CHARTER_API_KEY")]
+        api_key: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum ReportFormat {
+    Json,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -65,6 +90,72 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Command::Demo { duration, report } => {
+            mapek::telemetry::init("warn", LogFormat::Text);
+            let json = matches!(report, Some(ReportFormat::Json));
+            let opts = mapek::demo::DemoOptions {
+                duration: std::time::Duration::from_secs(duration.max(10)),
+                json,
+            };
+            match mapek::demo::run(opts) {
+                Ok(r) => {
+                    if json {
+                        match serde_json::to_string(&r) {
+                            Ok(s) => println!("{s}"),
+                            Err(e) => eprintln!("mapek demo: report: {e}"),
+                        }
+                    } else {
+                        println!(
+                            "\nfaults injected {}, healed {}, policies executed {}, outcomes {:?}, mean time to recover {}",
+                            r.faults_injected,
+                            r.faults_recovered,
+                            r.policies_executed,
+                            r.outcomes,
+                            r.mean_time_to_recover_seconds.map(|s| format!("{s:.1} s")).unwrap_or_else(|| "n/a".into())
+                        );
+                    }
+                    if r.faults_recovered == r.faults_injected && r.faults_injected > 0 {
+                        ExitCode::SUCCESS
+                    } else {
+                        eprintln!("mapek demo: not every injected fault healed");
+                        ExitCode::from(1)
+                    }
+                }
+                Err(e) => {
+                    eprintln!("mapek demo: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Command::Sim { listen, api_key } => {
+            mapek::telemetry::init("info", LogFormat::Text);
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("mapek sim: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            let res: Result<(), String> = rt.block_on(async move {
+                let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+                eprintln!("mapek sim: simulated Charter on http://{listen} (POST /sim/faults, GET /sim/state, /metrics)");
+                let shutdown = async {
+                    let _ = tokio::signal::ctrl_c().await;
+                };
+                mapek::sim::serve(listener, mapek::sim::Simulator::new(), api_key, shutdown).await.map_err(|e| e.to_string())
+            });
+            match res {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("mapek sim: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         Command::Run {
             config,
             listen,
