@@ -1,0 +1,320 @@
+//! End to end against REAL servers: Debian's `prometheus` and
+//! `prometheus-alertmanager`, started here on loopback ports with temporary
+//! configs, the `mapek` binary, and the simulated Charter (served over real
+//! HTTP from this test process, so the test can inject faults and read the
+//! calls it received). A missing server binary fails these tests.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use mapek::sim::{FaultKind, Simulator};
+use serde_json::Value;
+use support::servers::{alertmanager, prometheus, wait_http_ok};
+use support::{free_addr, Proc};
+
+/// The simulated Charter on a loopback port, served by its own runtime.
+struct Charter {
+    sim: Simulator,
+    addr: SocketAddr,
+    _rt: tokio::runtime::Runtime,
+}
+
+fn charter() -> Charter {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let sim = Simulator::new();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let s = sim.clone();
+    rt.spawn(async move { mapek::sim::serve(listener, s, None, std::future::pending()).await });
+    Charter { sim, addr, _rt: rt }
+}
+
+/// Polls `f` every 200 ms until it returns `Some` (the daemons run in other
+/// processes: their state can only be observed), panicking after `limit`.
+fn wait_until<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let end = Instant::now() + limit;
+    loop {
+        if let Some(t) = f() {
+            return t;
+        }
+        assert!(
+            Instant::now() < end,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn get(url: &str) -> Option<Value> {
+    reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(3))
+        .build()
+        .ok()?
+        .get(url)
+        .send()
+        .ok()?
+        .json()
+        .ok()
+}
+
+struct Mapek {
+    proc: Proc,
+    addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+fn mapek(config: &str) -> Mapek {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("mapek.yaml");
+    std::fs::write(&path, config).expect("config");
+    let addr = free_addr();
+    let data = dir.path().join("data");
+    let (p, d, a) = (
+        path.display().to_string(),
+        data.display().to_string(),
+        addr.to_string(),
+    );
+    let mut proc = Proc::start(
+        &["run", "--config", &p, "--data-dir", &d, "--listen", &a],
+        &[("LOG_LEVEL", "info")],
+        dir.path(),
+    );
+    proc.wait_for("serving", Duration::from_secs(30));
+    Mapek {
+        proc,
+        addr,
+        _dir: dir,
+    }
+}
+
+impl Mapek {
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// The first execution with a verified outcome.
+    fn wait_outcome(&mut self, limit: Duration) -> Value {
+        let url = self.url("/api/v1/executions");
+        let found = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            wait_until(limit, "a verified execution in mapek's knowledge", || {
+                get(&url)?["executions"]
+                    .as_array()?
+                    .iter()
+                    .find(|e| e["outcome"].is_string())
+                    .cloned()
+            })
+        }));
+        match found {
+            Ok(v) => v,
+            Err(_) => panic!("no verified execution; mapek said:\n{}", self.proc.output()),
+        }
+    }
+}
+
+fn common(charter: SocketAddr) -> String {
+    format!(
+        "monitor:\n  interval_seconds: 1\n\
+         charter:\n  url: http://{charter}\n\
+         execute:\n  verification_window_seconds: 8\n  call_timeout_seconds: 5\n\
+         plan:\n  cooldown_seconds: 5\n"
+    )
+}
+
+fn charter_rules() -> String {
+    std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config/prometheus/charter-alerts.yml"
+    ))
+    .expect("rules")
+}
+
+#[test]
+fn alertmanager_path_prometheus_alerts_reach_mapek_which_heals_the_charter() {
+    let ch = charter();
+    // mapek first (Alertmanager needs its webhook address).
+    let mut m = mapek(&format!(
+        "{}prometheus:\n  enabled: false\nalertmanager:\n  enabled: true\n",
+        common(ch.addr)
+    ));
+    let am = alertmanager(&m.url("/api/v1/alerts"));
+    let prom = prometheus(
+        &[("charter", ch.addr)],
+        Some(&charter_rules()),
+        Some(am.addr),
+    );
+    wait_until(
+        Duration::from_secs(30),
+        "prometheus scraping the charter",
+        || {
+            let r = get(&format!(
+                "{}/api/v1/query?query=up{{job=\"charter\"}}",
+                prom.url()
+            ))?;
+            (r["data"]["result"][0]["value"][1] == "1").then_some(())
+        },
+    );
+
+    ch.sim.inject(FaultKind::LoadSpike).expect("inject");
+    let exec = m.wait_outcome(Duration::from_secs(120));
+    let outcome = exec["outcome"].as_str().unwrap_or("");
+    assert!(outcome == "SUCCESS" || outcome == "PARTIAL", "{exec}");
+    assert_eq!(exec["status"], "COMPLETED");
+    assert!(
+        exec["violations_before"].as_u64().unwrap_or(0) >= 1,
+        "{exec}"
+    );
+    assert!(ch.sim.healthy(), "the fault healed: {}", ch.sim.state());
+    let calls = ch.sim.calls();
+    assert!(
+        calls.iter().any(|c| c.path == "/api/v1/committee/scale"),
+        "{calls:?}"
+    );
+    assert!(
+        calls.iter().any(|c| c.path == "/api/v1/policies/validate"),
+        "pre-flight: {calls:?}"
+    );
+    // The outcome is in Knowledge, learned per (cause, action).
+    let patterns = get(&m.url("/api/v1/knowledge/patterns")).expect("patterns");
+    assert!(
+        patterns["patterns"]["by_action"]["SCALE_UP"]["executions"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 1,
+        "{patterns}"
+    );
+    let metrics = reqwest::blocking::get(m.url("/metrics"))
+        .expect("metrics")
+        .text()
+        .expect("text");
+    let received = metrics
+        .lines()
+        .find(|l| l.starts_with("mape_k_alerts_received_total"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(
+        received >= 1.0,
+        "alerts came through Alertmanager's webhook:\n{metrics}"
+    );
+    drop(prom);
+    drop(am);
+    m.proc.term();
+    assert!(m.proc.wait_exit(Duration::from_secs(20)).success());
+}
+
+fn polling_config(charter: SocketAddr, prometheus: &str) -> String {
+    format!(
+        "{}prometheus:\n  enabled: true\n  url: {prometheus}\n  timeout_seconds: 2\n  retries: 0\nalertmanager:\n  enabled: false\n",
+        common(charter)
+    )
+}
+
+#[test]
+fn promql_polling_path_detects_a_node_crash_and_restarts_the_committee() {
+    let ch = charter();
+    let prom = prometheus(&[("charter", ch.addr)], None, None);
+    let mut m = mapek(&polling_config(ch.addr, &prom.url()));
+    wait_until(
+        Duration::from_secs(30),
+        "mapek's prometheus source to be up",
+        || {
+            let s = get(&m.url("/api/v1/state"))?;
+            (s["sources"][0]["status"] == "up").then_some(())
+        },
+    );
+    ch.sim.inject(FaultKind::NodeCrash).expect("inject");
+    let exec = m.wait_outcome(Duration::from_secs(120));
+    assert_eq!(exec["outcome"], "SUCCESS", "{exec}");
+    assert_eq!(exec["root_cause"], "node_crash", "{exec}");
+    assert!(ch.sim.healthy());
+    assert!(ch
+        .sim
+        .calls()
+        .iter()
+        .any(|c| c.path == "/api/v1/committee/restart"));
+    let best = get(&m.url("/api/v1/knowledge/best-action?cause=node_crash")).expect("best");
+    assert_eq!(best["action"], "RESTART_SERVICE", "{best}");
+    let analyses = get(&m.url("/api/v1/analyses?limit=5")).expect("analyses");
+    assert!(!analyses["analyses"]
+        .as_array()
+        .map(|a| a.is_empty())
+        .unwrap_or(true));
+    m.proc.term();
+    assert!(m.proc.wait_exit(Duration::from_secs(20)).success());
+}
+
+#[test]
+fn prometheus_down_mid_run_means_no_evidence_and_no_action_until_it_returns() {
+    let ch = charter();
+    let mut prom = prometheus(&[("charter", ch.addr)], None, None);
+    let mut m = mapek(&polling_config(ch.addr, &prom.url()));
+    wait_until(
+        Duration::from_secs(30),
+        "mapek's prometheus source to be up",
+        || {
+            let s = get(&m.url("/api/v1/state"))?;
+            (s["sources"][0]["status"] == "up").then_some(())
+        },
+    );
+
+    prom.kill();
+    ch.sim.inject(FaultKind::LoadSpike).expect("inject");
+    // Five failed polls in a row: the Monitor has seen no evidence for a while.
+    let state = wait_until(
+        Duration::from_secs(60),
+        "the source to be degraded for 5 polls",
+        || {
+            let s = get(&m.url("/api/v1/state"))?;
+            (s["sources"][0]["status"] == "degraded"
+                && s["sources"][0]["consecutive_failures"].as_u64()? >= 5)
+                .then_some(s)
+        },
+    );
+    assert!(
+        state["state"]["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("prometheus"),
+        "{state}"
+    );
+    let acted: Vec<_> = ch
+        .sim
+        .calls()
+        .into_iter()
+        .filter(|c| c.method == "POST")
+        .collect();
+    assert!(acted.is_empty(), "no action on missing evidence: {acted:?}");
+    let execs = get(&m.url("/api/v1/executions")).expect("executions");
+    assert_eq!(
+        execs["executions"].as_array().map(|a| a.len()),
+        Some(0),
+        "{execs}"
+    );
+    let ready = reqwest::blocking::get(m.url("/ready")).expect("ready");
+    assert_eq!(ready.status(), 503, "not ready without evidence");
+    assert!(m.proc.output().contains("source degraded"));
+
+    // Prometheus returns: evidence again, and the loop acts.
+    prom.start();
+    wait_http_ok(
+        &format!("{}/-/ready", prom.url()),
+        Duration::from_secs(60),
+        "prometheus",
+    );
+    let exec = m.wait_outcome(Duration::from_secs(120));
+    assert!(
+        exec["outcome"] == "SUCCESS" || exec["outcome"] == "PARTIAL",
+        "{exec}"
+    );
+    assert!(ch.sim.healthy());
+    m.proc.term();
+    assert!(m.proc.wait_exit(Duration::from_secs(20)).success());
+}
