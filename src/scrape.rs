@@ -712,7 +712,6 @@ mod tests {
     use crate::sim::{self, FaultKind, Simulator};
     use mapek_actors::clock::{ManualClock, SystemClock};
     use mapek_actors::model::{Severity, Signal};
-    use mapek_actors::settings::default_rules;
     use std::collections::BTreeSet;
     use std::sync::Arc;
 
