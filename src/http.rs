@@ -92,7 +92,7 @@ async fn health(State(s): State<ApiState>) -> Response {
 async fn ready(State(s): State<ApiState>) -> Response {
     let mut reasons = Vec::new();
     let mut phases = serde_json::Map::new();
-    for (kind, up) in s.handle.phases_connected() {
+    for (kind, up) in s.handle.phases_up() {
         phases.insert(kind.as_str().into(), json!(if up { "up" } else { "down" }));
         if !up {
             reasons.push(format!("actor {kind} is down"));

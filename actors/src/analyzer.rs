@@ -11,13 +11,12 @@ use crate::clock::SharedClock;
 use crate::events::LoopEvent;
 use crate::knowledge_actor::Knowledge;
 use crate::mailbox::{Inbox, PhaseAddr};
-use crate::messages::{
-    ActorRestarted, AnalysisReady, GetAnalyses, RecordAnalysis, ViolationsDetected,
-};
+use crate::messages::{AnalysisReady, GetAnalyses, RecordAnalysis, ViolationsDetected};
 use crate::metrics::KindLabels;
 use crate::model::AnalysisResult;
 use crate::planner::Planner;
 use crate::settings::AnalyzeSettings;
+use crate::supervisor::LoopSupervisor;
 
 /// The Analyzer actor.
 pub struct Analyzer {
@@ -28,7 +27,7 @@ pub struct Analyzer {
     planner: PhaseAddr<Planner>,
     knowledge: PhaseAddr<Knowledge>,
     clock: SharedClock,
-    supervisor: Recipient<ActorRestarted>,
+    supervisor: PhaseAddr<LoopSupervisor>,
 }
 
 impl Analyzer {
@@ -39,7 +38,7 @@ impl Analyzer {
         planner: PhaseAddr<Planner>,
         knowledge: PhaseAddr<Knowledge>,
         clock: SharedClock,
-        supervisor: Recipient<ActorRestarted>,
+        supervisor: PhaseAddr<LoopSupervisor>,
     ) -> Self {
         let window = ViolationWindow::new(
             settings.max_window_violations,
@@ -62,7 +61,7 @@ impl Actor for Analyzer {
     type Context = Context<Self>;
 
     fn started(&mut self, _ctx: &mut Context<Self>) {
-        self.inbox.mark_up();
+        self.inbox.started();
     }
 }
 

@@ -14,11 +14,12 @@ use crate::events::LoopEvent;
 use crate::execute::ExecutionEnv;
 use crate::knowledge_actor::Knowledge;
 use crate::mailbox::{panic_message, Inbox, PhaseAddr};
-use crate::messages::{ActorRestarted, ExecutionFinished, PolicyApproved, RecordExecution};
+use crate::messages::{ExecutionFinished, PolicyApproved, RecordExecution};
 use crate::metrics::StatusLabels;
 use crate::model::{new_id, ExecutionStatus, PolicyExecution};
 use crate::planner::Planner;
 use crate::state::SharedState;
+use crate::supervisor::LoopSupervisor;
 
 /// The Executor actor.
 pub struct Executor {
@@ -28,7 +29,7 @@ pub struct Executor {
     knowledge: PhaseAddr<Knowledge>,
     planner: Arc<OnceLock<PhaseAddr<Planner>>>,
     state: SharedState,
-    supervisor: Recipient<ActorRestarted>,
+    supervisor: PhaseAddr<LoopSupervisor>,
     judged: u64,
     succeeded: u64,
 }
@@ -42,7 +43,7 @@ impl Executor {
         knowledge: PhaseAddr<Knowledge>,
         planner: Arc<OnceLock<PhaseAddr<Planner>>>,
         state: SharedState,
-        supervisor: Recipient<ActorRestarted>,
+        supervisor: PhaseAddr<LoopSupervisor>,
     ) -> Self {
         Executor {
             inbox,
@@ -92,7 +93,7 @@ impl Actor for Executor {
     type Context = Context<Self>;
 
     fn started(&mut self, _ctx: &mut Context<Self>) {
-        self.inbox.mark_up();
+        self.inbox.started();
     }
 }
 

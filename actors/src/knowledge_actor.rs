@@ -10,13 +10,14 @@ use crate::clock::SharedClock;
 use crate::knowledge::{generate_insights, outcome_of};
 use crate::mailbox::{Fault, Inbox, PhaseAddr};
 use crate::messages::{
-    ActorRestarted, ExecutionFinished, FlushKnowledge, KnowledgeUpdated, RecordAnalysis,
-    RecordExecution, RecordPolicy,
+    ExecutionFinished, FlushKnowledge, KnowledgeUpdated, RecordAnalysis, RecordExecution,
+    RecordPolicy,
 };
 use crate::planner::Planner;
 use crate::settings::KnowledgeSettings;
 use crate::state::SharedState;
 use crate::store::{KnowledgeStore, StoreError};
+use crate::supervisor::LoopSupervisor;
 
 /// The Knowledge actor.
 pub struct Knowledge {
@@ -26,7 +27,7 @@ pub struct Knowledge {
     planner: Arc<OnceLock<PhaseAddr<Planner>>>,
     clock: SharedClock,
     state: SharedState,
-    supervisor: Recipient<ActorRestarted>,
+    supervisor: PhaseAddr<LoopSupervisor>,
     outcomes_since_insights: u32,
     writes_since_prune: usize,
 }
@@ -40,7 +41,7 @@ impl Knowledge {
         planner: Arc<OnceLock<PhaseAddr<Planner>>>,
         clock: SharedClock,
         state: SharedState,
-        supervisor: Recipient<ActorRestarted>,
+        supervisor: PhaseAddr<LoopSupervisor>,
     ) -> Self {
         Knowledge {
             inbox,
@@ -88,7 +89,7 @@ impl Actor for Knowledge {
     type Context = Context<Self>;
 
     fn started(&mut self, _ctx: &mut Context<Self>) {
-        self.inbox.mark_up();
+        self.inbox.started();
     }
 }
 

@@ -14,7 +14,7 @@
 //!   snapshots, analyses).
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 
 use actix::dev::ToEnvelope;
@@ -45,6 +45,8 @@ pub struct Inbox {
     metrics: Arc<Metrics>,
     chaos: Option<Arc<dyn FaultInjector>>,
     events: EventBus,
+    up: Arc<AtomicBool>,
+    crashed: Arc<AtomicBool>,
 }
 
 impl Inbox {
@@ -61,6 +63,23 @@ impl Inbox {
             metrics,
             chaos,
             events,
+            up: Arc::new(AtomicBool::new(false)),
+            crashed: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Whether the actor runs and its last handler did not fail. After a
+    /// crash it counts as down until a handler succeeds again, so an actor
+    /// in a crash loop stays down.
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::SeqCst)
+    }
+
+    /// Called from `started()`: up on the first start; after a restart the
+    /// actor stays down until a handler succeeds.
+    pub fn started(&self) {
+        if !self.crashed.swap(false, Ordering::SeqCst) {
+            self.mark_up();
         }
     }
 
@@ -179,7 +198,13 @@ impl Inbox {
             body(act, ctx)
         }));
         match result {
-            Ok(Ok(r)) => Some(r),
+            Ok(Ok(r)) => {
+                if !self.is_up() {
+                    tracing::info!(actor = %kind, "actor handles messages again");
+                    self.mark_up();
+                }
+                Some(r)
+            }
             Ok(Err(fault)) => {
                 tracing::error!(actor = %kind, message, error = %fault, "handler failed; restarting actor");
                 self.mark_down();
@@ -195,8 +220,9 @@ impl Inbox {
         }
     }
 
-    /// Marks the actor as up in the metrics.
+    /// Marks the actor as up (metric and readiness).
     pub fn mark_up(&self) {
+        self.up.store(true, Ordering::SeqCst);
         self.metrics
             .actor_up
             .get_or_create(&ActorLabels {
@@ -205,8 +231,10 @@ impl Inbox {
             .set(1);
     }
 
-    /// Marks the actor as down in the metrics.
+    /// Marks the actor as down after a failure (metric and readiness).
     pub fn mark_down(&self) {
+        self.up.store(false, Ordering::SeqCst);
+        self.crashed.store(true, Ordering::SeqCst);
         self.metrics
             .actor_up
             .get_or_create(&ActorLabels {
@@ -292,6 +320,11 @@ impl<A: Actor> PhaseAddr<A> {
         self.addr.connected()
     }
 
+    /// Whether the actor is reachable and not failing (see [`Inbox::is_up`]).
+    pub fn is_up(&self) -> bool {
+        self.addr.connected() && self.inbox.is_up()
+    }
+
     /// Sends and waits for room and for the handler's answer.
     pub async fn send<M>(&self, msg: M) -> Result<M::Result, DeliveryError>
     where
@@ -311,6 +344,24 @@ impl<A: Actor> PhaseAddr<A> {
             .send(msg)
             .await
             .map_err(|_| DeliveryError::Closed(self.inbox.kind))
+    }
+
+    /// Delivers without waiting and regardless of capacity (actix
+    /// `do_send`), counted. Only for rare control messages that must
+    /// neither be lost nor block the sender (restart notices).
+    pub fn push<M>(&self, msg: M)
+    where
+        M: Message + Named + Send + 'static,
+        M::Result: Send,
+        A: Handler<M>,
+        A::Context: ToEnvelope<A, M>,
+    {
+        if self.addr.connected() {
+            self.inbox.enqueued();
+            self.addr.do_send(msg);
+        } else {
+            self.inbox.shed(M::NAME);
+        }
     }
 
     /// Delivers if there is room; otherwise sheds the message and counts it.

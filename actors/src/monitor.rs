@@ -25,6 +25,7 @@ use crate::model::{Timestamp, Violation};
 use crate::ports::{EvidenceProbe, MetricSource, SourceError};
 use crate::settings::MonitorSettings;
 use crate::state::SharedState;
+use crate::supervisor::LoopSupervisor;
 
 /// What applying a batch changed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -180,7 +181,7 @@ pub struct Monitor {
     analyzer: PhaseAddr<Analyzer>,
     clock: SharedClock,
     state: SharedState,
-    supervisor: Recipient<ActorRestarted>,
+    supervisor: PhaseAddr<LoopSupervisor>,
 }
 
 impl Monitor {
@@ -193,7 +194,7 @@ impl Monitor {
         analyzer: PhaseAddr<Analyzer>,
         clock: SharedClock,
         state: SharedState,
-        supervisor: Recipient<ActorRestarted>,
+        supervisor: PhaseAddr<LoopSupervisor>,
     ) -> Self {
         let health = sources
             .iter()
@@ -437,7 +438,7 @@ impl Actor for Monitor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        self.inbox.mark_up();
+        self.inbox.started();
         self.polling.clear();
         let interval = self.interval();
         // First poll at once, then every interval.
@@ -465,7 +466,7 @@ impl Supervised for Monitor {
 }
 
 /// Counts a restart and tells the supervisor (shared by every phase actor).
-pub(crate) fn note_restart(inbox: &Inbox, supervisor: &Recipient<ActorRestarted>) {
+pub(crate) fn note_restart(inbox: &Inbox, supervisor: &PhaseAddr<LoopSupervisor>) {
     inbox
         .metrics()
         .restarts
@@ -477,7 +478,7 @@ pub(crate) fn note_restart(inbox: &Inbox, supervisor: &Recipient<ActorRestarted>
     inbox.emit(LoopEvent::Restarted {
         actor: inbox.kind(),
     });
-    supervisor.do_send(ActorRestarted {
+    supervisor.push(ActorRestarted {
         actor: inbox.kind(),
     });
 }

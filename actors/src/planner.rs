@@ -15,14 +15,15 @@ use crate::executor::Executor;
 use crate::knowledge_actor::Knowledge;
 use crate::mailbox::{Inbox, PhaseAddr};
 use crate::messages::{
-    ActorRestarted, AnalysisReady, ChainTrace, DecidePolicy, DecisionError, ExecutionFinished,
-    KnowledgeUpdated, PolicyApproved, RecordPolicy,
+    AnalysisReady, ChainTrace, DecidePolicy, DecisionError, ExecutionFinished, KnowledgeUpdated,
+    PolicyApproved, RecordPolicy,
 };
 use crate::model::{ApprovalStatus, LearnedStats, RemediationPolicy};
 use crate::plan::{auto_approvable, decide, plan, PlanDecision};
 use crate::settings::PlanSettings;
 use crate::state::SharedState;
 use crate::store::KnowledgeStore;
+use crate::supervisor::LoopSupervisor;
 
 /// The Planner actor.
 pub struct Planner {
@@ -41,7 +42,7 @@ pub struct Planner {
     store: KnowledgeStore,
     clock: SharedClock,
     state: SharedState,
-    supervisor: Recipient<ActorRestarted>,
+    supervisor: PhaseAddr<LoopSupervisor>,
 }
 
 impl Planner {
@@ -56,7 +57,7 @@ impl Planner {
         store: KnowledgeStore,
         clock: SharedClock,
         state: SharedState,
-        supervisor: Recipient<ActorRestarted>,
+        supervisor: PhaseAddr<LoopSupervisor>,
         max_cycle_time: Duration,
     ) -> Self {
         let learned = store.stats().unwrap_or_default();
@@ -168,7 +169,7 @@ impl Actor for Planner {
     type Context = Context<Self>;
 
     fn started(&mut self, _ctx: &mut Context<Self>) {
-        self.inbox.mark_up();
+        self.inbox.started();
     }
 }
 

@@ -121,7 +121,7 @@ pub struct LoopHandle {
 }
 
 impl LoopHandle {
-    /// Whether each phase actor is reachable.
+    /// Whether each actor is reachable.
     pub fn phases_connected(&self) -> BTreeMap<ActorKind, bool> {
         BTreeMap::from([
             (ActorKind::Monitor, self.monitor.connected()),
@@ -132,15 +132,28 @@ impl LoopHandle {
             (ActorKind::Supervisor, self.supervisor.connected()),
         ])
     }
+
+    /// Whether each actor is up: reachable, and not failing since its last
+    /// restart (an actor in a crash loop is down).
+    pub fn phases_up(&self) -> BTreeMap<ActorKind, bool> {
+        BTreeMap::from([
+            (ActorKind::Monitor, self.monitor.is_up()),
+            (ActorKind::Analyzer, self.analyzer.is_up()),
+            (ActorKind::Planner, self.planner.is_up()),
+            (ActorKind::Executor, self.executor.is_up()),
+            (ActorKind::Knowledge, self.knowledge.is_up()),
+            (ActorKind::Supervisor, self.supervisor.connected()),
+        ])
+    }
 }
 
 /// The supervisor actor.
 pub struct LoopSupervisor {
+    inbox: Inbox,
     settings: OrchestratorSettings,
     history: BTreeMap<ActorKind, VecDeque<Instant>>,
     handle: Option<LoopHandle>,
     exit: ExitReason,
-    metrics: Arc<Metrics>,
 }
 
 /// Starts the loop inside the current actix system: Knowledge first, then
@@ -170,11 +183,12 @@ pub fn start_loop(parts: LoopParts) -> LoopHandle {
     let mut out: Option<LoopHandle> = None;
     let cap = settings.orchestrator.mailbox_capacity.max(1);
     let sup_settings = settings.orchestrator.clone();
-    let sup_metrics = metrics.clone();
     let sup_exit = exit.clone();
     LoopSupervisor::create(|sctx| {
-        let restarts = sctx.address().recipient::<ActorRestarted>();
         let inbox = |kind| Inbox::new(kind, metrics.clone(), chaos.clone(), events.clone());
+        let sup_inbox = inbox(ActorKind::Supervisor);
+        let restarts = PhaseAddr::new(sctx.address(), sup_inbox.clone());
+        init_series(&metrics);
         let planner_slot: Arc<OnceLock<PhaseAddr<Planner>>> = Arc::new(OnceLock::new());
 
         let k_inbox = inbox(ActorKind::Knowledge);
@@ -293,16 +307,60 @@ pub fn start_loop(parts: LoopParts) -> LoopHandle {
         };
         out = Some(handle.clone());
         LoopSupervisor {
+            inbox: sup_inbox,
             settings: sup_settings,
             history: BTreeMap::new(),
             handle: Some(handle),
             exit: sup_exit,
-            metrics: sup_metrics,
         }
     });
     match out {
         Some(h) => h,
         None => unreachable!("Actor::create runs its closure before returning"),
+    }
+}
+
+/// Creates every bounded-label series at zero, so dashboards and alerts
+/// see a value (not an absent series) before the first event.
+fn init_series(m: &Metrics) {
+    use crate::metrics::{ActorLabels, ActorMessageLabels, KindLabels, PhaseLabels, StatusLabels};
+    for kind in ActorKind::ALL {
+        let actor = ActorLabels {
+            actor: kind.as_str(),
+        };
+        m.mailbox_depth.get_or_create(&actor).set(0);
+        m.restarts.get_or_create(&actor).inc_by(0);
+    }
+    for (actor, message) in [
+        (ActorKind::Analyzer, "ViolationsDetected"),
+        (ActorKind::Planner, "AnalysisReady"),
+        (ActorKind::Planner, "KnowledgeUpdated"),
+        (ActorKind::Knowledge, "RecordAnalysis"),
+    ] {
+        m.messages_shed
+            .get_or_create(&ActorMessageLabels {
+                actor: actor.as_str(),
+                message,
+            })
+            .inc_by(0);
+    }
+    for kind in ["temporal", "spatial", "causal", "frequency"] {
+        m.patterns_detected
+            .get_or_create(&KindLabels { kind })
+            .inc_by(0);
+    }
+    for status in ["COMPLETED", "FAILED", "ROLLED_BACK"] {
+        m.policy_executions
+            .get_or_create(&StatusLabels { status })
+            .inc_by(0);
+    }
+    for o in crate::model::OutcomeType::ALL {
+        m.outcomes
+            .get_or_create(&StatusLabels { status: o.as_str() })
+            .inc_by(0);
+    }
+    for phase in ["detection", "analysis", "planning", "execution"] {
+        drop(m.phase_duration.get_or_create(&PhaseLabels { phase }));
     }
 }
 
@@ -326,12 +384,7 @@ impl Actor for LoopSupervisor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        self.metrics
-            .actor_up
-            .get_or_create(&crate::metrics::ActorLabels {
-                actor: ActorKind::Supervisor.as_str(),
-            })
-            .set(1);
+        self.inbox.started();
         // An actor that died outside the panic guard cannot be restarted:
         // that is an escalation too.
         ctx.run_interval(Duration::from_secs(1), |act, _ctx| {
@@ -353,6 +406,7 @@ impl Handler<ActorRestarted> for LoopSupervisor {
     type Result = ();
 
     fn handle(&mut self, msg: ActorRestarted, _ctx: &mut Context<Self>) {
+        let _timer = self.inbox.received("ActorRestarted");
         let now = Instant::now();
         let period = Duration::from_secs(self.settings.restart_period_seconds);
         let h = self.history.entry(msg.actor).or_default();

@@ -265,7 +265,7 @@ fn a_panic_in_any_phase_is_survived_and_the_loop_still_acts() {
                 .get();
             assert_eq!(restarts, 1, "{target} restarted once");
             assert!(
-                h.phases_connected().values().all(|up| *up),
+                h.phases_up().values().all(|up| *up),
                 "every phase is up again"
             );
             h.supervisor.send(Shutdown).await.expect("shutdown");
