@@ -10,6 +10,7 @@ use std::time::Duration;
 use actix::System;
 use mapek_actors::clock::{SharedClock, SystemClock};
 use mapek_actors::execute::EffectorRouter;
+use mapek_actors::mailbox::FaultInjector;
 use mapek_actors::messages::Shutdown;
 use mapek_actors::metrics::Metrics;
 use mapek_actors::ports::{EvidenceProbe, MetricSource};
@@ -70,6 +71,8 @@ pub struct DaemonParts {
     pub probe: Option<Arc<dyn EvidenceProbe>>,
     /// Clock.
     pub clock: SharedClock,
+    /// Fault injection for chaos tests; `None` in production.
+    pub chaos: Option<Arc<dyn FaultInjector>>,
 }
 
 impl DaemonParts {
@@ -81,6 +84,7 @@ impl DaemonParts {
             effectors: crate::effectors::build_router(cfg)?,
             probe: None,
             clock,
+            chaos: None,
         })
     }
 }
@@ -116,7 +120,7 @@ pub async fn start(
         store,
         clock: parts.clock,
         metrics,
-        chaos: None,
+        chaos: parts.chaos,
         events: None,
     });
     let state = ApiState {
@@ -126,7 +130,9 @@ pub async fn start(
     };
     let router = http::router(
         state,
-        &cfg.alertmanager.webhook_path,
+        cfg.alertmanager
+            .enabled
+            .then_some(cfg.alertmanager.webhook_path.as_str()),
         cfg.alertmanager.max_body_bytes,
     );
     let sup = handle.supervisor.clone();

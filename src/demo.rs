@@ -193,6 +193,7 @@ fn run_in(opts: &DemoOptions, data_dir: &std::path::Path) -> anyhow::Result<Demo
             effectors: crate::effectors::build_router(&cfg)?,
             probe: None,
             clock,
+            chaos: None,
         };
         let listen = "127.0.0.1:0".parse().map_err(|e| format!("{e}"))?;
         let running = daemon::start(&cfg, store, parts, listen).await?;

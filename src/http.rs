@@ -32,8 +32,10 @@ pub struct ApiState {
     pub sources_required: bool,
 }
 
-/// The webhook paths: the configured one, and the seeds' `/webhooks/alerts`.
-pub fn router(state: ApiState, webhook_path: &str, max_body_bytes: usize) -> Router {
+/// The routes. The webhook (when `webhook_path` is given, i.e.
+/// `alertmanager.enabled`) answers on that path and on the seeds'
+/// `/webhooks/alerts`.
+pub fn router(state: ApiState, webhook_path: Option<&str>, max_body_bytes: usize) -> Router {
     let mut r = Router::new()
         .route("/health", get(health))
         .route("/ready", get(ready))
@@ -49,13 +51,21 @@ pub fn router(state: ApiState, webhook_path: &str, max_body_bytes: usize) -> Rou
         .route("/api/v1/outcomes", get(outcomes))
         .route("/api/v1/knowledge/patterns", get(patterns))
         .route("/api/v1/knowledge/insights", get(insights))
-        .route("/api/v1/knowledge/best-action", get(best_action))
-        .route("/webhooks/alerts", post(webhook));
-    if webhook_path != "/webhooks/alerts" {
-        r = r.route(webhook_path, post(webhook));
+        .route("/api/v1/knowledge/best-action", get(best_action));
+    if let Some(path) = webhook_path {
+        r = r.route("/webhooks/alerts", post(webhook));
+        if path != "/webhooks/alerts" {
+            r = r.route(path, post(webhook));
+        }
     }
     r.layer(DefaultBodyLimit::max(max_body_bytes))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint") })
+        .method_not_allowed_fallback(|| async {
+            error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed on this endpoint",
+            )
+        })
         .with_state(state)
 }
 

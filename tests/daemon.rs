@@ -283,3 +283,126 @@ fn a_corrupt_data_directory_fails_within_seconds_with_a_clear_message() {
     );
     assert!(started.elapsed() < Duration::from_secs(15));
 }
+
+#[test]
+fn webhook_refuses_bad_input_clearly_counts_resent_alerts_once_and_keeps_serving() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = config(dir.path());
+    let data = dir.path().join("data");
+    let addr = free_addr();
+    let (cfg_s, data_s, addr_s) = (
+        cfg.display().to_string(),
+        data.display().to_string(),
+        addr.to_string(),
+    );
+    let mut p = Proc::start(
+        &[
+            "run",
+            "--config",
+            &cfg_s,
+            "--data-dir",
+            &data_s,
+            "--listen",
+            &addr_s,
+        ],
+        &[],
+        dir.path(),
+    );
+    p.wait_for("serving", Duration::from_secs(20));
+    let client = reqwest::blocking::Client::new();
+    let url = format!("http://{addr}/api/v1/alerts");
+
+    let r = client.post(&url).body("{not json").send().expect("post");
+    assert_eq!(r.status(), 400);
+    let body: serde_json::Value = r.json().expect("json error body");
+    assert!(
+        body["error"].as_str().unwrap_or("").contains("malformed"),
+        "{body}"
+    );
+
+    let r = client
+        .post(&url)
+        .body(r#"{"version":"3","alerts":[]}"#)
+        .send()
+        .expect("post");
+    assert_eq!(r.status(), 400);
+    assert!(r.text().unwrap_or_default().contains("version"));
+
+    let big = format!(
+        r#"{{"version":"4","alerts":[],"pad":"{}"}}"#,
+        "x".repeat(1_100_000)
+    );
+    let r = client.post(&url).body(big).send().expect("post");
+    assert_eq!(r.status(), 413);
+
+    let payload = r#"{"receiver":"mapek","status":"firing","version":"4","groupKey":"{}","truncatedAlerts":0,
+      "groupLabels":{},"commonLabels":{},"commonAnnotations":{},"externalURL":"",
+      "alerts":[{"status":"firing","labels":{"alertname":"CharterValidationLatencyHigh","severity":"warning","component":"charter"},
+        "annotations":{"value":"2.5"},"startsAt":"2026-01-01T00:00:00Z","endsAt":"0001-01-01T00:00:00Z","generatorURL":"","fingerprint":"f00d"}]}"#;
+    let first: serde_json::Value = client
+        .post(&url)
+        .body(payload)
+        .send()
+        .expect("post")
+        .json()
+        .expect("json");
+    assert_eq!(first["ack"]["new"], 1, "{first}");
+    let again: serde_json::Value = client
+        .post(format!("http://{addr}/webhooks/alerts"))
+        .body(payload)
+        .send()
+        .expect("post")
+        .json()
+        .expect("json");
+    assert_eq!(
+        (
+            again["ack"]["new"].as_u64(),
+            again["ack"]["duplicates"].as_u64()
+        ),
+        (Some(0), Some(1)),
+        "re-sent: {again}"
+    );
+    let v: serde_json::Value = client
+        .get(format!("http://{addr}/api/v1/violations"))
+        .send()
+        .expect("get")
+        .json()
+        .expect("json");
+    let active = v["violations"].as_array().expect("list");
+    assert_eq!(active.len(), 1, "{v}");
+    assert_eq!(active[0]["fingerprint"], "am:f00d");
+
+    let resolved = payload.replace(
+        r#""status":"firing","labels""#,
+        r#""status":"resolved","labels""#,
+    );
+    let r: serde_json::Value = client
+        .post(&url)
+        .body(resolved)
+        .send()
+        .expect("post")
+        .json()
+        .expect("json");
+    assert_eq!(r["ack"]["resolved"], 1, "{r}");
+    let v: serde_json::Value = client
+        .get(format!("http://{addr}/api/v1/violations"))
+        .send()
+        .expect("get")
+        .json()
+        .expect("json");
+    assert_eq!(v["violations"].as_array().map(|a| a.len()), Some(0));
+
+    let wrong = client.get(&url).send().expect("get");
+    assert_eq!(wrong.status(), 405);
+    assert_eq!(
+        client
+            .get(format!("http://{addr}/health"))
+            .send()
+            .expect("health")
+            .status(),
+        200,
+        "still serving"
+    );
+    p.term();
+    assert!(p.wait_exit(Duration::from_secs(20)).success());
+}

@@ -47,6 +47,8 @@ pub struct Inbox {
     events: EventBus,
     up: Arc<AtomicBool>,
     crashed: Arc<AtomicBool>,
+    last_crash: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
+    grace: std::time::Duration,
 }
 
 impl Inbox {
@@ -65,14 +67,28 @@ impl Inbox {
             events,
             up: Arc::new(AtomicBool::new(false)),
             crashed: Arc::new(AtomicBool::new(false)),
+            last_crash: Arc::new(std::sync::Mutex::new(None)),
+            grace: std::time::Duration::from_secs(60),
         }
     }
 
-    /// Whether the actor runs and its last handler did not fail. After a
-    /// crash it counts as down until a handler succeeds again, so an actor
-    /// in a crash loop stays down.
+    /// How long after a crash an actor that has not handled a message
+    /// successfully since still counts as down (the restart period).
+    pub fn with_grace(mut self, grace: std::time::Duration) -> Self {
+        self.grace = grace;
+        self
+    }
+
+    /// Whether the actor runs and is not failing: after a crash it counts
+    /// as down until a handler succeeds again, or until `grace` passes
+    /// without another crash. An actor in a crash loop stays down; an idle
+    /// one that crashed once comes back up.
     pub fn is_up(&self) -> bool {
-        self.up.load(Ordering::SeqCst)
+        if self.up.load(Ordering::SeqCst) {
+            return true;
+        }
+        let last = *self.last_crash.lock().unwrap_or_else(|p| p.into_inner());
+        last.is_some_and(|t| t.elapsed() > self.grace)
     }
 
     /// Called from `started()`: up on the first start; after a restart the
@@ -234,6 +250,8 @@ impl Inbox {
     /// Marks the actor as down after a failure (metric and readiness).
     pub fn mark_down(&self) {
         self.up.store(false, Ordering::SeqCst);
+        *self.last_crash.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(std::time::Instant::now());
         self.crashed.store(true, Ordering::SeqCst);
         self.metrics
             .actor_up
@@ -323,6 +341,17 @@ impl<A: Actor> PhaseAddr<A> {
     /// Whether the actor is reachable and not failing (see [`Inbox::is_up`]).
     pub fn is_up(&self) -> bool {
         self.addr.connected() && self.inbox.is_up()
+    }
+
+    /// Sets the `mape_k_actor_up` gauge from [`PhaseAddr::is_up`].
+    pub fn refresh_up_gauge(&self) {
+        self.inbox
+            .metrics
+            .actor_up
+            .get_or_create(&ActorLabels {
+                actor: self.inbox.kind.as_str(),
+            })
+            .set(i64::from(self.is_up()));
     }
 
     /// Sends and waits for room and for the handler's answer.

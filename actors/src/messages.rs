@@ -85,10 +85,10 @@ pub struct ObserveAck {
 /// Why the Monitor could not take a batch.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ObserveError {
-    /// The Analyzer could not take the snapshot (down or backed up): the
+    /// The Monitor failed while handling the batch (it restarts): the
     /// sender should retry later.
-    #[error("analyzer unavailable: {0}")]
-    AnalyzerUnavailable(String),
+    #[error("monitor unavailable: {0}")]
+    MonitorFailed(String),
 }
 
 /// Health of one evidence source.

@@ -206,7 +206,7 @@ impl Metrics {
             policy_executions: Family::default(),
             outcomes: Family::default(),
             policy_success_rate: Gauge::default(),
-            cycle_duration: seconds_histogram(),
+            cycle_duration: Histogram::new(exponential_buckets(0.01, 2.0, 20)),
             phase_duration: Family::new_with_constructor(seconds_histogram),
             chains_cut_off: Counter::default(),
             alerts_received: Counter::default(),

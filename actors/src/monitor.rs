@@ -233,6 +233,11 @@ impl Monitor {
     }
 
     fn tick(&mut self, ctx: &mut Context<Self>) {
+        // The iteration counts ticks (a heartbeat even without polled
+        // sources) and webhook batches.
+        self.inbox.metrics().iteration.inc();
+        let now = self.clock.now();
+        self.state.update(now, |s| s.iteration += 1);
         self.check_stale();
         for source in self.sources.clone() {
             let name = source.name().to_string();
@@ -302,6 +307,10 @@ impl Monitor {
             })
             .set(0);
         let withdrawn = self.active.withdraw_source(source);
+        self.inbox
+            .metrics()
+            .violations_active
+            .set(self.active.len() as i64);
         if !withdrawn.is_empty() {
             self.pending_resolved.extend(withdrawn);
             self.dirty = true;
@@ -373,7 +382,9 @@ impl Monitor {
         let m = self.inbox.metrics();
         m.violations_detected.inc_by(batch.len() as u64);
         m.violations_active.set(self.active.len() as i64);
-        m.iteration.inc();
+        if !complete {
+            m.iteration.inc();
+        }
         let ack = ObserveAck {
             received: batch.len(),
             new: applied.new,
@@ -394,7 +405,9 @@ impl Monitor {
         let now = self.clock.now();
         let active = self.active.len();
         self.state.update(now, |s| {
-            s.iteration += 1;
+            if !complete {
+                s.iteration += 1;
+            }
             s.violations_detected = active;
         });
         self.dirty = true;
@@ -495,7 +508,7 @@ impl Handler<Observe> for Monitor {
                 Ok(ack)
             })
             .ok_or_else(|| {
-                ObserveError::AnalyzerUnavailable("monitor failed while handling the batch".into())
+                ObserveError::MonitorFailed("the monitor failed while handling the batch".into())
             })
     }
 }

@@ -198,7 +198,8 @@ impl MonitorSettings {
 pub struct DetectorSettings {
     /// Minimum number of violations for the pattern.
     pub min_violations: usize,
-    /// Time window of the detector in seconds (0 = the whole analysis window).
+    /// Time window of the detector in seconds (temporal and frequency: at
+    /// least 1; spatial: 0 = the whole analysis window).
     pub window_seconds: u64,
     /// Confidence reported when it fires.
     pub confidence: f64,
@@ -263,7 +264,8 @@ pub struct AnalyzeSettings {
     pub window_seconds: u64,
     /// Bound on distinct violations kept in the window (oldest dropped first).
     pub max_window_violations: usize,
-    /// Analyses kept in memory for the API (older ones live in Knowledge).
+    /// Analyses kept in the Analyzer's memory (`GetAnalyses`); the API reads
+    /// the audit trail in Knowledge.
     pub max_history: usize,
     /// Sample size at which the sample-size factor of the confidence reaches 1.
     pub sample_size_saturation: usize,

@@ -185,7 +185,10 @@ pub fn start_loop(parts: LoopParts) -> LoopHandle {
     let sup_settings = settings.orchestrator.clone();
     let sup_exit = exit.clone();
     LoopSupervisor::create(|sctx| {
-        let inbox = |kind| Inbox::new(kind, metrics.clone(), chaos.clone(), events.clone());
+        let grace = Duration::from_secs(settings.orchestrator.restart_period_seconds);
+        let inbox = |kind| {
+            Inbox::new(kind, metrics.clone(), chaos.clone(), events.clone()).with_grace(grace)
+        };
         let sup_inbox = inbox(ActorKind::Supervisor);
         let restarts = PhaseAddr::new(sctx.address(), sup_inbox.clone());
         init_series(&metrics);
@@ -389,6 +392,11 @@ impl Actor for LoopSupervisor {
         // that is an escalation too.
         ctx.run_interval(Duration::from_secs(1), |act, _ctx| {
             let Some(h) = &act.handle else { return };
+            h.monitor.refresh_up_gauge();
+            h.analyzer.refresh_up_gauge();
+            h.planner.refresh_up_gauge();
+            h.executor.refresh_up_gauge();
+            h.knowledge.refresh_up_gauge();
             let dead: Vec<ActorKind> = h
                 .phases_connected()
                 .into_iter()
