@@ -221,7 +221,10 @@ fn polling_config(charter: SocketAddr, prometheus: &str) -> String {
 fn promql_polling_path_detects_a_node_crash_and_restarts_the_committee() {
     let ch = charter();
     let prom = prometheus(&[("charter", ch.addr)], None, None);
-    let mut m = mapek(&polling_config(ch.addr, &prom.url()));
+    let mut m = mapek(&format!(
+        "{}logging:\n  format: json\n",
+        polling_config(ch.addr, &prom.url())
+    ));
     wait_until(
         Duration::from_secs(30),
         "mapek's prometheus source to be up",
@@ -247,6 +250,32 @@ fn promql_polling_path_detects_a_node_crash_and_restarts_the_committee() {
         .as_array()
         .map(|a| a.is_empty())
         .unwrap_or(true));
+
+    // One incident, followed through every phase by its chain id in the
+    // JSON logs (as a field or in the span).
+    let chain = exec["chain_id"].as_str().expect("chain id").to_string();
+    m.proc
+        .wait_for("outcome recorded in knowledge", Duration::from_secs(10));
+    let output = m.proc.output();
+    let lines: Vec<Value> = output
+        .lines()
+        .filter(|l| l.contains(&chain))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let messages: Vec<&str> = lines.iter().filter_map(|l| l["message"].as_str()).collect();
+    for step in [
+        "analysed",
+        "approved; handing to the executor",
+        "executing",
+        "action completed",
+        "execution finished",
+        "outcome recorded in knowledge",
+    ] {
+        assert!(
+            messages.contains(&step),
+            "no `{step}` log line for chain {chain}: {messages:?}"
+        );
+    }
     m.proc.term();
     assert!(m.proc.wait_exit(Duration::from_secs(20)).success());
 }

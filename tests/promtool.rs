@@ -18,7 +18,11 @@ fn tool(name: &str) -> String {
 
 fn run(bin: &str, args: &[&str]) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
-    let out = Command::new(bin).args(args).current_dir(&dir).output().expect("run tool");
+    let out = Command::new(bin)
+        .args(args)
+        .current_dir(&dir)
+        .output()
+        .expect("run tool");
     assert!(
         out.status.success(),
         "{bin} {args:?} failed:\n{}\n{}",
@@ -30,14 +34,30 @@ fn run(bin: &str, args: &[&str]) {
 #[test]
 fn promtool_checks_the_rules_and_the_scrape_config() {
     let promtool = tool("promtool");
-    run(&promtool, &["check", "rules", "prometheus/charter-alerts.yml", "prometheus/mapek-alerts.yml"]);
+    run(
+        &promtool,
+        &[
+            "check",
+            "rules",
+            "prometheus/charter-alerts.yml",
+            "prometheus/mapek-alerts.yml",
+        ],
+    );
     run(&promtool, &["check", "config", "prometheus/prometheus.yml"]);
 }
 
 #[test]
 fn promtool_unit_tests_of_the_alert_rules_pass() {
     let promtool = tool("promtool");
-    run(&promtool, &["test", "rules", "prometheus/tests/charter-alerts.test.yml", "prometheus/tests/mapek-alerts.test.yml"]);
+    run(
+        &promtool,
+        &[
+            "test",
+            "rules",
+            "prometheus/tests/charter-alerts.test.yml",
+            "prometheus/tests/mapek-alerts.test.yml",
+        ],
+    );
 }
 
 #[test]

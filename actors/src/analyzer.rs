@@ -80,6 +80,7 @@ impl Handler<ViolationsDetected> for Analyzer {
             let started = tokio::time::Instant::now();
             let now = act.clock.now();
             let mut chain = msg.chain;
+            let _span = tracing::info_span!("chain", chain = %chain.chain_id).entered();
             act.window.resolve(&msg.resolved);
             act.window.observe(&msg.violations);
             act.window.expire(now);

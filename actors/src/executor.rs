@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use futures::FutureExt;
+use tracing::Instrument;
 
 use crate::events::LoopEvent;
 use crate::execute::ExecutionEnv;
@@ -123,6 +124,7 @@ impl Handler<PolicyApproved> for Executor {
         let PolicyApproved { mut chain, policy } = msg;
         let exec_id = new_id("exe");
         tracing::info!(chain = %chain.chain_id, policy = %policy.id, execution = %exec_id, "executing");
+        let span = tracing::info_span!("chain", chain = %chain.chain_id);
         let fut = async move {
             let started_record = PolicyExecution {
                 id: exec_id.clone(),
@@ -191,7 +193,8 @@ impl Handler<PolicyApproved> for Executor {
                 }
             }
             (exec, panicked)
-        };
+        }
+        .instrument(span);
         // `wait` pauses this actor's mailbox until the policy has run.
         ctx.wait(fut.into_actor(self).map(|(exec, panicked), act, ctx| {
             let total = exec.timings.total_seconds;

@@ -153,6 +153,7 @@ impl Handler<ExecutionFinished> for Knowledge {
         let inbox = self.inbox.clone();
         inbox.guard(self, ctx, "ExecutionFinished", |act, _| {
             let exec = &msg.execution;
+            let _span = tracing::info_span!("chain", chain = %exec.chain_id).entered();
             let r = act.store.put_execution(exec);
             act.check("recording an execution", r)?;
             if exec.outcome.is_some() {
@@ -163,6 +164,11 @@ impl Handler<ExecutionFinished> for Knowledge {
                     .record_outcome(&outcome, act.settings.confidence_saturation)
                 {
                     Ok(stats) => {
+                        tracing::info!(
+                            execution = %exec.id,
+                            outcome = outcome.outcome_type.as_str(),
+                            "outcome recorded in knowledge"
+                        );
                         act.outcomes_since_insights += 1;
                         if act.outcomes_since_insights >= act.settings.insights_every {
                             act.outcomes_since_insights = 0;

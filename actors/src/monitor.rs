@@ -432,7 +432,11 @@ impl Monitor {
         let chain_id = msg.chain.chain_id.clone();
         match self.analyzer.offer(msg) {
             Ok(()) => {
-                tracing::debug!(chain = %chain_id, active = self.active.len(), "violations handed to the analyzer");
+                if self.new_since_forward > 0 {
+                    tracing::info!(chain = %chain_id, new = self.new_since_forward, active = self.active.len(), "violations handed to the analyzer");
+                } else {
+                    tracing::debug!(chain = %chain_id, active = self.active.len(), "violations handed to the analyzer");
+                }
                 self.inbox.emit(LoopEvent::Detected {
                     chain_id,
                     active: self.active.len(),

@@ -188,6 +188,7 @@ impl Handler<AnalysisReady> for Planner {
             let started = Instant::now();
             let now = act.clock.now();
             let mut chain = msg.chain;
+            let _span = tracing::info_span!("chain", chain = %chain.chain_id).entered();
             let decision = plan(&msg.analysis, &act.learned, &act.settings, now);
             let policies = match decision {
                 PlanDecision::BelowThreshold { violations, threshold } => {
