@@ -347,3 +347,139 @@ fn prometheus_down_mid_run_means_no_evidence_and_no_action_until_it_returns() {
     m.proc.term();
     assert!(m.proc.wait_exit(Duration::from_secs(20)).success());
 }
+
+/// Every expression of every panel of the shipped Grafana dashboard.
+fn dashboard_queries() -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config/grafana/dashboards/mapek.json"
+    ))
+    .expect("dashboard");
+    let dash: Value = serde_json::from_str(&text).expect("dashboard JSON");
+    let mut out = Vec::new();
+    for p in dash["panels"].as_array().expect("panels") {
+        for t in p["targets"].as_array().expect("targets") {
+            out.push((
+                p["title"].as_str().unwrap_or("?").to_string(),
+                t["expr"].as_str().expect("expr").to_string(),
+            ));
+        }
+    }
+    out
+}
+
+#[test]
+fn every_dashboard_panel_returns_data_from_a_real_prometheus_scraping_mapek_under_load() {
+    let ch = charter();
+    let m_addr = free_addr();
+    let prom = prometheus(&[("charter", ch.addr), ("mapek", m_addr)], None, None);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("mapek.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "{}alertmanager:\n  enabled: true\n",
+            polling_config(ch.addr, &prom.url())
+        )
+        .replace("alertmanager:\n  enabled: false\n", ""),
+    )
+    .expect("config");
+    let (p, d, a) = (
+        path.display().to_string(),
+        dir.path().join("data").display().to_string(),
+        m_addr.to_string(),
+    );
+    let mut proc = Proc::start(
+        &["run", "--config", &p, "--data-dir", &d, "--listen", &a],
+        &[],
+        dir.path(),
+    );
+    proc.wait_for("serving", Duration::from_secs(30));
+    let mut m = Mapek {
+        proc,
+        addr: m_addr,
+        _dir: dir,
+    };
+
+    // Load: a fault the loop must heal, plus a burst of webhook batches.
+    ch.sim.inject(FaultKind::LoadSpike).expect("inject");
+    let client = reqwest::blocking::Client::new();
+    for i in 0..200 {
+        let body = format!(
+            r#"{{"version":"4","status":"firing","receiver":"mapek","alerts":[{{"status":"firing","labels":{{"alertname":"Burst{i}","severity":"info","component":"other"}},"annotations":{{}},"startsAt":"2026-01-01T00:00:00Z","endsAt":"0001-01-01T00:00:00Z","fingerprint":"burst{i}"}}]}}"#
+        );
+        let r = client
+            .post(m.url("/api/v1/alerts"))
+            .body(body)
+            .send()
+            .expect("webhook");
+        assert!(r.status().is_success());
+    }
+    let exec = m.wait_outcome(Duration::from_secs(120));
+    assert!(exec["outcome"].is_string());
+    // Prometheus has scraped mapek after the outcome.
+    wait_until(
+        Duration::from_secs(60),
+        "prometheus to scrape mapek's executed policy",
+        || {
+            let r = get(&format!(
+                "{}/api/v1/query?query=mape_k_policies_executed_total",
+                prom.url()
+            ))?;
+            let v: f64 = r["data"]["result"][0]["value"][1].as_str()?.parse().ok()?;
+            (v >= 1.0).then_some(())
+        },
+    );
+    wait_until(
+        Duration::from_secs(60),
+        "two scrapes after the outcome",
+        || {
+            let q = "count_over_time(mape_k_policies_executed_total[1m]) >= 3 and mape_k_policies_executed_total >= 1";
+            let r = get(&format!(
+                "{}/api/v1/query?query={}",
+                prom.url(),
+                urlencode(q)
+            ))?;
+            (!r["data"]["result"].as_array()?.is_empty()).then_some(())
+        },
+    );
+    let mut empty = Vec::new();
+    let queries = dashboard_queries();
+    assert!(queries.len() >= 14, "the dashboard has its panels");
+    for (title, expr) in &queries {
+        let r = get(&format!(
+            "{}/api/v1/query?query={}",
+            prom.url(),
+            urlencode(expr)
+        ))
+        .expect("query");
+        assert_eq!(r["status"], "success", "{title}: {expr}: {r}");
+        let result = r["data"]["result"].as_array().cloned().unwrap_or_default();
+        let real = result
+            .iter()
+            .any(|s| s["value"][1].as_str().is_some_and(|v| v != "NaN"));
+        if !real {
+            empty.push(format!("{title}: {expr} → {r}"));
+        }
+    }
+    assert!(
+        empty.is_empty(),
+        "panels without data:\n{}",
+        empty.join("\n")
+    );
+    m.proc.term();
+    assert!(m.proc.wait_exit(Duration::from_secs(20)).success());
+}
+
+fn urlencode(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                out.push(b as char)
+            }
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
