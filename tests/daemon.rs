@@ -406,3 +406,36 @@ fn webhook_refuses_bad_input_clearly_counts_resent_alerts_once_and_keeps_serving
     p.term();
     assert!(p.wait_exit(Duration::from_secs(20)).success());
 }
+
+#[test]
+fn shipped_deployment_files_match_the_binary_and_the_config_schema() {
+    // The config embedded in the Kubernetes ConfigMap is valid.
+    let k8s = std::fs::read_to_string(repo().join("config/kubernetes/mapek.yaml")).expect("k8s");
+    let start = k8s.find("mapek.yaml: |").expect("configmap entry") + "mapek.yaml: |".len();
+    let end = start + k8s[start..].find("\n---").expect("end of document");
+    let embedded: String = k8s[start..end]
+        .lines()
+        .map(|l| l.strip_prefix("    ").unwrap_or(l))
+        .collect::<Vec<_>>()
+        .join("\n");
+    mapek::config::Config::from_yaml_str(&embedded, "configmap").unwrap_or_else(|e| panic!("{e}"));
+    // The flags the unit and the manifest pass exist.
+    let help = std::process::Command::new(bin())
+        .args(["run", "--help"])
+        .output()
+        .expect("help");
+    let help = String::from_utf8_lossy(&help.stdout);
+    let unit = std::fs::read_to_string(repo().join("config/systemd/mapek.service")).expect("unit");
+    for flag in ["--config", "--data-dir", "--log-format", "--listen"] {
+        assert!(help.contains(flag), "`mapek run` lacks {flag}");
+    }
+    assert!(
+        unit.contains("mapek check-config /etc/mapek/mapek.yaml")
+            && unit.contains("--log-format json")
+    );
+    let version = std::process::Command::new(bin())
+        .arg("--version")
+        .output()
+        .expect("version");
+    assert!(String::from_utf8_lossy(&version.stdout).starts_with("mapek "));
+}
