@@ -251,7 +251,7 @@ impl Metrics {
         );
         r.register(
             "mape_k_iteration",
-            "Monitor iterations (polls and webhook batches)",
+            "Monitor iterations (ticks and webhook batches)",
             self.iteration.clone(),
         );
         r.register(
