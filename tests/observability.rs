@@ -187,9 +187,13 @@ fn mailbox_depth_is_exact_under_a_flood_and_shedding_is_counted() {
             }
             tokio::task::yield_now().await;
         };
-        while h.executor.depth() != 0 {
-            tokio::task::yield_now().await;
-        }
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while h.executor.depth() != 0 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the executor took its message");
         assert_eq!(
             sample(r.addr, "mape_k_actor_mailbox_depth", "actor=\"executor\"").await,
             Some(0.0)
@@ -219,29 +223,49 @@ fn mailbox_depth_is_exact_under_a_flood_and_shedding_is_counted() {
             .await,
             Some(5.0)
         );
-        // Senders that wait for room count too.
+        // Senders that must not lose their message wait for room: the
+        // mailbox stays bounded at its capacity while they wait.
         let waiting: Vec<_> = (100..103)
             .map(|n| {
                 let (a, m) = (h.executor.clone(), fake_policy(&policy, n));
                 tokio::spawn(async move { a.send(m).await })
             })
             .collect();
-        while h.executor.depth() != 11 {
+        for _ in 0..50 {
             tokio::task::yield_now().await;
         }
         assert_eq!(
+            h.executor.depth(),
+            8,
+            "bounded: waiting senders are not queued"
+        );
+        assert!(
+            waiting.iter().all(|w| !w.is_finished()),
+            "the senders wait for room"
+        );
+        assert_eq!(
             sample(r.addr, "mape_k_actor_mailbox_depth", "actor=\"executor\"").await,
-            Some(11.0)
+            Some(8.0)
         );
 
         // Open the gate: everything drains and the gauge returns to zero.
+        // A sender that gives up (an HTTP client that disconnects) does not
+        // take its message with it.
+        let mut waiting = waiting.into_iter();
+        if let Some(first) = waiting.next() {
+            first.abort();
+        }
         gate.add_permits(1000);
         for w in waiting {
             w.await.expect("join").expect("delivered");
         }
-        while h.executor.depth() != 0 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        tokio::time::timeout(Duration::from_secs(30), async {
+            while h.executor.depth() != 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the mailbox drained");
         assert_eq!(
             sample(r.addr, "mape_k_actor_mailbox_depth", "actor=\"executor\"").await,
             Some(0.0)
@@ -253,7 +277,7 @@ fn mailbox_depth_is_exact_under_a_flood_and_shedding_is_counted() {
         )
         .await
         .expect("handled");
-        assert!(handled >= 12.0, "1 + 8 + 3 handled, got {handled}");
+        assert_eq!(handled, 12.0, "1 + 8 + 3 handled, the abandoned one included");
         let text = reqwest::get(format!("http://{}/metrics", r.addr))
             .await
             .expect("metrics")

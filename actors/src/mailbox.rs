@@ -23,6 +23,9 @@ use actix::prelude::*;
 use crate::events::{EventBus, LoopEvent};
 use crate::metrics::{ActorKind, ActorLabels, ActorMessageLabels, Metrics};
 
+/// Mailbox capacity when none is configured.
+pub const DEFAULT_CAPACITY: usize = 64;
+
 /// A message with a stable name for metrics and logs.
 pub trait Named {
     /// Message type name (`ViolationsDetected`).
@@ -47,6 +50,8 @@ pub struct Inbox {
     events: EventBus,
     up: Arc<AtomicBool>,
     crashed: Arc<AtomicBool>,
+    slots: Arc<tokio::sync::Semaphore>,
+    overdraft: Arc<std::sync::atomic::AtomicUsize>,
     last_crash: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
     grace: std::time::Duration,
 }
@@ -67,8 +72,28 @@ impl Inbox {
             events,
             up: Arc::new(AtomicBool::new(false)),
             crashed: Arc::new(AtomicBool::new(false)),
+            slots: Arc::new(tokio::sync::Semaphore::new(DEFAULT_CAPACITY)),
+            overdraft: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             last_crash: Arc::new(std::sync::Mutex::new(None)),
             grace: std::time::Duration::from_secs(60),
+        }
+    }
+
+    /// Bounds the mailbox to `capacity` messages (default 64).
+    pub fn with_capacity(mut self, capacity: usize) -> Self {
+        self.slots = Arc::new(tokio::sync::Semaphore::new(capacity.max(1)));
+        self
+    }
+
+    /// Frees one mailbox slot (a message left the mailbox), or pays back
+    /// one overdrawn slot.
+    fn release_slot(&self) {
+        let paid = self
+            .overdraft
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if !paid {
+            self.slots.add_permits(1);
         }
     }
 
@@ -158,6 +183,7 @@ impl Inbox {
     /// handler's duration when dropped.
     pub fn received(&self, message: &'static str) -> HandlerTimer {
         self.unqueued();
+        self.release_slot();
         self.metrics
             .messages_handled
             .get_or_create(&ActorMessageLabels {
@@ -354,7 +380,12 @@ impl<A: Actor> PhaseAddr<A> {
             .set(i64::from(self.is_up()));
     }
 
-    /// Sends and waits for room and for the handler's answer.
+    /// Sends, waiting for room (backpressure) and for the handler's
+    /// answer. Delivery runs on a detached task: a caller that gives up
+    /// (an HTTP client that disconnects, a restarted actor's future) does
+    /// not lose the message, and the mailbox count stays exact (actix drops
+    /// a queued message whose reply channel closed without running its
+    /// handler).
     pub async fn send<M>(&self, msg: M) -> Result<M::Result, DeliveryError>
     where
         M: Message + Named + Send + 'static,
@@ -366,18 +397,34 @@ impl<A: Actor> PhaseAddr<A> {
             self.inbox.shed(M::NAME);
             return Err(DeliveryError::Closed(self.inbox.kind));
         }
-        self.inbox.enqueued();
-        // Once queued, the handler's start decrements the depth; an error
-        // here means the handler dropped the reply (it crashed) after that.
-        self.addr
-            .send(msg)
-            .await
-            .map_err(|_| DeliveryError::Closed(self.inbox.kind))
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let addr = self.addr.clone();
+        let inbox = self.inbox.clone();
+        tokio::spawn(async move {
+            match inbox.slots.clone().acquire_owned().await {
+                Ok(permit) => permit.forget(),
+                Err(_) => return,
+            }
+            if !addr.connected() {
+                inbox.release_slot();
+                inbox.shed(M::NAME);
+                return;
+            }
+            inbox.enqueued();
+            // Once queued, the handler's start frees the slot and lowers the
+            // depth; an error means the handler crashed after that.
+            let _ = tx.send(addr.send(msg).await.ok());
+        });
+        match rx.await {
+            Ok(Some(r)) => Ok(r),
+            _ => Err(DeliveryError::Closed(self.inbox.kind)),
+        }
     }
 
-    /// Delivers without waiting and regardless of capacity (actix
-    /// `do_send`), counted. Only for rare control messages that must
-    /// neither be lost nor block the sender (restart notices).
+    /// Delivers without waiting, even past the capacity (counted as an
+    /// overdraft that the next handled messages pay back). Only for rare
+    /// control messages that must neither be lost nor block the sender
+    /// (restart notices).
     pub fn push<M>(&self, msg: M)
     where
         M: Message + Named + Send + 'static,
@@ -385,15 +432,22 @@ impl<A: Actor> PhaseAddr<A> {
         A: Handler<M>,
         A::Context: ToEnvelope<A, M>,
     {
-        if self.addr.connected() {
-            self.inbox.enqueued();
-            self.addr.do_send(msg);
-        } else {
+        if !self.addr.connected() {
             self.inbox.shed(M::NAME);
+            return;
         }
+        match self.inbox.slots.try_acquire() {
+            Ok(permit) => permit.forget(),
+            Err(_) => {
+                self.inbox.overdraft.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        self.inbox.enqueued();
+        self.addr.do_send(msg);
     }
 
-    /// Delivers if there is room; otherwise sheds the message and counts it.
+    /// Delivers if the mailbox has room; otherwise sheds the message and
+    /// counts it.
     pub fn offer<M>(&self, msg: M) -> Result<(), DeliveryError>
     where
         M: Message + Named + Send + 'static,
@@ -401,20 +455,21 @@ impl<A: Actor> PhaseAddr<A> {
         A: Handler<M>,
         A::Context: ToEnvelope<A, M>,
     {
-        self.inbox.enqueued();
-        match self.addr.try_send(msg) {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                self.inbox.unqueued();
+        match self.inbox.slots.try_acquire() {
+            Ok(permit) => permit.forget(),
+            Err(_) => {
                 self.inbox.shed(M::NAME);
-                match e {
-                    SendError::Full(_) => {
-                        tracing::warn!(actor = %self.inbox.kind, message = M::NAME, "mailbox full; message shed");
-                        Err(DeliveryError::Full(self.inbox.kind))
-                    }
-                    SendError::Closed(_) => Err(DeliveryError::Closed(self.inbox.kind)),
-                }
+                tracing::warn!(actor = %self.inbox.kind, message = M::NAME, "mailbox full; message shed");
+                return Err(DeliveryError::Full(self.inbox.kind));
             }
         }
+        if !self.addr.connected() {
+            self.inbox.release_slot();
+            self.inbox.shed(M::NAME);
+            return Err(DeliveryError::Closed(self.inbox.kind));
+        }
+        self.inbox.enqueued();
+        self.addr.do_send(msg);
+        Ok(())
     }
 }

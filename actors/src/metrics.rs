@@ -142,7 +142,7 @@ pub struct Metrics {
     pub restarts: Family<ActorLabels, Counter>,
     /// Whether each actor is running (1) or down (0).
     pub actor_up: Family<ActorLabels, Gauge>,
-    /// Monitor iterations (polls and webhook batches handled).
+    /// Monitor iterations (ticks and webhook batches).
     pub iteration: Gauge,
     /// Violations observed (each observation of a breaching series).
     pub violations_detected: Counter,

@@ -187,7 +187,9 @@ pub fn start_loop(parts: LoopParts) -> LoopHandle {
     LoopSupervisor::create(|sctx| {
         let grace = Duration::from_secs(settings.orchestrator.restart_period_seconds);
         let inbox = |kind| {
-            Inbox::new(kind, metrics.clone(), chaos.clone(), events.clone()).with_grace(grace)
+            Inbox::new(kind, metrics.clone(), chaos.clone(), events.clone())
+                .with_grace(grace)
+                .with_capacity(cap)
         };
         let sup_inbox = inbox(ActorKind::Supervisor);
         let restarts = PhaseAddr::new(sctx.address(), sup_inbox.clone());

@@ -476,11 +476,22 @@ fn high_risk_policies_wait_for_a_person_and_run_once_approved() {
             rig.effector.calls().is_empty(),
             "nothing runs before approval"
         );
-        let pending = rig
-            .store
-            .list_policies(Some(ApprovalStatus::Pending), 10)
-            .expect("pending");
-        assert!(pending.iter().any(|p| p.id == policy_id));
+        // The Planner records the policy in Knowledge right after
+        // announcing it.
+        tokio::time::timeout(Duration::from_secs(60), async {
+            loop {
+                let pending = rig
+                    .store
+                    .list_policies(Some(ApprovalStatus::Pending), 10)
+                    .expect("pending");
+                if pending.iter().any(|p| p.id == policy_id) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the pending policy is in the audit trail");
         let decided = h
             .planner
             .send(DecidePolicy {
