@@ -681,6 +681,7 @@ impl CommandEffector {
         params: &Map<String, Value>,
         applied: Option<&Value>,
     ) -> Result<Value, EffectorError> {
+        check_target(target)?;
         let program = &self.program;
         let mut cmd = tokio::process::Command::new(program);
         cmd.args(self.render_args(action, target, params))
@@ -784,6 +785,26 @@ impl CommandEffector {
 async fn kill(child: &mut tokio::process::Child) {
     let _ = child.start_kill();
     let _ = tokio::time::timeout(Duration::from_secs(2), child.wait()).await;
+}
+
+/// Component names come from alert labels, so they are refused as program
+/// arguments unless they look like a name: no leading `-` (it would read as
+/// an option), nothing but ASCII letters, digits and `._:/-`, at most 253
+/// characters.
+pub fn check_target(target: &str) -> Result<(), EffectorError> {
+    let ok = !target.is_empty()
+        && target.len() <= 253
+        && !target.starts_with('-')
+        && target
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '/' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(EffectorError::Rejected(format!(
+            "refusing to pass component {target:?} to a program: it must be letters, digits and ._:/- and not start with -"
+        )))
+    }
 }
 
 impl Effector for CommandEffector {
@@ -922,6 +943,18 @@ impl Effector for WebhookEffector {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn component_names_that_could_be_options_are_refused() {
+        assert!(check_target("charter").is_ok());
+        assert!(check_target("ns/charter-0.svc:8080").is_ok());
+        for bad in ["--all", "-rf", "a b", "x;y", "", "ä"] {
+            assert!(
+                matches!(check_target(bad), Err(EffectorError::Rejected(_))),
+                "{bad:?}"
+            );
+        }
+    }
     use std::collections::VecDeque;
     use std::net::SocketAddr;
     use std::sync::Mutex;

@@ -87,6 +87,42 @@ pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, String> {
         .map_err(|e| format!("cannot listen on {addr}: {e}"))
 }
 
+/// How long the webhook waits for room in the Monitor's mailbox before
+/// answering 503 (Alertmanager then re-sends; delivery goes on meanwhile and
+/// re-sent alerts count once).
+const WEBHOOK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How long a read endpoint waits for an actor's answer.
+const ASK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Asks the Monitor, with a timeout: an actor that cannot answer is reported
+/// as unavailable instead of holding the request.
+async fn ask<M>(s: &ApiState, msg: M) -> Result<M::Result, String>
+where
+    M: actix::Message + mapek_actors::mailbox::Named + Send + 'static,
+    M::Result: Send,
+    mapek_actors::monitor::Monitor: actix::Handler<M>,
+{
+    match tokio::time::timeout(ASK_TIMEOUT, s.handle.monitor.send(msg)).await {
+        Ok(Ok(r)) => Ok(r),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!(
+            "monitor did not answer within {} s",
+            ASK_TIMEOUT.as_secs()
+        )),
+    }
+}
+
+/// Runs a knowledge-store read off the async workers (sled reads block).
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, mapek_actors::store::StoreError> + Send + 'static,
+) -> Result<T, String> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(e) => Err(format!("knowledge read failed: {e}")),
+    }
+}
+
 fn error(status: StatusCode, msg: impl Into<String>) -> Response {
     (status, Json(json!({"error": msg.into()}))).into_response()
 }
@@ -112,7 +148,7 @@ async fn ready(State(s): State<ApiState>) -> Response {
     if !store_open {
         reasons.push("knowledge store is closed".into());
     }
-    let sources = s.handle.monitor.send(GetSources).await.unwrap_or_default();
+    let sources = ask(&s, GetSources).await.unwrap_or_default();
     let any_evidence = sources.iter().any(|h| h.status == SourceStatus::Up);
     if s.sources_required && !sources.is_empty() && !any_evidence {
         reasons.push("no metric source gives evidence".into());
@@ -152,7 +188,7 @@ async fn metrics(State(s): State<ApiState>) -> Response {
 
 async fn loop_state(State(s): State<ApiState>) -> Response {
     let state = s.handle.state.snapshot();
-    let sources = s.handle.monitor.send(GetSources).await.unwrap_or_default();
+    let sources = ask(&s, GetSources).await.unwrap_or_default();
     let depths: serde_json::Map<String, Value> = [
         ("monitor", s.handle.monitor.depth()),
         ("analyzer", s.handle.analyzer.depth()),
@@ -167,7 +203,7 @@ async fn loop_state(State(s): State<ApiState>) -> Response {
 }
 
 async fn violations(State(s): State<ApiState>) -> Response {
-    match s.handle.monitor.send(GetActiveViolations).await {
+    match ask(&s, GetActiveViolations).await {
         Ok(v) => Json(json!({"violations": v})).into_response(),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
@@ -185,18 +221,16 @@ impl Limit {
     }
 }
 
-fn store_result<T: serde::Serialize>(
-    key: &str,
-    r: Result<T, mapek_actors::store::StoreError>,
-) -> Response {
+fn store_result<T: serde::Serialize>(key: &str, r: Result<T, String>) -> Response {
     match r {
         Ok(v) => Json(json!({ key: v })).into_response(),
-        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
     }
 }
 
 async fn analyses(State(s): State<ApiState>, Query(q): Query<Limit>) -> Response {
-    store_result("analyses", s.handle.store.list_analyses(q.get()))
+    let (st, n) = (s.handle.store.clone(), q.get());
+    store_result("analyses", blocking(move || st.list_analyses(n)).await)
 }
 
 #[derive(Debug, Deserialize)]
@@ -219,11 +253,16 @@ async fn policies(State(s): State<ApiState>, Query(q): Query<PolicyQuery>) -> Re
         },
     };
     let limit = q.limit.unwrap_or(50).clamp(1, 1000);
-    store_result("policies", s.handle.store.list_policies(status, limit))
+    let st = s.handle.store.clone();
+    store_result(
+        "policies",
+        blocking(move || st.list_policies(status, limit)).await,
+    )
 }
 
 async fn policy(State(s): State<ApiState>, Path(id): Path<String>) -> Response {
-    match s.handle.store.get_policy(&id) {
+    let (st, key) = (s.handle.store.clone(), id.clone());
+    match blocking(move || st.get_policy(&key)).await {
         Ok(Some(p)) => Json(p).into_response(),
         Ok(None) => error(StatusCode::NOT_FOUND, format!("no policy `{id}`")),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
@@ -259,6 +298,7 @@ async fn decide(s: ApiState, id: String, decision: ApprovalStatus, body: Bytes) 
             error(StatusCode::NOT_FOUND, format!("no pending policy `{id}`"))
         }
         Ok(Err(DecisionError::Invalid(m))) => error(StatusCode::CONFLICT, m),
+        Ok(Err(DecisionError::Busy(m))) => error(StatusCode::CONFLICT, m),
         Ok(Err(DecisionError::Unavailable(m))) => error(StatusCode::SERVICE_UNAVAILABLE, m),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
@@ -273,19 +313,23 @@ async fn reject(State(s): State<ApiState>, Path(id): Path<String>, body: Bytes) 
 }
 
 async fn executions(State(s): State<ApiState>, Query(q): Query<Limit>) -> Response {
-    store_result("executions", s.handle.store.list_executions(q.get()))
+    let (st, n) = (s.handle.store.clone(), q.get());
+    store_result("executions", blocking(move || st.list_executions(n)).await)
 }
 
 async fn outcomes(State(s): State<ApiState>, Query(q): Query<Limit>) -> Response {
-    store_result("outcomes", s.handle.store.list_outcomes(q.get()))
+    let (st, n) = (s.handle.store.clone(), q.get());
+    store_result("outcomes", blocking(move || st.list_outcomes(n)).await)
 }
 
 async fn patterns(State(s): State<ApiState>) -> Response {
-    store_result("patterns", s.handle.store.stats())
+    let st = s.handle.store.clone();
+    store_result("patterns", blocking(move || st.stats()).await)
 }
 
 async fn insights(State(s): State<ApiState>) -> Response {
-    store_result("insights", s.handle.store.insights())
+    let st = s.handle.store.clone();
+    store_result("insights", blocking(move || st.insights()).await)
 }
 
 #[derive(Debug, Deserialize)]
@@ -304,7 +348,8 @@ async fn best_action(State(s): State<ApiState>, Query(q): Query<CauseQuery>) -> 
             format!("unknown cause `{name}` (known: {})", known.join(", ")),
         );
     };
-    match s.handle.store.stats() {
+    let st = s.handle.store.clone();
+    match blocking(move || st.stats()).await {
         Ok(stats) => match stats.best_action_for_cause(cause) {
             Some((action, st)) => {
                 Json(json!({"cause": cause, "action": action, "stats": st})).into_response()
@@ -336,7 +381,11 @@ async fn webhook(State(s): State<ApiState>, body: Bytes) -> Response {
     };
     // 2xx only once the Monitor has taken the batch: otherwise 503 and
     // Alertmanager re-sends (handling is idempotent per fingerprint).
-    match s.handle.monitor.send(msg).await {
+    match tokio::time::timeout(WEBHOOK_TIMEOUT, s.handle.monitor.send(msg))
+        .await
+        .unwrap_or(Err(mapek_actors::mailbox::DeliveryError::Full(
+            mapek_actors::metrics::ActorKind::Monitor,
+        ))) {
         Ok(Ok(ack)) => {
             m.alerts_processed.inc_by(n as u64);
             Json(json!({"status": "accepted", "ack": ack})).into_response()

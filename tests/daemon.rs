@@ -190,6 +190,16 @@ fn knowledge_survives_a_restart_of_the_daemon_and_pending_policies_can_be_decide
     {
         let store = KnowledgeStore::open(&data, Duration::from_secs(5)).expect("open");
         store.put_policy(&policy("pol-0001")).expect("put");
+        store
+            .put_execution(&serde_json::from_value(serde_json::json!({
+                "id": "exe-0001", "policy_id": "pol-0000", "chain_id": "chn-x", "root_cause": "validation_latency",
+                "status": "IN_PROGRESS", "actions": [], "started_at": "2026-01-01T00:00:00Z", "finished_at": null,
+                "success_rate": 0.0, "error": null, "violations_before": 3, "violations_after": null, "outcome": null,
+                "timings": {"detection_seconds": 0.0, "analysis_seconds": 0.0, "planning_seconds": 0.0,
+                            "execution_seconds": 0.0, "total_seconds": 0.0, "cut_off": false}
+            }))
+            .expect("execution json"))
+            .expect("put execution");
         store.close().expect("close");
     }
     let addr = free_addr();
@@ -220,6 +230,21 @@ fn knowledge_survives_a_restart_of_the_daemon_and_pending_policies_can_be_decide
         .json()
         .expect("json");
     assert_eq!(list["policies"][0]["id"], "pol-0001", "{list}");
+    let execs: serde_json::Value = client
+        .get(format!("http://{addr}/api/v1/executions"))
+        .send()
+        .expect("list")
+        .json()
+        .expect("json");
+    assert_eq!(execs["executions"][0]["id"], "exe-0001");
+    assert_eq!(
+        execs["executions"][0]["status"], "FAILED",
+        "an execution interrupted by a stop is closed: {execs}"
+    );
+    assert!(execs["executions"][0]["error"]
+        .as_str()
+        .unwrap_or("")
+        .contains("interrupted"));
     let bad = client
         .get(format!("http://{addr}/api/v1/policies?status=maybe"))
         .send()

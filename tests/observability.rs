@@ -277,7 +277,10 @@ fn mailbox_depth_is_exact_under_a_flood_and_shedding_is_counted() {
         )
         .await
         .expect("handled");
-        assert_eq!(handled, 12.0, "1 + 8 + 3 handled, the abandoned one included");
+        assert_eq!(
+            handled, 12.0,
+            "1 + 8 + 3 handled, the abandoned one included"
+        );
         let text = reqwest::get(format!("http://{}/metrics", r.addr))
             .await
             .expect("metrics")

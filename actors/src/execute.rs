@@ -3,6 +3,9 @@
 //! failure, and verification of the effect from fresh evidence.
 
 use std::collections::{HashMap, VecDeque};
+use std::panic::AssertUnwindSafe;
+
+use futures::FutureExt;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
@@ -164,8 +167,16 @@ impl ExecutionEnv {
                 return Err(CallEnd::CutOff);
             }
             let started = Instant::now();
-            let res = match tokio::time::timeout_at(deadline.min(started + timeout), op()).await {
-                Ok(r) => r,
+            // A panicking effector is a failed call (and the completed
+            // actions are rolled back), not a dead Executor.
+            let guarded = AssertUnwindSafe(op()).catch_unwind();
+            let res = match tokio::time::timeout_at(deadline.min(started + timeout), guarded).await
+            {
+                Ok(Ok(r)) => r,
+                Ok(Err(panic)) => Err(EffectorError::Rejected(format!(
+                    "effector panicked: {}",
+                    crate::mailbox::panic_message(&panic)
+                ))),
                 Err(_) if Instant::now() >= deadline => return Err(CallEnd::CutOff),
                 Err(_) => Err(EffectorError::Transient(format!(
                     "timed out after {} s",

@@ -119,11 +119,9 @@ impl Handler<RecordPolicy> for Knowledge {
         let inbox = self.inbox.clone();
         inbox
             .guard(self, ctx, "RecordPolicy", |act, _| {
-                // Policies and their approvals are critical: durable now.
-                let r = act
-                    .store
-                    .put_policy(&msg.0)
-                    .and_then(|_| act.store.flush().map(|_| ()));
+                // Policies and their approvals are critical: `put_policy`
+                // flushes them before it returns.
+                let r = act.store.put_policy(&msg.0);
                 act.maybe_prune();
                 act.check("recording a policy", r)
             })
@@ -137,10 +135,8 @@ impl Handler<RecordExecution> for Knowledge {
     fn handle(&mut self, msg: RecordExecution, ctx: &mut Context<Self>) {
         let inbox = self.inbox.clone();
         inbox.guard(self, ctx, "RecordExecution", |act, _| {
-            let r = act
-                .store
-                .put_execution(&msg.0)
-                .and_then(|_| act.store.flush().map(|_| ()));
+            // `put_execution` flushes before it returns.
+            let r = act.store.put_execution(&msg.0);
             act.check("recording an execution", r)
         });
     }
@@ -177,14 +173,18 @@ impl Handler<ExecutionFinished> for Knowledge {
                             act.check("recording insights", r)?;
                         }
                         if let Some(p) = act.planner.get() {
-                            let _ = p.offer(KnowledgeUpdated { stats });
+                            // Not level-triggered (sent once per outcome):
+                            // delivered, never shed.
+                            let p = p.clone();
+                            actix::spawn(async move {
+                                let _ = p.send(KnowledgeUpdated { stats }).await;
+                            });
                         }
                     }
                     Err(e) => act.check("recording an outcome", Err(e))?,
                 }
             }
-            let r = act.store.flush().map(|_| ());
-            act.check("flushing", r)
+            Ok(())
         });
     }
 }

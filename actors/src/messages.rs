@@ -195,6 +195,9 @@ pub enum DecisionError {
     /// The policy was already decided.
     #[error("{0}")]
     Invalid(String),
+    /// A remedy runs or cools down on one of the policy's components.
+    #[error("{0}")]
+    Busy(String),
     /// The policy could not be recorded or handed to the Executor.
     #[error("{0}")]
     Unavailable(String),

@@ -175,7 +175,7 @@ pub struct Monitor {
     health: BTreeMap<String, SourceHealth>,
     polling: HashSet<String>,
     active: ActiveViolations,
-    pending_resolved: Vec<String>,
+    pending_resolved: std::collections::BTreeSet<String>,
     new_since_forward: usize,
     dirty: bool,
     analyzer: PhaseAddr<Analyzer>,
@@ -218,7 +218,7 @@ impl Monitor {
             health,
             polling: HashSet::new(),
             active: ActiveViolations::default(),
-            pending_resolved: Vec::new(),
+            pending_resolved: std::collections::BTreeSet::new(),
             new_since_forward: 0,
             dirty: false,
             analyzer,
@@ -421,13 +421,21 @@ impl Monitor {
             self.dirty = false;
             return;
         }
+        // Coalesce: while the Analyzer still has a snapshot to handle, do
+        // not build another (a webhook flood costs one snapshot per
+        // Analyzer cycle, not one per batch); the next tick or batch sends
+        // the latest state.
+        if self.analyzer.depth() > 0 {
+            self.dirty = true;
+            return;
+        }
         let mut chain = ChainTrace::start(self.clock.now());
         chain.timings.detection_seconds = detection_seconds;
         self.inbox.metrics().phase("detection", detection_seconds);
         let msg = ViolationsDetected {
             chain,
             violations: self.active.snapshot(),
-            resolved: self.pending_resolved.clone(),
+            resolved: self.pending_resolved.iter().cloned().collect(),
         };
         let chain_id = msg.chain.chain_id.clone();
         match self.analyzer.offer(msg) {

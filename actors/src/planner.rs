@@ -35,7 +35,7 @@ pub struct Planner {
     /// hold whose execution never reported back (an Executor crash).
     in_flight: HashMap<String, (String, Instant)>,
     cooldown_until: HashMap<String, Instant>,
-    max_cycle_time: Duration,
+    lease: Duration,
     last_escalation: Option<String>,
     executor: PhaseAddr<Executor>,
     knowledge: PhaseAddr<Knowledge>,
@@ -58,7 +58,7 @@ impl Planner {
         clock: SharedClock,
         state: SharedState,
         supervisor: PhaseAddr<LoopSupervisor>,
-        max_cycle_time: Duration,
+        lease: Duration,
     ) -> Self {
         let learned = store.stats().unwrap_or_default();
         let pending = store
@@ -78,7 +78,7 @@ impl Planner {
             pending,
             in_flight: HashMap::new(),
             cooldown_until: HashMap::new(),
-            max_cycle_time,
+            lease,
             last_escalation: None,
             executor,
             knowledge,
@@ -93,7 +93,7 @@ impl Planner {
     /// its components (one remedy at a time per component, so verification
     /// measures one remedy), or while a policy for the same cause waits for
     /// a person.
-    fn held_back(&mut self, p: &RemediationPolicy) -> bool {
+    fn busy(&mut self, p: &RemediationPolicy) -> Option<String> {
         let now = Instant::now();
         self.in_flight.retain(|component, (policy, lease)| {
             let live = now < *lease;
@@ -102,11 +102,24 @@ impl Planner {
             }
             live
         });
-        let scope = scope_of(p);
-        scope.iter().any(|c| {
-            self.in_flight.contains_key(c) || self.cooldown_until.get(c).is_some_and(|t| now < *t)
-        }) || self
-            .pending
+        self.cooldown_until.retain(|_, until| now < *until);
+        scope_of(p).into_iter().find_map(|c| {
+            if let Some((id, _)) = self.in_flight.get(&c) {
+                Some(format!("a remedy ({id}) is running on component `{c}`"))
+            } else {
+                self.cooldown_until.get(&c).map(|until| {
+                    format!(
+                        "component `{c}` is cooling down for {} s after its last remedy",
+                        until.saturating_duration_since(now).as_secs()
+                    )
+                })
+            }
+        })
+    }
+
+    /// Whether a policy for this cause already waits for a person.
+    fn pending_for(&self, p: &RemediationPolicy) -> bool {
+        self.pending
             .values()
             .any(|(q, _)| q.root_cause == p.root_cause)
     }
@@ -136,7 +149,7 @@ impl Planner {
     }
 
     fn dispatch(&mut self, ctx: &mut Context<Self>, policy: RemediationPolicy, chain: ChainTrace) {
-        let lease = Instant::now() + self.max_cycle_time + Duration::from_secs(30);
+        let lease = Instant::now() + self.lease;
         for c in scope_of(&policy) {
             self.in_flight.insert(c, (policy.id.clone(), lease));
         }
@@ -209,7 +222,7 @@ impl Handler<AnalysisReady> for Planner {
             };
             act.last_escalation = None;
             let fresh: Vec<RemediationPolicy> =
-                policies.into_iter().filter(|p| !act.held_back(p)).collect();
+                policies.into_iter().filter(|p| act.busy(p).is_none()).collect();
             act.state.update(now, |s| s.policies_generated = fresh.len());
             if fresh.is_empty() {
                 return Ok(());
@@ -236,7 +249,7 @@ impl Handler<AnalysisReady> for Planner {
                     act.record(ctx, p.clone());
                     dispatched = true;
                     act.dispatch(ctx, p, chain.clone());
-                } else if !dispatched && !act.held_back(&p) {
+                } else if !dispatched && !act.pending_for(&p) {
                     tracing::info!(chain = %chain.chain_id, policy = %p.id, cause = %p.root_cause, risk = ?p.risk_level, "policy waits for approval");
                     act.announce(&p);
                     act.record(ctx, p.clone());
@@ -266,6 +279,16 @@ impl Handler<DecidePolicy> for Planner {
                         _ => DecisionError::NotFound(msg.id.clone()),
                     }));
                 };
+                if msg.decision == ApprovalStatus::Approved {
+                    // An approval does not bypass the holds: one remedy at a
+                    // time per component.
+                    if let Some(why) = act.busy(&policy) {
+                        act.pending.insert(msg.id.clone(), (policy, chain));
+                        return Ok(Err(DecisionError::Busy(format!(
+                            "{why}; the policy stays pending, approve it again later"
+                        ))));
+                    }
+                }
                 if let Err(e) = decide(&mut policy, msg.decision, &msg.by, msg.reason.clone(), now)
                 {
                     act.pending.insert(msg.id.clone(), (policy, chain));

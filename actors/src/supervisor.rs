@@ -176,6 +176,7 @@ pub fn start_loop(parts: LoopParts) -> LoopHandle {
     let exit = ExitReason::default();
     let state = SharedState::default();
     let now = clock.now();
+    close_interrupted(&store, now);
     state.update(now, |s| {
         s.started_at = Some(now);
         s.is_running = true;
@@ -234,6 +235,13 @@ pub fn start_loop(parts: LoopParts) -> LoopHandle {
             restarts.clone(),
         );
         let max_cycle = Duration::from_secs(settings.orchestrator.max_cycle_time_seconds);
+        // A hold on a component lasts until the execution reports back, or
+        // at most the chain's limit plus the rollback budget.
+        let lease = max_cycle
+            + Duration::from_secs(
+                settings.execute.call_timeout_seconds * (u64::from(settings.execute.retries) + 2)
+                    + 30,
+            );
         let executor = PhaseAddr::new(
             Supervisor::start(move |ctx: &mut Context<Executor>| {
                 ctx.set_mailbox_capacity(cap);
@@ -256,7 +264,7 @@ pub fn start_loop(parts: LoopParts) -> LoopHandle {
         let planner = PhaseAddr::new(
             Supervisor::start(move |ctx: &mut Context<Planner>| {
                 ctx.set_mailbox_capacity(cap);
-                Planner::new(pi, ps, pe, pk, pst, pc, pstate, pr, max_cycle)
+                Planner::new(pi, ps, pe, pk, pst, pc, pstate, pr, lease)
             }),
             p_inbox,
         );
@@ -322,6 +330,29 @@ pub fn start_loop(parts: LoopParts) -> LoopHandle {
     match out {
         Some(h) => h,
         None => unreachable!("Actor::create runs its closure before returning"),
+    }
+}
+
+/// Executions left IN_PROGRESS by a previous run (the daemon stopped or
+/// crashed while acting) are closed as FAILED, saying so: their actions may
+/// be partly applied, and an audit trail must not claim they still run.
+fn close_interrupted(store: &KnowledgeStore, now: chrono::DateTime<chrono::Utc>) {
+    let Ok(recent) = store.list_executions(1000) else {
+        return;
+    };
+    for mut e in recent
+        .into_iter()
+        .filter(|e| e.status == crate::model::ExecutionStatus::InProgress)
+    {
+        tracing::warn!(execution = %e.id, policy = %e.policy_id, "execution was interrupted by a stop of mapek; recording it as FAILED");
+        e.status = crate::model::ExecutionStatus::Failed;
+        e.finished_at = Some(now);
+        e.error = Some(
+            "interrupted: mapek stopped while this execution ran; its actions may be partly applied".into(),
+        );
+        if let Err(err) = store.put_execution(&e) {
+            tracing::error!(execution = %e.id, error = %err, "cannot close the interrupted execution");
+        }
     }
 }
 
