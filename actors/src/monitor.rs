@@ -112,6 +112,32 @@ impl ActiveViolations {
         self.by_fingerprint.remove(fp).is_some()
     }
 
+    /// Ends the violations of sources not in `polled` (webhook sources)
+    /// last observed before `cutoff`; returns their fingerprints. Linear in
+    /// the active violations.
+    pub fn expire_unpolled(&mut self, polled: &HashSet<String>, cutoff: Timestamp) -> Vec<String> {
+        let mut gone = Vec::new();
+        for (source, set) in self.by_source.iter_mut() {
+            if polled.contains(source) {
+                continue;
+            }
+            set.retain(|fp| {
+                let stale = self
+                    .by_fingerprint
+                    .get(fp)
+                    .is_some_and(|v| v.observed_at < cutoff);
+                if stale {
+                    gone.push(fp.clone());
+                }
+                !stale
+            });
+        }
+        for fp in &gone {
+            self.by_fingerprint.remove(fp);
+        }
+        gone
+    }
+
     /// Withdraws every violation of a source (it stopped giving evidence);
     /// returns their fingerprints.
     pub fn withdraw_source(&mut self, source: &str) -> Vec<String> {
@@ -232,7 +258,33 @@ impl Monitor {
         Duration::from_secs(self.settings.interval_seconds.max(1))
     }
 
+    fn expire_webhook_violations(&mut self) {
+        let polled: HashSet<String> = self.sources.iter().map(|s| s.name().to_string()).collect();
+        let limit = chrono::Duration::seconds(
+            self.settings
+                .webhook_stale_after_seconds
+                .min(i64::MAX as u64) as i64,
+        );
+        let gone = self
+            .active
+            .expire_unpolled(&polled, self.clock.now() - limit);
+        if !gone.is_empty() {
+            tracing::warn!(
+                count = gone.len(),
+                after_seconds = self.settings.webhook_stale_after_seconds,
+                "webhook violations not re-sent for too long ended as if resolved"
+            );
+            self.inbox
+                .metrics()
+                .violations_active
+                .set(self.active.len() as i64);
+            self.pending_resolved.extend(gone);
+            self.dirty = true;
+        }
+    }
+
     fn tick(&mut self, ctx: &mut Context<Self>) {
+        self.expire_webhook_violations();
         // The iteration counts ticks (a heartbeat even without polled
         // sources) and webhook batches.
         self.inbox.metrics().iteration.inc();
@@ -700,5 +752,22 @@ mod tests {
         assert_eq!(a.snapshot().len(), 1);
         assert_eq!(a.count_in_scope("am", &[]), 1);
         assert_eq!(a.count_in_scope("am", &["other".into()]), 0);
+    }
+
+    #[test]
+    fn webhook_violations_not_re_sent_expire_but_polled_ones_do_not() {
+        let mut a = ActiveViolations::default();
+        a.apply("p", &[v("x", 10)], &[], true);
+        a.apply("am", &[v("old", 10), v("fresh", 100)], &[], false);
+        let polled: HashSet<String> = ["p".to_string()].into();
+        let cutoff = chrono::DateTime::from_timestamp(50, 0).unwrap_or_default();
+        assert_eq!(a.expire_unpolled(&polled, cutoff), vec!["old".to_string()]);
+        assert_eq!(a.len(), 2, "x (polled) and fresh stay");
+        assert_eq!(a.count_in_scope("am", &[]), 1);
+        let cutoff = chrono::DateTime::from_timestamp(100, 0).unwrap_or_default();
+        assert!(
+            a.expire_unpolled(&polled, cutoff).is_empty(),
+            "observed exactly at the cutoff stays"
+        );
     }
 }

@@ -152,6 +152,11 @@ pub struct MonitorSettings {
     /// A source whose last good answer is older than this many intervals is
     /// stale: no evidence.
     pub stale_after_intervals: u32,
+    /// A violation from a source that is not polled (the Alertmanager
+    /// webhook) that was not re-sent for this many seconds ends as if
+    /// resolved: a lost "resolved" notification cannot keep it alive
+    /// forever. Keep it above Alertmanager's `repeat_interval`.
+    pub webhook_stale_after_seconds: u64,
     /// Rules to poll.
     pub rules: Vec<RuleSpec>,
 }
@@ -161,6 +166,7 @@ impl Default for MonitorSettings {
         MonitorSettings {
             interval_seconds: 30,
             stale_after_intervals: 3,
+            webhook_stale_after_seconds: 3600,
             rules: default_rules(),
         }
     }
@@ -172,6 +178,11 @@ impl MonitorSettings {
         let mut i = Issues::new("monitor", out);
         i.at_least("interval_seconds", self.interval_seconds, 1);
         i.at_least("stale_after_intervals", self.stale_after_intervals, 1);
+        i.at_least(
+            "webhook_stale_after_seconds",
+            self.webhook_stale_after_seconds,
+            60,
+        );
         let mut seen = std::collections::HashSet::new();
         for (n, r) in self.rules.iter().enumerate() {
             if r.name.trim().is_empty() {
