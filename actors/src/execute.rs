@@ -223,22 +223,7 @@ impl ExecutionEnv {
         deadline: Instant,
     ) -> PolicyExecution {
         let started = Instant::now();
-        let mut exec = PolicyExecution {
-            id: execution_id,
-            policy_id: policy.id.clone(),
-            chain_id,
-            root_cause: policy.root_cause,
-            status: ExecutionStatus::InProgress,
-            actions: Vec::new(),
-            started_at: self.clock.now(),
-            finished_at: None,
-            success_rate: 0.0,
-            error: None,
-            violations_before: None,
-            violations_after: None,
-            outcome: None,
-            timings: Default::default(),
-        };
+        let mut exec = in_progress(policy, execution_id, chain_id, self.clock.now());
         self.run_into(policy, &mut exec, deadline).await;
         if exec.status != ExecutionStatus::Completed {
             self.executed(&exec);
@@ -446,6 +431,31 @@ impl ExecutionEnv {
         } else {
             ExecutionStatus::Failed
         };
+    }
+}
+
+/// A fresh IN_PROGRESS record of an execution of `policy`.
+pub fn in_progress(
+    policy: &RemediationPolicy,
+    execution_id: String,
+    chain_id: String,
+    started_at: crate::model::Timestamp,
+) -> PolicyExecution {
+    PolicyExecution {
+        id: execution_id,
+        policy_id: policy.id.clone(),
+        chain_id,
+        root_cause: policy.root_cause,
+        status: ExecutionStatus::InProgress,
+        actions: Vec::new(),
+        started_at,
+        finished_at: None,
+        success_rate: 0.0,
+        error: None,
+        violations_before: None,
+        violations_after: None,
+        outcome: None,
+        timings: Default::default(),
     }
 }
 

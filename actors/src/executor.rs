@@ -126,22 +126,13 @@ impl Handler<PolicyApproved> for Executor {
         tracing::info!(chain = %chain.chain_id, policy = %policy.id, execution = %exec_id, "executing");
         let span = tracing::info_span!("chain", chain = %chain.chain_id);
         let fut = async move {
-            let started_record = PolicyExecution {
-                id: exec_id.clone(),
-                policy_id: policy.id.clone(),
-                chain_id: chain.chain_id.clone(),
-                root_cause: policy.root_cause,
-                status: ExecutionStatus::InProgress,
-                actions: Vec::new(),
-                started_at: env.clock.now(),
-                finished_at: None,
-                success_rate: 0.0,
-                error: None,
-                violations_before: None,
-                violations_after: None,
-                outcome: None,
-                timings: chain.timings.clone(),
-            };
+            let mut started_record = crate::execute::in_progress(
+                &policy,
+                exec_id.clone(),
+                chain.chain_id.clone(),
+                env.clock.now(),
+            );
+            started_record.timings = chain.timings.clone();
             // The audit trail shows the execution while it runs.
             let _ = knowledge
                 .send(RecordExecution(started_record.clone()))
