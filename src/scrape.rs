@@ -16,7 +16,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use mapek_actors::clock::SharedClock;
 use mapek_actors::model::{new_id, Timestamp, Violation};
-use mapek_actors::ports::{MetricSource, SourceError};
+use mapek_actors::ports::{MetricSource, Polled, RuleFailure, SourceError};
 use mapek_actors::settings::RuleSpec;
 
 /// Points kept per series for `increase`.
@@ -702,6 +702,32 @@ impl MetricSource for ScrapeSource {
             compile(rules)?;
             let samples = self.scrape().await?;
             self.observe(rules, &samples)
+        })
+    }
+
+    fn poll_rules<'a>(
+        &'a self,
+        rules: &'a [RuleSpec],
+    ) -> BoxFuture<'a, Result<Polled, SourceError>> {
+        Box::pin(async move {
+            // Rules this evaluator cannot read fail alone.
+            let mut good = Vec::new();
+            let mut failed = Vec::new();
+            for rule in rules {
+                match compile(std::slice::from_ref(rule)) {
+                    Ok(_) => good.push(rule.clone()),
+                    Err(error) => failed.push(RuleFailure {
+                        rule: rule.name.clone(),
+                        component: rule.component.clone(),
+                        error,
+                    }),
+                }
+            }
+            let samples = self.scrape().await?;
+            Ok(Polled {
+                violations: self.observe(&good, &samples)?,
+                failed,
+            })
         })
     }
 }

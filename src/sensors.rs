@@ -7,7 +7,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use mapek_actors::clock::SharedClock;
 use mapek_actors::model::{new_id, Violation};
-use mapek_actors::ports::{MetricSource, SourceError};
+use mapek_actors::ports::{MetricSource, Polled, RuleFailure, SourceError};
 use mapek_actors::settings::RuleSpec;
 use serde::Deserialize;
 
@@ -278,10 +278,48 @@ impl MetricSource for PrometheusSource {
         rules: &'a [RuleSpec],
     ) -> BoxFuture<'a, Result<Vec<Violation>, SourceError>> {
         Box::pin(async move {
-            let mut out = Vec::new();
+            let polled = self.poll_rules(rules).await?;
+            match polled.failed.into_iter().next() {
+                Some(f) => Err(f.error),
+                None => Ok(polled.violations),
+            }
+        })
+    }
+
+    fn poll_rules<'a>(
+        &'a self,
+        rules: &'a [RuleSpec],
+    ) -> BoxFuture<'a, Result<Polled, SourceError>> {
+        Box::pin(async move {
+            let mut out = Polled::default();
             for rule in rules {
-                for sample in self.query(rule).await? {
-                    out.push(self.to_violation(rule, sample)?);
+                let fail = |error| RuleFailure {
+                    rule: rule.name.clone(),
+                    component: rule.component.clone(),
+                    error,
+                };
+                match self.query(rule).await {
+                    Ok(samples) => {
+                        let converted: Result<Vec<Violation>, SourceError> = samples
+                            .into_iter()
+                            .map(|s| self.to_violation(rule, s))
+                            .collect();
+                        match converted {
+                            Ok(vs) => out.violations.extend(vs),
+                            Err(e) => out.failed.push(fail(e)),
+                        }
+                    }
+                    // The rule is at fault (bad PromQL, wrong result type,
+                    // an answer we cannot read): only this rule lacks
+                    // evidence.
+                    Err(e @ (SourceError::Query { .. } | SourceError::Garbage(_))) => {
+                        out.failed.push(fail(e))
+                    }
+                    Err(e @ SourceError::Status { status, .. }) if status < 500 => {
+                        out.failed.push(fail(e))
+                    }
+                    // The source is at fault: no evidence at all.
+                    Err(e) => return Err(e),
                 }
             }
             Ok(out)

@@ -221,10 +221,24 @@ fn polling_config(charter: SocketAddr, prometheus: &str) -> String {
 fn promql_polling_path_detects_a_node_crash_and_restarts_the_committee() {
     let ch = charter();
     let prom = prometheus(&[("charter", ch.addr)], None, None);
-    let mut m = mapek(&format!(
-        "{}logging:\n  format: json\n",
-        polling_config(ch.addr, &prom.url())
-    ));
+    // One rule is broken PromQL on another component: it fails alone.
+    let rules = "monitor:\n  interval_seconds: 1\n  rules:\n".to_string()
+        + &mapek_actors::settings::default_rules()
+            .iter()
+            .map(|r| {
+                format!(
+                    "    - {{name: {}, expr: '{}', severity: {}, component: {}}}\n",
+                    r.name,
+                    r.expr,
+                    r.severity.as_str(),
+                    r.component
+                )
+            })
+            .collect::<String>()
+        + "    - {name: Typo, expr: 'rate(oops[', severity: warning, component: elsewhere}\n";
+    let cfg =
+        polling_config(ch.addr, &prom.url()).replace("monitor:\n  interval_seconds: 1\n", &rules);
+    let mut m = mapek(&format!("{cfg}logging:\n  format: json\n"));
     wait_until(
         Duration::from_secs(30),
         "mapek's prometheus source to be up",
@@ -243,6 +257,15 @@ fn promql_polling_path_detects_a_node_crash_and_restarts_the_committee() {
         .calls()
         .iter()
         .any(|c| c.path == "/api/v1/committee/restart"));
+    let state = get(&m.url("/api/v1/state")).expect("state");
+    assert_eq!(state["sources"][0]["status"], "up", "{state}");
+    assert!(
+        state["sources"][0]["failing_rules"][0]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("Typo: "),
+        "the broken rule is named: {state}"
+    );
     let best = get(&m.url("/api/v1/knowledge/best-action?cause=node_crash")).expect("best");
     assert_eq!(best["action"], "RESTART_SERVICE", "{best}");
     let analyses = get(&m.url("/api/v1/analyses?limit=5")).expect("analyses");

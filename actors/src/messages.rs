@@ -105,6 +105,9 @@ pub struct SourceHealth {
     pub last_error: Option<String>,
     /// Failures in a row.
     pub consecutive_failures: u32,
+    /// Rules the source answered but could not evaluate (`rule: error`):
+    /// no evidence for those rules only.
+    pub failing_rules: Vec<String>,
 }
 
 /// Evidence state of a source.

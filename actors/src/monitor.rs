@@ -22,7 +22,7 @@ use crate::messages::{
 };
 use crate::metrics::{SourceLabels, SourceResultLabels};
 use crate::model::{Timestamp, Violation};
-use crate::ports::{EvidenceProbe, MetricSource, SourceError};
+use crate::ports::{EvidenceProbe, MetricSource, Polled, SourceError};
 use crate::settings::MonitorSettings;
 use crate::state::SharedState;
 use crate::supervisor::LoopSupervisor;
@@ -233,6 +233,7 @@ impl Monitor {
                         last_success: None,
                         last_error: None,
                         consecutive_failures: 0,
+                        failing_rules: Vec::new(),
                     },
                 )
             })
@@ -300,7 +301,7 @@ impl Monitor {
             let metrics = self.inbox.metrics().clone();
             let fut = async move {
                 let started = tokio::time::Instant::now();
-                let res = source.poll(&rules).await;
+                let res = source.poll_rules(&rules).await;
                 let secs = started.elapsed().as_secs_f64();
                 metrics
                     .source_query_duration
@@ -378,15 +379,34 @@ impl Monitor {
         });
     }
 
-    fn on_poll(&mut self, source: &str, res: Result<Vec<Violation>, SourceError>, secs: f64) {
+    fn on_poll(&mut self, source: &str, res: Result<Polled, SourceError>, secs: f64) {
         let now = self.clock.now();
         match res {
-            Ok(batch) => {
+            Ok(Polled {
+                violations: batch,
+                failed,
+            }) => {
                 let was = self.health.get(source).map(|h| h.status);
+                let failing: Vec<String> = failed
+                    .iter()
+                    .map(|f| format!("{}: {}", f.rule, f.error))
+                    .collect();
                 if let Some(h) = self.health.get_mut(source) {
                     h.status = SourceStatus::Up;
                     h.last_success = Some(now);
                     h.consecutive_failures = 0;
+                    if h.failing_rules != failing {
+                        // A broken rule costs only its own evidence: its
+                        // violations leave the snapshot (no evidence is not
+                        // "no violations", but nothing is planned from it).
+                        for f in &failing {
+                            tracing::warn!(source, rule = %f, "rule gives no evidence");
+                        }
+                        if failing.is_empty() && !h.failing_rules.is_empty() {
+                            tracing::info!(source, "every rule gives evidence again");
+                        }
+                        h.failing_rules = failing;
+                    }
                 }
                 if matches!(was, Some(SourceStatus::Degraded | SourceStatus::Stale)) {
                     tracing::info!(source, "source recovered: evidence again");
@@ -621,8 +641,21 @@ impl Handler<MeasureNow> for Monitor {
         let fut = async move {
             let mut total = 0usize;
             for s in &sources {
-                let vs = s.poll(&rules).await?;
-                total += vs.iter().filter(|v| in_scope(v, &scope)).count();
+                let polled = s.poll_rules(&rules).await?;
+                // A rule watching this scope without evidence makes the
+                // whole measurement no evidence: its violations may persist.
+                if let Some(f) = polled
+                    .failed
+                    .into_iter()
+                    .find(|f| scope.is_empty() || scope.contains(&f.component))
+                {
+                    return Err(f.error);
+                }
+                total += polled
+                    .violations
+                    .iter()
+                    .filter(|v| in_scope(v, &scope))
+                    .count();
             }
             Ok::<(usize, Vec<String>), SourceError>((total, scope))
         };

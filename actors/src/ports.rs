@@ -40,6 +40,28 @@ pub enum SourceError {
     Garbage(String),
 }
 
+/// A rule a source could not evaluate (a PromQL error, an unsupported
+/// expression, an answer that is not a vector): no evidence for that rule.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RuleFailure {
+    /// Rule name.
+    pub rule: String,
+    /// Component the rule watches.
+    pub component: String,
+    /// Why.
+    pub error: SourceError,
+}
+
+/// What one poll of a source gave: the breaching series of the rules it
+/// could evaluate, and the rules it could not.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Polled {
+    /// One violation per breaching series.
+    pub violations: Vec<Violation>,
+    /// Rules without evidence this time.
+    pub failed: Vec<RuleFailure>,
+}
+
 /// A source of violations that is polled (Prometheus, a direct scrape).
 pub trait MetricSource: Send + Sync + 'static {
     /// Short stable name (`prometheus`), used in labels and the state API.
@@ -52,6 +74,23 @@ pub trait MetricSource: Send + Sync + 'static {
         &'a self,
         rules: &'a [RuleSpec],
     ) -> BoxFuture<'a, Result<Vec<Violation>, SourceError>>;
+
+    /// Like [`MetricSource::poll`], but one broken rule does not cost the
+    /// evidence of the others: rule-level failures are listed in
+    /// [`Polled::failed`], and only a failure of the source itself
+    /// (unreachable, timeout, 5xx) is an error. The default treats every
+    /// failure as the source's.
+    fn poll_rules<'a>(
+        &'a self,
+        rules: &'a [RuleSpec],
+    ) -> BoxFuture<'a, Result<Polled, SourceError>> {
+        Box::pin(async move {
+            Ok(Polled {
+                violations: self.poll(rules).await?,
+                failed: Vec::new(),
+            })
+        })
+    }
 }
 
 /// Why an effector call failed.

@@ -9,7 +9,9 @@ use futures::future::BoxFuture;
 use serde_json::{json, Value};
 
 use crate::model::{ActionType, RemediationAction, RollbackStep, Violation};
-use crate::ports::{Effector, EffectorError, EvidenceProbe, MetricSource, SourceError};
+use crate::ports::{
+    Effector, EffectorError, EvidenceProbe, MetricSource, Polled, RuleFailure, SourceError,
+};
 use crate::settings::RuleSpec;
 
 type ApplyHook = Arc<dyn Fn(&RemediationAction) + Send + Sync>;
@@ -138,6 +140,7 @@ pub struct ScriptedSource {
     script: Arc<Mutex<VecDeque<Answer>>>,
     last: Arc<Mutex<Option<Answer>>>,
     polls: Arc<Mutex<u64>>,
+    failed: Arc<Mutex<Vec<RuleFailure>>>,
 }
 
 impl ScriptedSource {
@@ -164,6 +167,11 @@ impl ScriptedSource {
             .unwrap_or_else(|p| p.into_inner())
             .clear();
         *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(answer);
+    }
+
+    /// From now on, these rules fail alone (the others still answer).
+    pub fn fail_rules(&self, failed: Vec<RuleFailure>) {
+        *self.failed.lock().unwrap_or_else(|p| p.into_inner()) = failed;
     }
 
     /// Polls answered so far.
@@ -200,6 +208,23 @@ impl MetricSource for ScriptedSource {
                 .unwrap_or(Ok(Vec::new())),
         };
         Box::pin(async move { answer })
+    }
+
+    fn poll_rules<'a>(
+        &'a self,
+        rules: &'a [RuleSpec],
+    ) -> BoxFuture<'a, Result<Polled, SourceError>> {
+        let failed = self
+            .failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        Box::pin(async move {
+            Ok(Polled {
+                violations: self.poll(rules).await?,
+                failed,
+            })
+        })
     }
 }
 

@@ -658,3 +658,43 @@ fn an_approval_does_not_bypass_the_hold_on_a_busy_component() {
     });
     sys.run_with_code().expect("run");
 }
+
+#[test]
+fn a_broken_rule_costs_only_its_own_evidence() {
+    let rig = rig(vec![Ok(3), Ok(0)]);
+    rig.source
+        .fail_rules(vec![mapek_actors::ports::RuleFailure {
+            rule: "typo".into(),
+            component: "elsewhere".into(),
+            error: SourceError::Query {
+                rule: "typo".into(),
+                error_type: "bad_data".into(),
+                message: "parse error".into(),
+            },
+        }]);
+    let sys = paused_system();
+    sys.block_on(async {
+        let h = start(&rig, settings(), None);
+        let mut rx = h.events.subscribe();
+        let (outcome, ..) = until(&mut rx, verified).await;
+        assert_eq!(
+            outcome,
+            Some(OutcomeType::Success),
+            "the other rules still drive the loop"
+        );
+        let sources = h
+            .monitor
+            .send(mapek_actors::messages::GetSources)
+            .await
+            .expect("sources");
+        assert_eq!(sources[0].status, mapek_actors::messages::SourceStatus::Up);
+        assert_eq!(sources[0].failing_rules.len(), 1);
+        assert!(
+            sources[0].failing_rules[0].starts_with("typo: "),
+            "{:?}",
+            sources[0].failing_rules
+        );
+        h.supervisor.send(Shutdown).await.expect("shutdown");
+    });
+    sys.run_with_code().expect("run");
+}
