@@ -574,14 +574,57 @@ pub fn rank_root_causes(patterns: &[Pattern], vs: &[&Violation]) -> Vec<RankedCa
     }
     let mut ranked: Vec<RankedCause> = best
         .into_iter()
-        .map(|(cause, confidence)| RankedCause { cause, confidence })
+        .map(|(cause, confidence)| RankedCause {
+            cause,
+            confidence,
+            components: Vec::new(),
+        })
         .collect();
     ranked.sort_by(|a, b| {
         b.confidence
             .total_cmp(&a.confidence)
             .then_with(|| a.cause.precedence().cmp(&b.cause.precedence()))
     });
+    attribute_components(&mut ranked, patterns, &by_fp, vs);
     ranked
+}
+
+/// Fills each cause's components: where the violations behind it are, most
+/// violations first (ties by name). A signal's cause takes the components
+/// of the violations with that signal; a cascade those of the causal
+/// patterns. Linear in the violations.
+fn attribute_components(
+    ranked: &mut [RankedCause],
+    patterns: &[Pattern],
+    by_fp: &HashMap<&str, &Violation>,
+    vs: &[&Violation],
+) {
+    let mut counts: HashMap<RootCause, HashMap<&str, usize>> = HashMap::new();
+    for v in vs {
+        *counts
+            .entry(cause_for_signal(v.signal))
+            .or_default()
+            .entry(v.component.as_str())
+            .or_default() += 1;
+    }
+    for p in patterns.iter().filter(|p| p.kind == PatternKind::Causal) {
+        for fp in &p.violations {
+            if let Some(v) = by_fp.get(fp.as_str()) {
+                *counts
+                    .entry(RootCause::CascadeFailure)
+                    .or_default()
+                    .entry(v.component.as_str())
+                    .or_default() += 1;
+            }
+        }
+    }
+    for rc in ranked.iter_mut() {
+        if let Some(c) = counts.get(&rc.cause) {
+            let mut list: Vec<(&str, usize)> = c.iter().map(|(k, n)| (*k, *n)).collect();
+            list.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
+            rc.components = list.into_iter().map(|(k, _)| k.to_string()).collect();
+        }
+    }
 }
 
 /// `0.7 × mean(pattern confidence) + 0.3 × min(1, sample_size /
@@ -1187,10 +1230,12 @@ mod tests {
             RankedCause {
                 cause: RootCause::ValidationLatency,
                 confidence: 0.9,
+                components: Vec::new(),
             },
             RankedCause {
                 cause: RootCause::Unknown,
                 confidence: 0.1,
+                components: Vec::new(),
             },
         ];
         let recs = recommendations(&causes);
@@ -1336,5 +1381,33 @@ mod tests {
         let with = rank_root_causes(&[burst, causal], &r);
         assert_eq!(with[0].cause, RootCause::ValidationLatency);
         assert!(approx(instability(&with).unwrap_or(0.0), 0.85 * 0.8));
+    }
+
+    #[test]
+    fn each_cause_names_the_components_its_evidence_is_on() {
+        let vs = vec![
+            v("l1", "api", Signal::Latency, 0),
+            v("l2", "api", Signal::Latency, 5),
+            v("l3", "db", Signal::Latency, 6),
+            v("f1", "db", Signal::Failure, 10),
+        ];
+        let r = refs(&vs);
+        let burst = pattern(PatternKind::Temporal, 0.85, &["l1", "l2", "l3", "f1"]);
+        let ranked = rank_root_causes(&[burst], &r);
+        let of = |c: RootCause| {
+            ranked
+                .iter()
+                .find(|x| x.cause == c)
+                .map(|x| x.components.clone())
+        };
+        assert_eq!(
+            of(RootCause::ValidationLatency),
+            Some(vec!["api".to_string(), "db".to_string()]),
+            "most violations first"
+        );
+        assert_eq!(
+            of(RootCause::SystemInstability),
+            Some(vec!["db".to_string()])
+        );
     }
 }

@@ -260,6 +260,10 @@ pub struct RankedCause {
     pub cause: RootCause,
     /// Confidence (0..1).
     pub confidence: f64,
+    /// Components the cause's evidence is on, most violations first: the
+    /// remedy acts on the first and verification measures these.
+    #[serde(default)]
+    pub components: Vec<String>,
 }
 
 /// Output of the Analyze phase for one batch of evidence.

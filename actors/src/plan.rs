@@ -522,12 +522,14 @@ fn describe_steps(actions: &[RemediationAction]) -> String {
         .join(" → ")
 }
 
+#[allow(clippy::too_many_arguments)]
 fn build_policy(
     analysis: &AnalysisResult,
     cause: &RankedCause,
     mut actions: Vec<RemediationAction>,
     learned: &LearnedStats,
     target: &str,
+    scope: &[String],
     note: &str,
     now: Timestamp,
 ) -> RemediationPolicy {
@@ -567,7 +569,7 @@ fn build_policy(
         approval_status: ApprovalStatus::Pending,
         decisions: Vec::new(),
         violations_at_planning: analysis.violation_count,
-        scope: analysis.components.clone(),
+        scope: scope.to_vec(),
     }
 }
 
@@ -616,13 +618,15 @@ pub fn plan(
             reason: escalation_reason(analysis, settings),
         };
     }
-    let target = analysis
-        .components
-        .first()
-        .map(String::as_str)
-        .unwrap_or(DEFAULT_TARGET);
     let mut policies = Vec::new();
     for rc in &eligible {
+        // Act where the cause's evidence is; verify (and hold) there too.
+        let scope: Vec<String> = if rc.components.is_empty() {
+            analysis.components.clone()
+        } else {
+            rc.components.clone()
+        };
+        let target = scope.first().map(String::as_str).unwrap_or(DEFAULT_TARGET);
         let steps = strategy(rc.cause, settings, target);
         if steps.is_empty() {
             continue;
@@ -641,7 +645,9 @@ pub fn plan(
                 })
             })
             .collect();
-        policies.push(build_policy(analysis, rc, steps, learned, target, "", now));
+        policies.push(build_policy(
+            analysis, rc, steps, learned, target, &scope, "", now,
+        ));
         for (action, note) in alternatives {
             let single = vec![make_action(
                 "a1".to_string(),
@@ -652,7 +658,7 @@ pub fn plan(
                 Vec::new(),
             )];
             policies.push(build_policy(
-                analysis, rc, single, learned, target, &note, now,
+                analysis, rc, single, learned, target, &scope, &note, now,
             ));
         }
     }
@@ -693,6 +699,7 @@ mod tests {
                 .map(|(cause, confidence)| RankedCause {
                     cause: *cause,
                     confidence: *confidence,
+                    components: Vec::new(),
                 })
                 .collect(),
             recommendations: Vec::new(),
@@ -1499,5 +1506,37 @@ mod tests {
         let mut high = one_policy(RootCause::NetworkPartition, Severity::Warning);
         assert!(!apply_auto_approval(&mut high, &settings, now()));
         assert_eq!(high.approval_status, ApprovalStatus::Pending);
+    }
+
+    #[test]
+    fn the_remedy_targets_and_scopes_the_causes_own_components() {
+        let mut a = analysis(3, Some(Severity::Critical), &[(RootCause::NodeCrash, 0.85)]);
+        a.components = vec!["api".into(), "db".into()];
+        a.root_causes[0].components = vec!["db".into()];
+        let PlanDecision::Policies(ps) = plan(
+            &a,
+            &LearnedStats::default(),
+            &PlanSettings::default(),
+            now(),
+        ) else {
+            panic!("expected policies");
+        };
+        assert_eq!(
+            ps[0].actions[0].target, "db",
+            "not the alphabetically first component of the window"
+        );
+        assert_eq!(ps[0].scope, vec!["db".to_string()]);
+        // Without attribution the analysis' components are the fallback.
+        a.root_causes[0].components.clear();
+        let PlanDecision::Policies(ps) = plan(
+            &a,
+            &LearnedStats::default(),
+            &PlanSettings::default(),
+            now(),
+        ) else {
+            panic!("expected policies");
+        };
+        assert_eq!(ps[0].actions[0].target, "api");
+        assert_eq!(ps[0].scope, vec!["api".to_string(), "db".to_string()]);
     }
 }
