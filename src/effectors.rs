@@ -55,7 +55,7 @@ fn build_effector(cfg: &Config, kind: EffectorKind) -> Result<Option<Arc<dyn Eff
                 &cfg.charter.api_key,
                 Duration::from_secs(cfg.charter.timeout_seconds),
             )?;
-            Some(Arc::new(CharterEffector { client }))
+            Some(Arc::new(CharterEffector::new(client)))
         }
         EffectorKind::Command => Some(Arc::new(CommandEffector::new(&cfg.effectors.command)?)),
         EffectorKind::Webhook => Some(Arc::new(WebhookEffector::new(&cfg.effectors.webhook)?)),
@@ -183,6 +183,27 @@ impl CharterClient {
 pub struct CharterEffector {
     /// The client.
     pub client: CharterClient,
+    /// Replica counts decided per idempotency key (`previous`, `target`),
+    /// so a retried scale (its first attempt may have succeeded and timed
+    /// out) sets the same count instead of adding the delta again.
+    scale_plans: std::sync::Mutex<HashMap<String, (u64, u64)>>,
+}
+
+impl CharterEffector {
+    /// An effector over `client`.
+    pub fn new(client: CharterClient) -> Self {
+        CharterEffector {
+            client,
+            scale_plans: std::sync::Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+/// The key the Executor puts on each action (`execution/action`), the same
+/// for every attempt of one action.
+fn idempotency_key(p: &Map<String, Value>) -> Option<&str> {
+    p.get(mapek_actors::execute::IDEMPOTENCY_KEY)
+        .and_then(Value::as_str)
 }
 
 fn param<'a>(p: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
@@ -190,9 +211,29 @@ fn param<'a>(p: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
 }
 
 impl CharterEffector {
-    async fn scale(&self, delta: i64) -> Result<Value, EffectorError> {
-        let before = self.client.replicas().await?;
-        let after = (before as i64 + delta).max(1) as u64;
+    async fn scale(&self, delta: i64, key: Option<&str>) -> Result<Value, EffectorError> {
+        let planned = key.and_then(|k| {
+            self.scale_plans
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(k)
+                .copied()
+        });
+        let (before, after) = match planned {
+            Some(plan) => plan,
+            None => {
+                let before = self.client.replicas().await?;
+                let after = (before as i64 + delta).max(1) as u64;
+                if let Some(k) = key {
+                    let mut plans = self.scale_plans.lock().unwrap_or_else(|p| p.into_inner());
+                    if plans.len() >= 1024 {
+                        plans.clear();
+                    }
+                    plans.insert(k.to_string(), (before, after));
+                }
+                (before, after)
+            }
+        };
         let answer = self
             .client
             .post("/api/v1/committee/scale", &json!({"replicas": after}))
@@ -209,8 +250,8 @@ impl CharterEffector {
             .and_then(Value::as_i64)
             .unwrap_or(1);
         match action {
-            ActionType::ScaleUp => self.scale(delta).await,
-            ActionType::ScaleDown => self.scale(-delta).await,
+            ActionType::ScaleUp => self.scale(delta, idempotency_key(p)).await,
+            ActionType::ScaleDown => self.scale(-delta, idempotency_key(p)).await,
             ActionType::RestartService => {
                 let body = json!({
                     "graceful": param(p, "graceful").and_then(Value::as_bool).unwrap_or(true),
@@ -1519,5 +1560,50 @@ mod tests {
         // ... but one not in use need not be configured.
         cfg.effectors.routes.remove(&ActionType::RestartService);
         assert!(build_router(&cfg).is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_retried_scale_with_the_same_key_scales_once() {
+        let sim = crate::sim::Simulator::new();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(crate::sim::serve(
+            listener,
+            sim.clone(),
+            None,
+            std::future::pending(),
+        ));
+        let client =
+            CharterClient::new(&format!("http://{addr}"), "", Duration::from_secs(5)).unwrap();
+        let eff = CharterEffector::new(client);
+        let action = |key: &str| RemediationAction {
+            id: "a1".into(),
+            action_type: ActionType::ScaleUp,
+            target: "charter".into(),
+            parameters: serde_json::from_value(
+                json!({"replicas_delta": 2, "idempotency_key": key}),
+            )
+            .unwrap(),
+            priority: mapek_actors::model::Priority::High,
+            cost: 0.15,
+            depends_on: Vec::new(),
+            rollback: None,
+        };
+        let first = eff.apply(&action("exe-1/a1")).await.unwrap();
+        assert_eq!(
+            (
+                first["previous_replicas"].as_u64(),
+                first["replicas"].as_u64()
+            ),
+            (Some(3), Some(5))
+        );
+        // The retry of the same action (its first attempt may have timed
+        // out after succeeding) sets the same count again.
+        let retry = eff.apply(&action("exe-1/a1")).await.unwrap();
+        assert_eq!(retry["replicas"].as_u64(), Some(5));
+        assert_eq!(sim.state()["replicas"], json!(5));
+        // Another execution scales from where the system is now.
+        let next = eff.apply(&action("exe-2/a1")).await.unwrap();
+        assert_eq!(next["replicas"].as_u64(), Some(7));
     }
 }

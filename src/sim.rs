@@ -2086,7 +2086,7 @@ mod tests {
             let sim = Simulator::new();
             let run = start(sim.clone(), Some("k")).await;
             let client = CharterClient::new(&run.base, "k", Duration::from_secs(5)).unwrap();
-            let eff = CharterEffector { client };
+            let eff = CharterEffector::new(client);
             sim.inject(fault).unwrap();
             assert!(!sim.healthy());
             let actions = strategy(cause, &PlanSettings::default(), "charter");
@@ -2114,7 +2114,7 @@ mod tests {
         let sim = Simulator::new();
         let run = start(sim.clone(), None).await;
         let client = CharterClient::new(&run.base, "", Duration::from_secs(5)).unwrap();
-        let eff = CharterEffector { client };
+        let eff = CharterEffector::new(client);
         sim.inject(FaultKind::LoadSpike).unwrap();
         for a in strategy(
             RootCause::SystemInstability,

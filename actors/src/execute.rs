@@ -24,6 +24,12 @@ use crate::model::{
 use crate::ports::{Effector, EffectorError, EvidenceProbe};
 use crate::settings::ExecuteSettings;
 
+/// Parameter the Executor adds to every action it applies:
+/// `"<execution id>/<action id>"`, the same for every attempt of one
+/// action, so an effector can make retries idempotent (the first attempt
+/// may have taken effect before it timed out).
+pub const IDEMPOTENCY_KEY: &str = "idempotency_key";
+
 /// Which effector carries out which action type.
 #[derive(Clone, Default)]
 pub struct EffectorRouter {
@@ -301,7 +307,11 @@ impl ExecutionEnv {
             }
         };
         let mut completed: Vec<(usize, RemediationAction, Arc<dyn Effector>, Value)> = Vec::new();
-        for (action, eff) in routed {
+        for (mut action, eff) in routed {
+            action.parameters.insert(
+                IDEMPOTENCY_KEY.into(),
+                serde_json::Value::String(format!("{}/{}", exec.id, action.id)),
+            );
             let mut rec = ActionExecution {
                 action_id: action.id.clone(),
                 action_type: action.action_type,
