@@ -455,19 +455,40 @@ impl Default for AlertmanagerSettings {
 }
 
 /// HTTP API of the daemon (health, metrics, webhook, JSON API).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct ApiSettings {
     /// Address and port to listen on, such as `127.0.0.1:8001` or
     /// `0.0.0.0:8001`.
     pub listen: String,
+    /// Bearer token required on the JSON API and the webhook
+    /// (`Authorization: Bearer TOKEN`); empty for none. `/health`, `/ready`
+    /// and `/metrics` stay open for probes and scrapers. Prefer the
+    /// environment variable `MAPEK_API_TOKEN` to keeping it in the file.
+    pub token: String,
 }
 
 impl Default for ApiSettings {
     fn default() -> Self {
         ApiSettings {
             listen: "127.0.0.1:8001".into(),
+            token: String::new(),
         }
+    }
+}
+
+impl fmt::Debug for ApiSettings {
+    /// Like the derived `Debug`, but never prints the token.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let token = if self.token.is_empty() {
+            "<none>"
+        } else {
+            "<redacted>"
+        };
+        f.debug_struct("ApiSettings")
+            .field("listen", &self.listen)
+            .field("token", &token)
+            .finish()
     }
 }
 
@@ -612,6 +633,7 @@ impl Config {
     /// | `PROMETHEUS_URL`      | `prometheus.url`            |
     /// | `CHARTER_URL`         | `charter.url`               |
     /// | `CHARTER_API_KEY`     | `charter.api_key`           |
+    /// | `MAPEK_API_TOKEN`     | `api.token`                 |
     /// | `ALERTMANAGER_URL`    | `alertmanager.url`          |
     /// | `MAPE_K_INTERVAL`     | `monitor.interval_seconds`  |
     /// | `MAPE_K_THRESHOLD`    | `plan.plan_threshold`       |
@@ -643,6 +665,9 @@ impl Config {
         }
         if let Some(v) = lookup("CHARTER_API_KEY") {
             self.charter.api_key = v;
+        }
+        if let Some(v) = lookup("MAPEK_API_TOKEN") {
+            self.api.token = v;
         }
         if let Some(v) = lookup("ALERTMANAGER_URL") {
             self.alertmanager.url = v;

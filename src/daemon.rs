@@ -124,6 +124,7 @@ pub async fn start(
         events: None,
     });
     let state = ApiState {
+        token: (!cfg.api.token.is_empty()).then(|| cfg.api.token.clone()),
         handle: handle.clone(),
         registry: Arc::new(registry),
         sources_required,

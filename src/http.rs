@@ -30,16 +30,19 @@ pub struct ApiState {
     pub registry: Arc<Registry>,
     /// Whether at least one source must give evidence for `/ready`.
     pub sources_required: bool,
+    /// Bearer token required on the API and the webhook (`api.token`).
+    pub token: Option<String>,
 }
 
 /// The routes. The webhook (when `webhook_path` is given, i.e.
 /// `alertmanager.enabled`) answers on that path and on the seeds'
 /// `/webhooks/alerts`.
 pub fn router(state: ApiState, webhook_path: Option<&str>, max_body_bytes: usize) -> Router {
-    let mut r = Router::new()
+    let open = Router::new()
         .route("/health", get(health))
         .route("/ready", get(ready))
-        .route("/metrics", get(metrics))
+        .route("/metrics", get(metrics));
+    let mut r = Router::new()
         .route("/api/v1/state", get(loop_state))
         .route("/api/v1/violations", get(violations))
         .route("/api/v1/analyses", get(analyses))
@@ -58,7 +61,12 @@ pub fn router(state: ApiState, webhook_path: Option<&str>, max_body_bytes: usize
             r = r.route(path, post(webhook));
         }
     }
-    r.layer(DefaultBodyLimit::max(max_body_bytes))
+    let r = r.route_layer(axum::middleware::from_fn_with_state(
+        state.clone(),
+        require_token,
+    ));
+    open.merge(r)
+        .layer(DefaultBodyLimit::max(max_body_bytes))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint") })
         .method_not_allowed_fallback(|| async {
             error(
@@ -121,6 +129,41 @@ async fn blocking<T: Send + 'static>(
         Ok(r) => r.map_err(|e| e.to_string()),
         Err(e) => Err(format!("knowledge read failed: {e}")),
     }
+}
+
+/// Refuses requests without the configured bearer token (401). The
+/// comparison takes the same time wherever the tokens differ.
+async fn require_token(
+    State(s): State<ApiState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if let Some(expected) = &s.token {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        let same = given.len() == expected.len()
+            && given
+                .bytes()
+                .zip(expected.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0;
+        if !same {
+            let mut resp = error(
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong bearer token (see api.token)",
+            );
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+            return resp;
+        }
+    }
+    next.run(req).await
 }
 
 fn error(status: StatusCode, msg: impl Into<String>) -> Response {

@@ -464,3 +464,80 @@ fn shipped_deployment_files_match_the_binary_and_the_config_schema() {
         .expect("version");
     assert!(String::from_utf8_lossy(&version.stdout).starts_with("mapek "));
 }
+
+#[test]
+fn with_a_token_the_api_and_webhook_require_it_and_probes_stay_open() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = config(dir.path());
+    let data = dir.path().join("data");
+    let addr = free_addr();
+    let (cfg_s, data_s, addr_s) = (
+        cfg.display().to_string(),
+        data.display().to_string(),
+        addr.to_string(),
+    );
+    let mut p = Proc::start(
+        &[
+            "run",
+            "--config",
+            &cfg_s,
+            "--data-dir",
+            &data_s,
+            "--listen",
+            &addr_s,
+        ],
+        &[("MAPEK_API_TOKEN", "s3cret")],
+        dir.path(),
+    );
+    p.wait_for("serving", Duration::from_secs(20));
+    let client = reqwest::blocking::Client::new();
+    for open in ["/health", "/metrics"] {
+        assert_eq!(
+            client
+                .get(format!("http://{addr}{open}"))
+                .send()
+                .expect("get")
+                .status(),
+            200,
+            "{open}"
+        );
+    }
+    let denied = client
+        .get(format!("http://{addr}/api/v1/state"))
+        .send()
+        .expect("get");
+    assert_eq!(denied.status(), 401);
+    assert_eq!(
+        denied
+            .headers()
+            .get("www-authenticate")
+            .and_then(|v| v.to_str().ok()),
+        Some("Bearer")
+    );
+    let wrong = client
+        .get(format!("http://{addr}/api/v1/state"))
+        .bearer_auth("s3cre")
+        .send()
+        .expect("get");
+    assert_eq!(wrong.status(), 401);
+    let ok = client
+        .get(format!("http://{addr}/api/v1/state"))
+        .bearer_auth("s3cret")
+        .send()
+        .expect("get");
+    assert_eq!(ok.status(), 200);
+    let hook = client
+        .post(format!("http://{addr}/api/v1/alerts"))
+        .body(r#"{"version":"4","alerts":[]}"#)
+        .send()
+        .expect("post");
+    assert_eq!(hook.status(), 401, "the webhook needs the token too");
+    let approve = client
+        .post(format!("http://{addr}/api/v1/policies/x/approve"))
+        .send()
+        .expect("post");
+    assert_eq!(approve.status(), 401);
+    assert!(!p.output().contains("s3cret"), "the token is never logged");
+    p.term();
+    assert!(p.wait_exit(Duration::from_secs(20)).success());
+}
