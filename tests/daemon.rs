@@ -76,6 +76,30 @@ fn config(dir: &std::path::Path) -> std::path::PathBuf {
     path
 }
 
+/// `mapek run` on `config(dir)` with `dir/data` and a free port, once it
+/// serves.
+fn run_daemon(dir: &std::path::Path, env: &[(&str, &str)]) -> (Proc, std::net::SocketAddr) {
+    let cfg = config(dir).display().to_string();
+    let data = dir.join("data").display().to_string();
+    let addr = free_addr();
+    let listen = addr.to_string();
+    let mut p = Proc::start(
+        &[
+            "run",
+            "--config",
+            &cfg,
+            "--data-dir",
+            &data,
+            "--listen",
+            &listen,
+        ],
+        env,
+        dir,
+    );
+    p.wait_for("serving", Duration::from_secs(20));
+    (p, addr)
+}
+
 #[test]
 fn run_serves_health_keeps_running_without_its_source_and_a_second_daemon_fails_on_the_lock() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -312,28 +336,7 @@ fn a_corrupt_data_directory_fails_within_seconds_with_a_clear_message() {
 #[test]
 fn webhook_refuses_bad_input_clearly_counts_resent_alerts_once_and_keeps_serving() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let cfg = config(dir.path());
-    let data = dir.path().join("data");
-    let addr = free_addr();
-    let (cfg_s, data_s, addr_s) = (
-        cfg.display().to_string(),
-        data.display().to_string(),
-        addr.to_string(),
-    );
-    let mut p = Proc::start(
-        &[
-            "run",
-            "--config",
-            &cfg_s,
-            "--data-dir",
-            &data_s,
-            "--listen",
-            &addr_s,
-        ],
-        &[],
-        dir.path(),
-    );
-    p.wait_for("serving", Duration::from_secs(20));
+    let (mut p, addr) = run_daemon(dir.path(), &[]);
     let client = reqwest::blocking::Client::new();
     let url = format!("http://{addr}/api/v1/alerts");
 
@@ -468,28 +471,7 @@ fn shipped_deployment_files_match_the_binary_and_the_config_schema() {
 #[test]
 fn with_a_token_the_api_and_webhook_require_it_and_probes_stay_open() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let cfg = config(dir.path());
-    let data = dir.path().join("data");
-    let addr = free_addr();
-    let (cfg_s, data_s, addr_s) = (
-        cfg.display().to_string(),
-        data.display().to_string(),
-        addr.to_string(),
-    );
-    let mut p = Proc::start(
-        &[
-            "run",
-            "--config",
-            &cfg_s,
-            "--data-dir",
-            &data_s,
-            "--listen",
-            &addr_s,
-        ],
-        &[("MAPEK_API_TOKEN", "s3cret")],
-        dir.path(),
-    );
-    p.wait_for("serving", Duration::from_secs(20));
+    let (mut p, addr) = run_daemon(dir.path(), &[("MAPEK_API_TOKEN", "s3cret")]);
     let client = reqwest::blocking::Client::new();
     for open in ["/health", "/metrics"] {
         assert_eq!(
