@@ -15,7 +15,7 @@ use crate::events::LoopEvent;
 use crate::execute::ExecutionEnv;
 use crate::knowledge_actor::Knowledge;
 use crate::mailbox::{panic_message, Inbox, PhaseAddr};
-use crate::messages::{ExecutionFinished, PolicyApproved, RecordExecution};
+use crate::messages::{Drain, ExecutionFinished, PolicyApproved, RecordExecution};
 use crate::metrics::StatusLabels;
 use crate::model::{new_id, ExecutionStatus, PolicyExecution};
 use crate::planner::Planner;
@@ -205,5 +205,14 @@ impl Handler<PolicyApproved> for Executor {
                 ctx.stop();
             }
         }));
+    }
+}
+
+impl Handler<Drain> for Executor {
+    type Result = ();
+
+    fn handle(&mut self, _msg: Drain, ctx: &mut Context<Self>) {
+        let inbox = self.inbox.clone();
+        inbox.guard(self, ctx, "Drain", |_, _| Ok(()));
     }
 }

@@ -264,8 +264,15 @@ pub struct ActorRestarted {
     pub actor: ActorKind,
 }
 
-/// Stop the loop cleanly (SIGTERM): stop polling, flush knowledge, stop the
-/// actix system with exit code 0.
+/// Supervisor → Executor at shutdown: answered once every policy queued
+/// before it has run (the Executor handles one policy at a time).
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "()")]
+pub struct Drain;
+
+/// Stop the loop cleanly (SIGTERM): plan nothing new, let a running
+/// execution finish (at most `SHUTDOWN_GRACE`), flush and close knowledge,
+/// stop the actix system with exit code 0.
 #[derive(Debug, Clone, Message)]
 #[rtype(result = "()")]
 pub struct Shutdown;
@@ -288,4 +295,5 @@ named!(
     FlushKnowledge,
     ActorRestarted,
     Shutdown,
+    Drain,
 );

@@ -202,6 +202,9 @@ impl Handler<AnalysisReady> for Planner {
             let now = act.clock.now();
             let mut chain = msg.chain;
             let _span = tracing::info_span!("chain", chain = %chain.chain_id).entered();
+            if !act.state.lock().is_running {
+                return Ok(()); // shutting down: no new remedies
+            }
             let decision = plan(&msg.analysis, &act.learned, &act.settings, now);
             let policies = match decision {
                 PlanDecision::BelowThreshold { violations, threshold } => {
@@ -279,6 +282,12 @@ impl Handler<DecidePolicy> for Planner {
                         _ => DecisionError::NotFound(msg.id.clone()),
                     }));
                 };
+                if msg.decision == ApprovalStatus::Approved && !act.state.lock().is_running {
+                    act.pending.insert(msg.id.clone(), (policy, chain));
+                    return Ok(Err(DecisionError::Busy(
+                        "mapek is shutting down; the policy stays pending".into(),
+                    )));
+                }
                 if msg.decision == ApprovalStatus::Approved {
                     // An approval does not bypass the holds: one remedy at a
                     // time per component.

@@ -23,7 +23,7 @@ use crate::execute::{EffectorRouter, ExecutionEnv};
 use crate::executor::Executor;
 use crate::knowledge_actor::Knowledge;
 use crate::mailbox::{FaultInjector, Inbox, PhaseAddr};
-use crate::messages::{ActorRestarted, FlushKnowledge, Shutdown};
+use crate::messages::{ActorRestarted, Drain, FlushKnowledge, Shutdown};
 use crate::metrics::{ActorKind, Metrics};
 use crate::monitor::{Monitor, MonitorProbe};
 use crate::planner::Planner;
@@ -34,6 +34,10 @@ use crate::settings::{
 };
 use crate::state::SharedState;
 use crate::store::KnowledgeStore;
+
+/// How long a shutdown waits for a running execution to finish (below the
+/// usual 30 s stop timeouts of systemd and Kubernetes).
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 
 /// Exit code of the process when the restart intensity is exceeded
 /// (EX_SOFTWARE).
@@ -473,6 +477,16 @@ impl Handler<Shutdown> for LoopSupervisor {
         Box::pin(
             async move {
                 if let Some(h) = handle {
+                    // No new remedies from now on; let a running one finish
+                    // (actions, verification, record) for a bounded time.
+                    h.state.update(chrono::Utc::now(), |s| s.is_running = false);
+                    tracing::info!(grace_seconds = SHUTDOWN_GRACE.as_secs(), "shutting down: letting a running execution finish");
+                    match tokio::time::timeout(SHUTDOWN_GRACE, h.executor.send(Drain)).await {
+                        Ok(_) => tracing::info!("executor drained"),
+                        Err(_) => tracing::warn!(
+                            "an execution is still running; it will be recorded as interrupted at the next start"
+                        ),
+                    }
                     tracing::info!("shutting down: flushing knowledge");
                     match h.knowledge.send(FlushKnowledge).await {
                         Ok(Ok(n)) => tracing::info!(bytes = n, "knowledge flushed"),

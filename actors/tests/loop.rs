@@ -698,3 +698,35 @@ fn a_broken_rule_costs_only_its_own_evidence() {
     });
     sys.run_with_code().expect("run");
 }
+
+#[test]
+fn shutdown_lets_a_running_execution_finish_and_records_it() {
+    let rig = rig(vec![Ok(3), Ok(0)]);
+    let mut s = settings();
+    s.execute.verification_window_seconds = 10;
+    let sys = paused_system();
+    sys.block_on(async {
+        let h = start(&rig, s, None);
+        let mut rx = h.events.subscribe();
+        until(&mut rx, |e| {
+            matches!(e, LoopEvent::Executed { .. }).then_some(())
+        })
+        .await;
+        // The policy acted and now waits out its verification window.
+        h.supervisor.send(Shutdown).await.expect("shutdown");
+    });
+    assert_eq!(sys.run_with_code().expect("run"), 0);
+    // Shutdown closed the store: reopen the directory, as the next start would.
+    let Rig {
+        store, _dir: dir, ..
+    } = rig;
+    drop(store);
+    let reopened = KnowledgeStore::open(dir.path(), Duration::from_secs(5)).expect("reopen");
+    let e = reopened.list_executions(1).expect("executions").remove(0);
+    assert_eq!(e.status, ExecutionStatus::Completed, "{e:?}");
+    assert_eq!(
+        e.outcome,
+        Some(OutcomeType::Success),
+        "verified before stopping"
+    );
+}
