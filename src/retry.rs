@@ -1,6 +1,5 @@
 //! Retry classification and jittered exponential backoff for HTTP clients.
 
-use std::hash::{BuildHasher, Hasher};
 use std::time::Duration;
 
 /// An error, classified by whether a retry may help.
@@ -13,14 +12,15 @@ pub enum Retry<E> {
 }
 
 /// Delay before retry `attempt` (1-based): exponential from `initial_ms`,
-/// capped at `max_ms`, with equal jitter (half fixed, half random).
+/// capped at `max_ms`, with equal jitter (half fixed, half random); the
+/// same backoff the Executor uses.
 pub fn backoff_delay(attempt: u32, initial_ms: u64, max_ms: u64) -> Duration {
-    let exp = attempt.saturating_sub(1).min(20);
-    let base = initial_ms.saturating_mul(1u64 << exp).min(max_ms);
-    let half = base / 2;
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u32(attempt);
-    Duration::from_millis(half + h.finish() % (half + 1))
+    mapek_actors::execute::backoff_between(
+        attempt,
+        initial_ms,
+        max_ms,
+        mapek_actors::execute::jitter(),
+    )
 }
 
 #[cfg(test)]

@@ -110,18 +110,23 @@ pub fn execution_order(actions: &[RemediationAction]) -> Result<Vec<usize>, Stri
 /// `backoff_initial_ms`, capped at `backoff_max_ms`, with "equal jitter"
 /// (half fixed, half random from `jitter` in 0..1).
 pub fn backoff(attempt: u32, s: &ExecuteSettings, jitter: f64) -> Duration {
+    backoff_between(attempt, s.backoff_initial_ms, s.backoff_max_ms, jitter)
+}
+
+/// Delay before retry number `attempt` (1-based): exponential from
+/// `initial_ms`, capped at `max_ms`, with equal jitter from `jitter` in
+/// 0..1. Shared by the Executor and the daemon's HTTP clients.
+pub fn backoff_between(attempt: u32, initial_ms: u64, max_ms: u64, jitter: f64) -> Duration {
     let exp = attempt.saturating_sub(1).min(20);
-    let base = s
-        .backoff_initial_ms
-        .saturating_mul(1u64 << exp)
-        .min(s.backoff_max_ms);
+    let base = initial_ms.saturating_mul(1u64 << exp).min(max_ms);
     let half = base / 2;
     let j = jitter.clamp(0.0, 1.0);
     Duration::from_millis(half + (half as f64 * j) as u64)
 }
 
-/// A number in 0..1 for jitter (not cryptographic).
-fn jitter() -> f64 {
+/// A number in 0..1 for jitter (not cryptographic; a fresh random hasher
+/// key each call).
+pub fn jitter() -> f64 {
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u128(Instant::now().elapsed().as_nanos());
     (h.finish() % 10_000) as f64 / 10_000.0

@@ -198,6 +198,8 @@ pub struct Monitor {
     inbox: Inbox,
     settings: MonitorSettings,
     sources: Vec<Arc<dyn MetricSource>>,
+    /// Names of the polled sources (the others push through the webhook).
+    polled: Arc<HashSet<String>>,
     health: BTreeMap<String, SourceHealth>,
     polling: HashSet<String>,
     active: ActiveViolations,
@@ -238,10 +240,12 @@ impl Monitor {
                 )
             })
             .collect();
+        let polled = Arc::new(sources.iter().map(|s| s.name().to_string()).collect());
         Monitor {
             inbox,
             settings,
             sources,
+            polled,
             health,
             polling: HashSet::new(),
             active: ActiveViolations::default(),
@@ -260,7 +264,7 @@ impl Monitor {
     }
 
     fn expire_webhook_violations(&mut self) {
-        let polled: HashSet<String> = self.sources.iter().map(|s| s.name().to_string()).collect();
+        let polled = self.polled.clone();
         let limit = chrono::Duration::seconds(
             self.settings
                 .webhook_stale_after_seconds
@@ -637,7 +641,7 @@ impl Handler<MeasureNow> for Monitor {
             ))));
         };
         let scope = msg.scope;
-        let polled: HashSet<String> = sources.iter().map(|s| s.name().to_string()).collect();
+        let polled = self.polled.clone();
         let fut = async move {
             let mut total = 0usize;
             for s in &sources {
@@ -712,11 +716,6 @@ impl EvidenceProbe for MonitorProbe {
                 .map_err(|e| SourceError::Unreachable(e.to_string()))?
         })
     }
-}
-
-/// Time of an observation, for sources that build violations.
-pub fn observation_time(clock: &SharedClock) -> Timestamp {
-    clock.now()
 }
 
 #[cfg(test)]
