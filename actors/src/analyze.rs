@@ -771,6 +771,7 @@ pub fn analyze(
         violation_count: vs.len(),
         max_severity,
         components,
+        incident_id: None,
     }
 }
 

@@ -471,6 +471,7 @@ pub fn in_progress(
         violations_after: None,
         outcome: None,
         timings: Default::default(),
+        incident_id: policy.incident_id.clone(),
     }
 }
 

@@ -333,6 +333,7 @@ mod tests {
             violations_after: after,
             outcome: None,
             timings: ChainTimings::default(),
+            incident_id: None,
         }
     }
 

@@ -289,6 +289,9 @@ pub struct AnalysisResult {
     pub max_severity: Option<Severity>,
     /// Components involved, sorted.
     pub components: Vec<String>,
+    /// Incident diagnosed (absent for a whole-window analysis).
+    #[serde(default)]
+    pub incident_id: Option<String>,
 }
 
 /// The action catalogue of the Plan phase.
@@ -446,6 +449,9 @@ pub enum ApprovalStatus {
     Approved,
     /// Rejected by a person.
     Rejected,
+    /// Its incident closed or was diagnosed again before a decision: it
+    /// can no longer be approved.
+    Superseded,
 }
 
 impl ApprovalStatus {
@@ -455,6 +461,7 @@ impl ApprovalStatus {
             ApprovalStatus::Pending => "pending",
             ApprovalStatus::Approved => "approved",
             ApprovalStatus::Rejected => "rejected",
+            ApprovalStatus::Superseded => "superseded",
         }
     }
 
@@ -464,6 +471,7 @@ impl ApprovalStatus {
             "pending" => Some(ApprovalStatus::Pending),
             "approved" => Some(ApprovalStatus::Approved),
             "rejected" => Some(ApprovalStatus::Rejected),
+            "superseded" => Some(ApprovalStatus::Superseded),
             _ => None,
         }
     }
@@ -519,6 +527,9 @@ pub struct RemediationPolicy {
     pub violations_at_planning: usize,
     /// Components in scope (violations counted for verification).
     pub scope: Vec<String>,
+    /// Incident it remedies.
+    #[serde(default)]
+    pub incident_id: Option<String>,
 }
 
 /// Status of an execution or of one action in it.
@@ -677,6 +688,9 @@ pub struct PolicyExecution {
     pub outcome: Option<OutcomeType>,
     /// Phase timings of the chain.
     pub timings: ChainTimings,
+    /// Incident it remedies.
+    #[serde(default)]
+    pub incident_id: Option<String>,
 }
 
 /// Outcome of an execution, as learned by Knowledge.
@@ -758,4 +772,178 @@ pub struct LearningInsight {
     pub recommendations: Vec<String>,
     /// When it was generated.
     pub generated_at: Timestamp,
+}
+
+/// Lifecycle of an incident (the unit of work of the loop).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IncidentState {
+    /// Violations are active; nothing is planned yet (below the plan
+    /// threshold, or no actionable diagnosis yet).
+    Open,
+    /// A policy waits for a person's approval.
+    Pending,
+    /// An approved policy waits in the admission queue.
+    Queued,
+    /// A remedy's actions are running.
+    Acting,
+    /// The remedy ran; the verification window is open.
+    Verifying,
+    /// Verified; the incident's components rest before another remedy.
+    CoolingDown,
+    /// Handed to a person: no actionable diagnosis, no component, or no
+    /// effector owns the component.
+    Escalated,
+    /// A source behind the incident stopped giving evidence: nothing is
+    /// planned until it answers again (the incident is never closed for it).
+    NoEvidence,
+    /// Over; see [`CloseReason`].
+    Closed,
+}
+
+impl IncidentState {
+    /// Every state, for metrics.
+    pub const ALL: [IncidentState; 9] = [
+        IncidentState::Open,
+        IncidentState::Pending,
+        IncidentState::Queued,
+        IncidentState::Acting,
+        IncidentState::Verifying,
+        IncidentState::CoolingDown,
+        IncidentState::Escalated,
+        IncidentState::NoEvidence,
+        IncidentState::Closed,
+    ];
+
+    /// snake_case name, as in the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IncidentState::Open => "open",
+            IncidentState::Pending => "pending",
+            IncidentState::Queued => "queued",
+            IncidentState::Acting => "acting",
+            IncidentState::Verifying => "verifying",
+            IncidentState::CoolingDown => "cooling_down",
+            IncidentState::Escalated => "escalated",
+            IncidentState::NoEvidence => "no_evidence",
+            IncidentState::Closed => "closed",
+        }
+    }
+
+    /// Parses a snake_case name.
+    pub fn parse(s: &str) -> Option<IncidentState> {
+        IncidentState::ALL.into_iter().find(|c| c.as_str() == s)
+    }
+}
+
+/// Why an incident closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CloseReason {
+    /// Its violations ended after a remedy ran.
+    Remedied,
+    /// Its violations ended without any remedy.
+    ResolvedWithoutAction,
+    /// Its violations aged out of the window (dropped at its bound).
+    Expired,
+    /// It joined an older incident (see `merged_into`).
+    Merged,
+}
+
+/// One diagnosis of an incident (kept as its history changes).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Diagnosis {
+    /// Analysis record it comes from.
+    pub analysis_id: String,
+    /// When.
+    pub at: Timestamp,
+    /// Most likely cause (`unknown` without patterns).
+    pub cause: RootCause,
+    /// Its confidence.
+    pub confidence: f64,
+    /// Components of the cause, the remedy's target first.
+    pub components: Vec<String>,
+    /// Patterns found.
+    pub patterns: Vec<PatternKind>,
+    /// Violations in the incident then.
+    pub violation_count: usize,
+}
+
+/// An incident: violations on one component, or on components joined by a
+/// direct edge of the topology with onsets close together, diagnosed,
+/// remedied and verified as one unit of work.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Incident {
+    /// Content-derived id (`inc-` + hash of the first violation's
+    /// fingerprint and onset): the same after a restart or on a replica.
+    pub id: String,
+    /// Lifecycle state.
+    pub state: IncidentState,
+    /// Why it closed (when closed).
+    #[serde(default)]
+    pub close_reason: Option<CloseReason>,
+    /// The incident it merged into (when closed as merged).
+    #[serde(default)]
+    pub merged_into: Option<String>,
+    /// Onset of its first violation.
+    pub opened_at: Timestamp,
+    /// Last change.
+    pub updated_at: Timestamp,
+    /// When it closed.
+    #[serde(default)]
+    pub closed_at: Option<Timestamp>,
+    /// Components involved, sorted.
+    pub components: Vec<String>,
+    /// Upstream component (where a cascade started; else the component
+    /// with the most violations).
+    #[serde(default)]
+    pub root_component: Option<String>,
+    /// Highest severity among its violations.
+    #[serde(default)]
+    pub severity: Option<Severity>,
+    /// Violations active in it.
+    pub violation_count: usize,
+    /// Member fingerprints (the first [`INCIDENT_FINGERPRINTS_KEPT`]).
+    pub fingerprints: Vec<String>,
+    /// Latest diagnosis.
+    #[serde(default)]
+    pub diagnosis: Option<Diagnosis>,
+    /// Earlier diagnoses, oldest first (bounded).
+    #[serde(default)]
+    pub diagnoses: Vec<Diagnosis>,
+    /// Policies planned for it.
+    #[serde(default)]
+    pub policies: Vec<String>,
+    /// Executions run for it.
+    #[serde(default)]
+    pub executions: Vec<String>,
+    /// Outcome of its latest verified execution.
+    #[serde(default)]
+    pub outcome: Option<OutcomeType>,
+    /// Why it is escalated / without evidence / waiting (for people).
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// Member fingerprints kept on an incident record (the count is exact).
+pub const INCIDENT_FINGERPRINTS_KEPT: usize = 100;
+
+/// Earlier diagnoses kept on an incident record.
+pub const INCIDENT_DIAGNOSES_KEPT: usize = 20;
+
+/// Content-derived incident id: FNV-1a (64 bit) of the first violation's
+/// fingerprint and onset (milliseconds), so every process computes the same.
+pub fn incident_id(fingerprint: &str, onset: Timestamp) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let ms = onset.timestamp_millis().to_le_bytes();
+    for b in fingerprint
+        .as_bytes()
+        .iter()
+        .chain(b"\x00")
+        .chain(ms.iter())
+    {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("inc-{h:016x}")
 }

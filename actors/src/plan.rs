@@ -570,6 +570,7 @@ fn build_policy(
         decisions: Vec::new(),
         violations_at_planning: analysis.violation_count,
         scope: scope.to_vec(),
+        incident_id: analysis.incident_id.clone(),
     }
 }
 
@@ -707,6 +708,7 @@ mod tests {
             violation_count: violations,
             max_severity: severity,
             components: vec!["committee".into(), "validator".into()],
+            incident_id: None,
         }
     }
 

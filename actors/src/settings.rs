@@ -288,6 +288,16 @@ pub struct AnalyzeSettings {
     pub causal: CausalSettings,
     /// Frequency detector: ≥ min_violations within window_seconds.
     pub frequency: DetectorSettings,
+    /// Dependency map (component → the components it depends on), from the
+    /// top-level `topology` config section: violations on components joined
+    /// by a direct edge, with onsets within `causal.max_lag_seconds`, form
+    /// one incident.
+    #[serde(skip)]
+    pub topology: BTreeMap<String, Vec<String>>,
+    /// The Planner's `plan_threshold`, copied here so that crossing it
+    /// counts as a change of diagnosis.
+    #[serde(skip)]
+    pub plan_threshold: usize,
 }
 
 impl Default for AnalyzeSettings {
@@ -301,6 +311,8 @@ impl Default for AnalyzeSettings {
             spatial: DetectorSettings::new(3, 0, 0.80),
             causal: CausalSettings::default(),
             frequency: DetectorSettings::new(9, 300, 0.70),
+            topology: BTreeMap::new(),
+            plan_threshold: 3,
         }
     }
 }

@@ -770,6 +770,7 @@ mod tests {
             }],
             violations_at_planning: 4,
             scope: vec!["charter".into()],
+            incident_id: None,
         }
     }
 
@@ -789,6 +790,7 @@ mod tests {
             violations_after: Some(after),
             outcome: None,
             timings: ChainTimings::default(),
+            incident_id: None,
         }
     }
 
@@ -804,6 +806,7 @@ mod tests {
             violation_count: 4,
             max_severity: None,
             components: vec!["charter".into()],
+            incident_id: None,
         }
     }
 
