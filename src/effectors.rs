@@ -1041,6 +1041,7 @@ mod tests {
             decisions: vec![],
             violations_at_planning: 3,
             scope: vec!["charter".into()],
+            incident_id: None,
         }
     }
 

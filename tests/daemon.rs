@@ -203,6 +203,7 @@ fn policy(id: &str) -> RemediationPolicy {
         decisions: Vec::new(),
         violations_at_planning: 3,
         scope: vec!["charter".into()],
+        incident_id: None,
     }
 }
 

@@ -30,19 +30,38 @@ use crate::settings::ExecuteSettings;
 /// may have taken effect before it timed out).
 pub const IDEMPOTENCY_KEY: &str = "idempotency_key";
 
-/// Which effector carries out which action type.
+/// A route for some components (globs, `*` and `?`) and, optionally,
+/// some action types only.
+#[derive(Clone)]
+pub struct ComponentRoute {
+    /// Component globs (`payments-*`); a component matching any is covered.
+    pub components: Vec<glob::Pattern>,
+    /// Action types covered (all when `None`).
+    pub actions: Option<Vec<ActionType>>,
+    /// Where those actions go.
+    pub effector: Arc<dyn Effector>,
+}
+
+/// Which effector carries out which action on which component: the
+/// component routes first (in order, first match wins), then the
+/// action-type routes and the default, which cover the components in
+/// `default_components` (every component when unrestricted). An action on
+/// a component no route covers has no effector: it is escalated, never
+/// sent to an unrelated system.
 #[derive(Clone, Default)]
 pub struct EffectorRouter {
+    component_routes: Vec<ComponentRoute>,
     routes: HashMap<ActionType, Arc<dyn Effector>>,
     fallback: Option<Arc<dyn Effector>>,
+    default_components: Option<Vec<glob::Pattern>>,
 }
 
 impl EffectorRouter {
     /// A router sending every action type to `effector`.
     pub fn all_to(effector: Arc<dyn Effector>) -> Self {
         EffectorRouter {
-            routes: HashMap::new(),
             fallback: Some(effector),
+            ..Self::default()
         }
     }
 
@@ -57,12 +76,56 @@ impl EffectorRouter {
         self
     }
 
-    /// The effector for an action type.
+    /// The default for action types without a route.
+    pub fn fallback(mut self, effector: Arc<dyn Effector>) -> Self {
+        self.fallback = Some(effector);
+        self
+    }
+
+    /// Adds a component route (checked before the action-type routes).
+    pub fn component_route(mut self, route: ComponentRoute) -> Self {
+        self.component_routes.push(route);
+        self
+    }
+
+    /// Restricts the action-type routes and the default to these
+    /// components.
+    pub fn restrict_default(mut self, components: Vec<glob::Pattern>) -> Self {
+        self.default_components = Some(components);
+        self
+    }
+
+    /// The effector for an action type on any component the default covers
+    /// (ignores component routes).
     pub fn get(&self, action: ActionType) -> Option<Arc<dyn Effector>> {
         self.routes
             .get(&action)
             .cloned()
             .or_else(|| self.fallback.clone())
+    }
+
+    /// The effector for `action` on `component`, if a route covers it.
+    pub fn get_for(&self, action: ActionType, component: &str) -> Option<Arc<dyn Effector>> {
+        for r in &self.component_routes {
+            let action_ok = r.actions.as_ref().is_none_or(|a| a.contains(&action));
+            if action_ok && r.components.iter().any(|g| g.matches(component)) {
+                return Some(r.effector.clone());
+            }
+        }
+        let covered = self
+            .default_components
+            .as_ref()
+            .is_none_or(|gs| gs.iter().any(|g| g.matches(component)));
+        if covered {
+            self.get(action)
+        } else {
+            None
+        }
+    }
+
+    /// Whether some route covers `action` on `component`.
+    pub fn covers(&self, action: ActionType, component: &str) -> bool {
+        self.get_for(action, component).is_some()
     }
 }
 
@@ -233,9 +296,25 @@ impl ExecutionEnv {
         chain_id: String,
         deadline: Instant,
     ) -> PolicyExecution {
+        let (tx, _rx) = tokio::sync::oneshot::channel();
+        self.run_policy_with(policy, execution_id, chain_id, deadline, tx)
+            .await
+    }
+
+    /// [`Self::run_policy`], telling `acted` when the actions are over (the
+    /// verification window that follows is only a timer).
+    pub async fn run_policy_with(
+        &self,
+        policy: &RemediationPolicy,
+        execution_id: String,
+        chain_id: String,
+        deadline: Instant,
+        acted: tokio::sync::oneshot::Sender<()>,
+    ) -> PolicyExecution {
         let started = Instant::now();
         let mut exec = in_progress(policy, execution_id, chain_id, self.clock.now());
-        self.run_into(policy, &mut exec, deadline).await;
+        let mut acted = Some(acted);
+        self.run_into(policy, &mut exec, deadline, &mut acted).await;
         if exec.status != ExecutionStatus::Completed {
             self.executed(&exec);
         }
@@ -259,6 +338,7 @@ impl ExecutionEnv {
         policy: &RemediationPolicy,
         exec: &mut PolicyExecution,
         deadline: Instant,
+        acted: &mut Option<tokio::sync::oneshot::Sender<()>>,
     ) {
         let order = match execution_order(&policy.actions) {
             Ok(o) => o,
@@ -267,12 +347,15 @@ impl ExecutionEnv {
         let mut routed = Vec::with_capacity(order.len());
         for &i in &order {
             let a = &policy.actions[i];
-            match self.router.get(a.action_type) {
+            match self.router.get_for(a.action_type, &a.target) {
                 Some(eff) => routed.push((a.clone(), eff)),
                 None => {
                     return fail(
                         exec,
-                        format!("no effector configured for {}", a.action_type),
+                        format!(
+                            "no effector route covers {} on component `{}`",
+                            a.action_type, a.target
+                        ),
                     )
                 }
             }
@@ -365,6 +448,9 @@ impl ExecutionEnv {
         }
         exec.status = ExecutionStatus::Completed;
         self.executed(exec);
+        if let Some(tx) = acted.take() {
+            let _ = tx.send(());
+        }
         // Verification: wait, then measure the same signals again.
         let window = Duration::from_secs(self.settings.verification_window_seconds);
         if Instant::now() + window > deadline {

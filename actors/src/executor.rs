@@ -1,7 +1,9 @@
-//! The Executor actor: runs one approved policy at a time (its mailbox is
-//! paused while a policy runs, so remedies never overlap and confound each
-//! other's verification), then reports the verified execution to Knowledge
-//! and back to the Planner.
+//! The Executor actor: runs the policies the Planner's admission queue
+//! admits, concurrently (the queue bounds how many act at once and keeps
+//! two remedies off one component), tells the Planner when a policy's
+//! actions are over (its verification window is a timer that holds no
+//! slot), then reports the verified execution to Knowledge and back to the
+//! Planner.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, OnceLock};
@@ -15,7 +17,7 @@ use crate::events::LoopEvent;
 use crate::execute::ExecutionEnv;
 use crate::knowledge_actor::Knowledge;
 use crate::mailbox::{panic_message, Inbox, PhaseAddr};
-use crate::messages::{Drain, ExecutionFinished, PolicyApproved, RecordExecution};
+use crate::messages::{ActionsDone, Drain, ExecutionFinished, PolicyApproved, RecordExecution};
 use crate::metrics::StatusLabels;
 use crate::model::{new_id, ExecutionStatus, PolicyExecution};
 use crate::planner::Planner;
@@ -33,6 +35,7 @@ pub struct Executor {
     supervisor: PhaseAddr<LoopSupervisor>,
     judged: u64,
     succeeded: u64,
+    running: tokio::sync::watch::Sender<usize>,
 }
 
 impl Executor {
@@ -56,6 +59,7 @@ impl Executor {
             supervisor,
             judged: 0,
             succeeded: 0,
+            running: tokio::sync::watch::channel(0).0,
         }
     }
 
@@ -119,11 +123,29 @@ impl Handler<PolicyApproved> for Executor {
             ))
         });
         let Some((env, knowledge, planner, deadline)) = prepared else {
+            // The actor restarts; the admitted policy must not be lost:
+            // it goes back into the mailbox and runs after the restart
+            // (repeated failures trip the restart intensity).
+            tracing::warn!(policy = %msg.policy.id, "executor failed before running the policy; it runs after the restart");
+            PhaseAddr::new(ctx.address(), self.inbox.clone()).push(msg);
             return;
         };
         let PolicyApproved { mut chain, policy } = msg;
         let exec_id = new_id("exe");
         tracing::info!(chain = %chain.chain_id, policy = %policy.id, execution = %exec_id, "executing");
+        self.running.send_modify(|n| *n += 1);
+        let (acted_tx, acted_rx) = tokio::sync::oneshot::channel::<()>();
+        {
+            // The slot is free once the actions are over (or the run ended).
+            let planner = planner.clone();
+            let policy_id = policy.id.clone();
+            tokio::spawn(async move {
+                let _ = acted_rx.await;
+                if let Some(p) = planner.get() {
+                    let _ = p.send(ActionsDone { policy_id }).await;
+                }
+            });
+        }
         let span = tracing::info_span!("chain", chain = %chain.chain_id);
         let fut = async move {
             let mut started_record = crate::execute::in_progress(
@@ -137,11 +159,12 @@ impl Handler<PolicyApproved> for Executor {
             let _ = knowledge
                 .send(RecordExecution(started_record.clone()))
                 .await;
-            let run = AssertUnwindSafe(env.run_policy(
+            let run = AssertUnwindSafe(env.run_policy_with(
                 &policy,
                 exec_id,
                 chain.chain_id.clone(),
                 deadline,
+                acted_tx,
             ))
             .catch_unwind()
             .await;
@@ -186,8 +209,9 @@ impl Handler<PolicyApproved> for Executor {
             (exec, panicked)
         }
         .instrument(span);
-        // `wait` pauses this actor's mailbox until the policy has run.
-        ctx.wait(fut.into_actor(self).map(|(exec, panicked), act, ctx| {
+        // Policies run concurrently: the admission queue decides how many.
+        ctx.spawn(fut.into_actor(self).map(|(exec, panicked), act, ctx| {
+            act.running.send_modify(|n| *n = n.saturating_sub(1));
             let total = exec.timings.total_seconds;
             act.inbox.emit(LoopEvent::Verified {
                 chain_id: exec.chain_id.clone(),
@@ -209,10 +233,15 @@ impl Handler<PolicyApproved> for Executor {
 }
 
 impl Handler<Drain> for Executor {
-    type Result = ();
+    type Result = ResponseFuture<()>;
 
-    fn handle(&mut self, _msg: Drain, ctx: &mut Context<Self>) {
+    fn handle(&mut self, _msg: Drain, ctx: &mut Context<Self>) -> Self::Result {
         let inbox = self.inbox.clone();
         inbox.guard(self, ctx, "Drain", |_, _| Ok(()));
+        // Answered once every running execution has ended.
+        let mut rx = self.running.subscribe();
+        Box::pin(async move {
+            let _ = rx.wait_for(|n| *n == 0).await;
+        })
     }
 }

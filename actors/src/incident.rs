@@ -284,8 +284,10 @@ pub struct IncidentReport {
     /// First member fingerprints by onset (at most
     /// [`crate::model::INCIDENT_FINGERPRINTS_KEPT`]).
     pub fingerprints: Vec<String>,
-    /// A new diagnosis (only when it changed).
+    /// The diagnosis: present when it changed, and in a full report.
     pub analysis: Option<AnalysisResult>,
+    /// Whether the diagnosis changed (only then is it recorded).
+    pub diagnosis_changed: bool,
     /// Whether a source behind it gives no evidence now.
     pub no_evidence: bool,
     /// Closed in this batch, and why (`merged_into` for merges).
@@ -323,6 +325,7 @@ pub struct IncidentIndex {
     blind: HashSet<Sym>,
     dropped: u64,
     diagnosed_total: u64,
+    full_report: bool,
 }
 
 fn ts(ms: i64) -> Timestamp {
@@ -375,6 +378,7 @@ impl IncidentIndex {
             blind: HashSet::new(),
             dropped: 0,
             diagnosed_total: 0,
+            full_report: false,
         }
     }
 
@@ -717,6 +721,7 @@ impl IncidentIndex {
             violation_count: 0,
             fingerprints: Vec::new(),
             analysis: None,
+            diagnosis_changed: false,
             no_evidence: false,
             closed: Some((CloseReason::Merged, Some(keep_id))),
         });
@@ -749,6 +754,7 @@ impl IncidentIndex {
                     violation_count: 0,
                     fingerprints: Vec::new(),
                     analysis: None,
+                    diagnosis_changed: false,
                     no_evidence: false,
                     closed: Some((
                         if a.evicted {
@@ -878,17 +884,20 @@ impl IncidentIndex {
         out
     }
 
-    /// Diagnoses every open incident (a full reconcile), reporting all.
+    /// Diagnoses every open incident (a full reconcile) and reports all,
+    /// each with its diagnosis (recorded only where it changed).
     pub fn diagnose_all(&mut self, now: Timestamp, chain_id: &str) -> Vec<IncidentReport> {
         let mut out = std::mem::take(&mut self.closed);
         self.dirty.clear();
         let mut keys: Vec<u32> = self.incidents.keys().copied().collect();
         keys.sort_unstable();
+        self.full_report = true;
         for key in keys {
             if let Some(r) = self.diagnose(key, now, chain_id, true) {
                 out.push(r);
             }
         }
+        self.full_report = false;
         out
     }
 
@@ -899,6 +908,7 @@ impl IncidentIndex {
         chain_id: &str,
         always: bool,
     ) -> Option<IncidentReport> {
+        let always_analysis = self.full_report;
         self.ensure_caches(key);
         self.diagnosed_total += 1;
         let s = &self.settings;
@@ -1151,7 +1161,7 @@ impl IncidentIndex {
             .rev()
             .find(|i| a.severities[*i] > 0)
             .map(|i| SEVERITY_OF[i]);
-        let analysis = changed.then(|| {
+        let analysis = (changed || always_analysis).then(|| {
             let mut recs: Vec<String> = ranked
                 .iter()
                 .map(|c| recommendation(c.cause).to_string())
@@ -1182,6 +1192,7 @@ impl IncidentIndex {
             violation_count: count,
             fingerprints: self.fingerprints_of(a, crate::model::INCIDENT_FINGERPRINTS_KEPT),
             analysis,
+            diagnosis_changed: changed,
             no_evidence,
             closed: None,
         };

@@ -9,6 +9,7 @@
 //! The crate knows nothing of HTTP: it reaches the world through the traits
 //! in [`ports`].
 
+pub mod admission;
 pub mod analyze;
 pub mod analyzer;
 pub mod clock;

@@ -12,9 +12,12 @@ use tokio::time::Instant;
 
 use crate::mailbox::Named;
 use crate::metrics::ActorKind;
+use std::sync::Arc;
+
+use crate::incident::IncidentReport;
 use crate::model::{
-    AnalysisResult, ApprovalStatus, ChainId, ChainTimings, LearnedStats, PolicyExecution,
-    RemediationPolicy, Timestamp, Violation,
+    AnalysisResult, ApprovalStatus, ChainId, ChainTimings, Incident, IncidentState, LearnedStats,
+    PolicyExecution, RemediationPolicy, Timestamp, Violation,
 };
 use crate::ports::SourceError;
 
@@ -143,19 +146,30 @@ pub struct MeasureNow {
     pub scope: Vec<String>,
 }
 
-/// Monitor → Analyzer: the active violations after a batch.
+/// Monitor → Analyzer: what changed since the last delivery. Changes are
+/// never shed (the Monitor waits for room and sends one at a time, in
+/// order); `resync` carries the whole active set now and then, to repair
+/// any drift.
 #[derive(Debug, Clone, Message)]
-#[rtype(result = "()")]
+#[rtype(result = "Result<(), AnalyzerFailed>")]
 pub struct ViolationsDetected {
     /// Chain started by this batch.
     pub chain: ChainTrace,
-    /// Every active violation of the sources that give evidence (a
-    /// snapshot: the message is level-triggered and may be shed when the
-    /// Analyzer is backed up, the next one supersedes it).
-    pub violations: Vec<Violation>,
-    /// Fingerprints that ended since the last delivered snapshot.
+    /// Violations that became active (shared, not copied).
+    pub added: Vec<Arc<Violation>>,
+    /// Fingerprints that ended (applied before `added`).
     pub resolved: Vec<String>,
+    /// Sources that stopped (`true`) or resumed (`false`) giving evidence.
+    pub blind: Vec<(String, bool)>,
+    /// The complete active set, for a full reconcile.
+    pub resync: Option<Arc<Vec<Arc<Violation>>>>,
 }
+
+/// The Analyzer failed while applying changes (it restarts): the sender
+/// follows with a full reconcile.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the analyzer failed while applying the changes")]
+pub struct AnalyzerFailed;
 
 /// Ask the Analyzer for its recent analyses (newest first).
 #[derive(Debug, Message)]
@@ -165,14 +179,53 @@ pub struct GetAnalyses {
     pub limit: usize,
 }
 
-/// Analyzer → Planner: one analysis.
+/// Analyzer → Planner: the incidents a batch touched (new diagnoses,
+/// counts, evidence, closures and merges).
 #[derive(Debug, Clone, Message)]
 #[rtype(result = "()")]
 pub struct AnalysisReady {
     /// Chain.
     pub chain: ChainTrace,
-    /// The analysis.
-    pub analysis: AnalysisResult,
+    /// One report per touched incident.
+    pub reports: Vec<IncidentReport>,
+}
+
+/// Executor → Planner: a policy's actions are over (its verification
+/// window is a timer from now on): its execution slot is free.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "()")]
+pub struct ActionsDone {
+    /// Policy.
+    pub policy_id: String,
+}
+
+/// Ask the Planner for incidents, newest first.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "IncidentPage")]
+pub struct GetIncidents {
+    /// Only this state.
+    pub state: Option<IncidentState>,
+    /// At most this many.
+    pub limit: usize,
+    /// Continue after this id (the previous page's `next`).
+    pub after: Option<String>,
+}
+
+/// A page of incidents.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct IncidentPage {
+    /// Incidents, newest first (by onset, then id).
+    pub incidents: Vec<Incident>,
+    /// Cursor of the next page, when there is one.
+    pub next: Option<String>,
+}
+
+/// Ask the Planner for one incident.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Option<Incident>")]
+pub struct GetIncident {
+    /// Incident id.
+    pub id: String,
 }
 
 /// Operator → Planner: approve or reject a pending policy.
@@ -296,4 +349,7 @@ named!(
     ActorRestarted,
     Shutdown,
     Drain,
+    ActionsDone,
+    GetIncidents,
+    GetIncident,
 );

@@ -178,6 +178,23 @@ pub struct Metrics {
     pub source_query_duration: Family<SourceResultLabels, Histogram, fn() -> Histogram>,
     /// Whether each source currently gives evidence (1) or not (0).
     pub source_up: Family<SourceLabels, Gauge>,
+    /// Incidents by state (open ones, plus the closed ones kept).
+    pub incidents: Family<StateLabels, Gauge>,
+    /// Open incidents in the Analyzer's window.
+    pub incidents_open_in_window: Gauge,
+    /// Violations dropped because the analysis window was at its bound.
+    pub window_dropped: Counter,
+    /// Policies waiting in the admission queue.
+    pub admission_queue_depth: Gauge,
+    /// Execution slots in use (policies acting; verification holds none).
+    pub executions_running: Gauge,
+}
+
+/// `{state}` of an incident.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabels {
+    /// Incident state.
+    pub state: &'static str,
 }
 
 impl Default for Metrics {
@@ -189,7 +206,7 @@ impl Default for Metrics {
 impl Metrics {
     /// Fresh metrics, all at zero.
     pub fn new() -> Self {
-        Metrics {
+        let m = Metrics {
             mailbox_depth: Family::default(),
             messages_handled: Family::default(),
             handler_duration: Family::new_with_constructor(seconds_histogram),
@@ -214,7 +231,20 @@ impl Metrics {
             effector_call_duration: Family::new_with_constructor(seconds_histogram),
             source_query_duration: Family::new_with_constructor(seconds_histogram),
             source_up: Family::default(),
+            incidents: Family::default(),
+            incidents_open_in_window: Gauge::default(),
+            window_dropped: Counter::default(),
+            admission_queue_depth: Gauge::default(),
+            executions_running: Gauge::default(),
+        };
+        for state in crate::model::IncidentState::ALL {
+            m.incidents
+                .get_or_create(&StateLabels {
+                    state: state.as_str(),
+                })
+                .set(0);
         }
+        m
     }
 
     /// Registers every metric under its documented name.
@@ -338,6 +368,31 @@ impl Metrics {
             "mape_k_source_up",
             "Whether the source gives evidence (1) or not (0)",
             self.source_up.clone(),
+        );
+        r.register(
+            "mape_k_incidents",
+            "Incidents by state (closed: those kept in memory)",
+            self.incidents.clone(),
+        );
+        r.register(
+            "mape_k_incidents_in_window",
+            "Open incidents in the analysis window",
+            self.incidents_open_in_window.clone(),
+        );
+        r.register(
+            "mape_k_window_dropped_violations",
+            "Violations dropped because the analysis window was full",
+            self.window_dropped.clone(),
+        );
+        r.register(
+            "mape_k_admission_queue_depth",
+            "Approved policies waiting in the admission queue",
+            self.admission_queue_depth.clone(),
+        );
+        r.register(
+            "mape_k_executions_running",
+            "Execution slots in use (actions running)",
+            self.executions_running.clone(),
         );
     }
 

@@ -28,7 +28,7 @@ use crate::state::SharedState;
 use crate::supervisor::LoopSupervisor;
 
 /// What applying a batch changed.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Applied {
     /// Violations not active before.
     pub new: usize,
@@ -36,6 +36,9 @@ pub struct Applied {
     pub duplicates: usize,
     /// Fingerprints that ended.
     pub resolved: Vec<String>,
+    /// The violations that were not active before (shared with the active
+    /// set, not copied).
+    pub added: Vec<Arc<Violation>>,
 }
 
 /// The active violations, keyed by fingerprint, remembering which source
@@ -43,7 +46,7 @@ pub struct Applied {
 /// active set for complete batches), never in the history.
 #[derive(Debug, Default, Clone)]
 pub struct ActiveViolations {
-    by_fingerprint: HashMap<String, Violation>,
+    by_fingerprint: HashMap<String, Arc<Violation>>,
     by_source: HashMap<String, HashSet<String>>,
 }
 
@@ -65,13 +68,22 @@ impl ActiveViolations {
             seen.insert(v.fingerprint.as_str());
             match self.by_fingerprint.get_mut(&v.fingerprint) {
                 Some(existing) => {
-                    let first_seen = existing.first_seen.min(v.first_seen);
-                    *existing = v.clone();
-                    existing.first_seen = first_seen;
+                    // A re-sent duplicate changes nothing the loop acts on:
+                    // keep the record (and its onset), refresh only when
+                    // the newer observation differs.
+                    if existing.observed_at < v.observed_at || existing.value != v.value {
+                        let first_seen = existing.first_seen.min(v.first_seen);
+                        let mut fresh = v.clone();
+                        fresh.first_seen = first_seen;
+                        *existing = Arc::new(fresh);
+                    }
                     out.duplicates += 1;
                 }
                 None => {
-                    self.by_fingerprint.insert(v.fingerprint.clone(), v.clone());
+                    let shared = Arc::new(v.clone());
+                    self.by_fingerprint
+                        .insert(v.fingerprint.clone(), shared.clone());
+                    out.added.push(shared);
                     out.new += 1;
                 }
             }
@@ -152,9 +164,18 @@ impl ActiveViolations {
         fps
     }
 
+    /// Every active violation, shared (for a full reconcile).
+    pub fn shared(&self) -> Vec<Arc<Violation>> {
+        self.by_fingerprint.values().cloned().collect()
+    }
+
     /// Active violations, oldest onset first.
     pub fn snapshot(&self) -> Vec<Violation> {
-        let mut v: Vec<Violation> = self.by_fingerprint.values().cloned().collect();
+        let mut v: Vec<Violation> = self
+            .by_fingerprint
+            .values()
+            .map(|v| (**v).clone())
+            .collect();
         v.sort_by(|a, b| {
             a.first_seen
                 .cmp(&b.first_seen)
@@ -203,9 +224,16 @@ pub struct Monitor {
     health: BTreeMap<String, SourceHealth>,
     polling: HashSet<String>,
     active: ActiveViolations,
-    pending_resolved: std::collections::BTreeSet<String>,
+    pending_added: HashMap<String, Arc<Violation>>,
+    pending_resolved: HashSet<String>,
+    pending_blind: BTreeMap<String, bool>,
     new_since_forward: usize,
     dirty: bool,
+    /// A delta is on its way to the Analyzer: the next waits (changes are
+    /// never shed, and arrive in order).
+    delivering: bool,
+    ticks_since_resync: u64,
+    resync_due: bool,
     analyzer: PhaseAddr<Analyzer>,
     clock: SharedClock,
     state: SharedState,
@@ -249,9 +277,14 @@ impl Monitor {
             health,
             polling: HashSet::new(),
             active: ActiveViolations::default(),
-            pending_resolved: std::collections::BTreeSet::new(),
+            pending_added: HashMap::new(),
+            pending_resolved: HashSet::new(),
+            pending_blind: BTreeMap::new(),
             new_since_forward: 0,
             dirty: false,
+            delivering: false,
+            ticks_since_resync: 0,
+            resync_due: false,
             analyzer,
             clock,
             state,
@@ -283,8 +316,15 @@ impl Monitor {
                 .metrics()
                 .violations_active
                 .set(self.active.len() as i64);
-            self.pending_resolved.extend(gone);
+            self.note_resolved(gone);
             self.dirty = true;
+        }
+    }
+
+    fn note_resolved(&mut self, fps: Vec<String>) {
+        for fp in fps {
+            self.pending_added.remove(&fp);
+            self.pending_resolved.insert(fp);
         }
     }
 
@@ -296,6 +336,15 @@ impl Monitor {
         let now = self.clock.now();
         self.state.update(now, |s| s.iteration += 1);
         self.check_stale();
+        // A periodic full reconcile repairs any drift between the
+        // Monitor's active set and the Analyzer's window.
+        self.ticks_since_resync += 1;
+        let every = (RESYNC_SECONDS / self.settings.interval_seconds.max(1)).max(1);
+        if self.ticks_since_resync >= every {
+            self.ticks_since_resync = 0;
+            self.resync_due = true;
+            self.dirty = true;
+        }
         for source in self.sources.clone() {
             let name = source.name().to_string();
             if !self.polling.insert(name.clone()) {
@@ -318,15 +367,15 @@ impl Monitor {
             };
             ctx.spawn(fut.into_actor(self).map(move |(res, secs), act, ctx| {
                 let inbox = act.inbox.clone();
-                inbox.guard_internal(act, ctx, "PollResult", |act, _ctx| {
+                inbox.guard_internal(act, ctx, "PollResult", |act, ctx| {
                     act.polling.remove(&name);
-                    act.on_poll(&name, res, secs);
+                    act.on_poll(ctx, &name, res, secs);
                     Ok(())
                 });
             }));
         }
         if self.dirty {
-            self.forward(0.0);
+            self.forward(ctx, 0.0);
         }
     }
 
@@ -363,13 +412,10 @@ impl Monitor {
                 source: source.to_string(),
             })
             .set(0);
-        let withdrawn = self.active.withdraw_source(source);
-        self.inbox
-            .metrics()
-            .violations_active
-            .set(self.active.len() as i64);
-        if !withdrawn.is_empty() {
-            self.pending_resolved.extend(withdrawn);
+        // No evidence is not "no violations": the source's violations stay
+        // active, and its incidents wait (no_evidence) until it answers.
+        if self.pending_blind.get(source) != Some(&true) {
+            self.pending_blind.insert(source.to_string(), true);
             self.dirty = true;
         }
         let reason = self
@@ -383,7 +429,13 @@ impl Monitor {
         });
     }
 
-    fn on_poll(&mut self, source: &str, res: Result<Polled, SourceError>, secs: f64) {
+    fn on_poll(
+        &mut self,
+        ctx: &mut Context<Self>,
+        source: &str,
+        res: Result<Polled, SourceError>,
+        secs: f64,
+    ) {
         let now = self.clock.now();
         match res {
             Ok(Polled {
@@ -415,6 +467,7 @@ impl Monitor {
                 if matches!(was, Some(SourceStatus::Degraded | SourceStatus::Stale)) {
                     tracing::info!(source, "source recovered: evidence again");
                     self.state.update(now, |s| s.error = None);
+                    self.pending_blind.insert(source.to_string(), false);
                 }
                 self.inbox
                     .metrics()
@@ -424,7 +477,7 @@ impl Monitor {
                     })
                     .set(1);
                 self.accept(source, &batch, &[], true);
-                self.forward(secs);
+                self.forward(ctx, secs);
             }
             Err(e) => {
                 let mut first = false;
@@ -441,7 +494,7 @@ impl Monitor {
                 }
                 self.no_evidence(source);
                 if self.dirty {
-                    self.forward(secs);
+                    self.forward(ctx, secs);
                 }
             }
         }
@@ -476,7 +529,11 @@ impl Monitor {
                 "violations changed"
             );
         }
-        self.pending_resolved.extend(applied.resolved);
+        self.note_resolved(applied.resolved);
+        for v in applied.added {
+            self.pending_resolved.remove(&v.fingerprint);
+            self.pending_added.insert(v.fingerprint.clone(), v);
+        }
         self.new_since_forward += applied.new;
         let now = self.clock.now();
         let active = self.active.len();
@@ -490,19 +547,21 @@ impl Monitor {
         ack
     }
 
-    /// Hands the current snapshot to the Analyzer; sheds it when the
-    /// Analyzer is backed up (the next tick sends a newer one).
-    fn forward(&mut self, detection_seconds: f64) {
-        if self.active.is_empty() && self.pending_resolved.is_empty() {
-            self.dirty = false;
+    /// Hands the changes since the last delivery to the Analyzer. They
+    /// are never shed: while one delivery is on its way (waiting for room
+    /// in the Analyzer's mailbox) the next changes accumulate, so a flood
+    /// costs one delta per Analyzer cycle and arrives in order.
+    fn forward(&mut self, ctx: &mut Context<Self>, detection_seconds: f64) {
+        if self.delivering {
+            self.dirty = true;
             return;
         }
-        // Coalesce: while the Analyzer still has a snapshot to handle, do
-        // not build another (a webhook flood costs one snapshot per
-        // Analyzer cycle, not one per batch); the next tick or batch sends
-        // the latest state.
-        if self.analyzer.depth() > 0 {
-            self.dirty = true;
+        if self.pending_added.is_empty()
+            && self.pending_resolved.is_empty()
+            && self.pending_blind.is_empty()
+            && !self.resync_due
+        {
+            self.dirty = false;
             return;
         }
         let mut chain = ChainTrace::start(self.clock.now());
@@ -510,30 +569,52 @@ impl Monitor {
         self.inbox.metrics().phase("detection", detection_seconds);
         let msg = ViolationsDetected {
             chain,
-            violations: self.active.snapshot(),
-            resolved: self.pending_resolved.iter().cloned().collect(),
+            added: self.pending_added.drain().map(|(_, v)| v).collect(),
+            resolved: self.pending_resolved.drain().collect(),
+            blind: std::mem::take(&mut self.pending_blind)
+                .into_iter()
+                .collect(),
+            resync: std::mem::take(&mut self.resync_due).then(|| Arc::new(self.active.shared())),
         };
         let chain_id = msg.chain.chain_id.clone();
-        match self.analyzer.offer(msg) {
-            Ok(()) => {
-                if self.new_since_forward > 0 {
-                    tracing::info!(chain = %chain_id, new = self.new_since_forward, active = self.active.len(), "violations handed to the analyzer");
-                } else {
-                    tracing::debug!(chain = %chain_id, active = self.active.len(), "violations handed to the analyzer");
-                }
-                self.inbox.emit(LoopEvent::Detected {
-                    chain_id,
-                    active: self.active.len(),
-                    new: self.new_since_forward,
-                });
-                self.new_since_forward = 0;
-                self.pending_resolved.clear();
-                self.dirty = false;
-            }
-            Err(e) => tracing::warn!(error = %e, "snapshot not delivered; will retry next tick"),
+        if self.new_since_forward > 0 {
+            tracing::info!(chain = %chain_id, new = self.new_since_forward, active = self.active.len(), "violations handed to the analyzer");
+        } else {
+            tracing::debug!(chain = %chain_id, active = self.active.len(), "changes handed to the analyzer");
         }
+        self.inbox.emit(LoopEvent::Detected {
+            chain_id,
+            active: self.active.len(),
+            new: self.new_since_forward,
+        });
+        self.new_since_forward = 0;
+        self.dirty = false;
+        self.delivering = true;
+        let analyzer = self.analyzer.clone();
+        ctx.spawn(
+            async move { analyzer.send(msg).await }
+                .into_actor(self)
+                .map(|res, act, ctx| {
+                    act.delivering = false;
+                    let res = res.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string()));
+                    if let Err(e) = res {
+                        // The Analyzer is restarting: its window is rebuilt
+                        // by the next full reconcile.
+                        tracing::warn!(error = %e, "changes not delivered; a full reconcile follows");
+                        act.resync_due = true;
+                        act.dirty = true;
+                    }
+                    if act.dirty {
+                        act.forward(ctx, 0.0);
+                    }
+                }),
+        );
     }
 }
+
+/// Seconds between two full reconciles of the Analyzer's window with the
+/// Monitor's active set.
+pub const RESYNC_SECONDS: u64 = 60;
 
 impl Actor for Monitor {
     type Context = Context<Self>;
@@ -590,9 +671,9 @@ impl Handler<Observe> for Monitor {
     fn handle(&mut self, msg: Observe, ctx: &mut Context<Self>) -> Self::Result {
         let inbox = self.inbox.clone();
         inbox
-            .guard(self, ctx, "Observe", |act, _ctx| {
+            .guard(self, ctx, "Observe", |act, ctx| {
                 let ack = act.accept(&msg.source, &msg.violations, &msg.resolved, msg.complete);
-                act.forward(0.0);
+                act.forward(ctx, 0.0);
                 Ok(ack)
             })
             .ok_or_else(|| {

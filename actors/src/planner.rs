@@ -1,42 +1,68 @@
-//! The Planner actor: a thin shell over [`crate::plan`]. It plans from each
-//! analysis, records every policy in Knowledge, auto-approves what the
-//! approval settings allow, hands approved policies to the Executor, and
-//! holds back a cause while a remedy for it is running or cooling down.
+//! The Planner actor: the reconciler of incidents. It keeps one state
+//! machine per incident (open, pending, queued, acting, verifying,
+//! cooling_down, escalated, no_evidence, closed), plans for an incident
+//! from its latest diagnosis ([`crate::plan`]), passes every approved
+//! policy through the one [`Admission`] queue, and hands admitted policies
+//! to the Executor. Incidents are kept in Knowledge and restored at start.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 use actix::prelude::*;
 use tokio::time::Instant;
 
+use crate::admission::{scope_of, Admission};
 use crate::clock::SharedClock;
 use crate::events::LoopEvent;
+use crate::execute::EffectorRouter;
 use crate::executor::Executor;
+use crate::incident::IncidentReport;
 use crate::knowledge_actor::Knowledge;
 use crate::mailbox::{Inbox, PhaseAddr};
 use crate::messages::{
-    AnalysisReady, ChainTrace, DecidePolicy, DecisionError, ExecutionFinished, KnowledgeUpdated,
-    PolicyApproved, RecordPolicy,
+    ActionsDone, AnalysisReady, ChainTrace, DecidePolicy, DecisionError, ExecutionFinished,
+    GetIncident, GetIncidents, IncidentPage, KnowledgeUpdated, PolicyApproved, RecordPolicy,
 };
-use crate::model::{ApprovalStatus, LearnedStats, RemediationPolicy};
+use crate::metrics::StateLabels;
+use crate::model::{
+    AnalysisResult, ApprovalStatus, CloseReason, Diagnosis, Incident, IncidentState, LearnedStats,
+    RemediationPolicy, Severity, INCIDENT_DIAGNOSES_KEPT,
+};
 use crate::plan::{auto_approvable, decide, plan, PlanDecision};
 use crate::settings::PlanSettings;
 use crate::state::SharedState;
 use crate::store::KnowledgeStore;
 use crate::supervisor::LoopSupervisor;
 
+/// Closed incidents kept (in memory and in Knowledge) for the API and for
+/// recurrence checks; older ones are forgotten.
+pub const CLOSED_INCIDENTS_KEPT: usize = 1000;
+
+/// Components that name no component: their incidents are escalated.
+const NO_COMPONENT: [&str; 2] = ["", "unknown"];
+
+/// One incident as the Planner tracks it.
+struct Entry {
+    incident: Incident,
+    analysis: Option<AnalysisResult>,
+    chain: ChainTrace,
+    pending: Option<String>,
+    running: Option<String>,
+    no_evidence: bool,
+    cooldown_until: Option<Instant>,
+    rejected: bool,
+}
+
 /// The Planner actor.
 pub struct Planner {
     inbox: Inbox,
     settings: PlanSettings,
     learned: LearnedStats,
+    incidents: HashMap<String, Entry>,
+    closed_order: VecDeque<String>,
     pending: HashMap<String, (RemediationPolicy, ChainTrace)>,
-    /// Component → (policy running on it, lease end). The lease ends a
-    /// hold whose execution never reported back (an Executor crash).
-    in_flight: HashMap<String, (String, Instant)>,
-    cooldown_until: HashMap<String, Instant>,
-    lease: Duration,
-    last_escalation: Option<String>,
+    admission: Admission,
+    router: Option<EffectorRouter>,
     executor: PhaseAddr<Executor>,
     knowledge: PhaseAddr<Knowledge>,
     store: KnowledgeStore,
@@ -46,12 +72,14 @@ pub struct Planner {
 }
 
 impl Planner {
-    /// A Planner; pending policies and learned statistics are loaded from
-    /// the store so approvals survive a restart of the daemon.
+    /// A Planner; incidents, pending policies and learned statistics are
+    /// loaded from the store so they survive a restart of the daemon.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         inbox: Inbox,
         settings: PlanSettings,
+        max_concurrent: usize,
+        router: Option<EffectorRouter>,
         executor: PhaseAddr<Executor>,
         knowledge: PhaseAddr<Knowledge>,
         store: KnowledgeStore,
@@ -61,7 +89,7 @@ impl Planner {
         lease: Duration,
     ) -> Self {
         let learned = store.stats().unwrap_or_default();
-        let pending = store
+        let pending: HashMap<String, (RemediationPolicy, ChainTrace)> = store
             .list_policies(Some(ApprovalStatus::Pending), 1000)
             .unwrap_or_default()
             .into_iter()
@@ -71,57 +99,96 @@ impl Planner {
                 (p.id.clone(), (p, chain))
             })
             .collect();
-        Planner {
+        let mut incidents = HashMap::new();
+        let mut closed: Vec<(chrono::DateTime<chrono::Utc>, String)> = Vec::new();
+        for mut inc in store.all_incidents().unwrap_or_default() {
+            // A restart interrupts what was running: the incident is
+            // planned again from fresh evidence.
+            if matches!(
+                inc.state,
+                IncidentState::Acting | IncidentState::Verifying | IncidentState::Queued
+            ) {
+                inc.state = IncidentState::Open;
+            }
+            if inc.state == IncidentState::Closed {
+                closed.push((inc.closed_at.unwrap_or(inc.updated_at), inc.id.clone()));
+            }
+            let pending_id = pending
+                .values()
+                .find(|(p, _)| p.incident_id.as_deref() == Some(inc.id.as_str()))
+                .map(|(p, _)| p.id.clone());
+            let mut chain = ChainTrace::start(clock.now());
+            chain.chain_id = format!("chn-restored-{}", inc.id);
+            incidents.insert(
+                inc.id.clone(),
+                Entry {
+                    incident: inc,
+                    analysis: None,
+                    chain,
+                    pending: pending_id,
+                    running: None,
+                    no_evidence: false,
+                    cooldown_until: None,
+                    rejected: false,
+                },
+            );
+        }
+        closed.sort();
+        let p = Planner {
             inbox,
             settings,
             learned,
+            incidents,
+            closed_order: closed.into_iter().map(|(_, id)| id).collect(),
             pending,
-            in_flight: HashMap::new(),
-            cooldown_until: HashMap::new(),
-            lease,
-            last_escalation: None,
+            admission: Admission::new(max_concurrent, lease),
+            router,
             executor,
             knowledge,
             store,
             clock,
             state,
             supervisor,
+        };
+        p.refresh_gauges();
+        p
+    }
+
+    fn refresh_gauges(&self) {
+        let m = self.inbox.metrics();
+        let mut counts: HashMap<IncidentState, i64> = HashMap::new();
+        for e in self.incidents.values() {
+            *counts.entry(e.incident.state).or_default() += 1;
+        }
+        for s in IncidentState::ALL {
+            m.incidents
+                .get_or_create(&StateLabels { state: s.as_str() })
+                .set(counts.get(&s).copied().unwrap_or(0));
+        }
+        m.admission_queue_depth.set(self.admission.queued() as i64);
+        m.executions_running.set(self.admission.running() as i64);
+    }
+
+    fn persist(&self, id: &str) {
+        if let Some(e) = self.incidents.get(id) {
+            if let Err(e) = self.store.put_incident(&e.incident) {
+                tracing::error!(incident = %id, error = %e, "incident not recorded");
+            }
         }
     }
 
-    /// A policy is held back while a remedy runs or cools down on one of
-    /// its components (one remedy at a time per component, so verification
-    /// measures one remedy), or while a policy for the same cause waits for
-    /// a person.
-    fn busy(&mut self, p: &RemediationPolicy) -> Option<String> {
-        let now = Instant::now();
-        self.in_flight.retain(|component, (policy, lease)| {
-            let live = now < *lease;
-            if !live {
-                tracing::warn!(%component, %policy, "execution never reported back; releasing the component");
+    fn set_state(&mut self, id: &str, state: IncidentState, reason: Option<String>) {
+        let now = self.clock.now();
+        if let Some(e) = self.incidents.get_mut(id) {
+            if e.incident.state != state || e.incident.reason != reason {
+                tracing::info!(incident = %id, from = e.incident.state.as_str(), to = state.as_str(),
+                    reason = reason.as_deref().unwrap_or(""), "incident state");
+                e.incident.state = state;
+                e.incident.reason = reason;
+                e.incident.updated_at = now;
+                self.persist(id);
             }
-            live
-        });
-        self.cooldown_until.retain(|_, until| now < *until);
-        scope_of(p).into_iter().find_map(|c| {
-            if let Some((id, _)) = self.in_flight.get(&c) {
-                Some(format!("a remedy ({id}) is running on component `{c}`"))
-            } else {
-                self.cooldown_until.get(&c).map(|until| {
-                    format!(
-                        "component `{c}` is cooling down for {} s after its last remedy",
-                        until.saturating_duration_since(now).as_secs()
-                    )
-                })
-            }
-        })
-    }
-
-    /// Whether a policy for this cause already waits for a person.
-    fn pending_for(&self, p: &RemediationPolicy) -> bool {
-        self.pending
-            .values()
-            .any(|(q, _)| q.root_cause == p.root_cause)
+        }
     }
 
     fn announce(&self, p: &RemediationPolicy) {
@@ -148,11 +215,374 @@ impl Planner {
         );
     }
 
-    fn dispatch(&mut self, ctx: &mut Context<Self>, policy: RemediationPolicy, chain: ChainTrace) {
-        let lease = Instant::now() + self.lease;
-        for c in scope_of(&policy) {
-            self.in_flight.insert(c, (policy.id.clone(), lease));
+    /// Marks a pending or queued policy superseded: it can no longer be
+    /// approved.
+    fn supersede(&mut self, ctx: &mut Context<Self>, mut p: RemediationPolicy, why: &str) {
+        let now = self.clock.now();
+        p.approval_status = ApprovalStatus::Superseded;
+        p.decisions.push(crate::model::ApprovalDecision {
+            status: ApprovalStatus::Superseded,
+            by: "mapek".into(),
+            at: now,
+            reason: Some(why.to_string()),
+        });
+        tracing::info!(policy = %p.id, reason = why, "policy superseded");
+        self.record(ctx, p);
+    }
+
+    fn drop_pending(&mut self, ctx: &mut Context<Self>, id: &str, why: &str) {
+        let pid = self.incidents.get_mut(id).and_then(|e| e.pending.take());
+        if let Some(pid) = pid {
+            if let Some((p, _)) = self.pending.remove(&pid) {
+                self.supersede(ctx, p, why);
+            }
         }
+    }
+
+    /// Applies one report of the Analyzer.
+    fn apply_report(&mut self, ctx: &mut Context<Self>, chain: &ChainTrace, r: IncidentReport) {
+        let now = self.clock.now();
+        if let Some((reason, into)) = r.closed {
+            self.close(ctx, &r.id, reason, into);
+            return;
+        }
+        let entry = self.incidents.entry(r.id.clone()).or_insert_with(|| Entry {
+            incident: Incident {
+                id: r.id.clone(),
+                state: IncidentState::Open,
+                close_reason: None,
+                merged_into: None,
+                opened_at: r.opened_at,
+                updated_at: now,
+                closed_at: None,
+                components: Vec::new(),
+                root_component: None,
+                severity: None,
+                violation_count: 0,
+                fingerprints: Vec::new(),
+                diagnosis: None,
+                diagnoses: Vec::new(),
+                policies: Vec::new(),
+                executions: Vec::new(),
+                outcome: None,
+                reason: None,
+            },
+            analysis: None,
+            chain: chain.clone(),
+            pending: None,
+            running: None,
+            no_evidence: false,
+            cooldown_until: None,
+            rejected: false,
+        });
+        let reopened = entry.incident.state == IncidentState::Closed;
+        if reopened {
+            // A fingerprint of a closed incident came back (same onset):
+            // the incident reopens under its id.
+            entry.incident.state = IncidentState::Open;
+            entry.incident.close_reason = None;
+            entry.incident.closed_at = None;
+            self.closed_order.retain(|c| c != &r.id);
+        }
+        let inc = &mut entry.incident;
+        inc.components = r.components;
+        inc.root_component = r.root_component;
+        inc.severity = r.severity;
+        inc.violation_count = r.violation_count;
+        if !r.fingerprints.is_empty() {
+            inc.fingerprints = r.fingerprints;
+        }
+        inc.updated_at = now;
+        entry.no_evidence = r.no_evidence;
+        let mut rediagnosed = false;
+        let fresh = r.diagnosis_changed || entry.analysis.is_none();
+        if let Some(a) = r.analysis.filter(|_| fresh) {
+            let d = Diagnosis {
+                analysis_id: a.id.clone(),
+                at: a.analyzed_at,
+                cause: a
+                    .root_causes
+                    .first()
+                    .map(|c| c.cause)
+                    .unwrap_or(crate::model::RootCause::Unknown),
+                confidence: a.root_causes.first().map(|c| c.confidence).unwrap_or(0.0),
+                components: a
+                    .root_causes
+                    .first()
+                    .map(|c| c.components.clone())
+                    .unwrap_or_default(),
+                patterns: a.patterns.iter().map(|p| p.kind).collect(),
+                violation_count: a.violation_count,
+            };
+            rediagnosed = inc
+                .diagnosis
+                .as_ref()
+                .is_some_and(|old| old.cause != d.cause || old.components != d.components);
+            if let Some(old) = inc.diagnosis.replace(d) {
+                inc.diagnoses.push(old);
+                if inc.diagnoses.len() > INCIDENT_DIAGNOSES_KEPT {
+                    inc.diagnoses.remove(0);
+                }
+            }
+            entry.analysis = Some(a);
+            entry.chain = chain.clone();
+            entry.rejected = false;
+        }
+        let id = r.id;
+        if rediagnosed {
+            self.drop_pending(ctx, &id, "the incident was diagnosed again");
+        }
+        self.persist(&id);
+        self.reconcile(ctx, &id);
+    }
+
+    fn close(
+        &mut self,
+        ctx: &mut Context<Self>,
+        id: &str,
+        reason: CloseReason,
+        into: Option<String>,
+    ) {
+        let now = self.clock.now();
+        let Some(e) = self.incidents.get_mut(id) else {
+            return;
+        };
+        if e.incident.state == IncidentState::Closed {
+            return;
+        }
+        let reason = if reason == CloseReason::ResolvedWithoutAction
+            && (!e.incident.executions.is_empty() || e.running.is_some())
+        {
+            CloseReason::Remedied
+        } else {
+            reason
+        };
+        e.incident.state = IncidentState::Closed;
+        e.incident.close_reason = Some(reason);
+        e.incident.merged_into = into.clone();
+        e.incident.closed_at = Some(now);
+        e.incident.updated_at = now;
+        e.incident.reason = None;
+        tracing::info!(incident = %id, reason = ?reason, merged_into = into.as_deref().unwrap_or(""), "incident closed");
+        let why = match reason {
+            CloseReason::Merged => "the incident merged into another",
+            _ => "the incident closed",
+        };
+        self.drop_pending(ctx, id, why);
+        for p in self.admission.withdraw(id) {
+            self.supersede(ctx, p, why);
+        }
+        self.persist(id);
+        self.closed_order.push_back(id.to_string());
+        while self.closed_order.len() > CLOSED_INCIDENTS_KEPT {
+            if let Some(old) = self.closed_order.pop_front() {
+                self.incidents.remove(&old);
+                if let Err(e) = self.store.delete_incident(&old) {
+                    tracing::warn!(incident = %old, error = %e, "closed incident not forgotten");
+                }
+            }
+        }
+    }
+
+    /// Brings one incident's state in line with what is known about it:
+    /// plans, queues, escalates or waits.
+    fn reconcile(&mut self, ctx: &mut Context<Self>, id: &str) {
+        let now = self.clock.now();
+        let Some(e) = self.incidents.get(id) else {
+            return;
+        };
+        if e.incident.state == IncidentState::Closed {
+            return;
+        }
+        if let Some(p) = &e.running {
+            if self.admission.is_live(p) {
+                return;
+            }
+            // Its hold's lease ran out: the execution never reported back.
+            tracing::warn!(incident = %id, policy = %p, "execution never reported back; planning again");
+            if let Some(e) = self.incidents.get_mut(id) {
+                e.running = None;
+            }
+        }
+        let Some(e) = self.incidents.get(id) else {
+            return;
+        };
+        if e.no_evidence {
+            return self.set_state(
+                id,
+                IncidentState::NoEvidence,
+                Some("a source behind the incident gives no evidence".into()),
+            );
+        }
+        if let Some(until) = e.cooldown_until {
+            let left = until.saturating_duration_since(Instant::now());
+            if !left.is_zero() {
+                let key = id.to_string();
+                ctx.run_later(left, move |act, ctx| {
+                    if let Some(e) = act.incidents.get_mut(&key) {
+                        e.cooldown_until = None;
+                    }
+                    act.reconcile(ctx, &key);
+                });
+                return self.set_state(id, IncidentState::CoolingDown, None);
+            }
+        }
+        if self.admission.has_queued(id) {
+            return self.set_state(id, IncidentState::Queued, None);
+        }
+        if e.pending.is_some() {
+            return self.set_state(id, IncidentState::Pending, None);
+        }
+        if e.rejected {
+            return self.set_state(
+                id,
+                IncidentState::Escalated,
+                Some("its remedy was rejected: a person must act".into()),
+            );
+        }
+        if !self.state.lock().is_running {
+            return; // shutting down: no new remedies
+        }
+        let Some(analysis) = e.analysis.clone() else {
+            return self.set_state(id, IncidentState::Open, None);
+        };
+        let chain = e.chain.clone();
+        let severity = e.incident.severity.unwrap_or(Severity::Warning);
+        if e.incident
+            .components
+            .iter()
+            .all(|c| NO_COMPONENT.contains(&c.as_str()))
+        {
+            return self.escalate(
+                id,
+                "its violations name no component: a person must diagnose".into(),
+            );
+        }
+        let started = Instant::now();
+        let policies = match plan(&analysis, &self.learned, &self.settings, now) {
+            PlanDecision::BelowThreshold { .. } => {
+                return self.set_state(id, IncidentState::Open, None)
+            }
+            PlanDecision::Escalate { reason } => return self.escalate(id, reason),
+            PlanDecision::Policies(ps) => ps,
+        };
+        // A remedy reaches only a system that owns its component.
+        let (covered, uncovered): (Vec<RemediationPolicy>, Vec<RemediationPolicy>) =
+            policies.into_iter().partition(|p| {
+                p.actions.iter().all(|a| {
+                    !NO_COMPONENT.contains(&a.target.as_str())
+                        && self
+                            .router
+                            .as_ref()
+                            .is_none_or(|r| r.covers(a.action_type, &a.target))
+                })
+            });
+        if covered.is_empty() {
+            let target = uncovered
+                .first()
+                .and_then(|p| p.actions.first())
+                .map(|a| a.target.clone())
+                .unwrap_or_default();
+            return self.escalate(
+                id,
+                format!("no effector route covers component `{target}`: a person must act"),
+            );
+        }
+        self.inbox
+            .metrics()
+            .policies_generated
+            .inc_by(covered.len() as u64);
+        let mut chain = chain;
+        chain.timings.planning_seconds = started.elapsed().as_secs_f64();
+        self.inbox
+            .metrics()
+            .phase("planning", chain.timings.planning_seconds);
+        self.state
+            .update(now, |s| s.policies_generated = covered.len());
+        let chosen = covered
+            .iter()
+            .position(|p| auto_approvable(p, &self.settings));
+        let mut p = match chosen {
+            Some(i) => covered[i].clone(),
+            None => covered[0].clone(),
+        };
+        self.announce(&p);
+        if let Some(e) = self.incidents.get_mut(id) {
+            e.incident.policies.push(p.id.clone());
+        }
+        if chosen.is_some() {
+            if let Err(err) = decide(
+                &mut p,
+                ApprovalStatus::Approved,
+                "auto",
+                Some("auto-approved by risk level".into()),
+                now,
+            ) {
+                tracing::error!(error = %err, "auto-approval failed");
+                return;
+            }
+            self.record(ctx, p.clone());
+            self.enqueue(ctx, p, chain, severity);
+        } else {
+            tracing::info!(incident = %id, policy = %p.id, cause = %p.root_cause, risk = ?p.risk_level, "policy waits for approval");
+            self.record(ctx, p.clone());
+            if let Some(e) = self.incidents.get_mut(id) {
+                e.pending = Some(p.id.clone());
+            }
+            self.pending.insert(p.id.clone(), (p, chain));
+            self.set_state(id, IncidentState::Pending, None);
+        }
+    }
+
+    fn escalate(&mut self, id: &str, reason: String) {
+        let already = self
+            .incidents
+            .get(id)
+            .is_some_and(|e| e.incident.reason.as_deref() == Some(reason.as_str()));
+        if !already {
+            tracing::warn!(incident = %id, %reason, "escalating to a human; acting on nothing");
+            let chain_id = self
+                .incidents
+                .get(id)
+                .map(|e| e.chain.chain_id.clone())
+                .unwrap_or_default();
+            self.inbox.emit(LoopEvent::Escalated {
+                chain_id,
+                reason: reason.clone(),
+            });
+        }
+        self.set_state(id, IncidentState::Escalated, Some(reason));
+    }
+
+    fn enqueue(
+        &mut self,
+        ctx: &mut Context<Self>,
+        policy: RemediationPolicy,
+        chain: ChainTrace,
+        severity: Severity,
+    ) {
+        let id = policy.incident_id.clone().unwrap_or_default();
+        self.admission.enqueue(policy, chain, severity);
+        self.set_state(&id, IncidentState::Queued, None);
+        self.admit(ctx);
+    }
+
+    /// Hands every policy the admission queue admits now to the Executor.
+    fn admit(&mut self, ctx: &mut Context<Self>) {
+        let admitted = self.admission.admit(Instant::now());
+        for q in admitted {
+            let id = q.policy.incident_id.clone().unwrap_or_default();
+            if let Some(e) = self.incidents.get_mut(&id) {
+                e.running = Some(q.policy.id.clone());
+                e.incident.reason = None;
+            }
+            self.set_state(&id, IncidentState::Acting, None);
+            self.dispatch(ctx, q.policy, q.chain);
+        }
+        self.refresh_gauges();
+    }
+
+    fn dispatch(&mut self, ctx: &mut Context<Self>, policy: RemediationPolicy, chain: ChainTrace) {
         self.inbox.emit(LoopEvent::Approved {
             chain_id: chain.chain_id.clone(),
             policy_id: policy.id.clone(),
@@ -163,18 +593,77 @@ impl Planner {
                 .unwrap_or_default(),
         });
         let executor = self.executor.clone();
-        tracing::info!(chain = %chain.chain_id, policy = %policy.id, cause = %policy.root_cause,
-            actions = ?policy.actions.iter().map(|a| a.action_type.as_str()).collect::<Vec<_>>(), "approved; handing to the executor");
-        // Approved policies must not be lost: wait for room in the
+        tracing::info!(chain = %chain.chain_id, policy = %policy.id, incident = policy.incident_id.as_deref().unwrap_or(""),
+            cause = %policy.root_cause, scope = ?scope_of(&policy),
+            actions = ?policy.actions.iter().map(|a| a.action_type.as_str()).collect::<Vec<_>>(), "admitted; handing to the executor");
+        // Admitted policies must not be lost: wait for room in the
         // Executor's mailbox (backpressure) rather than shed.
+        let sent = policy.clone();
         ctx.spawn(
-            async move {
-                if let Err(e) = executor.send(PolicyApproved { chain, policy }).await {
-                    tracing::error!(error = %e, "approved policy could not reach the executor");
-                }
-            }
-            .into_actor(self),
+            async move { executor.send(PolicyApproved { chain, policy }).await }
+                .into_actor(self)
+                .map(move |res, act, ctx| {
+                    if let Err(e) = res {
+                        // The Executor failed before running it: nothing
+                        // ran, so the incident is planned again.
+                        tracing::error!(policy = %sent.id, error = %e, "admitted policy could not reach the executor; planning again");
+                        act.admission.finished(&sent, Instant::now(), Duration::ZERO);
+                        let id = sent.incident_id.clone().unwrap_or_default();
+                        if let Some(e) = act.incidents.get_mut(&id) {
+                            if e.running.as_deref() == Some(sent.id.as_str()) {
+                                e.running = None;
+                            }
+                        }
+                        act.reconcile(ctx, &id);
+                        act.admit(ctx);
+                    }
+                }),
         );
+    }
+
+    /// The incident an execution belongs to now (following merges).
+    fn owner_of(&self, id: &str) -> Option<String> {
+        let mut cur = id.to_string();
+        for _ in 0..16 {
+            let e = self.incidents.get(&cur)?;
+            match &e.incident.merged_into {
+                Some(next) if e.incident.state == IncidentState::Closed => cur = next.clone(),
+                _ => return Some(cur),
+            }
+        }
+        Some(cur)
+    }
+
+    fn page(&self, msg: &GetIncidents) -> IncidentPage {
+        let mut all: Vec<&Incident> = self
+            .incidents
+            .values()
+            .map(|e| &e.incident)
+            .filter(|i| msg.state.is_none_or(|s| i.state == s))
+            .collect();
+        all.sort_by(|a, b| b.opened_at.cmp(&a.opened_at).then_with(|| b.id.cmp(&a.id)));
+        let start = match &msg.after {
+            Some(after) => all
+                .iter()
+                .position(|i| &i.id == after)
+                .map(|p| p + 1)
+                .unwrap_or(all.len()),
+            None => 0,
+        };
+        let limit = msg.limit.max(1);
+        let slice: Vec<Incident> = all
+            .iter()
+            .skip(start)
+            .take(limit)
+            .map(|i| (*i).clone())
+            .collect();
+        let next = (start + slice.len() < all.len())
+            .then(|| slice.last().map(|i| i.id.clone()))
+            .flatten();
+        IncidentPage {
+            incidents: slice,
+            next,
+        }
     }
 }
 
@@ -198,67 +687,12 @@ impl Handler<AnalysisReady> for Planner {
     fn handle(&mut self, msg: AnalysisReady, ctx: &mut Context<Self>) {
         let inbox = self.inbox.clone();
         inbox.guard(self, ctx, "AnalysisReady", |act, ctx| {
-            let started = Instant::now();
-            let now = act.clock.now();
-            let mut chain = msg.chain;
+            let chain = msg.chain;
             let _span = tracing::info_span!("chain", chain = %chain.chain_id).entered();
-            if !act.state.lock().is_running {
-                return Ok(()); // shutting down: no new remedies
+            for r in msg.reports {
+                act.apply_report(ctx, &chain, r);
             }
-            let decision = plan(&msg.analysis, &act.learned, &act.settings, now);
-            let policies = match decision {
-                PlanDecision::BelowThreshold { violations, threshold } => {
-                    tracing::debug!(chain = %chain.chain_id, violations, threshold, "below plan threshold");
-                    act.state.update(now, |s| s.policies_generated = 0);
-                    return Ok(());
-                }
-                PlanDecision::Escalate { reason } => {
-                    if act.last_escalation.as_deref() != Some(reason.as_str()) {
-                        tracing::warn!(chain = %chain.chain_id, %reason, "escalating to a human; acting on nothing");
-                        act.inbox.emit(LoopEvent::Escalated { chain_id: chain.chain_id.clone(), reason: reason.clone() });
-                        act.last_escalation = Some(reason);
-                    }
-                    act.state.update(now, |s| s.policies_generated = 0);
-                    return Ok(());
-                }
-                PlanDecision::Policies(ps) => ps,
-            };
-            act.last_escalation = None;
-            let fresh: Vec<RemediationPolicy> =
-                policies.into_iter().filter(|p| act.busy(p).is_none()).collect();
-            act.state.update(now, |s| s.policies_generated = fresh.len());
-            if fresh.is_empty() {
-                return Ok(());
-            }
-            act.inbox.metrics().policies_generated.inc_by(fresh.len() as u64);
-            chain.timings.planning_seconds = started.elapsed().as_secs_f64();
-            act.inbox.metrics().phase("planning", chain.timings.planning_seconds);
-            // The best policy that may be auto-approved runs; the others
-            // wait for a person (or are superseded by the next analysis).
-            let mut chosen = None;
-            for (i, p) in fresh.iter().enumerate() {
-                if chosen.is_none() && auto_approvable(p, &act.settings) {
-                    chosen = Some(i);
-                }
-            }
-            let mut dispatched = false;
-            for (i, mut p) in fresh.into_iter().enumerate() {
-                if Some(i) == chosen {
-                    act.announce(&p);
-                    if let Err(e) = decide(&mut p, ApprovalStatus::Approved, "auto", Some("auto-approved by risk level".into()), now) {
-                        tracing::error!(error = %e, "auto-approval failed");
-                        continue;
-                    }
-                    act.record(ctx, p.clone());
-                    dispatched = true;
-                    act.dispatch(ctx, p, chain.clone());
-                } else if !dispatched && !act.pending_for(&p) {
-                    tracing::info!(chain = %chain.chain_id, policy = %p.id, cause = %p.root_cause, risk = ?p.risk_level, "policy waits for approval");
-                    act.announce(&p);
-                    act.record(ctx, p.clone());
-                    act.pending.insert(p.id.clone(), (p, chain.clone()));
-                }
-            }
+            act.refresh_gauges();
             Ok(())
         });
     }
@@ -288,34 +722,40 @@ impl Handler<DecidePolicy> for Planner {
                         "mapek is shutting down; the policy stays pending".into(),
                     )));
                 }
-                if msg.decision == ApprovalStatus::Approved {
-                    // An approval does not bypass the holds: one remedy at a
-                    // time per component.
-                    if let Some(why) = act.busy(&policy) {
-                        act.pending.insert(msg.id.clone(), (policy, chain));
-                        return Ok(Err(DecisionError::Busy(format!(
-                            "{why}; the policy stays pending, approve it again later"
-                        ))));
-                    }
-                }
                 if let Err(e) = decide(&mut policy, msg.decision, &msg.by, msg.reason.clone(), now)
                 {
                     act.pending.insert(msg.id.clone(), (policy, chain));
                     return Ok(Err(DecisionError::Invalid(e.to_string())));
+                }
+                let incident = policy.incident_id.clone().unwrap_or_default();
+                if let Some(e) = act.incidents.get_mut(&incident) {
+                    if e.pending.as_deref() == Some(policy.id.as_str()) {
+                        e.pending = None;
+                    }
                 }
                 act.record(ctx, policy.clone());
                 if policy.approval_status == ApprovalStatus::Approved {
                     // The chain's clock restarts at approval: time spent
                     // waiting for a person is not the loop's cycle time.
                     chain.started = Instant::now();
-                    act.dispatch(ctx, policy.clone(), chain);
+                    let severity = act
+                        .incidents
+                        .get(&incident)
+                        .and_then(|e| e.incident.severity)
+                        .unwrap_or(Severity::Warning);
+                    act.enqueue(ctx, policy.clone(), chain, severity);
                 } else {
                     tracing::info!(policy = %policy.id, by = %msg.by, "policy rejected");
                     act.inbox.emit(LoopEvent::Rejected {
                         policy_id: policy.id.clone(),
                         by: msg.by.clone(),
                     });
+                    if let Some(e) = act.incidents.get_mut(&incident) {
+                        e.rejected = true;
+                    }
+                    act.reconcile(ctx, &incident);
                 }
+                act.refresh_gauges();
                 Ok(Ok(policy))
             })
             .unwrap_or_else(|| {
@@ -326,23 +766,74 @@ impl Handler<DecidePolicy> for Planner {
     }
 }
 
+impl Handler<ActionsDone> for Planner {
+    type Result = ();
+
+    fn handle(&mut self, msg: ActionsDone, ctx: &mut Context<Self>) {
+        let inbox = self.inbox.clone();
+        inbox.guard(self, ctx, "ActionsDone", |act, ctx| {
+            if act.admission.actions_done(&msg.policy_id) {
+                let owner = act
+                    .incidents
+                    .iter()
+                    .find(|(_, e)| e.running.as_deref() == Some(msg.policy_id.as_str()))
+                    .map(|(k, _)| k.clone());
+                if let Some(id) = owner {
+                    if act
+                        .incidents
+                        .get(&id)
+                        .is_some_and(|e| e.incident.state == IncidentState::Acting)
+                    {
+                        act.set_state(&id, IncidentState::Verifying, None);
+                    }
+                }
+            }
+            act.admit(ctx);
+            Ok(())
+        });
+    }
+}
+
 impl Handler<ExecutionFinished> for Planner {
     type Result = ();
 
     fn handle(&mut self, msg: ExecutionFinished, ctx: &mut Context<Self>) {
         let inbox = self.inbox.clone();
-        inbox.guard(self, ctx, "ExecutionFinished", |act, _| {
-            let until = Instant::now() + Duration::from_secs(act.settings.cooldown_seconds);
-            for c in scope_of(&msg.policy) {
-                if act
-                    .in_flight
-                    .get(&c)
-                    .is_some_and(|(id, _)| *id == msg.policy.id)
-                {
-                    act.in_flight.remove(&c);
+        inbox.guard(self, ctx, "ExecutionFinished", |act, ctx| {
+            let cooldown = Duration::from_secs(act.settings.cooldown_seconds);
+            act.admission
+                .finished(&msg.policy, Instant::now(), cooldown);
+            let origin = msg.policy.incident_id.clone().unwrap_or_default();
+            let now = act.clock.now();
+            let mut ids = vec![origin.clone()];
+            if let Some(owner) = act.owner_of(&origin) {
+                if owner != origin {
+                    ids.push(owner);
                 }
-                act.cooldown_until.insert(c, until);
             }
+            for id in &ids {
+                if let Some(e) = act.incidents.get_mut(id) {
+                    if e.running.as_deref() == Some(msg.policy.id.as_str()) {
+                        e.running = None;
+                    }
+                    if !e.incident.executions.contains(&msg.execution.id) {
+                        e.incident.executions.push(msg.execution.id.clone());
+                    }
+                    e.incident.outcome = msg.execution.outcome;
+                    e.incident.updated_at = now;
+                    e.cooldown_until = (!cooldown.is_zero()).then(|| Instant::now() + cooldown);
+                    if e.incident.state == IncidentState::Closed
+                        && e.incident.close_reason == Some(CloseReason::ResolvedWithoutAction)
+                    {
+                        e.incident.close_reason = Some(CloseReason::Remedied);
+                    }
+                }
+                act.persist(id);
+            }
+            for id in &ids {
+                act.reconcile(ctx, id);
+            }
+            act.admit(ctx);
             Ok(())
         });
     }
@@ -360,14 +851,28 @@ impl Handler<KnowledgeUpdated> for Planner {
     }
 }
 
-/// Components a policy acts on (its scope, or its actions' targets).
-fn scope_of(p: &RemediationPolicy) -> Vec<String> {
-    if p.scope.is_empty() {
-        let mut t: Vec<String> = p.actions.iter().map(|a| a.target.clone()).collect();
-        t.sort();
-        t.dedup();
-        t
-    } else {
-        p.scope.clone()
+impl Handler<GetIncidents> for Planner {
+    type Result = MessageResult<GetIncidents>;
+
+    fn handle(&mut self, msg: GetIncidents, ctx: &mut Context<Self>) -> Self::Result {
+        let inbox = self.inbox.clone();
+        MessageResult(
+            inbox
+                .guard(self, ctx, "GetIncidents", |act, _| Ok(act.page(&msg)))
+                .unwrap_or_default(),
+        )
+    }
+}
+
+impl Handler<GetIncident> for Planner {
+    type Result = Option<Incident>;
+
+    fn handle(&mut self, msg: GetIncident, ctx: &mut Context<Self>) -> Self::Result {
+        let inbox = self.inbox.clone();
+        inbox
+            .guard(self, ctx, "GetIncident", |act, _| {
+                Ok(act.incidents.get(&msg.id).map(|e| e.incident.clone()))
+            })
+            .flatten()
     }
 }

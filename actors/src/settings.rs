@@ -463,6 +463,9 @@ pub struct ExecuteSettings {
     pub preflight_validate: bool,
     /// Seconds to wait after acting before measuring the violations again.
     pub verification_window_seconds: u64,
+    /// Policies acting at once (incidents on disjoint components are
+    /// remedied concurrently; a verification window holds no slot).
+    pub max_concurrent: usize,
 }
 
 impl Default for ExecuteSettings {
@@ -474,6 +477,7 @@ impl Default for ExecuteSettings {
             backoff_max_ms: 10_000,
             preflight_validate: true,
             verification_window_seconds: 60,
+            max_concurrent: 16,
         }
     }
 }
@@ -483,6 +487,7 @@ impl ExecuteSettings {
     pub fn validate(&self, out: &mut Vec<ConfigIssue>) {
         let mut i = Issues::new("execute", out);
         i.at_least("call_timeout_seconds", self.call_timeout_seconds, 1);
+        i.at_least("max_concurrent", self.max_concurrent, 1);
         i.at_least("backoff_initial_ms", self.backoff_initial_ms, 1);
         if self.backoff_max_ms < self.backoff_initial_ms {
             i.push(

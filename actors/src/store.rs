@@ -37,8 +37,8 @@ use serde::{Deserialize, Serialize};
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 
 use crate::model::{
-    AnalysisResult, ApprovalStatus, LearnedStats, LearningInsight, PolicyExecution, PolicyOutcome,
-    RemediationPolicy,
+    AnalysisResult, ApprovalStatus, Incident, IncidentState, LearnedStats, LearningInsight,
+    PolicyExecution, PolicyOutcome, RemediationPolicy,
 };
 
 /// Schema version written into the `meta` tree; a database with another
@@ -225,6 +225,7 @@ struct Inner {
     executions: Records,
     outcomes: Records,
     analyses: Records,
+    incidents: sled::Tree,
     stats: sled::Tree,
     insights: sled::Tree,
     closed: AtomicBool,
@@ -287,6 +288,7 @@ impl Inner {
             executions: Records::open(&db, "executions").map_err(err)?,
             outcomes: Records::open(&db, "outcomes").map_err(err)?,
             analyses: Records::open(&db, "analyses").map_err(err)?,
+            incidents: db.open_tree("incidents").map_err(err)?,
             stats: db.open_tree("stats").map_err(err)?,
             insights: db.open_tree("insights").map_err(err)?,
             db,
@@ -570,6 +572,48 @@ impl KnowledgeStore {
     pub fn get_analysis(&self, id: &str) -> Result<Option<AnalysisResult>, StoreError> {
         let inner = self.live()?;
         inner.get(&inner.analyses, id)
+    }
+
+    /// Stores (or replaces) an incident record, keyed by its id (flushed
+    /// by sled's background flusher within 500 ms, or by [`Self::flush`]).
+    pub fn put_incident(&self, incident: &Incident) -> Result<(), StoreError> {
+        let inner = self.live()?;
+        let bytes = inner.encode(|| format!("incident {}", incident.id), incident)?;
+        inner
+            .incidents
+            .insert(incident.id.as_bytes(), bytes)
+            .map_err(|e| inner.err(e))?;
+        Ok(())
+    }
+
+    /// Deletes an incident record (a closed one beyond the bound).
+    pub fn delete_incident(&self, id: &str) -> Result<(), StoreError> {
+        let inner = self.live()?;
+        inner
+            .incidents
+            .remove(id.as_bytes())
+            .map_err(|e| inner.err(e))?;
+        Ok(())
+    }
+
+    /// Every incident record kept (open ones and the bounded closed ones).
+    pub fn all_incidents(&self) -> Result<Vec<Incident>, StoreError> {
+        let inner = self.live()?;
+        let mut out = Vec::new();
+        for item in inner.incidents.iter() {
+            let (k, v) = item.map_err(|e| inner.err(e))?;
+            out.push(inner.decode("incidents", &k, &v)?);
+        }
+        Ok(out)
+    }
+
+    /// The incidents that are not closed.
+    pub fn open_incidents(&self) -> Result<Vec<Incident>, StoreError> {
+        Ok(self
+            .all_incidents()?
+            .into_iter()
+            .filter(|i| i.state != IncidentState::Closed)
+            .collect())
     }
 
     /// Up to `limit` analyses, newest first.

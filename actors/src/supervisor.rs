@@ -222,6 +222,7 @@ pub fn start_loop(parts: LoopParts) -> LoopHandle {
         let monitor_probe = MonitorProbe::new();
         let probe: Arc<dyn EvidenceProbe> =
             probe.unwrap_or_else(|| Arc::new(monitor_probe.clone()));
+        let router = effectors.clone();
         let env = ExecutionEnv {
             router: effectors,
             probe,
@@ -255,6 +256,7 @@ pub fn start_loop(parts: LoopParts) -> LoopHandle {
         );
 
         let p_inbox = inbox(ActorKind::Planner);
+        let (max_concurrent, prouter) = (settings.execute.max_concurrent, router.clone());
         let (pi, ps, pe, pk, pst, pc, pstate, pr) = (
             p_inbox.clone(),
             settings.plan.clone(),
@@ -268,16 +270,31 @@ pub fn start_loop(parts: LoopParts) -> LoopHandle {
         let planner = PhaseAddr::new(
             Supervisor::start(move |ctx: &mut Context<Planner>| {
                 ctx.set_mailbox_capacity(cap);
-                Planner::new(pi, ps, pe, pk, pst, pc, pstate, pr, lease)
+                Planner::new(
+                    pi,
+                    ps,
+                    max_concurrent,
+                    Some(prouter),
+                    pe,
+                    pk,
+                    pst,
+                    pc,
+                    pstate,
+                    pr,
+                    lease,
+                )
             }),
             p_inbox,
         );
         let _ = planner_slot.set(planner.clone());
 
         let a_inbox = inbox(ActorKind::Analyzer);
+        let mut analyze_settings = settings.analyze.clone();
+        analyze_settings.plan_threshold = settings.plan.plan_threshold;
+        let astore = store.clone();
         let (ai, aset, ap, ak, ac, ar) = (
             a_inbox.clone(),
-            settings.analyze.clone(),
+            analyze_settings,
             planner.clone(),
             knowledge.clone(),
             clock.clone(),
@@ -286,7 +303,7 @@ pub fn start_loop(parts: LoopParts) -> LoopHandle {
         let analyzer = PhaseAddr::new(
             Supervisor::start(move |ctx: &mut Context<Analyzer>| {
                 ctx.set_mailbox_capacity(cap);
-                Analyzer::new(ai, aset, ap, ak, ac, ar)
+                Analyzer::new(ai, aset, ap, ak, &astore, ac, ar)
             }),
             a_inbox,
         );

@@ -601,65 +601,6 @@ fn a_panicking_effector_is_a_failed_call_and_completed_actions_are_rolled_back()
 }
 
 #[test]
-fn an_approval_does_not_bypass_the_hold_on_a_busy_component() {
-    let rig = rig(vec![Ok(3), Ok(0)]);
-    let mut s = settings();
-    s.plan.auto_approve = false;
-    s.execute.verification_window_seconds = 50;
-    let sys = paused_system();
-    sys.block_on(async {
-        let h = start(&rig, s, None);
-        let mut rx = h.events.subscribe();
-        let mut planned = Vec::new();
-        while planned.len() < 2 {
-            let id = until(&mut rx, |e| match e {
-                LoopEvent::Planned { policy_id, .. } => Some(policy_id.clone()),
-                _ => None,
-            })
-            .await;
-            planned.push(id);
-        }
-        let decide = |id: &str, by: &str| DecidePolicy {
-            id: id.to_string(),
-            decision: ApprovalStatus::Approved,
-            by: by.into(),
-            reason: None,
-        };
-        let first = h
-            .planner
-            .send(decide(&planned[0], "alice"))
-            .await
-            .expect("planner");
-        assert!(first.is_ok(), "{first:?}");
-        let second = h
-            .planner
-            .send(decide(&planned[1], "bob"))
-            .await
-            .expect("planner");
-        match second {
-            Err(mapek_actors::messages::DecisionError::Busy(why)) => {
-                assert!(
-                    why.contains("charter") && why.contains("stays pending"),
-                    "{why}"
-                )
-            }
-            other => panic!("expected Busy, got {other:?}"),
-        }
-        let (outcome, ..) = until(&mut rx, verified).await;
-        assert_eq!(outcome, Some(OutcomeType::Success));
-        let applies = rig
-            .effector
-            .calls()
-            .iter()
-            .filter(|c| c.kind == "validate")
-            .count();
-        assert_eq!(applies, 1, "only one policy ran on the component");
-        h.supervisor.send(Shutdown).await.expect("shutdown");
-    });
-    sys.run_with_code().expect("run");
-}
-
-#[test]
 fn a_broken_rule_costs_only_its_own_evidence() {
     let rig = rig(vec![Ok(3), Ok(0)]);
     rig.source
