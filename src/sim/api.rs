@@ -608,4 +608,41 @@ mod tests {
         assert_eq!(sim.active_faults(), vec![FaultKind::LoadSpike]);
         run.stop().await;
     }
+
+    /// The cascade strategy through mapek's client: aimed at the dependent
+    /// it changes nothing; aimed at the upstream it heals both.
+    #[tokio::test]
+    async fn mapek_effector_heals_a_spread_cascade_only_at_the_upstream() {
+        use crate::effectors::{CharterClient, CharterEffector};
+        use mapek_actors::plan::strategy;
+        let topology =
+            crate::sim::Topology::parse("charter,gateway", &["gateway=charter"]).unwrap();
+        let (sim, clock) = sim_of(topology);
+        let run = start(sim.clone(), None).await;
+        let client = CharterClient::new(&run.base, "", Duration::from_secs(5)).unwrap();
+        let eff = CharterEffector::new(client);
+        sim.inject_at("charter", FaultKind::Cascade).unwrap();
+        clock.advance(Duration::from_secs(crate::sim::CASCADE_SPREAD_SECONDS));
+        assert!(sim.reading_at("gateway").unwrap().failure_rate > 0.10);
+
+        for a in strategy(
+            RootCause::CascadeFailure,
+            &PlanSettings::default(),
+            "gateway",
+        ) {
+            eff.apply(&a).await.unwrap();
+        }
+        assert!(sim.reading_at("gateway").unwrap().failure_rate > 0.10);
+        assert_eq!(sim.active_faults(), [FaultKind::Cascade]);
+
+        for a in strategy(
+            RootCause::CascadeFailure,
+            &PlanSettings::default(),
+            "charter",
+        ) {
+            eff.apply(&a).await.unwrap();
+        }
+        assert!(sim.healthy(), "{}", sim.state());
+        run.stop().await;
+    }
 }
