@@ -155,6 +155,7 @@ impl Topology {
 
     /// The default component (the first).
     pub fn default_component(&self) -> &str {
+        // Never empty: `new` refuses an empty list, `default` has one.
         &self.components[0]
     }
 
