@@ -152,6 +152,16 @@ impl CharterClient {
         self.send(path, req).await
     }
 
+    /// `GET path?query` (the pairs URL-encoded), JSON answer.
+    pub async fn get_with_query(
+        &self,
+        path: &str,
+        query: &[(&str, &str)],
+    ) -> Result<Value, EffectorError> {
+        let req = self.http.get(format!("{}{path}", self.base)).query(query);
+        self.send(path, req).await
+    }
+
     /// `POST path` with a JSON body, JSON answer.
     pub async fn post(&self, path: &str, body: &Value) -> Result<Value, EffectorError> {
         let req = self.http.post(format!("{}{path}", self.base)).json(body);
@@ -167,9 +177,17 @@ impl CharterClient {
         exchange(path, req).await
     }
 
-    /// Current replicas from `GET /api/v1/committee/state`.
-    pub async fn replicas(&self) -> Result<u64, EffectorError> {
-        let state = self.get("/api/v1/committee/state").await?;
+    /// Current replicas of `component` from `GET
+    /// /api/v1/committee/state?component=...` (no query for an empty
+    /// `component`: the Charter's default one).
+    pub async fn replicas(&self, component: &str) -> Result<u64, EffectorError> {
+        let path = "/api/v1/committee/state";
+        let state = if component.is_empty() {
+            self.get(path).await?
+        } else {
+            self.get_with_query(path, &[("component", component)])
+                .await?
+        };
         state
             .get("replicas")
             .and_then(Value::as_u64)
@@ -179,7 +197,11 @@ impl CharterClient {
     }
 }
 
-/// Carries out remediation actions through the Charter API.
+/// Carries out remediation actions through the Charter API. Every request
+/// names the component acted on: `component` = the action's `target` in
+/// each JSON body it sends (and `?component=` on the state it reads), so a
+/// Charter that runs several components applies the remedy to that one
+/// only. An empty target sends no `component` (the Charter's default).
 pub struct CharterEffector {
     /// The client.
     pub client: CharterClient,
@@ -210,8 +232,23 @@ fn param<'a>(p: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
     p.get(key)
 }
 
+/// `body` with `"component": target` (the target wins over a parameter of
+/// that name); unchanged for an empty target or a body that is not an
+/// object.
+fn aimed(mut body: Value, target: &str) -> Value {
+    if let (Value::Object(m), false) = (&mut body, target.is_empty()) {
+        m.insert("component".into(), json!(target));
+    }
+    body
+}
+
 impl CharterEffector {
-    async fn scale(&self, delta: i64, key: Option<&str>) -> Result<Value, EffectorError> {
+    async fn scale(
+        &self,
+        delta: i64,
+        key: Option<&str>,
+        target: &str,
+    ) -> Result<Value, EffectorError> {
         let planned = key.and_then(|k| {
             self.scale_plans
                 .lock()
@@ -222,7 +259,7 @@ impl CharterEffector {
         let (before, after) = match planned {
             Some(plan) => plan,
             None => {
-                let before = self.client.replicas().await?;
+                let before = self.client.replicas(target).await?;
                 let after = (before as i64 + delta).max(1) as u64;
                 if let Some(k) = key {
                     let mut plans = self.scale_plans.lock().unwrap_or_else(|p| p.into_inner());
@@ -236,7 +273,10 @@ impl CharterEffector {
         };
         let answer = self
             .client
-            .post("/api/v1/committee/scale", &json!({"replicas": after}))
+            .post(
+                "/api/v1/committee/scale",
+                &aimed(json!({"replicas": after}), target),
+            )
             .await?;
         Ok(json!({"previous_replicas": before, "replicas": after, "answer": answer}))
     }
@@ -245,23 +285,29 @@ impl CharterEffector {
         &self,
         action: ActionType,
         p: &Map<String, Value>,
+        target: &str,
     ) -> Result<Value, EffectorError> {
         let delta = param(p, "replicas_delta")
             .and_then(Value::as_i64)
             .unwrap_or(1);
         match action {
-            ActionType::ScaleUp => self.scale(delta, idempotency_key(p)).await,
-            ActionType::ScaleDown => self.scale(-delta, idempotency_key(p)).await,
+            ActionType::ScaleUp => self.scale(delta, idempotency_key(p), target).await,
+            ActionType::ScaleDown => self.scale(-delta, idempotency_key(p), target).await,
             ActionType::RestartService => {
                 let body = json!({
                     "graceful": param(p, "graceful").and_then(Value::as_bool).unwrap_or(true),
                     "timeout": param(p, "timeout").and_then(Value::as_u64).unwrap_or(30),
                 });
-                self.client.post("/api/v1/committee/restart", &body).await
+                self.client
+                    .post("/api/v1/committee/restart", &aimed(body, target))
+                    .await
             }
             ActionType::ApplyPolicy => {
                 self.client
-                    .post("/api/v1/policies/apply", &Value::Object(p.clone()))
+                    .post(
+                        "/api/v1/policies/apply",
+                        &aimed(Value::Object(p.clone()), target),
+                    )
                     .await
             }
             ActionType::BypassValidation => {
@@ -269,13 +315,19 @@ impl CharterEffector {
                     .and_then(Value::as_u64)
                     .unwrap_or(0);
                 self.client
-                    .post("/api/v1/validation/bypass", &json!({"duration_seconds": d}))
+                    .post(
+                        "/api/v1/validation/bypass",
+                        &aimed(json!({"duration_seconds": d}), target),
+                    )
                     .await
             }
             ActionType::ThrottleRequests => {
                 let rate = param(p, "rate_limit").cloned().unwrap_or(Value::Null);
                 self.client
-                    .post("/api/v1/throttle", &json!({"rate_limit": rate}))
+                    .post(
+                        "/api/v1/throttle",
+                        &aimed(json!({"rate_limit": rate}), target),
+                    )
                     .await
             }
             ActionType::ActivateEmergencyOverride => {
@@ -285,7 +337,7 @@ impl CharterEffector {
                 self.client
                     .post(
                         "/api/v1/emergency-override",
-                        &json!({"duration_seconds": d}),
+                        &aimed(json!({"duration_seconds": d}), target),
                     )
                     .await
             }
@@ -294,17 +346,17 @@ impl CharterEffector {
                     .cloned()
                     .unwrap_or(json!("least_loaded"));
                 self.client
-                    .post("/api/v1/rebalance", &json!({"strategy": s}))
+                    .post("/api/v1/rebalance", &aimed(json!({"strategy": s}), target))
                     .await
             }
             ActionType::UpdateConfiguration => {
                 self.client
-                    .post("/api/v1/config", &Value::Object(p.clone()))
+                    .post("/api/v1/config", &aimed(Value::Object(p.clone()), target))
                     .await
             }
             ActionType::Failover => {
                 self.client
-                    .post("/api/v1/failover", &Value::Object(p.clone()))
+                    .post("/api/v1/failover", &aimed(Value::Object(p.clone()), target))
                     .await
             }
         }
@@ -328,6 +380,14 @@ impl Effector for CharterEffector {
                     "type": a.action_type, "target": a.target, "parameters": a.parameters,
                 })).collect::<Vec<_>>(),
             });
+            // The policy's component, when its actions share one.
+            let target = match policy.actions.split_first() {
+                Some((first, rest)) if rest.iter().all(|a| a.target == first.target) => {
+                    first.target.as_str()
+                }
+                _ => "",
+            };
+            let body = aimed(body, target);
             let answer = self.client.post("/api/v1/policies/validate", &body).await?;
             if answer.get("valid").and_then(Value::as_bool) == Some(false) {
                 return Err(EffectorError::Rejected(format!(
@@ -342,12 +402,12 @@ impl Effector for CharterEffector {
         &'a self,
         action: &'a RemediationAction,
     ) -> BoxFuture<'a, Result<Value, EffectorError>> {
-        Box::pin(self.run(action.action_type, &action.parameters))
+        Box::pin(self.run(action.action_type, &action.parameters, &action.target))
     }
 
     fn rollback<'a>(
         &'a self,
-        _action: &'a RemediationAction,
+        action: &'a RemediationAction,
         step: &'a RollbackStep,
         applied: &'a Value,
     ) -> BoxFuture<'a, Result<Value, EffectorError>> {
@@ -362,7 +422,10 @@ impl Effector for CharterEffector {
                         .cloned()
                         .unwrap_or(json!(1));
                     self.client
-                        .post("/api/v1/committee/scale", &json!({"replicas": r}))
+                        .post(
+                            "/api/v1/committee/scale",
+                            &aimed(json!({"replicas": r}), &action.target),
+                        )
                         .await
                 }
                 ActionType::ApplyPolicy => {
@@ -376,10 +439,13 @@ impl Effector for CharterEffector {
                             ))
                         })?;
                     self.client
-                        .post(&format!("/api/v1/policies/{id}/rollback"), &json!({}))
+                        .post(
+                            &format!("/api/v1/policies/{id}/rollback"),
+                            &aimed(json!({}), &action.target),
+                        )
                         .await
                 }
-                other => self.run(other, &step.parameters).await,
+                other => self.run(other, &step.parameters, &action.target).await,
             }
         })
     }
@@ -1606,5 +1672,129 @@ mod tests {
         // Another execution scales from where the system is now.
         let next = eff.apply(&action("exe-2/a1")).await.unwrap();
         assert_eq!(next["replicas"].as_u64(), Some(7));
+    }
+
+    /// Every request the Charter effector sends names the action's target:
+    /// with two components, each action and each rollback lands on the
+    /// target only.
+    #[tokio::test]
+    async fn charter_requests_name_the_target_component() {
+        let sim = crate::sim::Simulator::with_components(&["charter", "gateway"]).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(crate::sim::serve(
+            listener,
+            sim.clone(),
+            None,
+            std::future::pending(),
+        ));
+        let client =
+            CharterClient::new(&format!("http://{addr}"), "", Duration::from_secs(5)).unwrap();
+        let eff = CharterEffector::new(client);
+        let on_gateway = |action_type, params: Value| RemediationAction {
+            target: "gateway".into(),
+            ..action(action_type, params)
+        };
+
+        // Scale up, then its rollback.
+        let scale = on_gateway(
+            ActionType::ScaleUp,
+            json!({"replicas_delta": 2, "idempotency_key": "exe-1/a1"}),
+        );
+        let applied = eff.apply(&scale).await.unwrap();
+        assert_eq!(applied["previous_replicas"], json!(3));
+        let st = sim.state();
+        assert_eq!(st["components"]["gateway"]["replicas"], json!(5));
+        assert_eq!(st["components"]["charter"]["replicas"], json!(3));
+        let step = scale.rollback.clone().unwrap();
+        eff.rollback(&scale, &step, &applied).await.unwrap();
+        assert_eq!(sim.state()["components"]["gateway"]["replicas"], json!(3));
+
+        // A corrected policy and its rollback: the policy id exists on the
+        // gateway only, so a rollback sent elsewhere would be refused.
+        let apply = on_gateway(
+            ActionType::ApplyPolicy,
+            json!({"policy": "last_known_good"}),
+        );
+        let applied = eff.apply(&apply).await.unwrap();
+        let id = applied["id"].as_str().unwrap().to_string();
+        assert_eq!(
+            sim.state()["components"]["gateway"]["active_policy"],
+            json!(id)
+        );
+        let undo = RollbackStep {
+            action_type: ActionType::ApplyPolicy,
+            parameters: Map::new(),
+            description: "restore the previous policy".into(),
+        };
+        eff.rollback(&apply, &undo, &applied).await.unwrap();
+        assert_eq!(
+            sim.state()["components"]["gateway"]["active_policy"],
+            json!("pol-0002")
+        );
+
+        // Every other action type, then a policy on one target.
+        for (t, p) in [
+            (ActionType::RestartService, json!({})),
+            (ActionType::ThrottleRequests, json!({"rate_limit": 500})),
+            (
+                ActionType::ActivateEmergencyOverride,
+                json!({"duration_seconds": 60}),
+            ),
+            (
+                ActionType::BypassValidation,
+                json!({"duration_seconds": 60}),
+            ),
+            (ActionType::RebalanceLoad, json!({})),
+            (
+                ActionType::UpdateConfiguration,
+                json!({"worker_pool_size": 32}),
+            ),
+            (
+                ActionType::Failover,
+                json!({"mode": "standby", "component": "charter"}),
+            ),
+        ] {
+            eff.apply(&on_gateway(t, p)).await.unwrap();
+        }
+        eff.validate(&policy(vec![on_gateway(ActionType::ScaleUp, json!({}))]))
+            .await
+            .unwrap();
+        let st = sim.state();
+        assert_eq!(
+            st["components"]["gateway"]["throttle_rate_limit"],
+            json!(500.0)
+        );
+        assert_eq!(st["components"]["gateway"]["failed_over"], json!(true));
+        assert_eq!(st["throttle_rate_limit"], Value::Null, "charter untouched");
+        assert_eq!(
+            st["failed_over"],
+            json!(false),
+            "the target wins over a parameter"
+        );
+
+        let calls = sim.calls();
+        assert_eq!(calls.len(), 13, "{calls:#?}");
+        for c in &calls {
+            assert_eq!(c.status, 200, "{c:?}");
+            assert_eq!(c.component.as_deref(), Some("gateway"), "{c:?}");
+            if c.method == "POST" {
+                assert_eq!(c.body["component"], json!("gateway"), "{c:?}");
+            }
+        }
+        assert!(calls
+            .iter()
+            .any(|c| c.method == "GET" && c.path == "/api/v1/committee/state"));
+
+        // A policy over several targets names none (the default component).
+        let mixed = policy(vec![
+            on_gateway(ActionType::ScaleUp, json!({})),
+            action(ActionType::ScaleUp, json!({})),
+        ]);
+        eff.validate(&mixed).await.unwrap();
+        let last = sim.calls().pop().unwrap();
+        assert_eq!(last.path, "/api/v1/policies/validate");
+        assert!(last.body.get("component").is_none(), "{last:?}");
+        assert_eq!(last.component.as_deref(), Some("charter"));
     }
 }

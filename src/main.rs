@@ -59,6 +59,14 @@ enum Command {
         /// Require this X-API-Key on the Charter API.
         #[arg(long, env = "CHARTER_API_KEY")]
         api_key: Option<String>,
+        /// Components to simulate, comma-separated; the first is the one
+        /// requests without a `component` address.
+        #[arg(long, default_value = "charter", value_name = "NAME,...")]
+        components: String,
+        /// A dependency, `DEPENDENT=UPSTREAM[,UPSTREAM...]` (repeatable): a
+        /// cascade at an upstream spreads to its dependents.
+        #[arg(long = "depends-on", value_name = "DEPENDENT=UPSTREAMS")]
+        depends_on: Vec<String>,
     },
 }
 
@@ -127,7 +135,19 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Sim { listen, api_key } => {
+        Command::Sim {
+            listen,
+            api_key,
+            components,
+            depends_on,
+        } => {
+            let topology = match mapek::sim::Topology::parse(&components, &depends_on) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("mapek sim: {e}");
+                    return ExitCode::from(2);
+                }
+            };
             mapek::telemetry::init("info", LogFormat::Text);
             let rt = match tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -142,11 +162,15 @@ fn main() -> ExitCode {
             };
             let res: Result<(), String> = rt.block_on(async move {
                 let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
-                eprintln!("mapek sim: simulated Charter on http://{listen} (POST /sim/faults, GET /sim/state, /metrics)");
+                eprintln!(
+                    "mapek sim: simulated Charter on http://{listen}, components {} (POST /sim/faults, GET /sim/state, /metrics)",
+                    topology.components().join(", ")
+                );
                 let shutdown = async {
                     let _ = tokio::signal::ctrl_c().await;
                 };
-                mapek::sim::serve(listener, mapek::sim::Simulator::new(), api_key, shutdown).await.map_err(|e| e.to_string())
+                let sim = mapek::sim::Simulator::with_topology(topology, std::sync::Arc::new(mapek_actors::clock::SystemClock));
+                mapek::sim::serve(listener, sim, api_key, shutdown).await.map_err(|e| e.to_string())
             });
             match res {
                 Ok(()) => ExitCode::SUCCESS,
