@@ -15,6 +15,7 @@ pub mod clock;
 pub mod events;
 pub mod execute;
 pub mod executor;
+pub mod journal;
 pub mod knowledge;
 pub mod knowledge_actor;
 pub mod mailbox;
