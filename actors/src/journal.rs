@@ -1211,3 +1211,376 @@ fn fail_all<O>(cmds: impl Iterator<Item = Command<O>>, e: &JournalError) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Barrier;
+
+    /// An in-memory index: what was applied, and up to where it is
+    /// "durable" (flushed).
+    #[derive(Debug, Default)]
+    struct Mem {
+        applied: Vec<(u64, Record)>,
+        flushed_seq: u64,
+    }
+
+    #[derive(Debug, Clone, Default)]
+    struct MemIndex(Arc<Mutex<Mem>>);
+
+    impl MemIndex {
+        fn lock(&self) -> std::sync::MutexGuard<'_, Mem> {
+            self.0.lock().unwrap()
+        }
+
+        fn records(&self) -> Vec<(u64, Record)> {
+            self.lock()
+                .applied
+                .iter()
+                .filter(|(s, _)| *s > 0)
+                .cloned()
+                .collect()
+        }
+    }
+
+    impl Index for MemIndex {
+        type Output = u64;
+
+        fn applied_seq(&self) -> u64 {
+            self.lock().applied.last().map(|(s, _)| *s).unwrap_or(0)
+        }
+
+        fn apply(&mut self, group: &[(u64, Record)]) -> Result<Vec<u64>, String> {
+            let mut m = self.lock();
+            m.applied.extend(group.iter().cloned());
+            Ok(group.iter().map(|(s, _)| *s).collect())
+        }
+
+        fn flush(&mut self) -> Result<(), String> {
+            let mut m = self.lock();
+            m.flushed_seq = m.applied.last().map(|(s, _)| *s).unwrap_or(0);
+            Ok(())
+        }
+    }
+
+    fn put(i: usize) -> Record {
+        Record::Put {
+            tree: "incidents".into(),
+            key: format!("inc-{i:05}"),
+            value: serde_json::json!({"n": i, "text": "some payload of a realistic size"}),
+        }
+    }
+
+    fn opts(segment_bytes: u64) -> JournalOptions {
+        JournalOptions { segment_bytes }
+    }
+
+    fn start(dir: &Path, o: JournalOptions, index: &MemIndex) -> (Writer<u64>, OpenReport) {
+        let mut idx = index.clone();
+        let (journal, report) = Journal::open(dir, o, &mut idx).unwrap();
+        (
+            Writer::spawn(journal, idx, JournalCounters::default()).unwrap(),
+            report,
+        )
+    }
+
+    fn only_segment(dir: &Path) -> PathBuf {
+        let segs = list_segments(dir).unwrap();
+        assert_eq!(segs.len(), 1, "{segs:?}");
+        segs[0].1.clone()
+    }
+
+    #[test]
+    fn round_trip_and_replay() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join(JOURNAL_DIR);
+        let index = MemIndex::default();
+        let (w, report) = start(&dir, JournalOptions::default(), &index);
+        assert_eq!(report.replayed, 0);
+        let records = vec![
+            put(1),
+            Record::Intent {
+                key: "inc-1/1/scale_up".into(),
+                request: serde_json::json!({"replicas": 3}),
+            },
+            Record::Delete {
+                tree: "incidents".into(),
+                key: "inc-00001".into(),
+            },
+            put(2),
+        ];
+        let acks: Vec<_> = records.iter().map(|r| w.submit(r).unwrap()).collect();
+        let seqs: Vec<u64> = acks.into_iter().map(|a| a.wait().unwrap()).collect();
+        assert_eq!(seqs, vec![1, 2, 3, 4]);
+        w.submit_detached(&put(3)).unwrap();
+        w.barrier().unwrap().wait().unwrap();
+        let mut expected: Vec<(u64, Record)> = seqs.into_iter().zip(records).collect();
+        expected.push((5, put(3)));
+        assert_eq!(index.records(), expected);
+        drop(w);
+
+        let v = verify(&dir).unwrap();
+        assert_eq!(
+            (v.segments, v.entries_ok, v.last_seq, v.damage.len()),
+            (1, 5, Some(5), 0)
+        );
+        // A fresh index gets everything back, in order.
+        let fresh = MemIndex::default();
+        let (w, report) = start(&dir, JournalOptions::default(), &fresh);
+        assert_eq!(report.replayed, 5);
+        assert_eq!(fresh.records(), expected);
+        // The replayed segment is deleted; numbering and seqs go on.
+        assert_eq!(report.deleted, 1);
+        assert_eq!(w.submit(&put(9)).unwrap().wait().unwrap(), 6);
+        drop(w);
+        assert_eq!(list_segments(&dir).unwrap()[0].0, 2);
+    }
+
+    #[test]
+    fn torn_tail_stops_reading_and_is_reported() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join(JOURNAL_DIR);
+        let index = MemIndex::default();
+        let (w, _) = start(&dir, JournalOptions::default(), &index);
+        for i in 0..9 {
+            w.submit(&put(i)).unwrap().wait().unwrap();
+        }
+        let seg = only_segment(&dir);
+        let ninth_end = fs::metadata(&seg).unwrap().len();
+        w.submit(&put(9)).unwrap().wait().unwrap();
+        drop(w);
+        let full = fs::metadata(&seg).unwrap().len();
+        // Cut the last entry in the middle of its payload.
+        let f = OpenOptions::new().write(true).open(&seg).unwrap();
+        f.set_len(full - 7).unwrap();
+        drop(f);
+
+        let v = verify(&dir).unwrap();
+        eprintln!("torn tail: {v:?}");
+        assert_eq!(v.entries_ok, 9);
+        assert_eq!(v.last_seq, Some(9));
+        let bad = v.first_bad().unwrap();
+        assert_eq!(bad.segment, seg);
+        assert_eq!(bad.offset, ninth_end);
+        assert!(matches!(bad.damage, Damage::Truncated { .. }), "{bad}");
+        assert!(bad.torn_tail && !v.needs_repair());
+
+        // Reopening replays the intact prefix, drops the torn segment and
+        // reuses the torn entry's sequence number.
+        let fresh = MemIndex::default();
+        let (w, report) = start(&dir, JournalOptions::default(), &fresh);
+        assert_eq!(report.replayed, 9);
+        assert_eq!(fresh.records().len(), 9);
+        assert_eq!(fresh.records()[8], (9, put(8)));
+        assert!(report.kept.is_empty());
+        assert_eq!(w.submit(&put(10)).unwrap().wait().unwrap(), 10);
+    }
+
+    #[test]
+    fn zero_filled_tail_is_a_torn_tail() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join(JOURNAL_DIR);
+        let (w, _) = start(&dir, JournalOptions::default(), &MemIndex::default());
+        for i in 0..3 {
+            w.submit(&put(i)).unwrap().wait().unwrap();
+        }
+        drop(w);
+        let seg = only_segment(&dir);
+        let end = fs::metadata(&seg).unwrap().len();
+        let mut f = OpenOptions::new().append(true).open(&seg).unwrap();
+        f.write_all(&[0u8; 100]).unwrap();
+        drop(f);
+        let v = verify(&dir).unwrap();
+        let bad = v.first_bad().unwrap();
+        assert_eq!((v.entries_ok, bad.offset), (3, end));
+        assert_eq!(bad.damage, Damage::ZeroFilled);
+        assert!(bad.torn_tail);
+    }
+
+    #[test]
+    fn flipped_byte_is_a_checksum_error() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join(JOURNAL_DIR);
+        let (w, _) = start(&dir, JournalOptions::default(), &MemIndex::default());
+        let seg = only_segment(&dir);
+        let mut ends = Vec::new();
+        for i in 0..10 {
+            w.submit(&put(i)).unwrap().wait().unwrap();
+            ends.push(fs::metadata(&seg).unwrap().len());
+        }
+        drop(w);
+        // A byte in the payload of the 5th entry (seq 5).
+        let mut bytes = fs::read(&seg).unwrap();
+        let at = ends[3] as usize + ENTRY_HEADER_LEN as usize + 10;
+        bytes[at] ^= 0x01;
+        fs::write(&seg, &bytes).unwrap();
+
+        let v = verify(&dir).unwrap();
+        eprintln!("flipped byte: {}", v.first_bad().unwrap());
+        assert_eq!((v.entries_ok, v.last_seq), (4, Some(4)));
+        let bad = v.first_bad().unwrap();
+        assert_eq!(bad.offset, ends[3]);
+        assert!(matches!(bad.damage, Damage::Checksum { .. }), "{bad}");
+        assert!(!bad.torn_tail && v.needs_repair());
+        assert!(bad.to_string().contains(&format!("offset {}", ends[3])));
+
+        // Opening replays up to the damage and keeps the segment for repair.
+        let fresh = MemIndex::default();
+        let (w, report) = start(&dir, JournalOptions::default(), &fresh);
+        assert_eq!(report.replayed, 4);
+        assert_eq!(report.kept, vec![seg.clone()]);
+        assert!(seg.exists());
+        let next = w.submit(&put(99)).unwrap().wait().unwrap();
+        assert_eq!(next, 5);
+        drop(w);
+        // The next open reads past the kept segment into the new one.
+        let again = MemIndex::default();
+        let (_w, report) = start(&dir, JournalOptions::default(), &again);
+        assert_eq!(report.replayed, 5);
+        assert_eq!(again.records().last(), Some(&(5, put(99))));
+    }
+
+    #[test]
+    fn damaged_length_and_header_are_reported() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join(JOURNAL_DIR);
+        let (w, _) = start(&dir, JournalOptions::default(), &MemIndex::default());
+        let seg = only_segment(&dir);
+        w.submit(&put(0)).unwrap().wait().unwrap();
+        drop(w);
+        let mut bytes = fs::read(&seg).unwrap();
+        let h = SEGMENT_HEADER_LEN as usize;
+        bytes[h..h + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+        fs::write(&seg, &bytes).unwrap();
+        let v = verify(&dir).unwrap();
+        assert_eq!(v.first_bad().unwrap().damage, Damage::BadLength(u32::MAX));
+        bytes[9] ^= 0xFF;
+        fs::write(&seg, &bytes).unwrap();
+        let v = verify(&dir).unwrap();
+        let bad = v.first_bad().unwrap();
+        assert_eq!(bad.offset, 0);
+        assert!(matches!(&bad.damage, Damage::BadHeader(w) if w.contains("version")));
+    }
+
+    #[test]
+    fn group_commit_needs_far_fewer_fsyncs_than_records() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join(JOURNAL_DIR);
+        let index = MemIndex::default();
+        let (w, _) = start(&dir, JournalOptions::default(), &index);
+        let w = Arc::new(w);
+        const THREADS: usize = 8;
+        const PER_THREAD: usize = 25;
+        let gate = Arc::new(Barrier::new(THREADS));
+        let threads: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let (w, gate) = (w.clone(), gate.clone());
+                std::thread::spawn(move || {
+                    gate.wait();
+                    let acks: Vec<_> = (0..PER_THREAD)
+                        .map(|i| w.submit(&put(t * 1000 + i)).unwrap())
+                        .collect();
+                    acks.into_iter()
+                        .map(|a| a.wait().unwrap())
+                        .collect::<Vec<u64>>()
+                })
+            })
+            .collect();
+        let mut seqs: Vec<u64> = threads
+            .into_iter()
+            .flat_map(|t| t.join().unwrap())
+            .collect();
+        seqs.sort();
+        assert_eq!(seqs, (1..=200).collect::<Vec<u64>>());
+        let fsyncs = w.counters().fsyncs.get();
+        println!("group commit: 200 records from {THREADS} threads, {fsyncs} fsyncs");
+        assert!(fsyncs < 200, "{fsyncs}");
+        assert!(fsyncs >= 1);
+        assert_eq!(w.counters().records.get(), 200);
+        assert_eq!(index.records().len(), 200);
+    }
+
+    #[test]
+    fn rotation_deletes_applied_segments_and_keeps_the_directory_bounded() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join(JOURNAL_DIR);
+        let index = MemIndex::default();
+        let limit = 2048;
+        let (w, _) = start(&dir, opts(limit), &index);
+        let mut most_files = 0;
+        let mut most_bytes = 0;
+        for i in 0..400 {
+            w.submit(&put(i)).unwrap().wait().unwrap();
+            let segs = list_segments(&dir).unwrap();
+            let bytes: u64 = segs
+                .iter()
+                .map(|(_, p)| fs::metadata(p).unwrap().len())
+                .sum();
+            most_files = most_files.max(segs.len());
+            most_bytes = most_bytes.max(bytes);
+        }
+        let deleted = w.counters().segments_deleted.get();
+        eprintln!(
+            "rotation: {deleted} segments deleted, at most {most_files} files, {most_bytes} bytes"
+        );
+        assert!(deleted >= 10, "{deleted}");
+        assert_eq!(most_files, 1);
+        assert!(most_bytes < limit + 200, "{most_bytes}");
+        // The index was flushed before each deletion.
+        assert!(index.lock().flushed_seq > 300);
+        drop(w);
+        // Everything is in the index already: nothing to replay, and a
+        // fresh index only sees what the remaining segment holds.
+        let (w, report) = start(&dir, opts(limit), &index);
+        assert_eq!(report.replayed, 0);
+        drop(w);
+        let v = verify(&dir).unwrap();
+        assert_eq!((v.entries_ok, v.segments), (0, 1));
+    }
+
+    #[test]
+    fn failed_apply_stops_the_writer() {
+        #[derive(Debug)]
+        struct Broken;
+        impl Index for Broken {
+            type Output = ();
+            fn applied_seq(&self) -> u64 {
+                0
+            }
+            fn apply(&mut self, _: &[(u64, Record)]) -> Result<Vec<()>, String> {
+                Err("disk on fire".into())
+            }
+            fn flush(&mut self) -> Result<(), String> {
+                Ok(())
+            }
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join(JOURNAL_DIR);
+        let (journal, _) = Journal::open(&dir, JournalOptions::default(), &mut Broken).unwrap();
+        let w = Writer::spawn(journal, Broken, JournalCounters::default()).unwrap();
+        let e = w.submit(&put(1)).unwrap().wait().unwrap_err();
+        assert!(matches!(e, JournalError::Index { .. }), "{e}");
+        let e = w.submit(&put(2)).unwrap().wait().unwrap_err();
+        assert!(matches!(e, JournalError::Failed { .. }), "{e}");
+        assert!(e.to_string().contains(&dir.display().to_string()), "{e}");
+        assert!(e.to_string().contains("disk on fire"), "{e}");
+        // The first record was durable before the apply failed.
+        assert_eq!(verify(&dir).unwrap().entries_ok, 1);
+    }
+
+    #[test]
+    fn header_layout_is_stable() {
+        let h = header_bytes(7);
+        assert_eq!(&h[..8], b"MAPEKJNL");
+        assert_eq!(le_u32(&h, 8), 1);
+        assert_eq!(le_u64(&h, 16), 7);
+        let mut e = Vec::new();
+        encode_entry(&mut e, 3, b"{}");
+        assert_eq!(le_u32(&e, 0), 2);
+        assert_eq!(le_u32(&e, 4), entry_crc(3, b"{}"));
+        assert_eq!(le_u64(&e, 8), 3);
+        assert_eq!(&e[16..], b"{}");
+        let json = serde_json::to_value(put(1)).unwrap();
+        assert_eq!(json["kind"], "put");
+    }
+}

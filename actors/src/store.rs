@@ -1345,6 +1345,7 @@ impl KnowledgeStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::journal::JournalError;
     use crate::knowledge::outcome_of;
     use crate::model::{
         new_id, ActionType, ApprovalDecision, ChainTimings, ExecutionStatus, OutcomeType, Priority,
@@ -1494,6 +1495,195 @@ mod tests {
         assert_eq!((su.executions, su.successes), (4, 2));
         assert_eq!(store.insights().unwrap(), insights);
         assert_eq!(store.get_policy("pol-missing").unwrap(), None);
+    }
+
+    #[test]
+    fn crash_between_fsync_and_apply_loses_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = KnowledgeStore::open(tmp.path(), OPEN).unwrap();
+        let before = policy(ApprovalStatus::Approved);
+        store.put_policy(&before).unwrap();
+        let p = policy(ApprovalStatus::Pending);
+        let o = outcome(4, 1);
+        let request = serde_json::json!({"action": "scale_up", "replicas": 3});
+        store.set_skip_apply(true);
+        let skipped = |r: Result<(), StoreError>| match r {
+            Err(StoreError::Journal {
+                source: JournalError::ApplySkipped { .. },
+                ..
+            }) => {}
+            other => panic!("expected ApplySkipped, got {other:?}"),
+        };
+        skipped(store.put_policy(&p));
+        skipped(store.record_outcome(&o, 30).map(|_| ()));
+        skipped(futures::executor::block_on(
+            store.journal_intent("inc-1/1/scale_up", &request),
+        ));
+        // Durable in the journal, absent from sled: the crash window.
+        assert_eq!(store.get_policy(&p.id).unwrap(), None);
+        assert_eq!(store.counts().unwrap().outcomes, 0);
+        assert!(store.intents_for("inc-1/").unwrap().is_empty());
+        drop(store);
+
+        let store = KnowledgeStore::open(tmp.path(), OPEN).unwrap();
+        assert_eq!(store.journal_report().replayed, 3);
+        assert_eq!(store.get_policy(&p.id).unwrap(), Some(p));
+        assert_eq!(store.get_policy(&before.id).unwrap(), Some(before));
+        assert_eq!(store.get_outcome(&o.execution_id).unwrap(), Some(o));
+        assert_eq!(store.stats().unwrap().outcomes_recorded, 1);
+        let c = store.counts().unwrap();
+        assert_eq!((c.policies, c.outcomes), (2, 1));
+        let intents = store.intents_for("inc-1/").unwrap();
+        assert_eq!(intents.len(), 1);
+        assert_eq!(
+            (intents[0].key.as_str(), &intents[0].request),
+            ("inc-1/1/scale_up", &request)
+        );
+        drop(store);
+        // Replayed once: the next open has nothing left to apply.
+        let store = KnowledgeStore::open(tmp.path(), OPEN).unwrap();
+        assert_eq!(store.journal_report().replayed, 0);
+        assert_eq!(store.stats().unwrap().outcomes_recorded, 1);
+    }
+
+    #[test]
+    fn generic_records_and_intents() {
+        #[derive(Debug, PartialEq, Serialize, Deserialize)]
+        struct Incident {
+            id: String,
+            state: String,
+        }
+        let inc = |id: &str, state: &str| Incident {
+            id: id.into(),
+            state: state.into(),
+        };
+        let tmp = tempfile::tempdir().unwrap();
+        let store = KnowledgeStore::open(tmp.path(), OPEN).unwrap();
+        store
+            .put_record("incidents", "inc-1", &inc("inc-1", "open"))
+            .unwrap();
+        store
+            .put_record("incidents", "inc-2", &inc("inc-2", "open"))
+            .unwrap();
+        store
+            .put_record("incidents", "inc-1", &inc("inc-1", "resolved"))
+            .unwrap();
+        assert_eq!(
+            store.get_record::<Incident>("incidents", "inc-1").unwrap(),
+            Some(inc("inc-1", "resolved"))
+        );
+        let listed: Vec<(String, Incident)> = store.list_records("incidents", 10).unwrap();
+        assert_eq!(
+            listed,
+            vec![
+                ("inc-2".into(), inc("inc-2", "open")),
+                ("inc-1".into(), inc("inc-1", "resolved"))
+            ]
+        );
+        assert_eq!(
+            store
+                .list_records::<Incident>("incidents", 1)
+                .unwrap()
+                .len(),
+            1
+        );
+        store.delete_record("incidents", "inc-2").unwrap();
+        store.delete_record("incidents", "inc-404").unwrap();
+        assert_eq!(
+            store.get_record::<Incident>("incidents", "inc-2").unwrap(),
+            None
+        );
+        let err = store
+            .put_record("policies", "x", &inc("x", "y"))
+            .unwrap_err();
+        assert!(matches!(err, StoreError::ReservedTree { .. }), "{err:?}");
+        assert!(err.to_string().contains(&tmp.path().display().to_string()));
+        assert!(matches!(
+            store.delete_record("stats", "learned"),
+            Err(StoreError::ReservedTree { .. })
+        ));
+
+        let block = futures::executor::block_on;
+        for key in ["inc-1/1/scale_up", "inc-1/1/restart", "inc-10/1/scale_up"] {
+            block(store.journal_intent(key, &serde_json::json!({ "key": key }))).unwrap();
+        }
+        let intents = store.intents_for("inc-1/").unwrap();
+        let keys: Vec<_> = intents.iter().map(|i| i.key.as_str()).collect();
+        assert_eq!(keys, vec!["inc-1/1/restart", "inc-1/1/scale_up"]);
+        assert!(intents[1].seq < intents[0].seq);
+        assert_eq!(intents[0].request["key"], "inc-1/1/restart");
+        assert_eq!(store.intents_for("inc-").unwrap().len(), 3);
+        drop(store);
+
+        let store = KnowledgeStore::open(tmp.path(), OPEN).unwrap();
+        assert_eq!(store.intents_for("inc-1/").unwrap(), intents);
+        assert_eq!(
+            store.get_record::<Incident>("incidents", "inc-1").unwrap(),
+            Some(inc("inc-1", "resolved"))
+        );
+        assert_eq!(
+            store.get_record::<Incident>("incidents", "inc-2").unwrap(),
+            None
+        );
+    }
+
+    #[test]
+    fn concurrent_async_writes_share_fsyncs() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = KnowledgeStore::open(tmp.path(), OPEN).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let results = rt.block_on(async {
+            let futs: Vec<_> = (0..200)
+                .map(|i| {
+                    store.put_record_async(
+                        "incidents",
+                        &format!("inc-{i:03}"),
+                        &serde_json::json!(i),
+                    )
+                })
+                .collect();
+            futures::future::join_all(futs).await
+        });
+        assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
+        let c = store.journal_counters();
+        let fsyncs = c.fsyncs.get();
+        println!("store: 200 concurrent async writes, {fsyncs} fsyncs");
+        assert!(fsyncs < 200, "{fsyncs}");
+        assert_eq!(c.records.get(), 200);
+        assert_eq!(
+            store.list_records::<u32>("incidents", 1000).unwrap().len(),
+            200
+        );
+    }
+
+    #[test]
+    fn rotation_keeps_the_journal_bounded_across_reopens() {
+        let tmp = tempfile::tempdir().unwrap();
+        let options = JournalOptions {
+            segment_bytes: 16 * 1024,
+        };
+        let journal = tmp.path().join(JOURNAL_DIR);
+        let mut ids = Vec::new();
+        for _round in 0..3 {
+            let store = KnowledgeStore::open_with(tmp.path(), OPEN, options).unwrap();
+            for _ in 0..100 {
+                let p = policy(ApprovalStatus::Pending);
+                store.put_policy(&p).unwrap();
+                ids.push(p.id);
+            }
+            assert!(store.journal_counters().segments_deleted.get() > 0);
+            let files = std::fs::read_dir(&journal).unwrap().count();
+            assert_eq!(files, 1);
+        }
+        let store = KnowledgeStore::open_with(tmp.path(), OPEN, options).unwrap();
+        assert_eq!(store.counts().unwrap().policies, 300);
+        for id in &ids {
+            assert!(store.get_policy(id).unwrap().is_some());
+        }
+        let files: Vec<_> = std::fs::read_dir(&journal).unwrap().collect();
+        assert_eq!(files.len(), 1, "{files:?}");
     }
 
     #[test]
