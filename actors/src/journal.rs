@@ -406,6 +406,9 @@ fn encode_entry(buf: &mut Vec<u8>, seq: u64, payload: &[u8]) {
     buf.extend_from_slice(payload);
 }
 
+/// Called with (segment, seq, payload) for each intact entry.
+type OnEntry<'a> = dyn FnMut(&Path, u64, &[u8]) -> Result<(), JournalError> + 'a;
+
 /// Reads one segment's bytes, calling `on_entry` for each intact entry;
 /// stops at the first bad one. `after` is the highest sequence number of
 /// the previous segments.
@@ -414,7 +417,7 @@ fn scan_bytes(
     number: u64,
     data: &[u8],
     after: Option<u64>,
-    on_entry: &mut dyn FnMut(&Path, u64, &[u8]) -> Result<(), JournalError>,
+    on_entry: &mut OnEntry<'_>,
 ) -> Result<SegmentScan, JournalError> {
     let mut scan = SegmentScan {
         path: path.to_path_buf(),
@@ -570,7 +573,7 @@ pub fn segment_path(dir: &Path, number: u64) -> PathBuf {
 /// entry in order. Torn tails of the last segment are marked as such.
 fn scan_dir(
     dir: &Path,
-    on_entry: &mut dyn FnMut(&Path, u64, &[u8]) -> Result<(), JournalError>,
+    on_entry: &mut OnEntry<'_>,
 ) -> Result<(VerifyReport, Vec<SegmentScan>), JournalError> {
     let segments = list_segments(dir)?;
     let mut report = VerifyReport::default();
