@@ -107,6 +107,7 @@ pub async fn start(
     let metrics = Arc::new(Metrics::new());
     let mut registry = Registry::default();
     metrics.register(&mut registry);
+    Metrics::register_journal(&mut registry, &store.journal_counters());
     let listener = http::bind(listen).await?;
     let addr = listener
         .local_addr()

@@ -1,7 +1,13 @@
 //! The Knowledge actor: the only writer of the sled store. It keeps the
 //! audit trail (analyses, policies, executions, outcomes), learns from each
 //! verified outcome and tells the Planner what it learned.
+//!
+//! No handler waits for an fsync: writes are queued to the journal writer
+//! thread ([`crate::journal`]) in message order, and their
+//! acknowledgements are awaited as futures of the actor (a failed write is
+//! a fault, as before).
 
+use std::future::Future;
 use std::sync::{Arc, OnceLock};
 
 use actix::prelude::*;
@@ -13,6 +19,7 @@ use crate::messages::{
     ExecutionFinished, FlushKnowledge, KnowledgeUpdated, RecordAnalysis, RecordExecution,
     RecordPolicy,
 };
+use crate::model::LearnedStats;
 use crate::planner::Planner;
 use crate::settings::KnowledgeSettings;
 use crate::state::SharedState;
@@ -74,6 +81,47 @@ impl Knowledge {
         }
     }
 
+    /// Awaits a write's acknowledgement off the actor's thread; a failure
+    /// is handled by [`check`](Self::check).
+    fn await_write(
+        &self,
+        ctx: &mut Context<Self>,
+        what: &'static str,
+        write: impl Future<Output = Result<(), StoreError>> + 'static,
+    ) {
+        ctx.spawn(write.into_actor(self).map(move |r, act, ctx| {
+            let inbox = act.inbox.clone();
+            inbox.guard_internal(act, ctx, what, |act, _| act.check(what, r));
+        }));
+    }
+
+    /// Learns from a durable outcome: insights now and then, and the
+    /// Planner is told.
+    fn outcome_recorded(
+        &mut self,
+        ctx: &mut Context<Self>,
+        execution: &str,
+        outcome: &'static str,
+        stats: LearnedStats,
+    ) {
+        tracing::info!(execution, outcome, "outcome recorded in knowledge");
+        self.outcomes_since_insights += 1;
+        if self.outcomes_since_insights >= self.settings.insights_every {
+            self.outcomes_since_insights = 0;
+            let insights = generate_insights(&stats, self.clock.now());
+            let write = self.store.put_insights_async(&insights);
+            self.await_write(ctx, "recording insights", write);
+        }
+        if let Some(p) = self.planner.get() {
+            // Not level-triggered (sent once per outcome): delivered, never
+            // shed.
+            let p = p.clone();
+            actix::spawn(async move {
+                let _ = p.send(KnowledgeUpdated { stats }).await;
+            });
+        }
+    }
+
     fn maybe_prune(&mut self) {
         self.writes_since_prune += 1;
         if self.writes_since_prune >= 1000 {
@@ -104,28 +152,40 @@ impl Handler<RecordAnalysis> for Knowledge {
 
     fn handle(&mut self, msg: RecordAnalysis, ctx: &mut Context<Self>) {
         let inbox = self.inbox.clone();
-        inbox.guard(self, ctx, "RecordAnalysis", |act, _| {
-            let r = act.store.put_analysis(&msg.0);
+        inbox.guard(self, ctx, "RecordAnalysis", |act, ctx| {
+            let write = act.store.put_analysis_async(&msg.0);
+            act.await_write(ctx, "recording an analysis", write);
             act.maybe_prune();
-            act.check("recording an analysis", r)
+            Ok(())
         });
     }
 }
 
+const POLICY_FAILED: &str = "knowledge failed while recording the policy";
+
 impl Handler<RecordPolicy> for Knowledge {
-    type Result = Result<(), String>;
+    type Result = ResponseActFuture<Self, Result<(), String>>;
 
     fn handle(&mut self, msg: RecordPolicy, ctx: &mut Context<Self>) -> Self::Result {
         let inbox = self.inbox.clone();
-        inbox
-            .guard(self, ctx, "RecordPolicy", |act, _| {
-                // Policies and their approvals are critical: `put_policy`
-                // flushes them before it returns.
-                let r = act.store.put_policy(&msg.0);
-                act.maybe_prune();
-                act.check("recording a policy", r)
-            })
-            .ok_or_else(|| "knowledge failed while recording the policy".to_string())
+        // Policies and their approvals are critical: the reply waits until
+        // the policy is durable (without blocking this thread).
+        let write = inbox.guard(self, ctx, "RecordPolicy", |act, _| {
+            let write = act.store.put_policy_async(&msg.0);
+            act.maybe_prune();
+            Ok(write)
+        });
+        let Some(write) = write else {
+            return Box::pin(actix::fut::ready(Err(POLICY_FAILED.to_string())));
+        };
+        Box::pin(write.into_actor(self).map(|r, act, ctx| {
+            let inbox = act.inbox.clone();
+            inbox
+                .guard_internal(act, ctx, "RecordPolicy", |act, _| {
+                    act.check("recording a policy", r)
+                })
+                .ok_or_else(|| POLICY_FAILED.to_string())
+        }))
     }
 }
 
@@ -134,70 +194,79 @@ impl Handler<RecordExecution> for Knowledge {
 
     fn handle(&mut self, msg: RecordExecution, ctx: &mut Context<Self>) {
         let inbox = self.inbox.clone();
-        inbox.guard(self, ctx, "RecordExecution", |act, _| {
-            // `put_execution` flushes before it returns.
-            let r = act.store.put_execution(&msg.0);
-            act.check("recording an execution", r)
-        });
-    }
-}
-
-impl Handler<ExecutionFinished> for Knowledge {
-    type Result = ();
-
-    fn handle(&mut self, msg: ExecutionFinished, ctx: &mut Context<Self>) {
-        let inbox = self.inbox.clone();
-        inbox.guard(self, ctx, "ExecutionFinished", |act, _| {
-            let exec = &msg.execution;
-            let _span = tracing::info_span!("chain", chain = %exec.chain_id).entered();
-            let r = act.store.put_execution(exec);
-            act.check("recording an execution", r)?;
-            if exec.outcome.is_some() {
-                let actions = msg.policy.actions.iter().map(|a| a.action_type).collect();
-                let outcome = outcome_of(exec, actions, act.clock.now());
-                match act
-                    .store
-                    .record_outcome(&outcome, act.settings.confidence_saturation)
-                {
-                    Ok(stats) => {
-                        tracing::info!(
-                            execution = %exec.id,
-                            outcome = outcome.outcome_type.as_str(),
-                            "outcome recorded in knowledge"
-                        );
-                        act.outcomes_since_insights += 1;
-                        if act.outcomes_since_insights >= act.settings.insights_every {
-                            act.outcomes_since_insights = 0;
-                            let insights = generate_insights(&stats, act.clock.now());
-                            let r = act.store.put_insights(&insights);
-                            act.check("recording insights", r)?;
-                        }
-                        if let Some(p) = act.planner.get() {
-                            // Not level-triggered (sent once per outcome):
-                            // delivered, never shed.
-                            let p = p.clone();
-                            actix::spawn(async move {
-                                let _ = p.send(KnowledgeUpdated { stats }).await;
-                            });
-                        }
-                    }
-                    Err(e) => act.check("recording an outcome", Err(e))?,
-                }
-            }
+        inbox.guard(self, ctx, "RecordExecution", |act, ctx| {
+            let write = act.store.put_execution_async(&msg.0);
+            act.await_write(ctx, "recording an execution", write);
             Ok(())
         });
     }
 }
 
+impl Handler<ExecutionFinished> for Knowledge {
+    /// Replies once the execution and its outcome are durable, so a sender
+    /// awaiting the reply knows the outcome is recorded.
+    type Result = ResponseActFuture<Self, ()>;
+
+    fn handle(&mut self, msg: ExecutionFinished, ctx: &mut Context<Self>) -> Self::Result {
+        let inbox = self.inbox.clone();
+        let writes = inbox.guard(self, ctx, "ExecutionFinished", |act, _| {
+            let exec = &msg.execution;
+            // Queued in this order: the journal holds the execution before
+            // its outcome.
+            let execution = act.store.put_execution_async(exec);
+            let outcome = exec.outcome.is_some().then(|| {
+                let actions = msg.policy.actions.iter().map(|a| a.action_type).collect();
+                let outcome = outcome_of(exec, actions, act.clock.now());
+                let kind = outcome.outcome_type.as_str();
+                let recorded = act
+                    .store
+                    .record_outcome_async(&outcome, act.settings.confidence_saturation);
+                (kind, recorded)
+            });
+            Ok((exec.id.clone(), exec.chain_id.clone(), execution, outcome))
+        });
+        let Some((id, chain, execution, outcome)) = writes else {
+            return Box::pin(actix::fut::ready(()));
+        };
+        let durable = async move {
+            let execution = execution.await;
+            let outcome = match outcome {
+                Some((kind, recorded)) => Some((kind, recorded.await)),
+                None => None,
+            };
+            (execution, outcome)
+        };
+        Box::pin(
+            durable
+                .into_actor(self)
+                .map(move |(execution, outcome), act, ctx| {
+                    let _span = tracing::info_span!("chain", chain = %chain).entered();
+                    let inbox = act.inbox.clone();
+                    inbox.guard_internal(act, ctx, "ExecutionFinished", |act, ctx| {
+                        act.check("recording an execution", execution)?;
+                        match outcome {
+                            Some((kind, Ok(stats))) => act.outcome_recorded(ctx, &id, kind, stats),
+                            Some((_, Err(e))) => act.check("recording an outcome", Err(e))?,
+                            None => {}
+                        }
+                        Ok(())
+                    });
+                }),
+        )
+    }
+}
+
 impl Handler<FlushKnowledge> for Knowledge {
-    type Result = Result<usize, String>;
+    type Result = ResponseFuture<Result<usize, String>>;
 
     fn handle(&mut self, _msg: FlushKnowledge, ctx: &mut Context<Self>) -> Self::Result {
         let inbox = self.inbox.clone();
-        inbox
-            .guard(self, ctx, "FlushKnowledge", |act, _| {
-                Ok(act.store.flush().map_err(|e| e.to_string()))
-            })
-            .unwrap_or_else(|| Err("knowledge failed while flushing".into()))
+        let store = inbox.guard(self, ctx, "FlushKnowledge", |act, _| Ok(act.store.clone()));
+        Box::pin(async move {
+            match store {
+                Some(store) => store.flush_async().await.map_err(|e| e.to_string()),
+                None => Err("knowledge failed while flushing".into()),
+            }
+        })
     }
 }

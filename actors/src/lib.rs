@@ -17,6 +17,7 @@ pub mod events;
 pub mod execute;
 pub mod executor;
 pub mod incident;
+pub mod journal;
 pub mod knowledge;
 pub mod knowledge_actor;
 pub mod mailbox;
