@@ -67,6 +67,11 @@ pub struct Config {
     pub api: ApiSettings,
     /// Logging.
     pub logging: LoggingSettings,
+    /// Dependency map: component → the components it depends on. Violations
+    /// on components joined by a direct edge, with onsets within
+    /// `analyze.causal.max_lag_seconds`, form one incident; a cascade is
+    /// remedied at the upstream component.
+    pub topology: BTreeMap<String, Vec<String>>,
 }
 
 /// Prometheus server queried by the Monitor.
@@ -734,6 +739,24 @@ impl Config {
         }
         self.effectors.validate(&mut out);
         {
+            let mut i = Issues::new("topology", &mut out);
+            for (component, deps) in &self.topology {
+                if component.trim().is_empty() {
+                    i.push(component, "component names must not be empty");
+                }
+                for (n, d) in deps.iter().enumerate() {
+                    if d.trim().is_empty() {
+                        i.push(&format!("{component}[{n}]"), "must not be empty");
+                    } else if d == component {
+                        i.push(
+                            &format!("{component}[{n}]"),
+                            format!("`{component}` cannot depend on itself"),
+                        );
+                    }
+                }
+            }
+        }
+        {
             let mut i = Issues::new("alertmanager", &mut out);
             check_url(&mut i, &self.alertmanager.url);
             if !self.alertmanager.webhook_path.starts_with('/') {
@@ -1005,6 +1028,7 @@ fn parse_yaml(text: &str, origin: &str) -> Result<(Config, Vec<ConfigIssue>), Co
         alertmanager: section(&mut map, "alertmanager", &mut issues),
         api: section(&mut map, "api", &mut issues),
         logging: section(&mut map, "logging", &mut issues),
+        topology: section(&mut map, "topology", &mut issues),
     };
     for key in map.keys() {
         issues.push(unknown_key(key.clone()));

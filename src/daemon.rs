@@ -36,7 +36,11 @@ pub fn loop_settings(cfg: &Config) -> LoopSettings {
     LoopSettings {
         orchestrator: cfg.orchestrator.clone(),
         monitor: cfg.monitor.clone(),
-        analyze: cfg.analyze.clone(),
+        analyze: {
+            let mut a = cfg.analyze.clone();
+            a.topology = cfg.topology.clone();
+            a
+        },
         plan: cfg.plan.clone(),
         execute: cfg.execute.clone(),
         knowledge: cfg.knowledge.clone(),

@@ -11,9 +11,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use mapek_actors::messages::{
-    DecidePolicy, DecisionError, GetActiveViolations, GetSources, Observe, SourceStatus,
+    DecidePolicy, DecisionError, GetActiveViolations, GetIncident, GetIncidents, GetSources,
+    Observe, SourceStatus,
 };
-use mapek_actors::model::{ApprovalStatus, RootCause};
+use mapek_actors::model::{ApprovalStatus, IncidentState, RootCause};
 use mapek_actors::supervisor::LoopHandle;
 use prometheus_client::registry::Registry;
 use serde::Deserialize;
@@ -46,6 +47,8 @@ pub fn router(state: ApiState, webhook_path: Option<&str>, max_body_bytes: usize
         .route("/api/v1/state", get(loop_state))
         .route("/api/v1/violations", get(violations))
         .route("/api/v1/analyses", get(analyses))
+        .route("/api/v1/incidents", get(incidents))
+        .route("/api/v1/incidents/{id}", get(incident))
         .route("/api/v1/policies", get(policies))
         .route("/api/v1/policies/{id}", get(policy))
         .route("/api/v1/policies/{id}/approve", post(approve))
@@ -274,6 +277,94 @@ fn store_result<T: serde::Serialize>(key: &str, r: Result<T, String>) -> Respons
 async fn analyses(State(s): State<ApiState>, Query(q): Query<Limit>) -> Response {
     let (st, n) = (s.handle.store.clone(), q.get());
     store_result("analyses", blocking(move || st.list_analyses(n)).await)
+}
+
+#[derive(Debug, Deserialize)]
+struct IncidentQuery {
+    state: Option<String>,
+    limit: Option<usize>,
+    cursor: Option<String>,
+}
+
+async fn incidents(State(s): State<ApiState>, Query(q): Query<IncidentQuery>) -> Response {
+    let state = match q.state.as_deref() {
+        None | Some("") | Some("all") => None,
+        Some(x) => match IncidentState::parse(x) {
+            Some(st) => Some(st),
+            None => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "unknown state `{x}` (expected open, pending, queued, acting, verifying, \
+                         cooling_down, escalated, no_evidence, closed or all)"
+                    ),
+                )
+            }
+        },
+    };
+    let limit = q.limit.unwrap_or(50).clamp(1, 1000);
+    match s
+        .handle
+        .planner
+        .send(GetIncidents {
+            state,
+            limit,
+            after: q.cursor.filter(|c| !c.is_empty()),
+        })
+        .await
+    {
+        Ok(page) => Json(page).into_response(),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+async fn incident(State(s): State<ApiState>, Path(id): Path<String>) -> Response {
+    let found = match s.handle.planner.send(GetIncident { id: id.clone() }).await {
+        Ok(Some(i)) => i,
+        Ok(None) => return error(StatusCode::NOT_FOUND, format!("no incident `{id}`")),
+        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    };
+    let (st, pids, eids) = (
+        s.handle.store.clone(),
+        found.policies.clone(),
+        found.executions.clone(),
+    );
+    let records = blocking(move || {
+        let mut policies = Vec::new();
+        for p in &pids {
+            if let Some(p) = st.get_policy(p)? {
+                policies.push(p);
+            }
+        }
+        let mut executions = Vec::new();
+        for e in &eids {
+            if let Some(e) = st.get_execution(e)? {
+                executions.push(e);
+            }
+        }
+        Ok((policies, executions))
+    })
+    .await;
+    let (policies, executions) = match records {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    };
+    let members: std::collections::HashSet<&str> =
+        found.fingerprints.iter().map(String::as_str).collect();
+    let violations: Vec<_> = match s.handle.monitor.send(GetActiveViolations).await {
+        Ok(vs) => vs
+            .into_iter()
+            .filter(|v| members.contains(v.fingerprint.as_str()))
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    Json(serde_json::json!({
+        "incident": found,
+        "violations": violations,
+        "policies": policies,
+        "executions": executions,
+    }))
+    .into_response()
 }
 
 #[derive(Debug, Deserialize)]
