@@ -36,8 +36,8 @@
 //! one addition: when an incident spans components linked by the topology
 //! and a causal pattern has its latency at the upstream component and its
 //! failures at dependents, the cascade is corroborated by the topology
-//! ([`TOPOLOGY_CORROBORATION`] is added to its confidence) and causes seen
-//! only at the dependents are effects (weighted as a minor signal).
+//! ([`TOPOLOGY_CORROBORATION`] is added to its confidence) and every other
+//! cause is one of its symptoms (weighted as a minor signal).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
@@ -1112,15 +1112,10 @@ impl IncidentIndex {
             })
             .collect();
         if corroborated {
-            // Causes seen only at the dependents are effects of the cascade.
-            let root_name = root.map(|r| self.components.name(r).to_string());
+            // The cascade explains the latency upstream and the failures
+            // downstream: every other cause is one of its symptoms.
             for rc in ranked.iter_mut() {
-                if rc.cause != RootCause::CascadeFailure
-                    && !rc.components.is_empty()
-                    && root_name
-                        .as_ref()
-                        .is_none_or(|r| !rc.components.contains(r))
-                {
+                if rc.cause != RootCause::CascadeFailure {
                     rc.confidence *= MINOR_SIGNAL_WEIGHT;
                 }
             }
@@ -1283,12 +1278,13 @@ mod tests {
     }
 
     fn settings(topology: &[(&str, &[&str])]) -> AnalyzeSettings {
-        let mut s = AnalyzeSettings::default();
-        s.topology = topology
-            .iter()
-            .map(|(a, bs)| (a.to_string(), bs.iter().map(|b| b.to_string()).collect()))
-            .collect();
-        s
+        AnalyzeSettings {
+            topology: topology
+                .iter()
+                .map(|(a, bs)| (a.to_string(), bs.iter().map(|b| b.to_string()).collect()))
+                .collect(),
+            ..AnalyzeSettings::default()
+        }
     }
 
     fn open_ids(reports: &[IncidentReport]) -> Vec<String> {

@@ -1,0 +1,340 @@
+//! The incident-centric loop under a paused clock: many independent
+//! incidents remedied concurrently (never two remedies at once on one
+//! component), a cascade over linked components remedied once upstream,
+//! and duplicates that cost nothing.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use actix::prelude::*;
+use chrono::Utc;
+use futures::future::BoxFuture;
+use mapek_actors::clock::SystemClock;
+use mapek_actors::events::LoopEvent;
+use mapek_actors::execute::EffectorRouter;
+use mapek_actors::messages::{DecidePolicy, GetIncidents, Shutdown};
+use mapek_actors::metrics::Metrics;
+use mapek_actors::model::{
+    ActionType, ApprovalStatus, IncidentState, RemediationAction, RollbackStep, Severity, Signal,
+    Violation,
+};
+use mapek_actors::ports::{Effector, EffectorError, EvidenceProbe, SourceError};
+use mapek_actors::store::KnowledgeStore;
+use mapek_actors::supervisor::{start_loop, LoopHandle, LoopParts, LoopSettings};
+use mapek_actors::testing::ScriptedSource;
+use serde_json::Value;
+use tokio::sync::broadcast::Receiver;
+
+fn paused_system() -> SystemRunner {
+    System::with_tokio_rt(|| {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .expect("runtime")
+    })
+}
+
+fn v(fp: &str, component: &str, signal: Signal, onset_offset: i64) -> Violation {
+    let now = Utc::now() + chrono::Duration::seconds(onset_offset);
+    Violation {
+        id: format!("v-{fp}"),
+        fingerprint: fp.into(),
+        rule: format!("rule-{fp}"),
+        severity: Severity::Critical,
+        component: component.into(),
+        metric: format!("metric_{fp}"),
+        value: 2.0,
+        labels: Default::default(),
+        signal,
+        first_seen: now,
+        observed_at: now,
+        source: "scripted".into(),
+    }
+}
+
+/// Counts, per component, the actions running at once (each takes 100 ms
+/// of virtual time), and the overall peak of concurrent actions.
+#[derive(Clone, Default)]
+struct ConcurrencyProbe {
+    inner: Arc<Mutex<Counts>>,
+}
+
+#[derive(Default)]
+struct Counts {
+    running: HashMap<String, usize>,
+    peak_per_component: HashMap<String, usize>,
+    total_running: usize,
+    peak_total: usize,
+    applied: Vec<(String, ActionType)>,
+}
+
+impl Effector for ConcurrencyProbe {
+    fn name(&self) -> &str {
+        "concurrency"
+    }
+
+    fn apply<'a>(
+        &'a self,
+        action: &'a RemediationAction,
+    ) -> BoxFuture<'a, Result<Value, EffectorError>> {
+        Box::pin(async move {
+            {
+                let mut c = self.inner.lock().expect("lock");
+                let n = c.running.entry(action.target.clone()).or_default();
+                *n += 1;
+                let now = *n;
+                let peak = c
+                    .peak_per_component
+                    .entry(action.target.clone())
+                    .or_default();
+                *peak = (*peak).max(now);
+                c.total_running += 1;
+                c.peak_total = c.peak_total.max(c.total_running);
+                c.applied.push((action.target.clone(), action.action_type));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let mut c = self.inner.lock().expect("lock");
+            if let Some(n) = c.running.get_mut(&action.target) {
+                *n -= 1;
+            }
+            c.total_running -= 1;
+            Ok(Value::Null)
+        })
+    }
+
+    fn rollback<'a>(
+        &'a self,
+        _action: &'a RemediationAction,
+        _step: &'a RollbackStep,
+        _applied: &'a Value,
+    ) -> BoxFuture<'a, Result<Value, EffectorError>> {
+        Box::pin(async { Ok(Value::Null) })
+    }
+}
+
+/// Before acting: 3 violations in scope; after: none.
+#[derive(Clone, Default)]
+struct HealingProbe {
+    calls: Arc<Mutex<HashMap<Vec<String>, usize>>>,
+}
+
+impl EvidenceProbe for HealingProbe {
+    fn count_violations<'a>(
+        &'a self,
+        scope: &'a [String],
+    ) -> BoxFuture<'a, Result<usize, SourceError>> {
+        Box::pin(async move {
+            let mut c = self.calls.lock().expect("lock");
+            let n = c.entry(scope.to_vec()).or_default();
+            *n += 1;
+            Ok(if *n == 1 { 3 } else { 0 })
+        })
+    }
+}
+
+fn settings() -> LoopSettings {
+    let mut s = LoopSettings::default();
+    s.monitor.interval_seconds = 1;
+    s.execute.verification_window_seconds = 30;
+    s.execute.preflight_validate = false;
+    s.plan.cooldown_seconds = 60;
+    s.orchestrator.max_cycle_time_seconds = 300;
+    s
+}
+
+fn start(
+    source: &ScriptedSource,
+    effector: &ConcurrencyProbe,
+    store: &KnowledgeStore,
+    settings: LoopSettings,
+) -> LoopHandle {
+    start_loop(LoopParts {
+        settings,
+        sources: vec![Arc::new(source.clone())],
+        effectors: EffectorRouter::all_to(Arc::new(effector.clone())),
+        probe: Some(Arc::new(HealingProbe::default())),
+        store: store.clone(),
+        clock: Arc::new(SystemClock),
+        metrics: Arc::new(Metrics::new()),
+        chaos: None,
+        events: None,
+    })
+}
+
+async fn verified_n(rx: &mut Receiver<LoopEvent>, n: usize) -> Vec<String> {
+    let wait = async {
+        let mut seen = Vec::new();
+        while seen.len() < n {
+            match rx.recv().await {
+                Ok(LoopEvent::Verified { policy_id, .. }) => seen.push(policy_id),
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(e) => panic!("event bus closed: {e}"),
+            }
+        }
+        seen
+    };
+    tokio::time::timeout(Duration::from_secs(3600), wait)
+        .await
+        .expect("verifications within an hour of virtual time")
+}
+
+#[test]
+fn a_burst_of_twenty_incidents_gives_twenty_concurrent_remedies_one_per_component() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = KnowledgeStore::open(dir.path(), Duration::from_secs(5)).expect("store");
+    let source = ScriptedSource::new("scripted");
+    let mut batch = Vec::new();
+    for c in 0..20 {
+        let comp = format!("svc-{c:02}");
+        for (i, s) in [Signal::Failure, Signal::Failure, Signal::Failure]
+            .iter()
+            .enumerate()
+        {
+            batch.push(v(&format!("{comp}-{i}"), &comp, *s, i as i64));
+        }
+    }
+    source.set(Ok(batch));
+    let effector = ConcurrencyProbe::default();
+    let sys = paused_system();
+    sys.block_on(async {
+        let h = start(&source, &effector, &store, settings());
+        let mut rx = h.events.subscribe();
+        let verified = verified_n(&mut rx, 20).await;
+        assert_eq!(verified.len(), 20);
+        {
+            let c = effector.inner.lock().expect("lock");
+            let components: std::collections::BTreeSet<&String> =
+                c.applied.iter().map(|(t, _)| t).collect();
+            assert_eq!(
+                components.len(),
+                20,
+                "one remedy per component: {:?}",
+                c.applied
+            );
+            let per_component: BTreeMap<&String, usize> =
+                c.applied.iter().fold(BTreeMap::new(), |mut m, (t, _)| {
+                    *m.entry(t).or_default() += 1;
+                    m
+                });
+            assert!(per_component.values().all(|n| *n == c.applied.len() / 20));
+            assert!(
+                c.peak_per_component.values().all(|p| *p == 1),
+                "never two actions at once on one component: {:?}",
+                c.peak_per_component
+            );
+            assert!(
+                c.peak_total >= 16,
+                "remedies ran concurrently (default max_concurrent 16), peak {}",
+                c.peak_total
+            );
+            assert!(
+                c.peak_total <= 16,
+                "bounded by max_concurrent, peak {}",
+                c.peak_total
+            );
+        }
+        let page = h
+            .planner
+            .send(GetIncidents {
+                state: None,
+                limit: 100,
+                after: None,
+            })
+            .await
+            .expect("planner");
+        assert_eq!(page.incidents.len(), 20);
+        assert!(page
+            .incidents
+            .iter()
+            .all(|i| i.executions.len() == 1 && i.components.len() == 1));
+        h.supervisor.send(Shutdown).await.expect("shutdown");
+    });
+    assert_eq!(sys.run_with_code().expect("run"), 0);
+}
+
+#[test]
+fn a_cascade_over_three_linked_components_is_one_incident_remedied_upstream() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = KnowledgeStore::open(dir.path(), Duration::from_secs(5)).expect("store");
+    let source = ScriptedSource::new("scripted");
+    source.set(Ok(vec![
+        v("db-lat-1", "db", Signal::Latency, 0),
+        v("db-lat-2", "db", Signal::Latency, 1),
+        v("api-fail-1", "api", Signal::Failure, 10),
+        v("api-fail-2", "api", Signal::Failure, 11),
+        v("api-fail-3", "api", Signal::Failure, 12),
+        v("web-fail-1", "web", Signal::Failure, 20),
+        v("web-tput-1", "web", Signal::Throughput, 21),
+    ]));
+    let effector = ConcurrencyProbe::default();
+    let mut s = settings();
+    s.analyze.topology = BTreeMap::from([
+        ("web".to_string(), vec!["api".to_string()]),
+        ("api".to_string(), vec!["db".to_string()]),
+    ]);
+    let sys = paused_system();
+    sys.block_on(async {
+        let h = start(&source, &effector, &store, s);
+        let mut rx = h.events.subscribe();
+        // The cascade remedy (emergency override) is high-risk: it waits
+        // for a person.
+        let planned = tokio::time::timeout(Duration::from_secs(600), async {
+            loop {
+                if let Ok(LoopEvent::Planned { policy_id, .. }) = rx.recv().await {
+                    return policy_id;
+                }
+            }
+        })
+        .await
+        .expect("planned");
+        let decided = h
+            .planner
+            .send(DecidePolicy {
+                id: planned,
+                decision: ApprovalStatus::Approved,
+                by: "alice".into(),
+                reason: None,
+            })
+            .await
+            .expect("planner");
+        assert!(decided.is_ok(), "{decided:?}");
+        verified_n(&mut rx, 1).await;
+        let page = h
+            .planner
+            .send(GetIncidents {
+                state: None,
+                limit: 100,
+                after: None,
+            })
+            .await
+            .expect("planner");
+        assert_eq!(page.incidents.len(), 1, "{:#?}", page.incidents);
+        let inc = &page.incidents[0];
+        assert_eq!(inc.root_component.as_deref(), Some("db"));
+        let d = inc.diagnosis.as_ref().expect("diagnosed");
+        assert_eq!(d.cause, mapek_actors::model::RootCause::CascadeFailure);
+        {
+            let c = effector.inner.lock().expect("lock");
+            assert!(!c.applied.is_empty());
+            assert!(
+                c.applied.iter().all(|(t, _)| t == "db"),
+                "the remedy acts upstream only: {:?}",
+                c.applied
+            );
+            let types: Vec<ActionType> = c.applied.iter().map(|(_, a)| *a).collect();
+            assert!(
+                types.contains(&ActionType::ActivateEmergencyOverride),
+                "{types:?}"
+            );
+        }
+        assert_eq!(inc.executions.len(), 1, "one remedy");
+        assert!(matches!(
+            inc.state,
+            IncidentState::CoolingDown | IncidentState::Verifying | IncidentState::Open
+        ));
+        h.supervisor.send(Shutdown).await.expect("shutdown");
+    });
+    assert_eq!(sys.run_with_code().expect("run"), 0);
+}
