@@ -185,6 +185,18 @@ impl fmt::Display for EffectorKind {
     }
 }
 
+/// One route by component (`effectors.component_routes[N]`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ComponentRouteSettings {
+    /// Component globs (`payments-*`); at least one.
+    pub components: Vec<String>,
+    /// Action types the route carries (empty: every type).
+    pub actions: Vec<ActionType>,
+    /// Effector of the matching actions.
+    pub effector: EffectorKind,
+}
+
 /// Which effector carries out which action type, and the settings of the
 /// effectors other than Charter (whose settings are the `charter` section).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -196,6 +208,13 @@ pub struct EffectorsSettings {
     /// `default`.
     #[serde(deserialize_with = "deserialize_routes")]
     pub routes: BTreeMap<ActionType, EffectorKind>,
+    /// Components (globs: `*`, `?`, `[..]`) that `default` and `routes`
+    /// cover; empty means every component. An action on a component that
+    /// neither these nor `component_routes` cover is escalated to a person,
+    /// never sent to an unrelated system.
+    pub default_components: Vec<String>,
+    /// Routes by component, checked first, in order (first match wins).
+    pub component_routes: Vec<ComponentRouteSettings>,
     /// The command effector: runs a local program per action.
     pub command: CommandSettings,
     /// The webhook effector: POSTs each action as JSON.
@@ -226,12 +245,41 @@ impl EffectorsSettings {
                 users.push(format!("effectors.routes.{}", action.as_str()));
             }
         }
+        for (n, r) in self.component_routes.iter().enumerate() {
+            if r.effector == kind {
+                users.push(format!("effectors.component_routes[{n}].effector"));
+            }
+        }
         users
     }
 
     /// Records the problems of the section under `effectors`.
     fn validate(&self, out: &mut Vec<ConfigIssue>) {
         let mut i = Issues::new("effectors", out);
+        for (n, g) in self.default_components.iter().enumerate() {
+            if let Err(e) = glob::Pattern::new(g) {
+                i.push(
+                    &format!("default_components[{n}]"),
+                    format!("invalid glob `{g}`: {e}"),
+                );
+            }
+        }
+        for (n, r) in self.component_routes.iter().enumerate() {
+            if r.components.is_empty() {
+                i.push(
+                    &format!("component_routes[{n}].components"),
+                    "must list at least one component glob",
+                );
+            }
+            for (m, g) in r.components.iter().enumerate() {
+                if let Err(e) = glob::Pattern::new(g) {
+                    i.push(
+                        &format!("component_routes[{n}].components[{m}]"),
+                        format!("invalid glob `{g}`: {e}"),
+                    );
+                }
+            }
+        }
         let command_users = self.users_of(EffectorKind::Command);
         if !command_users.is_empty() && self.command.program.trim().is_empty() {
             i.push(
@@ -1287,6 +1335,43 @@ mod tests {
             Config::from_yaml_str("monitor:\n", "t").unwrap(),
             Config::default()
         );
+    }
+
+    #[test]
+    fn component_routes_and_topology_are_validated_with_every_path() {
+        let yaml = "effectors:\n  default_components: [\"charter\", \"[\"]\n  component_routes:\n    - components: []\n      effector: webhook\n    - components: [\"ok-*\", \"bad[\"]\n      actions: [RESTART_SERVICE]\n      effector: none\ntopology:\n  gateway: [gateway, \"\"]\n";
+        let issues = match Config::from_yaml_str(yaml, "t") {
+            Err(ConfigError::Invalid { issues, .. }) => issues,
+            other => panic!("expected invalid, got {other:?}"),
+        };
+        for path in [
+            "effectors.default_components[1]",
+            "effectors.component_routes[0].components",
+            "effectors.component_routes[1].components[1]",
+            "effectors.webhook.url",
+            "topology.gateway[0]",
+            "topology.gateway[1]",
+        ] {
+            find(&issues, path);
+        }
+        assert!(find(&issues, "effectors.webhook.url")
+            .reason
+            .contains("effectors.component_routes[0].effector"));
+    }
+
+    #[test]
+    fn component_routes_parse() {
+        let c = Config::from_yaml_str(
+            "effectors:\n  default_components: [\"charter*\"]\n  component_routes:\n    - components: [\"batch-?\"]\n      actions: [RESTART_SERVICE]\n      effector: none\ntopology:\n  gateway: [charter]\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(c.effectors.default_components, vec!["charter*"]);
+        assert_eq!(
+            c.effectors.component_routes[0].actions,
+            vec![ActionType::RestartService]
+        );
+        assert_eq!(c.topology["gateway"], vec!["charter"]);
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use mapek_actors::execute::EffectorRouter;
+use mapek_actors::execute::{ComponentRoute, EffectorRouter};
 use mapek_actors::model::{ActionType, RemediationAction, RemediationPolicy, RollbackStep};
 use mapek_actors::ports::{Effector, EffectorError};
 use serde_json::{json, Map, Value};
@@ -43,7 +43,39 @@ pub fn build_router(cfg: &Config) -> Result<EffectorRouter, String> {
         };
         router = router.route(action, effector);
     }
+    for (n, r) in cfg.effectors.component_routes.iter().enumerate() {
+        let Some(effector) = (match built.get(&r.effector) {
+            Some(e) => Some(e.clone()),
+            None => {
+                let e = build_effector(cfg, r.effector)?;
+                if let Some(e) = &e {
+                    built.insert(r.effector, e.clone());
+                }
+                e
+            }
+        }) else {
+            continue;
+        };
+        let components = globs(&r.components, &format!("effectors.component_routes[{n}]"))?;
+        router = router.component_route(ComponentRoute {
+            components,
+            actions: (!r.actions.is_empty()).then(|| r.actions.clone()),
+            effector,
+        });
+    }
+    if !cfg.effectors.default_components.is_empty() {
+        router = router.restrict_default(globs(
+            &cfg.effectors.default_components,
+            "effectors.default_components",
+        )?);
+    }
     Ok(router)
+}
+
+fn globs(list: &[String], at: &str) -> Result<Vec<glob::Pattern>, String> {
+    list.iter()
+        .map(|g| glob::Pattern::new(g).map_err(|e| format!("{at}: invalid glob `{g}`: {e}")))
+        .collect()
 }
 
 /// The effector of one kind, built from its settings; `None` for `none`.

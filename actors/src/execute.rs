@@ -574,6 +574,40 @@ fn cut_off(exec: &mut PolicyExecution, when: &str) {
 }
 
 #[cfg(test)]
+mod router_tests {
+    use super::*;
+    use crate::testing::RecordingEffector;
+
+    #[test]
+    fn routes_match_components_and_uncovered_components_have_no_effector() {
+        let charter: Arc<dyn Effector> = Arc::new(RecordingEffector::new());
+        let hook: Arc<dyn Effector> = Arc::new(RecordingEffector::new());
+        let glob = |g: &str| glob::Pattern::new(g).expect("glob");
+        let r = EffectorRouter::all_to(charter.clone())
+            .restrict_default(vec![glob("charter*")])
+            .component_route(ComponentRoute {
+                components: vec![glob("pay-*")],
+                actions: Some(vec![ActionType::RestartService]),
+                effector: hook.clone(),
+            });
+        let same = |a: &Option<Arc<dyn Effector>>, b: &Arc<dyn Effector>| {
+            a.as_ref().is_some_and(|a| Arc::ptr_eq(a, b))
+        };
+        assert!(same(&r.get_for(ActionType::ScaleUp, "charter"), &charter));
+        assert!(same(
+            &r.get_for(ActionType::ScaleUp, "charter-eu"),
+            &charter
+        ));
+        assert!(same(&r.get_for(ActionType::RestartService, "pay-1"), &hook));
+        // pay-1 is covered for RESTART_SERVICE only; nothing else owns it.
+        assert!(r.get_for(ActionType::ScaleUp, "pay-1").is_none());
+        assert!(!r.covers(ActionType::RestartService, "ledger"));
+        // Unrestricted, the default covers every component.
+        assert!(EffectorRouter::all_to(charter).covers(ActionType::Failover, "anything"));
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::model::Priority;
