@@ -287,8 +287,8 @@ fn promql_polling_path_detects_a_node_crash_and_restarts_the_committee() {
         .collect();
     let messages: Vec<&str> = lines.iter().filter_map(|l| l["message"].as_str()).collect();
     for step in [
-        "analysed",
-        "approved; handing to the executor",
+        "incident diagnosed",
+        "admitted; handing to the executor",
         "executing",
         "action completed",
         "execution finished",

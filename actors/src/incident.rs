@@ -199,6 +199,26 @@ struct ComponentAgg {
     failure: u32,
 }
 
+/// How to fill in a pattern's fingerprints and description.
+#[derive(Debug, Clone, Copy)]
+enum Fill {
+    Temporal {
+        lo: i64,
+        hi: i64,
+        count: u32,
+        start: i64,
+    },
+    Spatial {
+        k: Sym,
+        n: u32,
+    },
+    Causal,
+    Frequency {
+        lo: i64,
+        recent: u32,
+    },
+}
+
 /// Cached result of a detector: `None` = must be computed again.
 #[derive(Debug, Clone, Copy, Default)]
 struct Burst {
@@ -326,6 +346,7 @@ pub struct IncidentIndex {
     dropped: u64,
     diagnosed_total: u64,
     full_report: bool,
+    candidates: Vec<u32>,
 }
 
 fn ts(ms: i64) -> Timestamp {
@@ -379,6 +400,7 @@ impl IncidentIndex {
             dropped: 0,
             diagnosed_total: 0,
             full_report: false,
+            candidates: Vec::new(),
         }
     }
 
@@ -493,7 +515,8 @@ impl IncidentIndex {
 
         // Which incident: a restored one, the component's, and joinable
         // neighbours' (merged into the oldest).
-        let mut candidates: Vec<u32> = Vec::new();
+        let mut candidates = std::mem::take(&mut self.candidates);
+        candidates.clear();
         if let Some(id) = self.restored.remove(&fp) {
             if let Some((k, _)) = self.incidents.iter().find(|(_, a)| a.id == id) {
                 candidates.push(*k);
@@ -538,6 +561,7 @@ impl IncidentIndex {
                 survivor
             }
         };
+        self.candidates = candidates;
         self.owner.entry(component).or_insert(key);
 
         let slot = match self.free.pop() {
@@ -573,7 +597,6 @@ impl IncidentIndex {
 
     /// Adds a member's contribution to an incident's indexes.
     fn attach(&mut self, key: u32, slot: u32, m: &Member) {
-        let width = i64::try_from(self.settings.temporal.window_seconds).unwrap_or(i64::MAX / 4);
         let lag = self.max_lag_s;
         let Some(a) = self.incidents.get_mut(&key) else {
             return;
@@ -609,13 +632,9 @@ impl IncidentIndex {
             }
             _ => {}
         }
-        if let Some(b) = a.burst {
-            if let Some((n, s)) = best_window(&a.onsets, width, t.saturating_sub(width), t) {
-                if n > b.count {
-                    a.burst = Some(Burst { count: n, start: s });
-                }
-            }
-        }
+        // The largest burst is found again at the next diagnosis (one sweep
+        // of the incident's onset seconds), not on every insertion.
+        a.burst = None;
     }
 
     /// Removes a member's contribution from an incident's indexes.
@@ -857,7 +876,9 @@ impl IncidentIndex {
             });
             a.lagged = Some(found);
         }
-        if a.correlation.is_none() {
+        // The correlation matters only when the lagged criterion does not
+        // already fire (it would only add to the description).
+        if a.correlation.is_none() && a.lagged == Some(false) {
             a.correlation = Some(correlation(&a.onsets, &a.latency, &a.failure, bucket));
         }
     }
@@ -925,6 +946,9 @@ impl IncidentIndex {
         let mut patterns: Vec<Pattern> = Vec::new();
         // Signal counts behind each pattern (for ranking).
         let mut behind: Vec<[u32; SIGNALS]> = Vec::new();
+        // How to list each pattern's fingerprints and describe it, done
+        // only when the diagnosis is reported in full.
+        let mut fills: Vec<Fill> = Vec::new();
 
         let width = i64::try_from(s.temporal.window_seconds).unwrap_or(i64::MAX / 4);
         if let Some(b) = a.burst {
@@ -934,13 +958,14 @@ impl IncidentIndex {
                     kind: PatternKind::Temporal,
                     confidence: s.temporal.confidence,
                     component: single.clone(),
-                    violations: self.sample(a, PATTERN_FINGERPRINTS_KEPT, lo, |m| m.onset_ms < hi),
-                    description: format!(
-                        "burst of {} violations with onsets within {} s from {}",
-                        b.count,
-                        s.temporal.window_seconds,
-                        ts(b.start * 1000).to_rfc3339()
-                    ),
+                    violations: Vec::new(),
+                    description: String::new(),
+                });
+                fills.push(Fill::Temporal {
+                    lo,
+                    hi,
+                    count: b.count,
+                    start: b.start,
                 });
                 behind.push(a.signals);
             }
@@ -957,10 +982,10 @@ impl IncidentIndex {
                 kind: PatternKind::Spatial,
                 confidence: s.spatial.confidence,
                 component: Some(name.to_string()),
-                violations: self
-                    .sample(a, PATTERN_FINGERPRINTS_KEPT, i64::MIN, |m| m.component == k),
-                description: format!("{n} distinct violations on component `{name}`"),
+                violations: Vec::new(),
+                description: String::new(),
             });
+            fills.push(Fill::Spatial { k, n });
             behind.push(
                 a.components
                     .get(&k)
@@ -1012,14 +1037,13 @@ impl IncidentIndex {
                 } else {
                     single.clone()
                 },
-                violations: self.sample(a, PATTERN_FINGERPRINTS_KEPT, i64::MIN, |m| {
-                    matches!(m.signal, Signal::Latency | Signal::Failure | Signal::Policy)
-                }),
+                violations: Vec::new(),
                 description: format!(
                     "latency violations followed by failure/enforcement violations: {}",
                     criteria.join("; ")
                 ),
             });
+            fills.push(Fill::Causal);
             behind.push([0; SIGNALS]);
         }
         let fwin = i64::try_from(s.frequency.window_seconds).unwrap_or(i64::MAX / 4);
@@ -1031,12 +1055,10 @@ impl IncidentIndex {
                 kind: PatternKind::Frequency,
                 confidence: s.frequency.confidence,
                 component: single.clone(),
-                violations: self.sample(a, PATTERN_FINGERPRINTS_KEPT, lo, |_| true),
-                description: format!(
-                    "{recent} violations began within the last {} s (threshold {})",
-                    s.frequency.window_seconds, s.frequency.min_violations
-                ),
+                violations: Vec::new(),
+                description: String::new(),
             });
+            fills.push(Fill::Frequency { lo, recent });
             behind.push(a.signals);
         }
 
@@ -1125,8 +1147,6 @@ impl IncidentIndex {
                 .total_cmp(&x.confidence)
                 .then_with(|| x.cause.precedence().cmp(&y.cause.precedence()))
         });
-        patterns.sort_by(|x, y| y.confidence.total_cmp(&x.confidence));
-
         let count = a.len();
         let no_evidence = a.sources.keys().any(|s| self.blind.contains(s));
         let components: Vec<String> = {
@@ -1156,7 +1176,49 @@ impl IncidentIndex {
             .rev()
             .find(|i| a.severities[*i] > 0)
             .map(|i| SEVERITY_OF[i]);
-        let analysis = (changed || always_analysis).then(|| {
+        let detail = changed || always_analysis;
+        if detail {
+            for (p, f) in patterns.iter_mut().zip(&fills) {
+                match *f {
+                    Fill::Temporal {
+                        lo,
+                        hi,
+                        count,
+                        start,
+                    } => {
+                        p.violations =
+                            self.sample(a, PATTERN_FINGERPRINTS_KEPT, lo, |m| m.onset_ms < hi);
+                        p.description = format!(
+                            "burst of {count} violations with onsets within {} s from {}",
+                            s.temporal.window_seconds,
+                            ts(start * 1000).to_rfc3339()
+                        );
+                    }
+                    Fill::Spatial { k, n } => {
+                        p.violations = self
+                            .sample(a, PATTERN_FINGERPRINTS_KEPT, i64::MIN, |m| m.component == k);
+                        p.description = format!(
+                            "{n} distinct violations on component `{}`",
+                            self.components.name(k)
+                        );
+                    }
+                    Fill::Causal => {
+                        p.violations = self.sample(a, PATTERN_FINGERPRINTS_KEPT, i64::MIN, |m| {
+                            matches!(m.signal, Signal::Latency | Signal::Failure | Signal::Policy)
+                        });
+                    }
+                    Fill::Frequency { lo, recent } => {
+                        p.violations = self.sample(a, PATTERN_FINGERPRINTS_KEPT, lo, |_| true);
+                        p.description = format!(
+                            "{recent} violations began within the last {} s (threshold {})",
+                            s.frequency.window_seconds, s.frequency.min_violations
+                        );
+                    }
+                }
+            }
+            patterns.sort_by(|x, y| y.confidence.total_cmp(&x.confidence));
+        }
+        let analysis = detail.then(|| {
             let mut recs: Vec<String> = ranked
                 .iter()
                 .map(|c| recommendation(c.cause).to_string())
@@ -1185,7 +1247,11 @@ impl IncidentIndex {
             root_component: root.map(|r| self.components.name(r).to_string()),
             severity,
             violation_count: count,
-            fingerprints: self.fingerprints_of(a, crate::model::INCIDENT_FINGERPRINTS_KEPT),
+            fingerprints: if detail {
+                self.fingerprints_of(a, crate::model::INCIDENT_FINGERPRINTS_KEPT)
+            } else {
+                Vec::new()
+            },
             analysis,
             diagnosis_changed: changed,
             no_evidence,
