@@ -219,6 +219,11 @@ impl Admission {
         }
     }
 
+    /// Holds a component until `until` (a cooldown restored at start).
+    pub fn hold_until(&mut self, component: &str, until: Instant) {
+        self.cooldown.insert(component.to_string(), until);
+    }
+
     /// When the component's cooldown ends, if it cools down.
     pub fn cooldown_until(&self, component: &str) -> Option<Instant> {
         self.cooldown.get(component).copied()

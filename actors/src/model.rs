@@ -923,6 +923,10 @@ pub struct Incident {
     /// Why it is escalated / without evidence / waiting (for people).
     #[serde(default)]
     pub reason: Option<String>,
+    /// Its components rest until then after a remedy (kept across a
+    /// restart).
+    #[serde(default)]
+    pub hold_until: Option<Timestamp>,
 }
 
 /// Member fingerprints kept on an incident record (the count is exact).

@@ -101,6 +101,7 @@ impl Planner {
             .collect();
         let mut incidents = HashMap::new();
         let mut closed: Vec<(chrono::DateTime<chrono::Utc>, String)> = Vec::new();
+        let mut holds: Vec<(String, Instant)> = Vec::new();
         for mut inc in store.all_incidents().unwrap_or_default() {
             // A restart interrupts what was running: the incident is
             // planned again from fresh evidence.
@@ -119,6 +120,16 @@ impl Planner {
                 .map(|(p, _)| p.id.clone());
             let mut chain = ChainTrace::start(clock.now());
             chain.chain_id = format!("chn-restored-{}", inc.id);
+            // A hold outlives a restart: the rest of it is kept.
+            let cooldown_until = inc.hold_until.and_then(|until| {
+                let left = (until - clock.now()).to_std().ok()?;
+                Some(Instant::now() + left)
+            });
+            if let Some(until) = cooldown_until {
+                for c in &inc.components {
+                    holds.push((c.clone(), until));
+                }
+            }
             incidents.insert(
                 inc.id.clone(),
                 Entry {
@@ -128,12 +139,16 @@ impl Planner {
                     pending: pending_id,
                     running: None,
                     no_evidence: false,
-                    cooldown_until: None,
+                    cooldown_until,
                     rejected: false,
                 },
             );
         }
         closed.sort();
+        let mut admission = Admission::new(max_concurrent, lease);
+        for (component, until) in holds {
+            admission.hold_until(&component, until);
+        }
         let p = Planner {
             inbox,
             settings,
@@ -141,7 +156,7 @@ impl Planner {
             incidents,
             closed_order: closed.into_iter().map(|(_, id)| id).collect(),
             pending,
-            admission: Admission::new(max_concurrent, lease),
+            admission,
             router,
             executor,
             knowledge,
@@ -266,6 +281,7 @@ impl Planner {
                 executions: Vec::new(),
                 outcome: None,
                 reason: None,
+                hold_until: None,
             },
             analysis: None,
             chain: chain.clone(),
@@ -822,6 +838,8 @@ impl Handler<ExecutionFinished> for Planner {
                     e.incident.outcome = msg.execution.outcome;
                     e.incident.updated_at = now;
                     e.cooldown_until = (!cooldown.is_zero()).then(|| Instant::now() + cooldown);
+                    e.incident.hold_until = (!cooldown.is_zero())
+                        .then(|| now + chrono::Duration::from_std(cooldown).unwrap_or_default());
                     if e.incident.state == IncidentState::Closed
                         && e.incident.close_reason == Some(CloseReason::ResolvedWithoutAction)
                     {

@@ -13,7 +13,7 @@ use futures::future::BoxFuture;
 use mapek_actors::clock::SystemClock;
 use mapek_actors::events::LoopEvent;
 use mapek_actors::execute::EffectorRouter;
-use mapek_actors::messages::{DecidePolicy, GetIncidents, Shutdown};
+use mapek_actors::messages::{DecidePolicy, GetIncidents, Observe, Shutdown};
 use mapek_actors::metrics::Metrics;
 use mapek_actors::model::{
     ActionType, ApprovalStatus, IncidentState, RemediationAction, RollbackStep, Severity, Signal,
@@ -337,4 +337,218 @@ fn a_cascade_over_three_linked_components_is_one_incident_remedied_upstream() {
         h.supervisor.send(Shutdown).await.expect("shutdown");
     });
     assert_eq!(sys.run_with_code().expect("run"), 0);
+}
+
+async fn incidents(h: &LoopHandle) -> Vec<mapek_actors::model::Incident> {
+    h.planner
+        .send(GetIncidents {
+            state: None,
+            limit: 100,
+            after: None,
+        })
+        .await
+        .expect("planner")
+        .incidents
+}
+
+/// Polls the Planner (virtual time) until `f` holds for its incidents.
+async fn until_incidents(
+    h: &LoopHandle,
+    what: &str,
+    f: impl Fn(&[mapek_actors::model::Incident]) -> bool,
+) -> Vec<mapek_actors::model::Incident> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
+    loop {
+        let list = incidents(h).await;
+        if f(&list) {
+            return list;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: never happened; incidents: {list:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn three_on(component: &str, onset_offset: i64) -> Vec<Violation> {
+    (0..3)
+        .map(|i| {
+            v(
+                &format!("{component}-{i}"),
+                component,
+                Signal::Failure,
+                onset_offset + i,
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn incident_ids_and_holds_survive_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut s = settings();
+    s.plan.cooldown_seconds = 3600;
+    let first_id = {
+        let store = KnowledgeStore::open(dir.path(), Duration::from_secs(5)).expect("store");
+        let source = ScriptedSource::new("scripted");
+        source.set(Ok(three_on("svc", 0)));
+        let effector = ConcurrencyProbe::default();
+        let sys = paused_system();
+        let id = sys.block_on(async {
+            let h = start(&source, &effector, &store, s.clone());
+            let mut rx = h.events.subscribe();
+            verified_n(&mut rx, 1).await;
+            let list = until_incidents(&h, "cooling down", |l| {
+                l.len() == 1 && l[0].state == IncidentState::CoolingDown
+            })
+            .await;
+            assert!(list[0].hold_until.is_some());
+            h.supervisor.send(Shutdown).await.expect("shutdown");
+            list[0].id.clone()
+        });
+        assert_eq!(sys.run_with_code().expect("run"), 0);
+        id
+    };
+    // Same fingerprints, but a polled source gives them new onsets after a
+    // restart: the incident keeps its id and its hold.
+    let store = KnowledgeStore::open(dir.path(), Duration::from_secs(5)).expect("reopen");
+    let source = ScriptedSource::new("scripted");
+    source.set(Ok(three_on("svc", 500)));
+    let effector = ConcurrencyProbe::default();
+    let sys = paused_system();
+    sys.block_on(async {
+        let h = start(&source, &effector, &store, s);
+        let list = until_incidents(&h, "restored incident diagnosed", |l| {
+            l.iter().any(|i| i.id == first_id && i.violation_count == 3)
+        })
+        .await;
+        assert_eq!(list.len(), 1, "no second incident: {list:#?}");
+        assert_eq!(list[0].state, IncidentState::CoolingDown);
+        // The hold is honoured: ten minutes pass without a remedy.
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        assert!(
+            effector.inner.lock().expect("lock").applied.is_empty(),
+            "no remedy while the restored hold lasts"
+        );
+        h.supervisor.send(Shutdown).await.expect("shutdown");
+    });
+    assert_eq!(sys.run_with_code().expect("run"), 0);
+}
+
+#[test]
+fn a_source_outage_moves_incidents_to_no_evidence_and_back_without_closing_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = KnowledgeStore::open(dir.path(), Duration::from_secs(5)).expect("store");
+    let source = ScriptedSource::new("scripted");
+    source.set(Ok(three_on("svc", 0)));
+    let effector = ConcurrencyProbe::default();
+    let mut s = settings();
+    s.plan.auto_approve = false;
+    let sys = paused_system();
+    sys.block_on(async {
+        let h = start(&source, &effector, &store, s);
+        let before = until_incidents(&h, "pending", |l| {
+            l.len() == 1 && l[0].state == IncidentState::Pending
+        })
+        .await;
+        source.set(Err(SourceError::Unreachable("connection refused".into())));
+        let blind = until_incidents(&h, "no evidence", |l| {
+            l.len() == 1 && l[0].state == IncidentState::NoEvidence
+        })
+        .await;
+        assert_eq!(blind[0].id, before[0].id);
+        assert_eq!(blind[0].violation_count, 3, "members kept while blind");
+        source.set(Ok(three_on("svc", 0)));
+        let back = until_incidents(&h, "evidence again", |l| {
+            l.len() == 1 && l[0].state == IncidentState::Pending
+        })
+        .await;
+        assert_eq!(back[0].id, before[0].id, "the same incident, never closed");
+        assert!(back[0].close_reason.is_none());
+        assert!(effector.inner.lock().expect("lock").applied.is_empty());
+        h.supervisor.send(Shutdown).await.expect("shutdown");
+    });
+    assert_eq!(sys.run_with_code().expect("run"), 0);
+}
+
+#[test]
+fn a_duplicate_resend_stores_nothing_and_a_change_diagnoses_only_its_incident() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = KnowledgeStore::open(dir.path(), Duration::from_secs(5)).expect("store");
+    let source = ScriptedSource::new("scripted");
+    source.set(Ok(Vec::new()));
+    let effector = ConcurrencyProbe::default();
+    let mut s = settings();
+    s.plan.auto_approve = false;
+    let sys = paused_system();
+    sys.block_on(async {
+        let h = start(&source, &effector, &store, s);
+        let mut rx = h.events.subscribe();
+        let observe = |vs: Vec<Violation>| Observe {
+            source: "alertmanager".into(),
+            violations: vs,
+            resolved: Vec::new(),
+            complete: false,
+        };
+        let first = three_on("a", 0);
+        let ack = h
+            .monitor
+            .send(observe(first.clone()))
+            .await
+            .expect("monitor");
+        assert_eq!(ack.expect("ack").new, 3);
+        analysed(&mut rx).await;
+        let handled = |h: &LoopHandle| {
+            h.metrics
+                .messages_handled
+                .get_or_create(&mapek_actors::metrics::ActorMessageLabels {
+                    actor: "analyzer",
+                    message: "ViolationsDetected",
+                })
+                .get()
+        };
+        let analyses_before = h.metrics.analyses.get();
+        let deliveries_before = handled(&h);
+        // The same alerts again (Alertmanager re-sends every group interval).
+        let ack = h.monitor.send(observe(first)).await.expect("monitor");
+        let ack = ack.expect("ack");
+        assert_eq!((ack.new, ack.duplicates), (0, 3));
+        // A change elsewhere: only its own incident is diagnosed.
+        let ack = h
+            .monitor
+            .send(observe(three_on("b", 0)))
+            .await
+            .expect("monitor");
+        assert_eq!(ack.expect("ack").new, 3);
+        analysed(&mut rx).await;
+        assert_eq!(
+            h.metrics.analyses.get(),
+            analyses_before + 1,
+            "one new analysis, for incident b only"
+        );
+        assert_eq!(
+            handled(&h),
+            deliveries_before + 1,
+            "the duplicate reached the analyzer not at all"
+        );
+        let list = incidents(&h).await;
+        assert_eq!(list.len(), 2);
+        let a = list.iter().find(|i| i.components == vec!["a"]).expect("a");
+        assert_eq!(a.diagnoses.len(), 0, "a was not diagnosed again");
+        h.supervisor.send(Shutdown).await.expect("shutdown");
+    });
+    assert_eq!(sys.run_with_code().expect("run"), 0);
+}
+
+async fn analysed(rx: &mut Receiver<LoopEvent>) {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            if let Ok(LoopEvent::Analysed { .. }) = rx.recv().await {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("analysed")
 }
