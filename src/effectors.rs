@@ -1140,6 +1140,7 @@ mod tests {
             violations_at_planning: 3,
             scope: vec!["charter".into()],
             incident_id: None,
+            attempt: 0,
         }
     }
 

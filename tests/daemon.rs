@@ -204,6 +204,7 @@ fn policy(id: &str) -> RemediationPolicy {
         violations_at_planning: 3,
         scope: vec!["charter".into()],
         incident_id: None,
+        attempt: 0,
     }
 }
 

@@ -256,6 +256,7 @@ mod tests {
             violations_at_planning: 3,
             scope: scope.iter().map(|s| s.to_string()).collect(),
             incident_id: Some(format!("inc-{id}")),
+            attempt: 0,
         }
     }
 

@@ -210,6 +210,8 @@ pub struct ExecutionEnv {
     pub clock: SharedClock,
     /// Where `Executed` events go.
     pub events: Option<EventBus>,
+    /// Knowledge, for the intent of each action (journaled before acting).
+    pub store: Option<crate::store::KnowledgeStore>,
 }
 
 /// Why a call ended without success.
@@ -360,6 +362,28 @@ impl ExecutionEnv {
                 }
             }
         }
+        // The intent of every action is journaled before the first one is
+        // sent (queued now, made durable in one group commit while the
+        // pre-flight validation runs): a restart or another replica
+        // recognises what was about to happen by its idempotency key.
+        let intents = self.store.as_ref().map(|store| {
+            let futs: Vec<_> = routed
+                .iter()
+                .map(|(a, eff)| {
+                    let key = idempotency_key(policy, exec, a);
+                    store.journal_intent(
+                        &key,
+                        &serde_json::json!({
+                            "effector": eff.name(),
+                            "execution": exec.id,
+                            "policy": policy.id,
+                            "action": a,
+                        }),
+                    )
+                })
+                .collect();
+            futures::future::join_all(futs)
+        });
         if self.settings.preflight_validate {
             let mut checked: Vec<&str> = Vec::new();
             for (_, eff) in &routed {
@@ -387,6 +411,11 @@ impl ExecutionEnv {
                 }
             }
         }
+        if let Some(intents) = intents {
+            if let Some(Err(e)) = intents.await.into_iter().find(|r| r.is_err()) {
+                return fail(exec, format!("intent not journaled, nothing sent: {e}"));
+            }
+        }
         exec.violations_before = match self.probe.count_violations(&policy.scope).await {
             Ok(n) => Some(n),
             Err(e) => {
@@ -396,10 +425,10 @@ impl ExecutionEnv {
         };
         let mut completed: Vec<(usize, RemediationAction, Arc<dyn Effector>, Value)> = Vec::new();
         for (mut action, eff) in routed {
-            action.parameters.insert(
-                IDEMPOTENCY_KEY.into(),
-                serde_json::Value::String(format!("{}/{}", exec.id, action.id)),
-            );
+            let key = idempotency_key(policy, exec, &action);
+            action
+                .parameters
+                .insert(IDEMPOTENCY_KEY.into(), serde_json::Value::String(key));
             let mut rec = ActionExecution {
                 action_id: action.id.clone(),
                 action_type: action.action_type,
@@ -532,6 +561,19 @@ impl ExecutionEnv {
         } else {
             ExecutionStatus::Failed
         };
+    }
+}
+
+/// The idempotency key of an action: `incident/attempt/action` for a
+/// policy of an incident (deterministic), else `execution/action`.
+pub fn idempotency_key(
+    policy: &RemediationPolicy,
+    exec: &PolicyExecution,
+    action: &RemediationAction,
+) -> String {
+    match &policy.incident_id {
+        Some(incident) => format!("{incident}/{}/{}", policy.attempt, action.id),
+        None => format!("{}/{}", exec.id, action.id),
     }
 }
 

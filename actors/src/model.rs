@@ -530,6 +530,11 @@ pub struct RemediationPolicy {
     /// Incident it remedies.
     #[serde(default)]
     pub incident_id: Option<String>,
+    /// Which remedy of its incident this is (1 for the first): with the
+    /// incident id and the action id it makes the idempotency key
+    /// `incident/attempt/action`, the same on a restart or another replica.
+    #[serde(default)]
+    pub attempt: u32,
 }
 
 /// Status of an execution or of one action in it.

@@ -571,6 +571,7 @@ fn build_policy(
         violations_at_planning: analysis.violation_count,
         scope: scope.to_vec(),
         incident_id: analysis.incident_id.clone(),
+        attempt: 0,
     }
 }
 

@@ -586,11 +586,13 @@ impl Planner {
     /// Hands every policy the admission queue admits now to the Executor.
     fn admit(&mut self, ctx: &mut Context<Self>) {
         let admitted = self.admission.admit(Instant::now());
-        for q in admitted {
+        for mut q in admitted {
             let id = q.policy.incident_id.clone().unwrap_or_default();
             if let Some(e) = self.incidents.get_mut(&id) {
                 e.running = Some(q.policy.id.clone());
                 e.incident.reason = None;
+                q.policy.attempt =
+                    u32::try_from(e.incident.executions.len() + 1).unwrap_or(u32::MAX);
             }
             self.set_state(&id, IncidentState::Acting, None);
             self.dispatch(ctx, q.policy, q.chain);

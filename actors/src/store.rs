@@ -1432,6 +1432,7 @@ mod tests {
             violations_at_planning: 4,
             scope: vec!["charter".into()],
             incident_id: None,
+            attempt: 0,
         }
     }
 

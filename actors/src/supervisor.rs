@@ -230,6 +230,7 @@ pub fn start_loop(parts: LoopParts) -> LoopHandle {
             metrics: metrics.clone(),
             clock: clock.clone(),
             events: Some(events.clone()),
+            store: Some(store.clone()),
         };
         let e_inbox = inbox(ActorKind::Executor);
         let (ei, ek, ep, est, er) = (

@@ -249,6 +249,14 @@ fn a_burst_of_twenty_incidents_gives_twenty_concurrent_remedies_one_per_componen
             .incidents
             .iter()
             .all(|i| i.executions.len() == 1 && i.components.len() == 1));
+        // Every action's intent was journaled under its deterministic key.
+        for i in &page.incidents {
+            let intents = store.intents_for(&format!("{}/", i.id)).expect("intents");
+            assert!(!intents.is_empty(), "no intent for {}", i.id);
+            assert!(intents
+                .iter()
+                .all(|r| r.key.starts_with(&format!("{}/1/", i.id))));
+        }
         h.supervisor.send(Shutdown).await.expect("shutdown");
     });
     assert_eq!(sys.run_with_code().expect("run"), 0);
