@@ -382,7 +382,11 @@ impl ExecutionEnv {
                     )
                 })
                 .collect();
-            futures::future::join_all(futs)
+            // Awaited on the blocking pool: a thread hop (tens of µs) that
+            // also keeps a paused test clock from racing past the chain's
+            // deadline while the writer thread commits.
+            let all = futures::future::join_all(futs);
+            tokio::task::spawn_blocking(move || futures::executor::block_on(all))
         });
         if self.settings.preflight_validate {
             let mut checked: Vec<&str> = Vec::new();
@@ -412,8 +416,15 @@ impl ExecutionEnv {
             }
         }
         if let Some(intents) = intents {
-            if let Some(Err(e)) = intents.await.into_iter().find(|r| r.is_err()) {
-                return fail(exec, format!("intent not journaled, nothing sent: {e}"));
+            match intents.await {
+                Ok(results) => {
+                    if let Some(Err(e)) = results.into_iter().find(|r| r.is_err()) {
+                        return fail(exec, format!("intent not journaled, nothing sent: {e}"));
+                    }
+                }
+                Err(e) => {
+                    return fail(exec, format!("intent not journaled, nothing sent: {e}"));
+                }
             }
         }
         exec.violations_before = match self.probe.count_violations(&policy.scope).await {
