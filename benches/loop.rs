@@ -521,6 +521,7 @@ impl ReactionRig {
                 metrics: Arc::new(Metrics::new()),
                 chaos: None,
                 events: None,
+                alert_state: None,
             })
         });
         let events = handle.events.subscribe();

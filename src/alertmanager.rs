@@ -109,6 +109,89 @@ pub fn fingerprint(a: &Alert) -> String {
     s
 }
 
+/// The component an alert is about: its `component`, `service`, `job` or
+/// `instance` label, else `unknown`.
+pub fn component_of(labels: &BTreeMap<String, String>) -> String {
+    ["component", "service", "job", "instance"]
+        .iter()
+        .find_map(|k| labels.get(*k).cloned())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// Alertmanager's API v2, asked at verification time which alerts are
+/// firing now (`GET /api/v2/alerts?active=true&silenced=false&inhibited=false`).
+pub struct AlertmanagerApi {
+    client: reqwest::Client,
+    url: String,
+    timeout: std::time::Duration,
+}
+
+/// One alert of `GET /api/v2/alerts` (only what is read).
+#[derive(Debug, Deserialize)]
+struct ApiAlert {
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+}
+
+impl AlertmanagerApi {
+    /// A client of the Alertmanager at `url` (base URL).
+    pub fn new(url: &str, timeout: std::time::Duration) -> Result<Self, String> {
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            .build()
+            .map_err(|e| format!("alertmanager client: {e}"))?;
+        Ok(AlertmanagerApi {
+            client,
+            url: url.trim_end_matches('/').to_string(),
+            timeout,
+        })
+    }
+}
+
+impl mapek_actors::ports::AlertState for AlertmanagerApi {
+    fn name(&self) -> &str {
+        "alertmanager"
+    }
+
+    fn count_firing<'a>(
+        &'a self,
+        scope: &'a [String],
+    ) -> futures::future::BoxFuture<'a, Result<usize, mapek_actors::ports::SourceError>> {
+        use mapek_actors::ports::SourceError;
+        Box::pin(async move {
+            let url = format!(
+                "{}/api/v2/alerts?active=true&silenced=false&inhibited=false",
+                self.url
+            );
+            let resp = self.client.get(&url).send().await.map_err(|e| {
+                if e.is_timeout() {
+                    SourceError::Timeout(self.timeout.as_secs())
+                } else {
+                    SourceError::Unreachable(format!("{url}: {e}"))
+                }
+            })?;
+            let status = resp.status();
+            let body = resp
+                .bytes()
+                .await
+                .map_err(|e| SourceError::Unreachable(format!("{url}: {e}")))?;
+            if !status.is_success() {
+                return Err(SourceError::Status {
+                    status: status.as_u16(),
+                    body: String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned(),
+                });
+            }
+            let alerts: Vec<ApiAlert> = serde_json::from_slice(&body).map_err(|e| {
+                SourceError::Garbage(format!("alertmanager alerts are not a JSON list: {e}"))
+            })?;
+            Ok(alerts
+                .iter()
+                .filter(|a| scope.is_empty() || scope.contains(&component_of(&a.labels)))
+                .count())
+        })
+    }
+}
+
 /// Splits a payload into firing violations and resolved fingerprints.
 pub fn to_violations(p: &WebhookPayload, now: Timestamp) -> (Vec<Violation>, Vec<String>) {
     let mut firing = Vec::new();
@@ -129,10 +212,7 @@ pub fn to_violations(p: &WebhookPayload, now: Timestamp) -> (Vec<Violation>, Vec
             .get("severity")
             .and_then(|s| Severity::parse(s))
             .unwrap_or(Severity::Warning);
-        let component = ["component", "service", "job", "instance"]
-            .iter()
-            .find_map(|k| a.labels.get(*k).cloned())
-            .unwrap_or_else(|| "unknown".into());
+        let component = component_of(&a.labels);
         let metric = a
             .labels
             .get("metric")

@@ -494,6 +494,11 @@ pub struct AlertmanagerSettings {
     pub webhook_path: String,
     /// Largest accepted webhook body, bytes (at least 1024).
     pub max_body_bytes: usize,
+    /// Verify remedies of webhook alerts by asking Alertmanager which alerts
+    /// fire now (`GET /api/v2/alerts` on `url`), not by waiting for resolved
+    /// notifications; Alertmanager unreachable at verification means no
+    /// evidence (outcome UNKNOWN).
+    pub verify_with_api: bool,
 }
 
 impl Default for AlertmanagerSettings {
@@ -503,6 +508,7 @@ impl Default for AlertmanagerSettings {
             url: "http://127.0.0.1:9093".into(),
             webhook_path: "/api/v1/alerts".into(),
             max_body_bytes: 1_048_576,
+            verify_with_api: true,
         }
     }
 }

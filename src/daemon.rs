@@ -127,6 +127,15 @@ pub async fn start(
         metrics,
         chaos: parts.chaos,
         events: None,
+        alert_state: if cfg.alertmanager.enabled && cfg.alertmanager.verify_with_api {
+            let api = crate::alertmanager::AlertmanagerApi::new(
+                &cfg.alertmanager.url,
+                Duration::from_secs(10),
+            )?;
+            Some(Arc::new(api))
+        } else {
+            None
+        },
     });
     let state = ApiState {
         token: (!cfg.api.token.is_empty()).then(|| cfg.api.token.clone()),

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use mapek::sim::{FaultKind, Simulator};
 use serde_json::Value;
-use support::servers::{alertmanager, prometheus, wait_http_ok};
+use support::servers::{alertmanager_at, prometheus, wait_http_ok};
 use support::{free_addr, Proc};
 
 /// The simulated Charter on a loopback port, served by its own runtime.
@@ -139,12 +139,14 @@ fn charter_rules() -> String {
 #[test]
 fn alertmanager_path_prometheus_alerts_reach_mapek_which_heals_the_charter() {
     let ch = charter();
-    // mapek first (Alertmanager needs its webhook address).
+    // mapek first (Alertmanager needs its webhook address); mapek verifies
+    // by asking this Alertmanager which alerts fire now.
+    let am_addr = free_addr();
     let mut m = mapek(&format!(
-        "{}prometheus:\n  enabled: false\nalertmanager:\n  enabled: true\n",
+        "{}prometheus:\n  enabled: false\nalertmanager:\n  enabled: true\n  url: http://{am_addr}\n",
         common(ch.addr)
     ));
-    let am = alertmanager(&m.url("/api/v1/alerts"));
+    let am = alertmanager_at(&m.url("/api/v1/alerts"), am_addr);
     let prom = prometheus(
         &[("charter", ch.addr)],
         Some(&charter_rules()),

@@ -758,6 +758,7 @@ impl IncidentIndex {
         };
         self.by_onset.remove(&(m.onset_ms, slot));
         self.free.push(slot);
+        self.shrink_if_sparse();
         let key = m.incident;
         self.detach(key, slot, &m);
         let empty = self.incidents.get(&key).is_some_and(|a| a.len() == 0);
@@ -789,6 +790,19 @@ impl IncidentIndex {
             self.dirty.insert(key);
         }
         true
+    }
+
+    /// Gives memory back once most of the window has emptied (amortised
+    /// O(1): at most once per halving).
+    fn shrink_if_sparse(&mut self) {
+        let cap = self.by_fingerprint.capacity();
+        if cap > 4096 && self.by_fingerprint.len() < cap / 8 {
+            self.by_fingerprint.shrink_to_fit();
+            if self.by_fingerprint.is_empty() {
+                self.slots = Vec::new();
+                self.free = Vec::new();
+            }
+        }
     }
 
     fn fingerprints_of(&self, a: &Agg, limit: usize) -> Vec<String> {

@@ -22,7 +22,7 @@ use crate::messages::{
 };
 use crate::metrics::{SourceLabels, SourceResultLabels};
 use crate::model::{Timestamp, Violation};
-use crate::ports::{EvidenceProbe, MetricSource, Polled, SourceError};
+use crate::ports::{AlertState, EvidenceProbe, MetricSource, Polled, SourceError};
 use crate::settings::MonitorSettings;
 use crate::state::SharedState;
 use crate::supervisor::LoopSupervisor;
@@ -120,8 +120,17 @@ impl ActiveViolations {
     fn remove(&mut self, source: &str, fp: &str) -> bool {
         if let Some(set) = self.by_source.get_mut(source) {
             set.remove(fp);
+            if set.capacity() > 4096 && set.len() < set.capacity() / 8 {
+                set.shrink_to_fit();
+            }
         }
-        self.by_fingerprint.remove(fp).is_some()
+        let removed = self.by_fingerprint.remove(fp).is_some();
+        let cap = self.by_fingerprint.capacity();
+        if cap > 4096 && self.by_fingerprint.len() < cap / 8 {
+            // Give memory back once most alerts have resolved (amortised).
+            self.by_fingerprint.shrink_to_fit();
+        }
+        removed
     }
 
     /// Ends the violations of sources not in `polled` (webhook sources)
@@ -234,6 +243,7 @@ pub struct Monitor {
     delivering: bool,
     ticks_since_resync: u64,
     resync_due: bool,
+    alert_state: Option<Arc<dyn AlertState>>,
     analyzer: PhaseAddr<Analyzer>,
     clock: SharedClock,
     state: SharedState,
@@ -285,11 +295,18 @@ impl Monitor {
             delivering: false,
             ticks_since_resync: 0,
             resync_due: false,
+            alert_state: None,
             analyzer,
             clock,
             state,
             supervisor,
         }
+    }
+
+    /// Verification asks `alert_state` for the pushed alerts firing now.
+    pub fn with_alert_state(mut self, alert_state: Option<Arc<dyn AlertState>>) -> Self {
+        self.alert_state = alert_state;
+        self
     }
 
     fn interval(&self) -> Duration {
@@ -723,6 +740,7 @@ impl Handler<MeasureNow> for Monitor {
         };
         let scope = msg.scope;
         let polled = self.polled.clone();
+        let alert_state = self.alert_state.clone();
         let fut = async move {
             let mut total = 0usize;
             for s in &sources {
@@ -742,19 +760,25 @@ impl Handler<MeasureNow> for Monitor {
                     .filter(|v| in_scope(v, &scope))
                     .count();
             }
-            Ok::<(usize, Vec<String>), SourceError>((total, scope))
+            // Pushed alerts: what Alertmanager says is firing now.
+            let firing = match &alert_state {
+                Some(a) => Some(a.count_firing(&scope).await?),
+                None => None,
+            };
+            Ok::<(usize, Option<usize>, Vec<String>), SourceError>((total, firing, scope))
         };
         Box::pin(fut.into_actor(self).map(move |res, act, _ctx| {
-            let (polled_total, scope) = res?;
-            // Violations of sources that are not polled (webhooks) count as
-            // they stand now.
-            let pushed: usize = act
-                .active
-                .by_source
-                .keys()
-                .filter(|s| !polled.contains(*s))
-                .map(|s| act.active.count_in_scope(s, &scope))
-                .sum();
+            let (polled_total, firing, scope) = res?;
+            // Without an alert-state source, violations of sources that are
+            // not polled (webhooks) count as they stand now.
+            let pushed: usize = firing.unwrap_or_else(|| {
+                act.active
+                    .by_source
+                    .keys()
+                    .filter(|s| !polled.contains(*s))
+                    .map(|s| act.active.count_in_scope(s, &scope))
+                    .sum()
+            });
             Ok(polled_total + pushed)
         }))
     }

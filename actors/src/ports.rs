@@ -153,3 +153,16 @@ pub trait EvidenceProbe: Send + Sync + 'static {
         scope: &'a [String],
     ) -> BoxFuture<'a, Result<usize, SourceError>>;
 }
+
+/// The current state of pushed alerts, asked at verification time (for
+/// Alertmanager: `GET /api/v2/alerts`), so a remedy is judged by what is
+/// firing now, not by whether a resolved notification has arrived yet.
+pub trait AlertState: Send + Sync + 'static {
+    /// Short stable name (`alertmanager`).
+    fn name(&self) -> &str;
+
+    /// Alerts firing now (active, not silenced or inhibited) on the given
+    /// components (all when empty). An error means no evidence.
+    fn count_firing<'a>(&'a self, scope: &'a [String])
+        -> BoxFuture<'a, Result<usize, SourceError>>;
+}

@@ -27,7 +27,7 @@ use crate::messages::{ActorRestarted, Drain, FlushKnowledge, Shutdown};
 use crate::metrics::{ActorKind, Metrics};
 use crate::monitor::{Monitor, MonitorProbe};
 use crate::planner::Planner;
-use crate::ports::{EvidenceProbe, MetricSource};
+use crate::ports::{AlertState, EvidenceProbe, MetricSource};
 use crate::settings::{
     AnalyzeSettings, ExecuteSettings, KnowledgeSettings, MonitorSettings, OrchestratorSettings,
     PlanSettings,
@@ -80,6 +80,9 @@ pub struct LoopParts {
     pub chaos: Option<Arc<dyn FaultInjector>>,
     /// Event bus to publish on (a new one when `None`).
     pub events: Option<EventBus>,
+    /// Where verification asks for the current state of pushed (webhook)
+    /// alerts; `None` counts them as the Monitor holds them.
+    pub alert_state: Option<Arc<dyn AlertState>>,
 }
 
 /// Why the loop stopped on its own, if it did.
@@ -175,6 +178,7 @@ pub fn start_loop(parts: LoopParts) -> LoopHandle {
         metrics,
         chaos,
         events,
+        alert_state,
     } = parts;
     let events = events.unwrap_or_else(|| crate::events::bus(1024));
     let exit = ExitReason::default();
@@ -321,7 +325,7 @@ pub fn start_loop(parts: LoopParts) -> LoopHandle {
         let monitor = PhaseAddr::new(
             Supervisor::start(move |ctx: &mut Context<Monitor>| {
                 ctx.set_mailbox_capacity(cap);
-                Monitor::new(mi, mset, sources, ma, mc, mstate, mr)
+                Monitor::new(mi, mset, sources, ma, mc, mstate, mr).with_alert_state(alert_state)
             }),
             m_inbox,
         );

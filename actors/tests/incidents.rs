@@ -160,6 +160,7 @@ fn start(
         metrics: Arc::new(Metrics::new()),
         chaos: None,
         events: None,
+        alert_state: None,
     })
 }
 

@@ -109,6 +109,7 @@ fn start(rig: &Rig, settings: LoopSettings, chaos: Option<Arc<dyn FaultInjector>
         metrics: Arc::new(Metrics::new()),
         chaos,
         events: None,
+        alert_state: None,
     })
 }
 

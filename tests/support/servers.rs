@@ -171,9 +171,14 @@ pub fn prometheus(
 /// Starts Alertmanager routing everything to `webhook` with short group
 /// timings.
 pub fn alertmanager(webhook: &str) -> Server {
+    alertmanager_at(webhook, free_addr())
+}
+
+/// An Alertmanager on `addr` (chosen beforehand, so mapek's
+/// `alertmanager.url` can name it before it starts).
+pub fn alertmanager_at(webhook: &str, addr: std::net::SocketAddr) -> Server {
     let bin = find(&["prometheus-alertmanager", "alertmanager"]);
     let dir = tempfile::tempdir().expect("tempdir");
-    let addr = free_addr();
     let cfg = format!(
         "route:\n  receiver: mapek\n  group_by: ['alertname']\n  group_wait: 1s\n  group_interval: 1s\n  repeat_interval: 1m\n\
          receivers:\n  - name: mapek\n    webhook_configs:\n      - url: {webhook}\n        send_resolved: true\n"
