@@ -155,10 +155,16 @@ impl Handler<PolicyApproved> for Executor {
                 env.clock.now(),
             );
             started_record.timings = chain.timings.clone();
-            // The audit trail shows the execution while it runs.
-            let _ = knowledge
-                .send(RecordExecution(started_record.clone()))
-                .await;
+            // The audit trail shows the execution while it runs. Not
+            // awaited: the actions' intents (journaled first, in the run)
+            // must not wait behind this record's group commit.
+            {
+                let knowledge = knowledge.clone();
+                let record = RecordExecution(started_record.clone());
+                tokio::spawn(async move {
+                    let _ = knowledge.send(record).await;
+                });
+            }
             let run = AssertUnwindSafe(env.run_policy_with(
                 &policy,
                 exec_id,
