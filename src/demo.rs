@@ -399,7 +399,7 @@ fn fault_report(
     let incident = incidents
         .iter()
         .filter(|i| i.close_reason != Some(CloseReason::Merged))
-        .filter(|i| i.components.iter().any(|c| *c == f.component))
+        .filter(|i| i.components.contains(&f.component))
         .filter(|i| i.opened_at >= since && i.opened_at < until)
         .min_by_key(|i| i.opened_at);
     let remedies = incident
