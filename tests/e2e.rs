@@ -7,9 +7,11 @@
 mod support;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mapek::sim::{FaultKind, Simulator};
+use mapek::sim::{FaultKind, Simulator, Topology};
+use mapek_actors::clock::SystemClock;
 use serde_json::Value;
 use support::servers::{alertmanager_at, prometheus, wait_http_ok};
 use support::{free_addr, Proc};
@@ -22,12 +24,17 @@ struct Charter {
 }
 
 fn charter() -> Charter {
+    charter_with(Topology::default())
+}
+
+/// The simulated Charter with the components of `topology`.
+fn charter_with(topology: Topology) -> Charter {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()
         .expect("runtime");
-    let sim = Simulator::new();
+    let sim = Simulator::with_topology(topology, Arc::new(SystemClock));
     let listener = rt
         .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
         .expect("bind");
@@ -507,4 +514,327 @@ fn urlencode(s: &str) -> String {
         }
     }
     out
+}
+
+impl Charter {
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Whether `/sim/state` shows every one of `components` healthy.
+    fn healthy_over_http(&self, components: &[&str]) -> Option<()> {
+        let s = get(&self.url("/sim/state"))?;
+        components
+            .iter()
+            .all(|c| s["components"][*c]["healthy"] == true)
+            .then_some(())
+    }
+
+    /// The Charter API calls received, from `/sim/calls`.
+    fn calls_over_http(&self) -> Vec<Value> {
+        get(&self.url("/sim/calls"))
+            .and_then(|v| v.as_array().cloned())
+            .expect("/sim/calls")
+    }
+}
+
+fn post_json(url: &str, body: &Value) -> Option<(u16, Value)> {
+    let r = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(3))
+        .build()
+        .ok()?
+        .post(url)
+        .json(body)
+        .send()
+        .ok()?;
+    let status = r.status().as_u16();
+    Some((status, r.json().unwrap_or(Value::Null)))
+}
+
+fn time_of(v: &Value) -> chrono::DateTime<chrono::Utc> {
+    v.as_str()
+        .and_then(|s| chrono::DateTime::parse_from_rfc3339(s).ok())
+        .map(|t| t.with_timezone(&chrono::Utc))
+        .unwrap_or_else(|| panic!("not an RFC 3339 time: {v}"))
+}
+
+/// Incidents from mapek's API (every state), merged ones left out.
+fn incidents(m: &Mapek) -> Option<Vec<Value>> {
+    let page = get(&m.url("/api/v1/incidents?state=all&limit=1000"))?;
+    Some(
+        page["incidents"]
+            .as_array()?
+            .iter()
+            .filter(|i| i["close_reason"] != "merged")
+            .cloned()
+            .collect(),
+    )
+}
+
+/// POST calls carrying out a remedy (the pre-flight validation left out).
+fn remedy_calls(calls: &[Value]) -> Vec<&Value> {
+    calls
+        .iter()
+        .filter(|c| c["method"] == "POST" && c["path"] != "/api/v1/policies/validate")
+        .collect()
+}
+
+#[test]
+fn two_faults_on_two_components_are_two_incidents_remedied_concurrently() {
+    let ch = charter_with(Topology::new(&["charter", "ledger"]).expect("topology"));
+    // The Alertmanager path with the shipped rules: each alert keeps its
+    // series' component, so the two components' alerts stay apart.
+    let am_addr = free_addr();
+    let mut m = mapek(&format!(
+        "{}prometheus:\n  enabled: false\nalertmanager:\n  enabled: true\n  url: http://{am_addr}\n",
+        common(ch.addr)
+    ));
+    let am = alertmanager_at(&m.url("/api/v1/alerts"), am_addr);
+    let prom = prometheus(
+        &[("charter", ch.addr)],
+        Some(&charter_rules()),
+        Some(am.addr),
+    );
+    wait_until(
+        Duration::from_secs(30),
+        "prometheus scraping both components",
+        || {
+            let r = get(&format!(
+                "{}/api/v1/query?query=westworld_charter_up",
+                prom.url()
+            ))?;
+            (r["data"]["result"].as_array()?.len() == 2).then_some(())
+        },
+    );
+
+    ch.sim
+        .inject_at("charter", FaultKind::LoadSpike)
+        .expect("inject");
+    ch.sim
+        .inject_at("ledger", FaultKind::NodeCrash)
+        .expect("inject");
+    let healed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wait_until(
+            Duration::from_secs(120),
+            "charter and ledger healthy in /sim/state",
+            || ch.healthy_over_http(&["charter", "ledger"]),
+        )
+    }));
+    if healed.is_err() {
+        panic!(
+            "not healed: {}\nmapek said:\n{}",
+            ch.sim.state(),
+            m.proc.output()
+        );
+    }
+    // Both remedies verified, one incident per component.
+    let (charter_inc, ledger_inc) = wait_until(
+        Duration::from_secs(60),
+        "two incidents, each with a verified execution",
+        || {
+            let all = incidents(&m)?;
+            let on = |c: &str| {
+                let mut found = all
+                    .iter()
+                    .filter(|i| i["components"] == serde_json::json!([c]))
+                    .filter(|i| i["outcome"].is_string());
+                let first = found.next()?.clone();
+                found.next().is_none().then_some(first)
+            };
+            Some((on("charter")?, on("ledger")?))
+        },
+    );
+    assert_ne!(charter_inc["id"], ledger_inc["id"]);
+    assert_eq!(charter_inc["root_component"], "charter", "{charter_inc}");
+    assert_eq!(ledger_inc["root_component"], "ledger", "{ledger_inc}");
+    let executions = get(&m.url("/api/v1/executions?limit=100")).expect("executions");
+    let executions = executions["executions"].as_array().expect("executions");
+    let first_of = |inc: &Value| {
+        let id = inc["executions"][0].clone();
+        assert!(id.is_string(), "an execution for {inc}");
+        executions
+            .iter()
+            .find(|e| e["id"] == id)
+            .cloned()
+            .unwrap_or_else(|| panic!("execution {id} not listed"))
+    };
+    let (ec, el) = (first_of(&charter_inc), first_of(&ledger_inc));
+    assert_eq!(el["root_cause"], "node_crash", "{el}");
+    for e in [&ec, &el] {
+        assert_eq!(e["status"], "COMPLETED", "{e}");
+        let o = e["outcome"].as_str().unwrap_or("");
+        assert!(o == "SUCCESS" || o == "PARTIAL", "{e}");
+    }
+    // Each started before the other finished (its verification window
+    // included): neither waited for the other.
+    let (c0, c1) = (time_of(&ec["started_at"]), time_of(&ec["finished_at"]));
+    let (l0, l1) = (time_of(&el["started_at"]), time_of(&el["finished_at"]));
+    assert!(
+        c0 < l1 && l0 < c1,
+        "the remedies overlap: charter {c0}..{c1}, ledger {l0}..{l1}"
+    );
+    // Every remedy call named its component; each component got its own.
+    let calls = ch.calls_over_http();
+    let remedies = remedy_calls(&calls);
+    assert!(
+        remedies
+            .iter()
+            .any(|c| c["component"] == "charter" && c["status"] == 200),
+        "{calls:?}"
+    );
+    assert!(
+        remedies.iter().any(|c| c["component"] == "ledger"
+            && c["path"] == "/api/v1/committee/restart"
+            && c["status"] == 200),
+        "{calls:?}"
+    );
+    assert!(
+        remedies
+            .iter()
+            .all(|c| c["component"] == "charter" || c["component"] == "ledger"),
+        "{calls:?}"
+    );
+    drop(prom);
+    drop(am);
+    m.proc.term();
+    assert!(m.proc.wait_exit(Duration::from_secs(20)).success());
+}
+
+#[test]
+fn a_cascade_is_one_incident_diagnosed_and_remedied_at_the_upstream() {
+    let topology = Topology::parse("charter,gateway", &["gateway=charter"]).expect("topology");
+    let ch = charter_with(topology);
+    let prom = prometheus(&[("charter", ch.addr)], None, None);
+    let mut m = mapek(&format!(
+        "{}topology:\n  gateway: [charter]\n",
+        polling_config(ch.addr, &prom.url())
+    ));
+    wait_until(
+        Duration::from_secs(30),
+        "mapek's prometheus source to be up",
+        || {
+            let s = get(&m.url("/api/v1/state"))?;
+            (s["sources"][0]["status"] == "up").then_some(())
+        },
+    );
+
+    ch.sim
+        .inject_at("charter", FaultKind::Cascade)
+        .expect("inject");
+    // The storm reaches gateway 10 s later: one incident over both,
+    // diagnosed as a cascade at charter.
+    let found = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wait_until(
+            Duration::from_secs(90),
+            "one incident over charter and gateway diagnosed cascade_failure",
+            || {
+                incidents(&m)?
+                    .into_iter()
+                    .find(|i| {
+                        i["components"] == serde_json::json!(["charter", "gateway"])
+                            && i["diagnosis"]["cause"] == "cascade_failure"
+                    })
+                    .map(|i| i["id"].clone())
+            },
+        )
+    }));
+    let incident_id = match found {
+        Ok(id) => id,
+        Err(_) => panic!(
+            "no cascade incident: {}\nmapek said:\n{}",
+            ch.sim.state(),
+            m.proc.output()
+        ),
+    };
+    // The remedy (emergency override) is high risk: it waits for a person.
+    // Approve it (again while a remedy is running or cooling down on
+    // charter: 409, the policy stays pending).
+    let approved = wait_until(
+        Duration::from_secs(60),
+        "the cascade remedy to be approved",
+        || {
+            let pending = get(&m.url("/api/v1/policies?status=pending"))?;
+            let p = pending["policies"]
+                .as_array()?
+                .iter()
+                .find(|p| p["root_cause"] == "cascade_failure")?
+                .clone();
+            let id = p["id"].as_str()?;
+            let (status, _) = post_json(
+                &m.url(&format!("/api/v1/policies/{id}/approve")),
+                &serde_json::json!({"by": "e2e"}),
+            )?;
+            (status == 200).then_some(p)
+        },
+    );
+    assert_eq!(approved["incident_id"], incident_id, "{approved}");
+    let actions = approved["actions"].as_array().expect("actions");
+    assert!(
+        actions.iter().all(|a| a["target"] == "charter"),
+        "{approved}"
+    );
+    assert!(
+        actions
+            .iter()
+            .any(|a| a["action_type"] == "ACTIVATE_EMERGENCY_OVERRIDE"),
+        "{approved}"
+    );
+    wait_until(
+        Duration::from_secs(60),
+        "charter and gateway healthy in /sim/state",
+        || ch.healthy_over_http(&["charter", "gateway"]),
+    );
+    let exec = wait_until(
+        Duration::from_secs(60),
+        "the cascade remedy verified",
+        || {
+            get(&m.url("/api/v1/executions"))?["executions"]
+                .as_array()?
+                .iter()
+                .find(|e| e["policy_id"] == approved["id"] && e["outcome"].is_string())
+                .cloned()
+        },
+    );
+    assert_eq!(exec["status"], "COMPLETED", "{exec}");
+    assert_eq!(exec["root_cause"], "cascade_failure", "{exec}");
+    // One incident over both components, rooted upstream, with that
+    // execution.
+    let all = incidents(&m).expect("incidents");
+    let touching: Vec<&Value> = all
+        .iter()
+        .filter(|i| {
+            i["components"]
+                .as_array()
+                .is_some_and(|cs| cs.iter().any(|c| c == "charter" || c == "gateway"))
+        })
+        .collect();
+    assert_eq!(touching.len(), 1, "{touching:#?}");
+    let inc = touching[0];
+    assert_eq!(inc["id"], incident_id);
+    assert_eq!(inc["root_component"], "charter", "{inc}");
+    assert_eq!(inc["diagnosis"]["cause"], "cascade_failure", "{inc}");
+    assert!(
+        inc["executions"]
+            .as_array()
+            .is_some_and(|es| es.contains(&exec["id"])),
+        "{inc}"
+    );
+    // The remedy went to charter only: override and throttle, nothing at
+    // gateway.
+    let calls = ch.calls_over_http();
+    let remedies = remedy_calls(&calls);
+    for path in ["/api/v1/emergency-override", "/api/v1/throttle"] {
+        assert!(
+            remedies
+                .iter()
+                .any(|c| c["path"] == path && c["component"] == "charter" && c["status"] == 200),
+            "{path} at charter: {calls:?}"
+        );
+    }
+    assert!(
+        remedies.iter().all(|c| c["component"] == "charter"),
+        "no remedy at a dependent: {calls:?}"
+    );
+    m.proc.term();
+    assert!(m.proc.wait_exit(Duration::from_secs(20)).success());
 }

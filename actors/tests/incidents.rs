@@ -561,3 +561,92 @@ async fn analysed(rx: &mut Receiver<LoopEvent>) {
     .await
     .expect("analysed")
 }
+
+#[test]
+fn a_policy_queued_behind_another_incidents_cooldown_runs_when_the_cooldown_ends() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = KnowledgeStore::open(dir.path(), Duration::from_secs(5)).expect("store");
+    let source = ScriptedSource::new("scripted");
+    let three = |prefix: &str| {
+        (0..3)
+            .map(|i| v(&format!("{prefix}-{i}"), "svc", Signal::Failure, i))
+            .collect::<Vec<_>>()
+    };
+    source.set(Ok(three("first")));
+    let effector = ConcurrencyProbe::default();
+    let sys = paused_system();
+    sys.block_on(async {
+        let h = start(&source, &effector, &store, settings());
+        let mut rx = h.events.subscribe();
+        let first = tokio::time::timeout(Duration::from_secs(600), async {
+            loop {
+                if let Ok(LoopEvent::Executed { policy_id, .. }) = rx.recv().await {
+                    return policy_id;
+                }
+            }
+        })
+        .await
+        .expect("the first incident's remedy acted");
+        // Its violations end while its remedy is verifying: the incident
+        // closes, and `svc` stays held, then cools down (60 s).
+        source.set(Ok(Vec::new()));
+        let all_closed = async {
+            loop {
+                let page = h
+                    .planner
+                    .send(GetIncidents {
+                        state: None,
+                        limit: 10,
+                        after: None,
+                    })
+                    .await
+                    .expect("planner");
+                if page
+                    .incidents
+                    .iter()
+                    .all(|i| i.state == IncidentState::Closed)
+                {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(600), all_closed)
+            .await
+            .expect("the first incident closed");
+        // A second incident on the same component: its policy waits in the
+        // admission queue behind the first remedy, then its cooldown; no
+        // event of its own wakes it when the cooldown ends.
+        source.set(Ok(three("second")));
+        let verified = tokio::time::timeout(Duration::from_secs(3600), async {
+            let mut second = None;
+            loop {
+                match rx.recv().await {
+                    Ok(LoopEvent::Planned { policy_id, .. }) if policy_id != first => {
+                        second = Some(policy_id)
+                    }
+                    Ok(LoopEvent::Verified { policy_id, .. })
+                        if second.as_deref() == Some(policy_id.as_str()) =>
+                    {
+                        return policy_id
+                    }
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(e) => panic!("event bus closed: {e}"),
+                }
+            }
+        })
+        .await
+        .expect("the queued remedy ran once the cooldown was over");
+        assert_ne!(verified, first);
+        {
+            let c = effector.inner.lock().expect("lock");
+            // Two remedies (one per incident), each the same strategy.
+            let first_type = c.applied.first().map(|(_, a)| *a).expect("applied");
+            let remedies = c.applied.iter().filter(|(_, a)| *a == first_type).count();
+            assert_eq!(remedies, 2, "{:?}", c.applied);
+            assert!(c.peak_per_component.values().all(|p| *p == 1));
+        }
+        h.supervisor.send(Shutdown).await.expect("shutdown");
+    });
+    assert_eq!(sys.run_with_code().expect("run"), 0);
+}
