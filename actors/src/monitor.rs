@@ -25,6 +25,7 @@ use crate::model::{Timestamp, Violation};
 use crate::ports::{AlertState, EvidenceProbe, MetricSource, Polled, SourceError};
 use crate::settings::MonitorSettings;
 use crate::state::SharedState;
+use crate::store::KnowledgeStore;
 use crate::supervisor::LoopSupervisor;
 
 /// What applying a batch changed.
@@ -244,6 +245,7 @@ pub struct Monitor {
     ticks_since_resync: u64,
     resync_due: bool,
     alert_state: Option<Arc<dyn AlertState>>,
+    store: Option<KnowledgeStore>,
     analyzer: PhaseAddr<Analyzer>,
     clock: SharedClock,
     state: SharedState,
@@ -296,10 +298,59 @@ impl Monitor {
             ticks_since_resync: 0,
             resync_due: false,
             alert_state: None,
+            store: None,
             analyzer,
             clock,
             state,
             supervisor,
+        }
+    }
+
+    /// Keeps the active pushed (webhook) violations in `store`, and starts
+    /// with those that were active when it was last written (they survive
+    /// a restart; Alertmanager may not re-send them for hours).
+    pub fn with_store(mut self, store: Option<KnowledgeStore>) -> Self {
+        if let Some(st) = &store {
+            match st.pushed_violations() {
+                Ok(vs) if !vs.is_empty() => {
+                    let mut by_source: BTreeMap<String, Vec<Violation>> = BTreeMap::new();
+                    for v in vs {
+                        by_source.entry(v.source.clone()).or_default().push(v);
+                    }
+                    let mut restored = 0;
+                    for (source, batch) in by_source {
+                        let applied = self.active.apply(&source, &batch, &[], false);
+                        restored += applied.added.len();
+                        for v in applied.added {
+                            self.pending_added.insert(v.fingerprint.clone(), v);
+                        }
+                    }
+                    self.dirty = true;
+                    tracing::info!(restored, "active webhook violations restored");
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, "active webhook violations could not be restored")
+                }
+            }
+        }
+        self.store = store;
+        self
+    }
+
+    fn keep_pushed(&self, added: &[Arc<Violation>], resolved: &[String]) {
+        let Some(st) = &self.store else {
+            return;
+        };
+        for v in added {
+            if let Err(e) = st.put_pushed(v) {
+                tracing::warn!(error = %e, fingerprint = %v.fingerprint, "webhook violation not kept");
+            }
+        }
+        for fp in resolved {
+            if let Err(e) = st.delete_pushed(fp) {
+                tracing::warn!(error = %e, fingerprint = %fp, "ended webhook violation not forgotten");
+            }
         }
     }
 
@@ -333,6 +384,7 @@ impl Monitor {
                 .metrics()
                 .violations_active
                 .set(self.active.len() as i64);
+            self.keep_pushed(&[], &gone);
             self.note_resolved(gone);
             self.dirty = true;
         }
@@ -525,6 +577,9 @@ impl Monitor {
         complete: bool,
     ) -> ObserveAck {
         let applied = self.active.apply(source, batch, resolved, complete);
+        if !complete {
+            self.keep_pushed(&applied.added, &applied.resolved);
+        }
         let m = self.inbox.metrics();
         m.violations_detected.inc_by(batch.len() as u64);
         m.violations_active.set(self.active.len() as i64);

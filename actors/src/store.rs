@@ -53,7 +53,7 @@ use crate::journal::{
 };
 use crate::model::{
     AnalysisResult, ApprovalStatus, Incident, IncidentState, LearnedStats, LearningInsight,
-    PolicyExecution, PolicyOutcome, RemediationPolicy,
+    PolicyExecution, PolicyOutcome, RemediationPolicy, Violation,
 };
 
 /// Schema version written into the `meta` tree; a database with another
@@ -62,6 +62,10 @@ pub const SCHEMA_VERSION: u32 = 1;
 
 /// Tree of incident records (key: incident id).
 pub const INCIDENTS_TREE: &str = "incidents";
+
+/// Tree of the active pushed (webhook) violations (key: fingerprint), so
+/// they survive a restart.
+pub const PUSHED_TREE: &str = "pushed_violations";
 
 const STATS_KEY: &[u8] = b"learned";
 const INSIGHTS_KEY: &[u8] = b"latest";
@@ -1061,6 +1065,39 @@ impl KnowledgeStore {
             tree: INCIDENTS_TREE.to_string(),
             key: id.to_string(),
         })
+    }
+
+    /// Keeps an active pushed violation (detached: no wait for the fsync).
+    pub fn put_pushed(&self, v: &Violation) -> Result<(), StoreError> {
+        let inner = self.live()?;
+        let value = serde_json::to_value(v).map_err(|source| StoreError::Encode {
+            dir: inner.dir.clone(),
+            what: format!("violation {}", v.fingerprint),
+            source,
+        })?;
+        self.submit_detached(&crate::journal::Record::Put {
+            tree: PUSHED_TREE.to_string(),
+            key: v.fingerprint.clone(),
+            value,
+        })
+    }
+
+    /// Forgets a pushed violation that ended (detached).
+    pub fn delete_pushed(&self, fingerprint: &str) -> Result<(), StoreError> {
+        self.submit_detached(&crate::journal::Record::Delete {
+            tree: PUSHED_TREE.to_string(),
+            key: fingerprint.to_string(),
+        })
+    }
+
+    /// The pushed violations that were active when the store was last
+    /// written.
+    pub fn pushed_violations(&self) -> Result<Vec<Violation>, StoreError> {
+        Ok(self
+            .list_records::<Violation>(PUSHED_TREE, usize::MAX)?
+            .into_iter()
+            .map(|(_, v)| v)
+            .collect())
     }
 
     /// Every incident record kept (open ones and the bounded closed ones).

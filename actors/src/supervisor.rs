@@ -314,6 +314,7 @@ pub fn start_loop(parts: LoopParts) -> LoopHandle {
         );
 
         let m_inbox = inbox(ActorKind::Monitor);
+        let mstore = store.clone();
         let (mi, mset, ma, mc, mstate, mr) = (
             m_inbox.clone(),
             settings.monitor.clone(),
@@ -325,7 +326,9 @@ pub fn start_loop(parts: LoopParts) -> LoopHandle {
         let monitor = PhaseAddr::new(
             Supervisor::start(move |ctx: &mut Context<Monitor>| {
                 ctx.set_mailbox_capacity(cap);
-                Monitor::new(mi, mset, sources, ma, mc, mstate, mr).with_alert_state(alert_state)
+                Monitor::new(mi, mset, sources, ma, mc, mstate, mr)
+                    .with_alert_state(alert_state)
+                    .with_store(Some(mstore))
             }),
             m_inbox,
         );

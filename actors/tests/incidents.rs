@@ -650,3 +650,81 @@ fn a_policy_queued_behind_another_incidents_cooldown_runs_when_the_cooldown_ends
     });
     assert_eq!(sys.run_with_code().expect("run"), 0);
 }
+
+#[test]
+fn active_webhook_violations_survive_a_restart_in_their_incident() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut s = settings();
+    s.plan.auto_approve = false;
+    let pushed = |vs: Vec<Violation>| Observe {
+        source: "alertmanager".into(),
+        violations: vs
+            .into_iter()
+            .map(|mut v| {
+                v.source = "alertmanager".into();
+                v
+            })
+            .collect(),
+        resolved: Vec::new(),
+        complete: false,
+    };
+    let first_id = {
+        let store = KnowledgeStore::open(dir.path(), Duration::from_secs(5)).expect("store");
+        let source = ScriptedSource::new("scripted");
+        source.set(Ok(Vec::new()));
+        let sys = paused_system();
+        let id = sys.block_on(async {
+            let h = start(&source, &ConcurrencyProbe::default(), &store, s.clone());
+            let mut batch = three_on("hook", 0);
+            batch.push(v("gone", "hook", Signal::Failure, 3));
+            h.monitor
+                .send(pushed(batch))
+                .await
+                .expect("monitor")
+                .expect("ack");
+            // One ends before the restart: it must not come back.
+            h.monitor
+                .send(Observe {
+                    source: "alertmanager".into(),
+                    violations: Vec::new(),
+                    resolved: vec!["gone".into()],
+                    complete: false,
+                })
+                .await
+                .expect("monitor")
+                .expect("ack");
+            let list = until_incidents(&h, "pending", |l| {
+                l.len() == 1 && l[0].state == IncidentState::Pending && l[0].violation_count == 3
+            })
+            .await;
+            h.supervisor.send(Shutdown).await.expect("shutdown");
+            list[0].id.clone()
+        });
+        assert_eq!(sys.run_with_code().expect("run"), 0);
+        id
+    };
+    let store = KnowledgeStore::open(dir.path(), Duration::from_secs(5)).expect("reopen");
+    let source = ScriptedSource::new("scripted");
+    source.set(Ok(Vec::new()));
+    let sys = paused_system();
+    sys.block_on(async {
+        let h = start(&source, &ConcurrencyProbe::default(), &store, s);
+        let active = h
+            .monitor
+            .send(mapek_actors::messages::GetActiveViolations)
+            .await
+            .expect("monitor");
+        let mut fps: Vec<String> = active.iter().map(|v| v.fingerprint.clone()).collect();
+        fps.sort();
+        assert_eq!(fps, vec!["hook-0", "hook-1", "hook-2"]);
+        let list = until_incidents(&h, "restored incident with its members", |l| {
+            l.iter().any(|i| {
+                i.id == first_id && i.violation_count == 3 && i.state == IncidentState::Pending
+            })
+        })
+        .await;
+        assert_eq!(list.len(), 1, "{list:#?}");
+        h.supervisor.send(Shutdown).await.expect("shutdown");
+    });
+    assert_eq!(sys.run_with_code().expect("run"), 0);
+}
