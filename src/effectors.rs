@@ -44,7 +44,9 @@ pub fn build_router(cfg: &Config) -> Result<EffectorRouter, String> {
         router = router.route(action, effector);
     }
     for (n, r) in cfg.effectors.component_routes.iter().enumerate() {
-        let Some(effector) = (match built.get(&r.effector) {
+        // `none` stays a route: those components are owned by no system
+        // (escalated), never left to fall through to the default.
+        let effector = match built.get(&r.effector) {
             Some(e) => Some(e.clone()),
             None => {
                 let e = build_effector(cfg, r.effector)?;
@@ -53,8 +55,6 @@ pub fn build_router(cfg: &Config) -> Result<EffectorRouter, String> {
                 }
                 e
             }
-        }) else {
-            continue;
         };
         let components = globs(&r.components, &format!("effectors.component_routes[{n}]"))?;
         router = router.component_route(ComponentRoute {

@@ -286,7 +286,33 @@ struct IncidentQuery {
     cursor: Option<String>,
 }
 
-async fn incidents(State(s): State<ApiState>, Query(q): Query<IncidentQuery>) -> Response {
+async fn incidents(
+    State(s): State<ApiState>,
+    q: Result<Query<IncidentQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let q = match q {
+        Ok(Query(q)) => q,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("bad query: {}", e.body_text()),
+            )
+        }
+    };
+    let after = match q.cursor.as_deref().filter(|c| !c.is_empty()) {
+        None => None,
+        Some(c) => match c.split_once(':').and_then(|(ms, id)| {
+            Some((ms.parse::<i64>().ok()?, id.to_string())).filter(|(_, id)| !id.is_empty())
+        }) {
+            Some(k) => Some(k),
+            None => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("bad cursor `{c}`: pass the `next` of the previous page"),
+                )
+            }
+        },
+    };
     let state = match q.state.as_deref() {
         None | Some("") | Some("all") => None,
         Some(x) => match IncidentState::parse(x) {
@@ -309,7 +335,7 @@ async fn incidents(State(s): State<ApiState>, Query(q): Query<IncidentQuery>) ->
         .send(GetIncidents {
             state,
             limit,
-            after: q.cursor.filter(|c| !c.is_empty()),
+            after,
         })
         .await
     {

@@ -219,6 +219,20 @@ impl Admission {
         }
     }
 
+    /// The earliest moment a block (a cooldown or a hold's lease) ends
+    /// while policies wait: when admission must be tried again even if
+    /// nothing else happens.
+    pub fn next_wakeup(&self) -> Option<Instant> {
+        if self.queue.is_empty() {
+            return None;
+        }
+        self.cooldown
+            .values()
+            .copied()
+            .chain(self.holds.values().map(|h| h.lease_until))
+            .min()
+    }
+
     /// Holds a component until `until` (a cooldown restored at start).
     pub fn hold_until(&mut self, component: &str, until: Instant) {
         self.cooldown.insert(component.to_string(), until);

@@ -88,7 +88,7 @@ impl Actor for Analyzer {
                     act.report_all = false;
                     let chain = crate::messages::ChainTrace::start(act.clock.now());
                     let reports = act.index.diagnose_all(act.clock.now(), &chain.chain_id);
-                    act.deliver(ctx, chain, reports);
+                    act.deliver(ctx, chain, reports, true);
                     Ok(())
                 });
             }
@@ -109,13 +109,23 @@ impl Analyzer {
         ctx: &mut Context<Self>,
         chain: crate::messages::ChainTrace,
         reports: Vec<crate::incident::IncidentReport>,
+        full: bool,
     ) {
-        if reports.is_empty() {
+        if reports.is_empty() && !full {
             return;
         }
         let planner = self.planner.clone();
+        let open_ids = full.then(|| self.index.open_ids());
         ctx.spawn(
-            async move { planner.send(AnalysisReady { chain, reports }).await }
+            async move {
+                planner
+                    .send(AnalysisReady {
+                        chain,
+                        reports,
+                        open_ids,
+                    })
+                    .await
+            }
                 .into_actor(self)
                 .map(|res, act, _| {
                     if let Err(e) = res {
@@ -178,7 +188,16 @@ impl Handler<ViolationsDetected> for Analyzer {
                     .inc_by(dropped - act.dropped_reported);
                 act.dropped_reported = dropped;
             }
-            let reports = if msg.resync.is_some() || act.report_all {
+            let full = msg.resync.is_some() || act.report_all;
+            if msg.resync.is_some() {
+                // Restored memberships that have not come back by the first
+                // full reconcile will not: their incidents close.
+                let forgotten = act.index.forget_restored();
+                if forgotten > 0 {
+                    tracing::info!(forgotten, "restored violations that did not come back forgotten");
+                }
+            }
+            let reports = if full {
                 act.report_all = false;
                 act.index.diagnose_all(now, &chain.chain_id)
             } else {
@@ -188,7 +207,7 @@ impl Handler<ViolationsDetected> for Analyzer {
                 .metrics()
                 .incidents_open_in_window
                 .set(act.index.incident_count() as i64);
-            if reports.is_empty() {
+            if reports.is_empty() && !full {
                 return Ok(());
             }
             let m = act.inbox.metrics();
@@ -224,7 +243,7 @@ impl Handler<ViolationsDetected> for Analyzer {
             }
             chain.timings.analysis_seconds = started.elapsed().as_secs_f64();
             m.phase("analysis", chain.timings.analysis_seconds);
-            act.deliver(ctx, chain, reports);
+            act.deliver(ctx, chain, reports, full);
             Ok(())
         })
         .ok_or(AnalyzerFailed)

@@ -38,8 +38,9 @@ pub struct ComponentRoute {
     pub components: Vec<glob::Pattern>,
     /// Action types covered (all when `None`).
     pub actions: Option<Vec<ActionType>>,
-    /// Where those actions go.
-    pub effector: Arc<dyn Effector>,
+    /// Where those actions go; `None`: no system owns them here (the
+    /// incident is escalated, never sent elsewhere).
+    pub effector: Option<Arc<dyn Effector>>,
 }
 
 /// Which effector carries out which action on which component: the
@@ -109,7 +110,7 @@ impl EffectorRouter {
         for r in &self.component_routes {
             let action_ok = r.actions.as_ref().is_none_or(|a| a.contains(&action));
             if action_ok && r.components.iter().any(|g| g.matches(component)) {
-                return Some(r.effector.clone());
+                return r.effector.clone();
             }
         }
         let covered = self
@@ -641,7 +642,12 @@ mod router_tests {
             .component_route(ComponentRoute {
                 components: vec![glob("pay-*")],
                 actions: Some(vec![ActionType::RestartService]),
-                effector: hook.clone(),
+                effector: Some(hook.clone()),
+            })
+            .component_route(ComponentRoute {
+                components: vec![glob("legacy-*")],
+                actions: None,
+                effector: None,
             });
         let same = |a: &Option<Arc<dyn Effector>>, b: &Arc<dyn Effector>| {
             a.as_ref().is_some_and(|a| Arc::ptr_eq(a, b))
@@ -655,6 +661,14 @@ mod router_tests {
         // pay-1 is covered for RESTART_SERVICE only; nothing else owns it.
         assert!(r.get_for(ActionType::ScaleUp, "pay-1").is_none());
         assert!(!r.covers(ActionType::RestartService, "ledger"));
+        // An explicit `none` route owns nothing, even where the default would.
+        let open = EffectorRouter::all_to(charter.clone()).component_route(ComponentRoute {
+            components: vec![glob("legacy-*")],
+            actions: None,
+            effector: None,
+        });
+        assert!(!open.covers(ActionType::ScaleUp, "legacy-1"));
+        assert!(open.covers(ActionType::ScaleUp, "charter"));
         // Unrestricted, the default covers every component.
         assert!(EffectorRouter::all_to(charter).covers(ActionType::Failover, "anything"));
     }

@@ -23,9 +23,8 @@
 //! The four detectors of [`crate::analyze`] with the same settings, on the
 //! incident's violations, with onsets compared at one-second resolution:
 //! * temporal: the largest set of onsets within `temporal.window_seconds`
-//!   (inclusive). An insertion checks only the windows around the new onset
-//!   (`O(window)` keys); a removal inside the best burst forces one sweep of
-//!   the incident's onset keys at the next diagnosis;
+//!   (inclusive), found by one sweep of the incident's distinct onset
+//!   seconds when a changed incident is diagnosed (not per insertion);
 //! * spatial: per component, at least `spatial.min_violations`;
 //! * causal: a failure/enforcement onset `0..=max_lag` after a latency onset
 //!   (checked by one range lookup per insertion), or the bucket correlation
@@ -347,6 +346,7 @@ pub struct IncidentIndex {
     diagnosed_total: u64,
     full_report: bool,
     candidates: Vec<u32>,
+    by_id: HashMap<String, u32>,
 }
 
 fn ts(ms: i64) -> Timestamp {
@@ -401,6 +401,7 @@ impl IncidentIndex {
             diagnosed_total: 0,
             full_report: false,
             candidates: Vec::new(),
+            by_id: HashMap::new(),
         }
     }
 
@@ -463,6 +464,20 @@ impl IncidentIndex {
         }
     }
 
+    /// Ids of the open incidents (sent with a full report, so the Planner
+    /// closes what the index no longer holds).
+    pub fn open_ids(&self) -> Vec<String> {
+        self.by_id.keys().cloned().collect()
+    }
+
+    /// Forgets the restored memberships that did not come back (called at
+    /// the first full reconcile after a start).
+    pub fn forget_restored(&mut self) -> usize {
+        let n = self.restored.len();
+        self.restored = HashMap::new();
+        n
+    }
+
     /// Marks a source as blind (no evidence) or seeing again; the
     /// incidents with violations from it report the change.
     pub fn set_blind(&mut self, source: &str, blind: bool) {
@@ -518,8 +533,8 @@ impl IncidentIndex {
         let mut candidates = std::mem::take(&mut self.candidates);
         candidates.clear();
         if let Some(id) = self.restored.remove(&fp) {
-            if let Some((k, _)) = self.incidents.iter().find(|(_, a)| a.id == id) {
-                candidates.push(*k);
+            if let Some(&k) = self.by_id.get(&id) {
+                candidates.push(k);
             } else {
                 let key = self.new_incident(id, onset_ms);
                 candidates.push(key);
@@ -591,6 +606,7 @@ impl IncidentIndex {
     fn new_incident(&mut self, id: String, onset_ms: i64) -> u32 {
         let key = self.next_key;
         self.next_key = self.next_key.wrapping_add(1);
+        self.by_id.insert(id.clone(), key);
         self.incidents.insert(key, Agg::new(id, onset_ms));
         key
     }
@@ -710,6 +726,7 @@ impl IncidentIndex {
         let Some(old) = self.incidents.remove(&gone) else {
             return keep;
         };
+        self.by_id.remove(&old.id);
         for (_, slot) in &old.members {
             if let Some(m) = self.slots.get_mut(*slot as usize).and_then(|m| m.take()) {
                 let mut m = m;
@@ -764,6 +781,7 @@ impl IncidentIndex {
         let empty = self.incidents.get(&key).is_some_and(|a| a.len() == 0);
         if empty {
             if let Some(a) = self.incidents.remove(&key) {
+                self.by_id.remove(&a.id);
                 self.dirty.remove(&key);
                 self.closed.push(IncidentReport {
                     id: a.id.clone(),
@@ -1178,7 +1196,15 @@ impl IncidentIndex {
             band: top
                 .map(|r| (r.confidence * 10.0).floor() as i64)
                 .unwrap_or(-1),
-            components: top.map(|r| r.components.clone()).unwrap_or_default(),
+            // The set, not the order: a count that reorders the
+            // components is not a new diagnosis.
+            components: top
+                .map(|r| {
+                    let mut c = r.components.clone();
+                    c.sort();
+                    c
+                })
+                .unwrap_or_default(),
             actionable: count >= s.plan_threshold,
             no_evidence,
         };
@@ -1523,6 +1549,29 @@ mod tests {
             "same diagnosis: no new analysis"
         );
         assert_eq!(reports[0].violation_count, 4);
+    }
+
+    #[test]
+    fn a_count_that_reorders_components_is_not_a_new_diagnosis() {
+        let mut ix = IncidentIndex::new(&settings(&[("a", &["b"])]));
+        for i in 0..3 {
+            ix.insert(v(&format!("a{i}"), "a", Signal::Failure, i));
+        }
+        for i in 0..2 {
+            ix.insert(v(&format!("b{i}"), "b", Signal::Failure, i));
+        }
+        let first = ix.diagnose_dirty(t0() + Duration::seconds(10), "c", false);
+        assert!(first[0].diagnosis_changed);
+        for i in 2..4 {
+            ix.insert(v(&format!("b{i}"), "b", Signal::Failure, i));
+        }
+        let r = ix.diagnose_dirty(t0() + Duration::seconds(10), "c", true);
+        assert_eq!(r.len(), 1);
+        assert!(
+            !r[0].diagnosis_changed,
+            "b now leads, but cause and components are the same"
+        );
+        assert_eq!(r[0].violation_count, 7);
     }
 
     #[test]

@@ -473,3 +473,119 @@ impl<A: Actor> PhaseAddr<A> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod bound_tests {
+    use std::sync::Arc;
+
+    use actix::prelude::*;
+    use tokio::sync::Semaphore;
+
+    use super::*;
+
+    /// An actor whose every message waits for a permit while its mailbox is
+    /// paused (`ctx.wait`): it can be held, so senders can be seen waiting.
+    struct Held {
+        inbox: Inbox,
+        gate: Arc<Semaphore>,
+    }
+
+    impl Actor for Held {
+        type Context = Context<Self>;
+    }
+
+    #[derive(Message)]
+    #[rtype(result = "()")]
+    struct Work;
+
+    impl Named for Work {
+        const NAME: &'static str = "Work";
+    }
+
+    impl Handler<Work> for Held {
+        type Result = ();
+
+        fn handle(&mut self, _msg: Work, ctx: &mut Context<Self>) {
+            let _timer = self.inbox.received("Work");
+            let gate = self.gate.clone();
+            ctx.wait(
+                async move {
+                    if let Ok(p) = gate.acquire().await {
+                        p.forget();
+                    }
+                }
+                .into_actor(self),
+            );
+        }
+    }
+
+    #[test]
+    fn waiting_senders_are_not_queued_and_an_abandoned_one_still_delivers() {
+        let sys = System::new();
+        sys.block_on(async {
+            let metrics = Arc::new(Metrics::new());
+            let inbox = Inbox::new(
+                ActorKind::Executor,
+                metrics.clone(),
+                None,
+                crate::events::bus(16),
+            )
+            .with_capacity(4);
+            let gate = Arc::new(Semaphore::new(0));
+            let addr = PhaseAddr::new(
+                Held {
+                    inbox: inbox.clone(),
+                    gate: gate.clone(),
+                }
+                .start(),
+                inbox,
+            );
+            // The first message is taken and holds the actor.
+            addr.offer(Work).expect("room");
+            while addr.depth() != 0 {
+                tokio::task::yield_now().await;
+            }
+            let (mut ok, mut shed) = (0, 0);
+            for _ in 0..6 {
+                match addr.offer(Work) {
+                    Ok(()) => ok += 1,
+                    Err(_) => shed += 1,
+                }
+            }
+            assert_eq!((ok, shed), (4, 2));
+            let waiting: Vec<_> = (0..3)
+                .map(|_| {
+                    let a = addr.clone();
+                    tokio::spawn(async move { a.send(Work).await })
+                })
+                .collect();
+            for _ in 0..50 {
+                tokio::task::yield_now().await;
+            }
+            assert_eq!(addr.depth(), 4, "bounded: waiting senders are not queued");
+            assert!(
+                waiting.iter().all(|w| !w.is_finished()),
+                "they wait for room"
+            );
+            let mut waiting = waiting.into_iter();
+            if let Some(first) = waiting.next() {
+                first.abort();
+            }
+            gate.add_permits(100);
+            for w in waiting {
+                w.await.expect("join").expect("delivered");
+            }
+            while addr.depth() != 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+            let handled = metrics
+                .messages_handled
+                .get_or_create(&ActorMessageLabels {
+                    actor: "executor",
+                    message: "Work",
+                })
+                .get();
+            assert_eq!(handled, 1 + 4 + 3, "the abandoned sender's message too");
+        });
+    }
+}

@@ -188,6 +188,10 @@ pub struct AnalysisReady {
     pub chain: ChainTrace,
     /// One report per touched incident.
     pub reports: Vec<IncidentReport>,
+    /// With a full report: every incident the Analyzer holds open; the
+    /// Planner closes any other it still has open (violations that ended
+    /// while mapek was down, or a lost closure report).
+    pub open_ids: Option<Vec<String>>,
 }
 
 /// Executor → Planner: a policy's actions are over (its verification
@@ -207,8 +211,9 @@ pub struct GetIncidents {
     pub state: Option<IncidentState>,
     /// At most this many.
     pub limit: usize,
-    /// Continue after this id (the previous page's `next`).
-    pub after: Option<String>,
+    /// Continue after this position (onset in ms, id): the previous
+    /// page's last incident. Stable while incidents change state.
+    pub after: Option<(i64, String)>,
 }
 
 /// A page of incidents.
@@ -216,7 +221,7 @@ pub struct GetIncidents {
 pub struct IncidentPage {
     /// Incidents, newest first (by onset, then id).
     pub incidents: Vec<Incident>,
-    /// Cursor of the next page, when there is one.
+    /// Cursor of the next page (`<onset ms>:<id>`), when there is one.
     pub next: Option<String>,
 }
 

@@ -932,6 +932,11 @@ pub struct Incident {
     /// restart).
     #[serde(default)]
     pub hold_until: Option<Timestamp>,
+    /// Remedies admitted so far (the `attempt` of the idempotency key
+    /// `incident/attempt/action`; counted at admission, so an interrupted
+    /// execution is never reused).
+    #[serde(default)]
+    pub attempts: u32,
 }
 
 /// Member fingerprints kept on an incident record (the count is exact).

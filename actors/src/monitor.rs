@@ -795,7 +795,15 @@ impl Handler<MeasureNow> for Monitor {
         };
         let scope = msg.scope;
         let polled = self.polled.clone();
-        let alert_state = self.alert_state.clone();
+        // Alertmanager is asked only when pushed alerts are in scope: a
+        // Prometheus-only incident does not depend on it.
+        let pushed_in_scope = self
+            .active
+            .by_source
+            .keys()
+            .filter(|s| !polled.contains(*s))
+            .any(|s| self.active.count_in_scope(s, &scope) > 0);
+        let alert_state = self.alert_state.clone().filter(|_| pushed_in_scope);
         let fut = async move {
             let mut total = 0usize;
             for s in &sources {

@@ -50,6 +50,8 @@ struct Entry {
     running: Option<String>,
     no_evidence: bool,
     cooldown_until: Option<Instant>,
+    /// The cooldown a timer is armed for (one timer per cooldown).
+    state_timer: Option<Instant>,
     rejected: bool,
 }
 
@@ -69,6 +71,8 @@ pub struct Planner {
     clock: SharedClock,
     state: SharedState,
     supervisor: PhaseAddr<LoopSupervisor>,
+    /// When admission is next tried by a timer (one timer at a time).
+    wakeup: Option<Instant>,
 }
 
 impl Planner {
@@ -140,11 +144,41 @@ impl Planner {
                     running: None,
                     no_evidence: false,
                     cooldown_until,
+                    state_timer: None,
                     rejected: false,
                 },
             );
         }
         closed.sort();
+        // A pending policy whose incident is gone or closed can no longer
+        // be approved.
+        let mut pending = pending;
+        let stale: Vec<String> = pending
+            .values()
+            .filter(|(p, _)| {
+                p.incident_id.as_ref().is_some_and(|i| {
+                    incidents
+                        .get(i)
+                        .is_none_or(|e: &Entry| e.incident.state == IncidentState::Closed)
+                })
+            })
+            .map(|(p, _)| p.id.clone())
+            .collect();
+        for id in stale {
+            if let Some((mut p, _)) = pending.remove(&id) {
+                p.approval_status = ApprovalStatus::Superseded;
+                p.decisions.push(crate::model::ApprovalDecision {
+                    status: ApprovalStatus::Superseded,
+                    by: "mapek".into(),
+                    at: clock.now(),
+                    reason: Some("its incident closed".into()),
+                });
+                if let Err(e) = store.submit_detached(&crate::journal::Record::Policy { policy: p })
+                {
+                    tracing::warn!(error = %e, "superseded policy not recorded");
+                }
+            }
+        }
         let mut admission = Admission::new(max_concurrent, lease);
         for (component, until) in holds {
             admission.hold_until(&component, until);
@@ -164,6 +198,7 @@ impl Planner {
             clock,
             state,
             supervisor,
+            wakeup: None,
         };
         p.refresh_gauges();
         p
@@ -282,6 +317,7 @@ impl Planner {
                 outcome: None,
                 reason: None,
                 hold_until: None,
+                attempts: 0,
             },
             analysis: None,
             chain: chain.clone(),
@@ -289,6 +325,7 @@ impl Planner {
             running: None,
             no_evidence: false,
             cooldown_until: None,
+            state_timer: None,
             rejected: false,
         });
         let reopened = entry.incident.state == IncidentState::Closed;
@@ -330,10 +367,14 @@ impl Planner {
                 patterns: a.patterns.iter().map(|p| p.kind).collect(),
                 violation_count: a.violation_count,
             };
-            rediagnosed = inc
-                .diagnosis
-                .as_ref()
-                .is_some_and(|old| old.cause != d.cause || old.components != d.components);
+            let set = |c: &[String]| {
+                let mut c = c.to_vec();
+                c.sort();
+                c
+            };
+            rediagnosed = inc.diagnosis.as_ref().is_some_and(|old| {
+                old.cause != d.cause || set(&old.components) != set(&d.components)
+            });
             if let Some(old) = inc.diagnosis.replace(d) {
                 inc.diagnoses.push(old);
                 if inc.diagnoses.len() > INCIDENT_DIAGNOSES_KEPT {
@@ -434,12 +475,21 @@ impl Planner {
             let left = until.saturating_duration_since(Instant::now());
             if !left.is_zero() {
                 let key = id.to_string();
-                ctx.run_later(left, move |act, ctx| {
-                    if let Some(e) = act.incidents.get_mut(&key) {
-                        e.cooldown_until = None;
+                if e.state_timer != Some(until) {
+                    ctx.run_later(left, move |act, ctx| {
+                        if let Some(e) = act.incidents.get_mut(&key) {
+                            e.state_timer = None;
+                            // Only the timer of the current cooldown ends it.
+                            if e.cooldown_until.is_some_and(|u| u <= Instant::now()) {
+                                e.cooldown_until = None;
+                            }
+                        }
+                        act.reconcile(ctx, &key);
+                    });
+                    if let Some(e) = self.incidents.get_mut(id) {
+                        e.state_timer = Some(until);
                     }
-                    act.reconcile(ctx, &key);
-                });
+                }
                 return self.set_state(id, IncidentState::CoolingDown, None);
             }
         }
@@ -509,6 +559,9 @@ impl Planner {
             .policies_generated
             .inc_by(covered.len() as u64);
         let mut chain = chain;
+        // A re-plan is a new attempt: its deadline counts from now, not
+        // from the diagnosis it was planned from.
+        chain.started = Instant::now();
         chain.timings.planning_seconds = started.elapsed().as_secs_f64();
         self.inbox
             .metrics()
@@ -585,17 +638,37 @@ impl Planner {
 
     /// Hands every policy the admission queue admits now to the Executor.
     fn admit(&mut self, ctx: &mut Context<Self>) {
+        if !self.state.lock().is_running {
+            return; // shutting down: nothing new starts
+        }
         let admitted = self.admission.admit(Instant::now());
         for mut q in admitted {
             let id = q.policy.incident_id.clone().unwrap_or_default();
             if let Some(e) = self.incidents.get_mut(&id) {
                 e.running = Some(q.policy.id.clone());
                 e.incident.reason = None;
-                q.policy.attempt =
-                    u32::try_from(e.incident.executions.len() + 1).unwrap_or(u32::MAX);
+                e.incident.attempts = e.incident.attempts.saturating_add(1);
+                q.policy.attempt = e.incident.attempts;
             }
             self.set_state(&id, IncidentState::Acting, None);
+            self.persist(&id);
             self.dispatch(ctx, q.policy, q.chain);
+        }
+        // Policies still waiting behind a cooldown or a hold: try again
+        // when the earliest of those ends (nothing else may happen).
+        if let Some(at) = self.admission.next_wakeup() {
+            if self.wakeup.is_none_or(|w| at < w || w <= Instant::now()) {
+                self.wakeup = Some(at);
+                let wait = at.saturating_duration_since(Instant::now()) + Duration::from_millis(1);
+                ctx.run_later(wait, |act, ctx| {
+                    let inbox = act.inbox.clone();
+                    inbox.guard_internal(act, ctx, "AdmissionWakeup", |act, ctx| {
+                        act.wakeup = None;
+                        act.admit(ctx);
+                        Ok(())
+                    });
+                });
+            }
         }
         self.refresh_gauges();
     }
@@ -653,30 +726,25 @@ impl Planner {
     }
 
     fn page(&self, msg: &GetIncidents) -> IncidentPage {
+        // Newest first by (onset, id); the cursor is a position in that
+        // order, so a page boundary survives state changes and evictions.
+        let key = |i: &Incident| (i.opened_at.timestamp_millis(), i.id.clone());
         let mut all: Vec<&Incident> = self
             .incidents
             .values()
             .map(|e| &e.incident)
             .filter(|i| msg.state.is_none_or(|s| i.state == s))
+            .filter(|i| msg.after.as_ref().is_none_or(|after| key(i) < *after))
             .collect();
-        all.sort_by(|a, b| b.opened_at.cmp(&a.opened_at).then_with(|| b.id.cmp(&a.id)));
-        let start = match &msg.after {
-            Some(after) => all
-                .iter()
-                .position(|i| &i.id == after)
-                .map(|p| p + 1)
-                .unwrap_or(all.len()),
-            None => 0,
-        };
+        all.sort_by_key(|i| std::cmp::Reverse(key(i)));
         let limit = msg.limit.max(1);
-        let slice: Vec<Incident> = all
-            .iter()
-            .skip(start)
-            .take(limit)
-            .map(|i| (*i).clone())
-            .collect();
-        let next = (start + slice.len() < all.len())
-            .then(|| slice.last().map(|i| i.id.clone()))
+        let slice: Vec<Incident> = all.iter().take(limit).map(|i| (*i).clone()).collect();
+        let next = (all.len() > slice.len())
+            .then(|| {
+                slice
+                    .last()
+                    .map(|i| format!("{}:{}", i.opened_at.timestamp_millis(), i.id))
+            })
             .flatten();
         IncidentPage {
             incidents: slice,
@@ -709,6 +777,24 @@ impl Handler<AnalysisReady> for Planner {
             let _span = tracing::info_span!("chain", chain = %chain.chain_id).entered();
             for r in msg.reports {
                 act.apply_report(ctx, &chain, r);
+            }
+            if let Some(open) = msg.open_ids {
+                // A full report: whatever the Analyzer no longer holds has
+                // ended (while mapek was down, or its report was lost).
+                let held: std::collections::HashSet<String> = open.into_iter().collect();
+                let gone: Vec<String> = act
+                    .incidents
+                    .iter()
+                    .filter(|(id, e)| {
+                        e.incident.state != IncidentState::Closed
+                            && e.running.is_none()
+                            && !held.contains(*id)
+                    })
+                    .map(|(id, _)| id.clone())
+                    .collect();
+                for id in gone {
+                    act.close(ctx, &id, CloseReason::ResolvedWithoutAction, None);
+                }
             }
             act.refresh_gauges();
             Ok(())

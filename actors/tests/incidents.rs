@@ -728,3 +728,208 @@ fn active_webhook_violations_survive_a_restart_in_their_incident() {
     });
     assert_eq!(sys.run_with_code().expect("run"), 0);
 }
+
+/// Evidence never improves: 3 violations before and after every remedy.
+#[derive(Clone, Default)]
+struct StuckProbe;
+
+impl EvidenceProbe for StuckProbe {
+    fn count_violations<'a>(
+        &'a self,
+        _scope: &'a [String],
+    ) -> BoxFuture<'a, Result<usize, SourceError>> {
+        Box::pin(async { Ok(3) })
+    }
+}
+
+fn start_with(
+    source: &ScriptedSource,
+    effector: Arc<dyn Effector>,
+    probe: Arc<dyn EvidenceProbe>,
+    store: &KnowledgeStore,
+    settings: LoopSettings,
+) -> LoopHandle {
+    start_loop(LoopParts {
+        settings,
+        sources: vec![Arc::new(source.clone())],
+        effectors: EffectorRouter::all_to(effector),
+        probe: Some(probe),
+        store: store.clone(),
+        clock: Arc::new(SystemClock),
+        metrics: Arc::new(Metrics::new()),
+        chaos: None,
+        events: None,
+        alert_state: None,
+    })
+}
+
+/// REVIEW 1: an incident whose diagnosis does not change is re-planned with
+/// the chain of its first diagnosis; once max_cycle_time has passed since
+/// then, every later attempt is cut off before it acts.
+#[test]
+fn a_replan_long_after_the_first_diagnosis_still_acts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = KnowledgeStore::open(dir.path(), Duration::from_secs(5)).expect("store");
+    let source = ScriptedSource::new("scripted");
+    source.set(Ok(three_on("svc", 0)));
+    let effector = ConcurrencyProbe::default();
+    let sys = paused_system();
+    sys.block_on(async {
+        let h = start_with(
+            &source,
+            Arc::new(effector.clone()),
+            Arc::new(StuckProbe),
+            &store,
+            settings(),
+        );
+        // max_cycle_time 300 s, verification 30 s, cooldown 60 s.
+        tokio::time::sleep(Duration::from_secs(290)).await;
+        let early = effector.inner.lock().expect("lock").applied.len();
+        tokio::time::sleep(Duration::from_secs(1500)).await;
+        let late = effector.inner.lock().expect("lock").applied.len();
+        let page = h
+            .planner
+            .send(GetIncidents {
+                state: None,
+                limit: 10,
+                after: None,
+            })
+            .await
+            .expect("planner");
+        // No execution was cut off for a stale chain deadline.
+        for e in &page.incidents[0].executions {
+            let x = store.get_execution(e).expect("store").expect("execution");
+            assert!(!x.timings.cut_off, "{:?}", x.error);
+        }
+        assert!(
+            late > early,
+            "no action applied after max_cycle_time ({early} then {late})"
+        );
+        h.supervisor.send(Shutdown).await.expect("shutdown");
+    });
+    assert_eq!(sys.run_with_code().expect("run"), 0);
+}
+
+/// REVIEW 2: a cooldown restored at start (from a closed, remedied
+/// incident) blocks a new incident's policy in the admission queue, and
+/// nothing wakes the queue when that cooldown ends.
+#[test]
+fn a_policy_queued_behind_a_restored_cooldown_is_admitted_when_it_ends() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut s = settings();
+    s.plan.cooldown_seconds = 600;
+    {
+        let store = KnowledgeStore::open(dir.path(), Duration::from_secs(5)).expect("store");
+        let source = ScriptedSource::new("scripted");
+        source.set(Ok(three_on("svc", 0)));
+        let effector = ConcurrencyProbe::default();
+        let sys = paused_system();
+        sys.block_on(async {
+            let h = start(&source, &effector, &store, s.clone());
+            let mut rx = h.events.subscribe();
+            verified_n(&mut rx, 1).await;
+            source.set(Ok(Vec::new()));
+            until_incidents(&h, "closed", |l| {
+                l.len() == 1 && l[0].state == IncidentState::Closed
+            })
+            .await;
+            h.supervisor.send(Shutdown).await.expect("shutdown");
+        });
+        assert_eq!(sys.run_with_code().expect("run"), 0);
+    }
+    let store = KnowledgeStore::open(dir.path(), Duration::from_secs(5)).expect("reopen");
+    let source = ScriptedSource::new("scripted");
+    let fresh: Vec<Violation> = (0..3)
+        .map(|i| v(&format!("new-{i}"), "svc", Signal::Failure, 900 + i))
+        .collect();
+    source.set(Ok(fresh));
+    let effector = ConcurrencyProbe::default();
+    let sys = paused_system();
+    sys.block_on(async {
+        let h = start(&source, &effector, &store, s);
+        until_incidents(&h, "queued", |l| {
+            l.iter().any(|i| i.state == IncidentState::Queued)
+        })
+        .await;
+        // The restored cooldown lasts at most 600 s; wait an hour.
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        let page = h
+            .planner
+            .send(GetIncidents {
+                state: None,
+                limit: 10,
+                after: None,
+            })
+            .await
+            .expect("planner");
+        let states: Vec<_> = page
+            .incidents
+            .iter()
+            .map(|i| (i.id.clone(), i.state))
+            .collect();
+        assert!(
+            !effector.inner.lock().expect("lock").applied.is_empty(),
+            "the new incident's policy was never admitted: {states:?}"
+        );
+        h.supervisor.send(Shutdown).await.expect("shutdown");
+    });
+    assert_eq!(sys.run_with_code().expect("run"), 0);
+}
+
+#[test]
+fn a_restored_incident_whose_violations_ended_meanwhile_closes_and_its_policy_is_superseded() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut s = settings();
+    s.plan.auto_approve = false;
+    {
+        let store = KnowledgeStore::open(dir.path(), Duration::from_secs(5)).expect("store");
+        let source = ScriptedSource::new("scripted");
+        source.set(Ok(three_on("svc", 0)));
+        let effector = ConcurrencyProbe::default();
+        let sys = paused_system();
+        sys.block_on(async {
+            let h = start(&source, &effector, &store, s.clone());
+            until_incidents(&h, "pending", |l| {
+                l.len() == 1 && l[0].state == IncidentState::Pending
+            })
+            .await;
+            h.supervisor.send(Shutdown).await.expect("shutdown");
+        });
+        assert_eq!(sys.run_with_code().expect("run"), 0);
+    }
+    let store = KnowledgeStore::open(dir.path(), Duration::from_secs(5)).expect("reopen");
+    let source = ScriptedSource::new("scripted");
+    source.set(Ok(Vec::new())); // resolved while mapek was down
+    let effector = ConcurrencyProbe::default();
+    let sys = paused_system();
+    sys.block_on(async {
+        let h = start(&source, &effector, &store, s);
+        let list = until_incidents(&h, "closed after the first full reconcile", |l| {
+            l.len() == 1 && l[0].state == IncidentState::Closed
+        })
+        .await;
+        assert_eq!(
+            list[0].close_reason,
+            Some(mapek_actors::model::CloseReason::ResolvedWithoutAction)
+        );
+        let pid = list[0].policies[0].clone();
+        let res = h
+            .planner
+            .send(DecidePolicy {
+                id: pid,
+                decision: ApprovalStatus::Approved,
+                by: "op".into(),
+                reason: None,
+            })
+            .await
+            .expect("planner");
+        assert!(
+            res.is_err(),
+            "a superseded policy cannot be approved: {res:?}"
+        );
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert!(effector.inner.lock().expect("lock").applied.is_empty());
+        h.supervisor.send(Shutdown).await.expect("shutdown");
+    });
+    assert_eq!(sys.run_with_code().expect("run"), 0);
+}
