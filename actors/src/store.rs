@@ -67,6 +67,59 @@ pub const INCIDENTS_TREE: &str = "incidents";
 /// they survive a restart.
 pub const PUSHED_TREE: &str = "pushed_violations";
 
+/// A pushed violation as kept in [`PUSHED_TREE`] (the key is its
+/// fingerprint).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct PushedRecord {
+    r: String,
+    s: crate::model::Severity,
+    c: String,
+    m: String,
+    v: f64,
+    l: std::collections::BTreeMap<String, String>,
+    g: crate::model::Signal,
+    o: i64,
+    t: i64,
+    src: String,
+}
+
+impl From<&Violation> for PushedRecord {
+    fn from(v: &Violation) -> Self {
+        PushedRecord {
+            r: v.rule.clone(),
+            s: v.severity,
+            c: v.component.clone(),
+            m: v.metric.clone(),
+            v: v.value,
+            l: v.labels.clone(),
+            g: v.signal,
+            o: v.first_seen.timestamp_millis(),
+            t: v.observed_at.timestamp_millis(),
+            src: v.source.clone(),
+        }
+    }
+}
+
+impl PushedRecord {
+    fn into_violation(self, fingerprint: String) -> Violation {
+        let at = |ms: i64| chrono::DateTime::from_timestamp_millis(ms).unwrap_or_default();
+        Violation {
+            id: crate::model::new_id("vio"),
+            fingerprint,
+            rule: self.r,
+            severity: self.s,
+            component: self.c,
+            metric: self.m,
+            value: self.v,
+            labels: self.l,
+            signal: self.g,
+            first_seen: at(self.o),
+            observed_at: at(self.t),
+            source: self.src,
+        }
+    }
+}
+
 const STATS_KEY: &[u8] = b"learned";
 const INSIGHTS_KEY: &[u8] = b"latest";
 const SCHEMA_KEY: &[u8] = b"schema_version";
@@ -1067,14 +1120,17 @@ impl KnowledgeStore {
         })
     }
 
-    /// Keeps an active pushed violation (detached: no wait for the fsync).
+    /// Keeps an active pushed violation (detached: no wait for the fsync),
+    /// in a compact form (~150 bytes: short keys, times in ms, no
+    /// observation id) since there may be 100 000 of them.
     pub fn put_pushed(&self, v: &Violation) -> Result<(), StoreError> {
         let inner = self.live()?;
-        let value = serde_json::to_value(v).map_err(|source| StoreError::Encode {
-            dir: inner.dir.clone(),
-            what: format!("violation {}", v.fingerprint),
-            source,
-        })?;
+        let value =
+            serde_json::to_value(PushedRecord::from(v)).map_err(|source| StoreError::Encode {
+                dir: inner.dir.clone(),
+                what: format!("violation {}", v.fingerprint),
+                source,
+            })?;
         self.submit_detached(&crate::journal::Record::Put {
             tree: PUSHED_TREE.to_string(),
             key: v.fingerprint.clone(),
@@ -1094,9 +1150,9 @@ impl KnowledgeStore {
     /// written.
     pub fn pushed_violations(&self) -> Result<Vec<Violation>, StoreError> {
         Ok(self
-            .list_records::<Violation>(PUSHED_TREE, usize::MAX)?
+            .list_records::<PushedRecord>(PUSHED_TREE, usize::MAX)?
             .into_iter()
-            .map(|(_, v)| v)
+            .map(|(fp, r)| r.into_violation(fp))
             .collect())
     }
 
