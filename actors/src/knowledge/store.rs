@@ -2078,7 +2078,7 @@ mod tests {
         let mut child = Command::new(exe)
             .args([
                 "--exact",
-                "store::tests::lock_holder_child",
+                "knowledge::store::tests::lock_holder_child",
                 "--nocapture",
                 "--test-threads=1",
             ])
