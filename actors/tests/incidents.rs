@@ -933,3 +933,56 @@ fn a_restored_incident_whose_violations_ended_meanwhile_closes_and_its_policy_is
     });
     assert_eq!(sys.run_with_code().expect("run"), 0);
 }
+
+#[test]
+fn a_remedy_interrupted_by_a_crash_is_not_repeated_at_once_after_the_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut s = settings();
+    s.plan.cooldown_seconds = 300;
+    {
+        let store = KnowledgeStore::open(dir.path(), Duration::from_secs(5)).expect("store");
+        let source = ScriptedSource::new("scripted");
+        source.set(Ok(three_on("svc", 0)));
+        let effector = ConcurrencyProbe::default();
+        let sys = paused_system();
+        sys.block_on(async {
+            let h = start(&source, &effector, &store, s.clone());
+            // Acting, then verifying: the process dies (no drain, no
+            // verification).
+            until_incidents(&h, "verifying", |l| {
+                l.len() == 1 && l[0].state == IncidentState::Verifying
+            })
+            .await;
+            assert!(!effector.inner.lock().expect("lock").applied.is_empty());
+            System::current().stop_with_code(137);
+        });
+        let _killed = sys.run_with_code();
+        store.close().expect("close");
+    }
+    let store = KnowledgeStore::open(dir.path(), Duration::from_secs(5)).expect("reopen");
+    let source = ScriptedSource::new("scripted");
+    source.set(Ok(three_on("svc", 0)));
+    let effector = ConcurrencyProbe::default();
+    let sys = paused_system();
+    sys.block_on(async {
+        let h = start(&source, &effector, &store, s);
+        let list = until_incidents(&h, "cooling down after the restart", |l| {
+            l.len() == 1 && l[0].state == IncidentState::CoolingDown && l[0].violation_count == 3
+        })
+        .await;
+        assert!(list[0].hold_until.is_some());
+        tokio::time::sleep(Duration::from_secs(200)).await;
+        assert!(
+            effector.inner.lock().expect("lock").applied.is_empty(),
+            "the interrupted remedy may have worked: not repeated during the cooldown"
+        );
+        // After the cooldown the incident, still active, is remedied again
+        // under a new attempt.
+        let mut rx = h.events.subscribe();
+        verified_n(&mut rx, 1).await;
+        let list = incidents(&h).await;
+        assert_eq!(list[0].attempts, 2);
+        h.supervisor.send(Shutdown).await.expect("shutdown");
+    });
+    assert_eq!(sys.run_with_code().expect("run"), 0);
+}

@@ -108,11 +108,16 @@ impl Planner {
         let mut holds: Vec<(String, Instant)> = Vec::new();
         for mut inc in store.all_incidents().unwrap_or_default() {
             // A restart interrupts what was running: the incident is
-            // planned again from fresh evidence.
-            if matches!(
-                inc.state,
-                IncidentState::Acting | IncidentState::Verifying | IncidentState::Queued
-            ) {
+            // planned again from fresh evidence. A remedy that was acting or
+            // verifying may have taken effect: its components rest for a
+            // cooldown first, so the remedy is not repeated at once.
+            if matches!(inc.state, IncidentState::Acting | IncidentState::Verifying) {
+                let rest = chrono::Duration::seconds(
+                    i64::try_from(settings.cooldown_seconds).unwrap_or(i64::MAX / 2),
+                );
+                inc.hold_until = Some(clock.now() + rest);
+                inc.state = IncidentState::CoolingDown;
+            } else if inc.state == IncidentState::Queued {
                 inc.state = IncidentState::Open;
             }
             if inc.state == IncidentState::Closed {
