@@ -474,6 +474,148 @@ impl<A: Actor> PhaseAddr<A> {
     }
 }
 
+/// A typed port to whichever phase handles `M`: what a phase holds to send
+/// to another, so phases know messages, not each other's actor types (only
+/// the supervisor wires ports to actors). Same delivery modes and counting
+/// as [`PhaseAddr`].
+pub struct PhasePort<M>
+where
+    M: Message + Send,
+    M::Result: Send,
+{
+    recipient: Recipient<M>,
+    inbox: Inbox,
+}
+
+impl<M> Clone for PhasePort<M>
+where
+    M: Message + Send,
+    M::Result: Send,
+{
+    fn clone(&self) -> Self {
+        PhasePort {
+            recipient: self.recipient.clone(),
+            inbox: self.inbox.clone(),
+        }
+    }
+}
+
+impl<A: Actor> PhaseAddr<A> {
+    /// The port through which others send `M` to this actor.
+    pub fn port<M>(&self) -> PhasePort<M>
+    where
+        M: Message + Named + Send + 'static,
+        M::Result: Send,
+        A: Handler<M>,
+        A::Context: ToEnvelope<A, M>,
+    {
+        PhasePort {
+            recipient: self.addr.clone().recipient(),
+            inbox: self.inbox.clone(),
+        }
+    }
+}
+
+impl<M> PhasePort<M>
+where
+    M: Message + Named + Send + 'static,
+    M::Result: Send,
+{
+    /// Messages waiting in the receiving mailbox now.
+    pub fn depth(&self) -> i64 {
+        self.inbox.depth()
+    }
+
+    /// Whether the receiving actor is still reachable.
+    pub fn connected(&self) -> bool {
+        self.recipient.connected()
+    }
+
+    /// Sends, waiting for room and for the answer (see [`PhaseAddr::send`]).
+    pub async fn send(&self, msg: M) -> Result<M::Result, DeliveryError> {
+        if !self.recipient.connected() {
+            self.inbox.shed(M::NAME);
+            return Err(DeliveryError::Closed(self.inbox.kind));
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let recipient = self.recipient.clone();
+        let inbox = self.inbox.clone();
+        tokio::spawn(async move {
+            match inbox.slots.clone().acquire_owned().await {
+                Ok(permit) => permit.forget(),
+                Err(_) => return,
+            }
+            if !recipient.connected() {
+                inbox.release_slot();
+                inbox.shed(M::NAME);
+                return;
+            }
+            inbox.enqueued();
+            let _ = tx.send(recipient.send(msg).await.ok());
+        });
+        match rx.await {
+            Ok(Some(r)) => Ok(r),
+            _ => Err(DeliveryError::Closed(self.inbox.kind)),
+        }
+    }
+
+    /// Delivers without waiting, even past the capacity (see
+    /// [`PhaseAddr::push`]); for rare control messages.
+    pub fn push(&self, msg: M) {
+        if !self.recipient.connected() {
+            self.inbox.shed(M::NAME);
+            return;
+        }
+        match self.inbox.slots.try_acquire() {
+            Ok(permit) => permit.forget(),
+            Err(_) => {
+                self.inbox.overdraft.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        self.inbox.enqueued();
+        self.recipient.do_send(msg);
+    }
+
+    /// Delivers if the mailbox has room, else sheds and counts (see
+    /// [`PhaseAddr::offer`]).
+    pub fn offer(&self, msg: M) -> Result<(), DeliveryError> {
+        match self.inbox.slots.try_acquire() {
+            Ok(permit) => permit.forget(),
+            Err(_) => {
+                self.inbox.shed(M::NAME);
+                tracing::warn!(actor = %self.inbox.kind, message = M::NAME, "mailbox full; message shed");
+                return Err(DeliveryError::Full(self.inbox.kind));
+            }
+        }
+        if !self.recipient.connected() {
+            self.inbox.release_slot();
+            self.inbox.shed(M::NAME);
+            return Err(DeliveryError::Closed(self.inbox.kind));
+        }
+        self.inbox.enqueued();
+        self.recipient.do_send(msg);
+        Ok(())
+    }
+}
+
+/// Counts a restart and tells the supervisor (shared by every phase actor).
+pub(crate) fn note_restart(inbox: &Inbox, supervisor: &PhasePort<crate::messages::ActorRestarted>) {
+    inbox
+        .metrics()
+        .restarts
+        .get_or_create(&crate::metrics::ActorLabels {
+            actor: inbox.kind().as_str(),
+        })
+        .inc();
+    tracing::warn!(actor = %inbox.kind(), "actor restarting");
+    inbox.emit(crate::events::LoopEvent::Restarted {
+        actor: inbox.kind(),
+    });
+    supervisor.push(crate::messages::ActorRestarted {
+        actor: inbox.kind(),
+    });
+}
+
 #[cfg(test)]
 mod bound_tests {
     use std::sync::Arc;

@@ -14,10 +14,9 @@ use crate::mailbox::Named;
 use crate::metrics::ActorKind;
 use std::sync::Arc;
 
-use crate::incident::IncidentReport;
 use crate::model::{
-    AnalysisResult, ApprovalStatus, ChainId, ChainTimings, Incident, IncidentState, LearnedStats,
-    PolicyExecution, RemediationPolicy, Timestamp, Violation,
+    AnalysisResult, ApprovalStatus, ChainId, ChainTimings, Incident, IncidentReport, IncidentState,
+    LearnedStats, PolicyExecution, RemediationPolicy, Timestamp, Violation,
 };
 use crate::ports::SourceError;
 

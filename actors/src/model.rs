@@ -961,3 +961,31 @@ pub fn incident_id(fingerprint: &str, onset: Timestamp) -> String {
     }
     format!("inc-{h:016x}")
 }
+
+/// What happened to an incident in a batch, for the Planner.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IncidentReport {
+    /// Incident id.
+    pub id: String,
+    /// Onset of its first violation.
+    pub opened_at: Timestamp,
+    /// Components, sorted.
+    pub components: Vec<String>,
+    /// Upstream component of a cascade, else the one with most violations.
+    pub root_component: Option<String>,
+    /// Highest severity.
+    pub severity: Option<Severity>,
+    /// Violations in it.
+    pub violation_count: usize,
+    /// First member fingerprints by onset (at most
+    /// [`INCIDENT_FINGERPRINTS_KEPT`]).
+    pub fingerprints: Vec<String>,
+    /// The diagnosis: present when it changed, and in a full report.
+    pub analysis: Option<AnalysisResult>,
+    /// Whether the diagnosis changed (only then is it recorded).
+    pub diagnosis_changed: bool,
+    /// Whether a source behind it gives no evidence now.
+    pub no_evidence: bool,
+    /// Closed in this batch, and why (`merged_into` for merges).
+    pub closed: Option<(CloseReason, Option<String>)>,
+}

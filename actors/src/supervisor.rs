@@ -20,10 +20,10 @@ use crate::analyzer::Analyzer;
 use crate::clock::SharedClock;
 use crate::events::EventBus;
 use crate::execute::{EffectorRouter, ExecutionEnv};
-use crate::executor::Executor;
+use crate::executor::{Executor, KnowledgePorts, PlannerPorts};
 use crate::knowledge_actor::Knowledge;
-use crate::mailbox::{FaultInjector, Inbox, PhaseAddr};
-use crate::messages::{ActorRestarted, Drain, FlushKnowledge, Shutdown};
+use crate::mailbox::{FaultInjector, Inbox, PhaseAddr, PhasePort};
+use crate::messages::{ActorRestarted, Drain, FlushKnowledge, KnowledgeUpdated, Shutdown};
 use crate::metrics::{ActorKind, Metrics};
 use crate::monitor::{Monitor, MonitorProbe};
 use crate::planner::Planner;
@@ -201,15 +201,18 @@ pub fn start_loop(parts: LoopParts) -> LoopHandle {
                 .with_capacity(cap)
         };
         let sup_inbox = inbox(ActorKind::Supervisor);
-        let restarts = PhaseAddr::new(sctx.address(), sup_inbox.clone());
+        // The only place that wires phases: each gets typed ports for the
+        // messages it sends, never another actor's address.
+        let restarts = PhaseAddr::new(sctx.address(), sup_inbox.clone()).port::<ActorRestarted>();
         init_series(&metrics);
-        let planner_slot: Arc<OnceLock<PhaseAddr<Planner>>> = Arc::new(OnceLock::new());
+        let learned_slot: Arc<OnceLock<PhasePort<KnowledgeUpdated>>> = Arc::new(OnceLock::new());
+        let report_slot: Arc<OnceLock<PlannerPorts>> = Arc::new(OnceLock::new());
 
         let k_inbox = inbox(ActorKind::Knowledge);
         let (ks, kst, kp, kc, kstate, kr) = (
             settings.knowledge.clone(),
             store.clone(),
-            planner_slot.clone(),
+            learned_slot.clone(),
             clock.clone(),
             state.clone(),
             restarts.clone(),
@@ -239,8 +242,11 @@ pub fn start_loop(parts: LoopParts) -> LoopHandle {
         let e_inbox = inbox(ActorKind::Executor);
         let (ei, ek, ep, est, er) = (
             e_inbox.clone(),
-            knowledge.clone(),
-            planner_slot.clone(),
+            KnowledgePorts {
+                execution: knowledge.port(),
+                finished: knowledge.port(),
+            },
+            report_slot.clone(),
             state.clone(),
             restarts.clone(),
         );
@@ -265,8 +271,8 @@ pub fn start_loop(parts: LoopParts) -> LoopHandle {
         let (pi, ps, pe, pk, pst, pc, pstate, pr) = (
             p_inbox.clone(),
             settings.plan.clone(),
-            executor.clone(),
-            knowledge.clone(),
+            executor.port(),
+            knowledge.port(),
             store.clone(),
             clock.clone(),
             state.clone(),
@@ -291,7 +297,11 @@ pub fn start_loop(parts: LoopParts) -> LoopHandle {
             }),
             p_inbox,
         );
-        let _ = planner_slot.set(planner.clone());
+        let _ = learned_slot.set(planner.port());
+        let _ = report_slot.set(PlannerPorts {
+            finished: planner.port(),
+            actions_done: planner.port(),
+        });
 
         let a_inbox = inbox(ActorKind::Analyzer);
         let mut analyze_settings = settings.analyze.clone();
@@ -300,8 +310,8 @@ pub fn start_loop(parts: LoopParts) -> LoopHandle {
         let (ai, aset, ap, ak, ac, ar) = (
             a_inbox.clone(),
             analyze_settings,
-            planner.clone(),
-            knowledge.clone(),
+            planner.port(),
+            knowledge.port(),
             clock.clone(),
             restarts.clone(),
         );
@@ -318,7 +328,7 @@ pub fn start_loop(parts: LoopParts) -> LoopHandle {
         let (mi, mset, ma, mc, mstate, mr) = (
             m_inbox.clone(),
             settings.monitor.clone(),
-            analyzer.clone(),
+            analyzer.port(),
             clock.clone(),
             state.clone(),
             restarts,

@@ -10,17 +10,14 @@ use actix::prelude::*;
 use crate::clock::SharedClock;
 use crate::events::LoopEvent;
 use crate::incident::IncidentIndex;
-use crate::knowledge_actor::Knowledge;
-use crate::mailbox::{Inbox, PhaseAddr};
+use crate::mailbox::{Inbox, PhasePort};
 use crate::messages::{
     AnalysisReady, AnalyzerFailed, GetAnalyses, RecordAnalysis, ViolationsDetected,
 };
 use crate::metrics::KindLabels;
 use crate::model::{AnalysisResult, IncidentState};
-use crate::planner::Planner;
 use crate::settings::AnalyzeSettings;
 use crate::store::KnowledgeStore;
-use crate::supervisor::LoopSupervisor;
 
 /// The Analyzer actor.
 pub struct Analyzer {
@@ -28,10 +25,10 @@ pub struct Analyzer {
     settings: AnalyzeSettings,
     index: IncidentIndex,
     history: VecDeque<AnalysisResult>,
-    planner: PhaseAddr<Planner>,
-    knowledge: PhaseAddr<Knowledge>,
+    planner: PhasePort<AnalysisReady>,
+    knowledge: PhasePort<RecordAnalysis>,
     clock: SharedClock,
-    supervisor: PhaseAddr<LoopSupervisor>,
+    supervisor: PhasePort<crate::messages::ActorRestarted>,
     dropped_reported: u64,
     /// A report did not reach the Planner: the next chance sends a full
     /// report of every incident.
@@ -44,11 +41,11 @@ impl Analyzer {
     pub fn new(
         inbox: Inbox,
         settings: AnalyzeSettings,
-        planner: PhaseAddr<Planner>,
-        knowledge: PhaseAddr<Knowledge>,
+        planner: PhasePort<AnalysisReady>,
+        knowledge: PhasePort<RecordAnalysis>,
         store: &KnowledgeStore,
         clock: SharedClock,
-        supervisor: PhaseAddr<LoopSupervisor>,
+        supervisor: PhasePort<crate::messages::ActorRestarted>,
     ) -> Self {
         let mut index = IncidentIndex::new(&settings);
         let mut restored = 0usize;
@@ -139,7 +136,7 @@ impl Analyzer {
 
 impl Supervised for Analyzer {
     fn restarting(&mut self, _ctx: &mut Context<Self>) {
-        crate::monitor::note_restart(&self.inbox, &self.supervisor);
+        crate::mailbox::note_restart(&self.inbox, &self.supervisor);
     }
 }
 

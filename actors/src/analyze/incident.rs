@@ -285,33 +285,7 @@ impl Agg {
     }
 }
 
-/// What happened to an incident in a batch, for the Planner.
-#[derive(Debug, Clone, PartialEq)]
-pub struct IncidentReport {
-    /// Incident id.
-    pub id: String,
-    /// Onset of its first violation.
-    pub opened_at: Timestamp,
-    /// Components, sorted.
-    pub components: Vec<String>,
-    /// Upstream component (see the module doc).
-    pub root_component: Option<String>,
-    /// Highest severity.
-    pub severity: Option<Severity>,
-    /// Violations in it.
-    pub violation_count: usize,
-    /// First member fingerprints by onset (at most
-    /// [`crate::model::INCIDENT_FINGERPRINTS_KEPT`]).
-    pub fingerprints: Vec<String>,
-    /// The diagnosis: present when it changed, and in a full report.
-    pub analysis: Option<AnalysisResult>,
-    /// Whether the diagnosis changed (only then is it recorded).
-    pub diagnosis_changed: bool,
-    /// Whether a source behind it gives no evidence now.
-    pub no_evidence: bool,
-    /// Closed in this batch, and why (`merged_into` for merges).
-    pub closed: Option<(CloseReason, Option<String>)>,
-}
+pub use crate::model::IncidentReport;
 
 /// Result of adding a violation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

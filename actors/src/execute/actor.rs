@@ -15,24 +15,39 @@ use tracing::Instrument;
 
 use crate::events::LoopEvent;
 use crate::execute::ExecutionEnv;
-use crate::knowledge_actor::Knowledge;
-use crate::mailbox::{panic_message, Inbox, PhaseAddr};
+use crate::mailbox::{panic_message, Inbox, PhaseAddr, PhasePort};
 use crate::messages::{ActionsDone, Drain, ExecutionFinished, PolicyApproved, RecordExecution};
 use crate::metrics::StatusLabels;
 use crate::model::{new_id, ExecutionStatus, PolicyExecution};
-use crate::planner::Planner;
 use crate::state::SharedState;
-use crate::supervisor::LoopSupervisor;
+
+/// Where the Executor records executions (the Knowledge phase).
+#[derive(Clone)]
+pub struct KnowledgePorts {
+    /// An execution in progress.
+    pub execution: PhasePort<RecordExecution>,
+    /// A verified execution and its outcome.
+    pub finished: PhasePort<ExecutionFinished>,
+}
+
+/// Where the Executor reports to the Plan phase.
+#[derive(Clone)]
+pub struct PlannerPorts {
+    /// A verified execution (releases the holds).
+    pub finished: PhasePort<ExecutionFinished>,
+    /// A policy's actions are over (frees its slot).
+    pub actions_done: PhasePort<ActionsDone>,
+}
 
 /// The Executor actor.
 pub struct Executor {
     inbox: Inbox,
     env: ExecutionEnv,
     max_cycle_time: Duration,
-    knowledge: PhaseAddr<Knowledge>,
-    planner: Arc<OnceLock<PhaseAddr<Planner>>>,
+    knowledge: KnowledgePorts,
+    planner: Arc<OnceLock<PlannerPorts>>,
     state: SharedState,
-    supervisor: PhaseAddr<LoopSupervisor>,
+    supervisor: PhasePort<crate::messages::ActorRestarted>,
     judged: u64,
     succeeded: u64,
     running: tokio::sync::watch::Sender<usize>,
@@ -44,10 +59,10 @@ impl Executor {
         inbox: Inbox,
         env: ExecutionEnv,
         max_cycle_time: Duration,
-        knowledge: PhaseAddr<Knowledge>,
-        planner: Arc<OnceLock<PhaseAddr<Planner>>>,
+        knowledge: KnowledgePorts,
+        planner: Arc<OnceLock<PlannerPorts>>,
         state: SharedState,
-        supervisor: PhaseAddr<LoopSupervisor>,
+        supervisor: PhasePort<crate::messages::ActorRestarted>,
     ) -> Self {
         Executor {
             inbox,
@@ -104,7 +119,7 @@ impl Actor for Executor {
 
 impl Supervised for Executor {
     fn restarting(&mut self, _ctx: &mut Context<Self>) {
-        crate::monitor::note_restart(&self.inbox, &self.supervisor);
+        crate::mailbox::note_restart(&self.inbox, &self.supervisor);
     }
 }
 
@@ -142,7 +157,7 @@ impl Handler<PolicyApproved> for Executor {
             tokio::spawn(async move {
                 let _ = acted_rx.await;
                 if let Some(p) = planner.get() {
-                    let _ = p.send(ActionsDone { policy_id }).await;
+                    let _ = p.actions_done.send(ActionsDone { policy_id }).await;
                 }
             });
         }
@@ -162,7 +177,7 @@ impl Handler<PolicyApproved> for Executor {
                 let knowledge = knowledge.clone();
                 let record = RecordExecution(started_record.clone());
                 tokio::spawn(async move {
-                    let _ = knowledge.send(record).await;
+                    let _ = knowledge.execution.send(record).await;
                 });
             }
             let run = AssertUnwindSafe(env.run_policy_with(
@@ -204,11 +219,11 @@ impl Handler<PolicyApproved> for Executor {
                 execution: exec.clone(),
                 policy,
             };
-            if let Err(e) = knowledge.send(finished.clone()).await {
+            if let Err(e) = knowledge.finished.send(finished.clone()).await {
                 tracing::error!(error = %e, "execution outcome could not reach knowledge");
             }
             if let Some(p) = planner.get() {
-                if let Err(e) = p.send(finished).await {
+                if let Err(e) = p.finished.send(finished).await {
                     tracing::error!(error = %e, "execution outcome could not reach the planner");
                 }
             }

@@ -14,27 +14,25 @@ use actix::prelude::*;
 
 use crate::clock::SharedClock;
 use crate::knowledge::{generate_insights, outcome_of};
-use crate::mailbox::{Fault, Inbox, PhaseAddr};
+use crate::mailbox::{Fault, Inbox, PhasePort};
 use crate::messages::{
     ExecutionFinished, FlushKnowledge, KnowledgeUpdated, RecordAnalysis, RecordExecution,
     RecordPolicy,
 };
 use crate::model::LearnedStats;
-use crate::planner::Planner;
 use crate::settings::KnowledgeSettings;
 use crate::state::SharedState;
 use crate::store::{KnowledgeStore, StoreError};
-use crate::supervisor::LoopSupervisor;
 
 /// The Knowledge actor.
 pub struct Knowledge {
     inbox: Inbox,
     settings: KnowledgeSettings,
     store: KnowledgeStore,
-    planner: Arc<OnceLock<PhaseAddr<Planner>>>,
+    planner: Arc<OnceLock<PhasePort<KnowledgeUpdated>>>,
     clock: SharedClock,
     state: SharedState,
-    supervisor: PhaseAddr<LoopSupervisor>,
+    supervisor: PhasePort<crate::messages::ActorRestarted>,
     outcomes_since_insights: u32,
     writes_since_prune: usize,
 }
@@ -45,10 +43,10 @@ impl Knowledge {
         inbox: Inbox,
         settings: KnowledgeSettings,
         store: KnowledgeStore,
-        planner: Arc<OnceLock<PhaseAddr<Planner>>>,
+        planner: Arc<OnceLock<PhasePort<KnowledgeUpdated>>>,
         clock: SharedClock,
         state: SharedState,
-        supervisor: PhaseAddr<LoopSupervisor>,
+        supervisor: PhasePort<crate::messages::ActorRestarted>,
     ) -> Self {
         Knowledge {
             inbox,
@@ -143,7 +141,7 @@ impl Actor for Knowledge {
 
 impl Supervised for Knowledge {
     fn restarting(&mut self, _ctx: &mut Context<Self>) {
-        crate::monitor::note_restart(&self.inbox, &self.supervisor);
+        crate::mailbox::note_restart(&self.inbox, &self.supervisor);
     }
 }
 

@@ -13,10 +13,9 @@ use std::time::Duration;
 use actix::prelude::*;
 
 use super::active::{in_scope, ActiveViolations};
-use crate::analyzer::Analyzer;
 use crate::clock::SharedClock;
 use crate::events::LoopEvent;
-use crate::mailbox::{Inbox, PhaseAddr};
+use crate::mailbox::{note_restart, Inbox, PhaseAddr, PhasePort};
 use crate::messages::{
     ActorRestarted, ChainTrace, GetActiveViolations, GetSources, MeasureNow, Observe, ObserveAck,
     ObserveError, SourceHealth, SourceStatus, ViolationsDetected,
@@ -27,7 +26,6 @@ use crate::ports::{AlertState, EvidenceProbe, MetricSource, Polled, SourceError}
 use crate::settings::MonitorSettings;
 use crate::state::SharedState;
 use crate::store::KnowledgeStore;
-use crate::supervisor::LoopSupervisor;
 
 /// The Monitor actor.
 pub struct Monitor {
@@ -51,10 +49,10 @@ pub struct Monitor {
     resync_due: bool,
     alert_state: Option<Arc<dyn AlertState>>,
     store: Option<KnowledgeStore>,
-    analyzer: PhaseAddr<Analyzer>,
+    analyzer: PhasePort<ViolationsDetected>,
     clock: SharedClock,
     state: SharedState,
-    supervisor: PhaseAddr<LoopSupervisor>,
+    supervisor: PhasePort<ActorRestarted>,
 }
 
 impl Monitor {
@@ -64,10 +62,10 @@ impl Monitor {
         inbox: Inbox,
         settings: MonitorSettings,
         sources: Vec<Arc<dyn MetricSource>>,
-        analyzer: PhaseAddr<Analyzer>,
+        analyzer: PhasePort<ViolationsDetected>,
         clock: SharedClock,
         state: SharedState,
-        supervisor: PhaseAddr<LoopSupervisor>,
+        supervisor: PhasePort<ActorRestarted>,
     ) -> Self {
         let health = sources
             .iter()
@@ -522,24 +520,6 @@ impl Supervised for Monitor {
     fn restarting(&mut self, _ctx: &mut Context<Self>) {
         note_restart(&self.inbox, &self.supervisor);
     }
-}
-
-/// Counts a restart and tells the supervisor (shared by every phase actor).
-pub(crate) fn note_restart(inbox: &Inbox, supervisor: &PhaseAddr<LoopSupervisor>) {
-    inbox
-        .metrics()
-        .restarts
-        .get_or_create(&crate::metrics::ActorLabels {
-            actor: inbox.kind().as_str(),
-        })
-        .inc();
-    tracing::warn!(actor = %inbox.kind(), "actor restarting");
-    inbox.emit(LoopEvent::Restarted {
-        actor: inbox.kind(),
-    });
-    supervisor.push(ActorRestarted {
-        actor: inbox.kind(),
-    });
 }
 
 impl Handler<Observe> for Monitor {

@@ -15,10 +15,8 @@ use crate::admission::{scope_of, Admission};
 use crate::clock::SharedClock;
 use crate::events::LoopEvent;
 use crate::execute::EffectorRouter;
-use crate::executor::Executor;
 use crate::incident::IncidentReport;
-use crate::knowledge_actor::Knowledge;
-use crate::mailbox::{Inbox, PhaseAddr};
+use crate::mailbox::{Inbox, PhasePort};
 use crate::messages::{
     ActionsDone, AnalysisReady, ChainTrace, DecidePolicy, DecisionError, ExecutionFinished,
     GetIncident, GetIncidents, IncidentPage, KnowledgeUpdated, PolicyApproved, RecordPolicy,
@@ -32,7 +30,6 @@ use crate::plan::{auto_approvable, decide, plan, PlanDecision};
 use crate::settings::PlanSettings;
 use crate::state::SharedState;
 use crate::store::KnowledgeStore;
-use crate::supervisor::LoopSupervisor;
 
 /// Closed incidents kept (in memory and in Knowledge) for the API and for
 /// recurrence checks; older ones are forgotten.
@@ -65,12 +62,12 @@ pub struct Planner {
     pending: HashMap<String, (RemediationPolicy, ChainTrace)>,
     admission: Admission,
     router: Option<EffectorRouter>,
-    executor: PhaseAddr<Executor>,
-    knowledge: PhaseAddr<Knowledge>,
+    executor: PhasePort<PolicyApproved>,
+    knowledge: PhasePort<RecordPolicy>,
     store: KnowledgeStore,
     clock: SharedClock,
     state: SharedState,
-    supervisor: PhaseAddr<LoopSupervisor>,
+    supervisor: PhasePort<crate::messages::ActorRestarted>,
     /// When admission is next tried by a timer (one timer at a time).
     wakeup: Option<Instant>,
 }
@@ -84,12 +81,12 @@ impl Planner {
         settings: PlanSettings,
         max_concurrent: usize,
         router: Option<EffectorRouter>,
-        executor: PhaseAddr<Executor>,
-        knowledge: PhaseAddr<Knowledge>,
+        executor: PhasePort<PolicyApproved>,
+        knowledge: PhasePort<RecordPolicy>,
         store: KnowledgeStore,
         clock: SharedClock,
         state: SharedState,
-        supervisor: PhaseAddr<LoopSupervisor>,
+        supervisor: PhasePort<crate::messages::ActorRestarted>,
         lease: Duration,
     ) -> Self {
         let learned = store.stats().unwrap_or_default();
@@ -768,7 +765,7 @@ impl Actor for Planner {
 
 impl Supervised for Planner {
     fn restarting(&mut self, _ctx: &mut Context<Self>) {
-        crate::monitor::note_restart(&self.inbox, &self.supervisor);
+        crate::mailbox::note_restart(&self.inbox, &self.supervisor);
     }
 }
 
