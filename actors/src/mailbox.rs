@@ -393,32 +393,7 @@ impl<A: Actor> PhaseAddr<A> {
         A: Handler<M>,
         A::Context: ToEnvelope<A, M>,
     {
-        if !self.addr.connected() {
-            self.inbox.shed(M::NAME);
-            return Err(DeliveryError::Closed(self.inbox.kind));
-        }
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let addr = self.addr.clone();
-        let inbox = self.inbox.clone();
-        tokio::spawn(async move {
-            match inbox.slots.clone().acquire_owned().await {
-                Ok(permit) => permit.forget(),
-                Err(_) => return,
-            }
-            if !addr.connected() {
-                inbox.release_slot();
-                inbox.shed(M::NAME);
-                return;
-            }
-            inbox.enqueued();
-            // Once queued, the handler's start frees the slot and lowers the
-            // depth; an error means the handler crashed after that.
-            let _ = tx.send(addr.send(msg).await.ok());
-        });
-        match rx.await {
-            Ok(Some(r)) => Ok(r),
-            _ => Err(DeliveryError::Closed(self.inbox.kind)),
-        }
+        self.port().send(msg).await
     }
 
     /// Delivers without waiting, even past the capacity (counted as an
@@ -432,18 +407,7 @@ impl<A: Actor> PhaseAddr<A> {
         A: Handler<M>,
         A::Context: ToEnvelope<A, M>,
     {
-        if !self.addr.connected() {
-            self.inbox.shed(M::NAME);
-            return;
-        }
-        match self.inbox.slots.try_acquire() {
-            Ok(permit) => permit.forget(),
-            Err(_) => {
-                self.inbox.overdraft.fetch_add(1, Ordering::SeqCst);
-            }
-        }
-        self.inbox.enqueued();
-        self.addr.do_send(msg);
+        self.port().push(msg)
     }
 
     /// Delivers if the mailbox has room; otherwise sheds the message and
@@ -455,22 +419,7 @@ impl<A: Actor> PhaseAddr<A> {
         A: Handler<M>,
         A::Context: ToEnvelope<A, M>,
     {
-        match self.inbox.slots.try_acquire() {
-            Ok(permit) => permit.forget(),
-            Err(_) => {
-                self.inbox.shed(M::NAME);
-                tracing::warn!(actor = %self.inbox.kind, message = M::NAME, "mailbox full; message shed");
-                return Err(DeliveryError::Full(self.inbox.kind));
-            }
-        }
-        if !self.addr.connected() {
-            self.inbox.release_slot();
-            self.inbox.shed(M::NAME);
-            return Err(DeliveryError::Closed(self.inbox.kind));
-        }
-        self.inbox.enqueued();
-        self.addr.do_send(msg);
-        Ok(())
+        self.port().offer(msg)
     }
 }
 
@@ -531,7 +480,9 @@ where
         self.recipient.connected()
     }
 
-    /// Sends, waiting for room and for the answer (see [`PhaseAddr::send`]).
+    /// Sends, waiting for room and for the answer: delivery runs on a
+    /// detached task, so a caller that gives up does not lose the message
+    /// and the count stays exact.
     pub async fn send(&self, msg: M) -> Result<M::Result, DeliveryError> {
         if !self.recipient.connected() {
             self.inbox.shed(M::NAME);
@@ -559,8 +510,8 @@ where
         }
     }
 
-    /// Delivers without waiting, even past the capacity (see
-    /// [`PhaseAddr::push`]); for rare control messages.
+    /// Delivers without waiting, even past the capacity (an overdraft the
+    /// next handled messages pay back); for rare control messages.
     pub fn push(&self, msg: M) {
         if !self.recipient.connected() {
             self.inbox.shed(M::NAME);
@@ -576,8 +527,7 @@ where
         self.recipient.do_send(msg);
     }
 
-    /// Delivers if the mailbox has room, else sheds and counts (see
-    /// [`PhaseAddr::offer`]).
+    /// Delivers if the mailbox has room, else sheds and counts.
     pub fn offer(&self, msg: M) -> Result<(), DeliveryError> {
         match self.inbox.slots.try_acquire() {
             Ok(permit) => permit.forget(),

@@ -323,6 +323,23 @@ pub struct IncidentIndex {
     by_id: HashMap<String, u32>,
 }
 
+/// The report of an incident that closed.
+fn closed_report(a: &Agg, reason: CloseReason, into: Option<String>) -> IncidentReport {
+    IncidentReport {
+        id: a.id.clone(),
+        opened_at: ts(a.first_onset_ms),
+        components: Vec::new(),
+        root_component: None,
+        severity: None,
+        violation_count: 0,
+        fingerprints: Vec::new(),
+        analysis: None,
+        diagnosis_changed: false,
+        no_evidence: false,
+        closed: Some((reason, into)),
+    }
+}
+
 fn ts(ms: i64) -> Timestamp {
     chrono::Utc
         .timestamp_millis_opt(ms)
@@ -722,19 +739,8 @@ impl IncidentIndex {
         tracing::info!(incident = %old.id, into = %keep_id, "incidents merged");
         self.dirty.remove(&gone);
         self.dirty.insert(keep);
-        self.closed.push(IncidentReport {
-            id: old.id.clone(),
-            opened_at: ts(old.first_onset_ms),
-            components: Vec::new(),
-            root_component: None,
-            severity: None,
-            violation_count: 0,
-            fingerprints: Vec::new(),
-            analysis: None,
-            diagnosis_changed: false,
-            no_evidence: false,
-            closed: Some((CloseReason::Merged, Some(keep_id))),
-        });
+        self.closed
+            .push(closed_report(&old, CloseReason::Merged, Some(keep_id)));
         keep
     }
 
@@ -757,26 +763,12 @@ impl IncidentIndex {
             if let Some(a) = self.incidents.remove(&key) {
                 self.by_id.remove(&a.id);
                 self.dirty.remove(&key);
-                self.closed.push(IncidentReport {
-                    id: a.id.clone(),
-                    opened_at: ts(a.first_onset_ms),
-                    components: Vec::new(),
-                    root_component: None,
-                    severity: None,
-                    violation_count: 0,
-                    fingerprints: Vec::new(),
-                    analysis: None,
-                    diagnosis_changed: false,
-                    no_evidence: false,
-                    closed: Some((
-                        if a.evicted {
-                            CloseReason::Expired
-                        } else {
-                            CloseReason::ResolvedWithoutAction
-                        },
-                        None,
-                    )),
-                });
+                let reason = if a.evicted {
+                    CloseReason::Expired
+                } else {
+                    CloseReason::ResolvedWithoutAction
+                };
+                self.closed.push(closed_report(&a, reason, None));
             }
         } else {
             self.dirty.insert(key);
