@@ -321,6 +321,7 @@ pub struct IncidentIndex {
     full_report: bool,
     candidates: Vec<u32>,
     by_id: HashMap<String, u32>,
+    onset_index: bool,
 }
 
 /// The report of an incident that closed.
@@ -393,6 +394,7 @@ impl IncidentIndex {
             full_report: false,
             candidates: Vec::new(),
             by_id: HashMap::new(),
+            onset_index: false,
         }
     }
 
@@ -495,7 +497,19 @@ impl IncidentIndex {
         if self.by_fingerprint.contains_key(v.fingerprint.as_str()) {
             return Added::Duplicate;
         }
-        while self.by_fingerprint.len() >= self.settings.max_window_violations.max(1) {
+        let bound = self.settings.max_window_violations.max(1);
+        if !self.onset_index && self.by_fingerprint.len() + 1 >= bound / 2 {
+            // The age index is kept only near the bound (built once here,
+            // dropped again when the window empties below a quarter).
+            self.by_onset = self
+                .slots
+                .iter()
+                .enumerate()
+                .filter_map(|(i, m)| m.as_ref().map(|m| (m.onset_ms, i as u32)))
+                .collect();
+            self.onset_index = true;
+        }
+        while self.by_fingerprint.len() >= bound {
             let Some(&(_, slot)) = self.by_onset.first() else {
                 break;
             };
@@ -587,7 +601,9 @@ impl IncidentIndex {
             incident: key,
         };
         self.attach(key, slot, &member);
-        self.by_onset.insert((onset_ms, slot));
+        if self.onset_index {
+            self.by_onset.insert((onset_ms, slot));
+        }
         self.by_fingerprint.insert(fp, slot);
         self.slots[slot as usize] = Some(member);
         self.dirty.insert(key);
@@ -605,6 +621,7 @@ impl IncidentIndex {
     /// Adds a member's contribution to an incident's indexes.
     fn attach(&mut self, key: u32, slot: u32, m: &Member) {
         let lag = self.max_lag_s;
+        let linked = self.neighbours.contains_key(&m.component);
         let Some(a) = self.incidents.get_mut(&key) else {
             return;
         };
@@ -619,7 +636,11 @@ impl IncidentIndex {
         let c = a.components.entry(m.component).or_default();
         c.count += 1;
         c.signals[si] += 1;
-        add(&mut c.onsets, t);
+        // Onsets per component serve the topology (joins, the upstream
+        // component): kept only for components that have neighbours.
+        if linked {
+            add(&mut c.onsets, t);
+        }
         match m.signal {
             Signal::Latency => {
                 c.latency += 1;
@@ -646,6 +667,7 @@ impl IncidentIndex {
 
     /// Removes a member's contribution from an incident's indexes.
     fn detach(&mut self, key: u32, slot: u32, m: &Member) {
+        let linked = self.neighbours.contains_key(&m.component);
         let width = i64::try_from(self.settings.temporal.window_seconds).unwrap_or(i64::MAX / 4);
         let Some(a) = self.incidents.get_mut(&key) else {
             return;
@@ -667,7 +689,9 @@ impl IncidentIndex {
         if let Some(c) = a.components.get_mut(&m.component) {
             c.count = c.count.saturating_sub(1);
             c.signals[si] = c.signals[si].saturating_sub(1);
-            sub(&mut c.onsets, t);
+            if linked {
+                sub(&mut c.onsets, t);
+            }
             match m.signal {
                 Signal::Latency => c.latency = c.latency.saturating_sub(1),
                 Signal::Failure | Signal::Policy => c.failure = c.failure.saturating_sub(1),
@@ -753,7 +777,13 @@ impl IncidentIndex {
         let Some(m) = self.slots.get_mut(slot as usize).and_then(|m| m.take()) else {
             return false;
         };
-        self.by_onset.remove(&(m.onset_ms, slot));
+        if self.onset_index {
+            self.by_onset.remove(&(m.onset_ms, slot));
+            if self.by_fingerprint.len() < self.settings.max_window_violations / 4 {
+                self.by_onset = BTreeSet::new();
+                self.onset_index = false;
+            }
+        }
         self.free.push(slot);
         self.shrink_if_sparse();
         let key = m.incident;
