@@ -347,6 +347,25 @@ struct Inner {
     journal: OpenReport,
 }
 
+/// Data directories whose store this process dropped, and when: sled frees
+/// its file lock from background threads shortly after the last handle is
+/// gone, so a reopen by this process waits briefly for it (a lock held by
+/// a live store, or by another process, is still reported at once).
+fn recently_closed() -> &'static Mutex<std::collections::HashMap<PathBuf, std::time::Instant>> {
+    static CLOSED: std::sync::OnceLock<
+        Mutex<std::collections::HashMap<PathBuf, std::time::Instant>>,
+    > = std::sync::OnceLock::new();
+    CLOSED.get_or_init(Default::default)
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        let mut closed = recently_closed().lock().unwrap_or_else(|p| p.into_inner());
+        closed.retain(|_, at| at.elapsed() < Duration::from_secs(10));
+        closed.insert(self.dir.clone(), std::time::Instant::now());
+    }
+}
+
 impl Inner {
     fn open(dir: &Path, options: JournalOptions) -> Result<Inner, StoreError> {
         let err = |e| StoreError::from_sled(dir, e);
@@ -888,8 +907,40 @@ impl KnowledgeStore {
         KnowledgeStore::open_with(dir, timeout, JournalOptions::default())
     }
 
+    /// How long an open waits for a lock that a store of this process,
+    /// dropped moments ago, is still releasing (sled frees its file lock
+    /// from background threads). A live holder is reported at once.
+    pub const LOCK_WAIT: Duration = Duration::from_secs(2);
+
     /// [`open`](Self::open) with journal options.
     pub fn open_with(
+        dir: &Path,
+        timeout: Duration,
+        options: JournalOptions,
+    ) -> Result<KnowledgeStore, StoreError> {
+        let deadline = std::time::Instant::now() + Self::LOCK_WAIT.min(timeout);
+        loop {
+            match Self::open_once(dir, timeout, options) {
+                Err(StoreError::Locked { .. })
+                    if std::time::Instant::now() < deadline && Self::closed_here(dir) =>
+                {
+                    std::thread::sleep(Duration::from_millis(25));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Whether this process dropped a store of `dir` moments ago.
+    fn closed_here(dir: &Path) -> bool {
+        recently_closed()
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(dir)
+            .is_some_and(|at| at.elapsed() < Duration::from_secs(10))
+    }
+
+    fn open_once(
         dir: &Path,
         timeout: Duration,
         options: JournalOptions,
