@@ -389,7 +389,12 @@ impl ExecutionEnv {
             let all = futures::future::join_all(futs);
             tokio::task::spawn_blocking(move || futures::executor::block_on(all))
         });
-        if self.settings.preflight_validate {
+        // Pre-flight validation, the intents' group commit and the "before"
+        // measurement are independent: they overlap.
+        let preflight = async {
+            if !self.settings.preflight_validate {
+                return Ok(());
+            }
             let mut checked: Vec<&str> = Vec::new();
             for (_, eff) in &routed {
                 if checked.contains(&eff.name()) {
@@ -406,15 +411,23 @@ impl ExecutionEnv {
                     .await;
                 match res {
                     Ok(_) => {}
-                    Err(CallEnd::CutOff) => return cut_off(exec, "during pre-flight validation"),
+                    Err(CallEnd::CutOff) => return Err(None),
                     Err(CallEnd::Failed(e)) => {
-                        return fail(
-                            exec,
-                            format!("pre-flight validation by {} failed: {e}", eff.name()),
-                        )
+                        return Err(Some(format!(
+                            "pre-flight validation by {} failed: {e}",
+                            eff.name()
+                        )))
                     }
                 }
             }
+            Ok(())
+        };
+        let (checked, before) =
+            futures::join!(preflight, self.probe.count_violations(&policy.scope));
+        match checked {
+            Ok(()) => {}
+            Err(None) => return cut_off(exec, "during pre-flight validation"),
+            Err(Some(why)) => return fail(exec, why),
         }
         if let Some(intents) = intents {
             match intents.await {
@@ -428,7 +441,7 @@ impl ExecutionEnv {
                 }
             }
         }
-        exec.violations_before = match self.probe.count_violations(&policy.scope).await {
+        exec.violations_before = match before {
             Ok(n) => Some(n),
             Err(e) => {
                 tracing::warn!(policy = %policy.id, error = %e, "no evidence before acting; the outcome will be UNKNOWN");

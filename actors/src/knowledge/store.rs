@@ -339,6 +339,10 @@ struct Inner {
     stats: sled::Tree,
     insights: sled::Tree,
     intents: sled::Tree,
+    /// Soft state: the active pushed violations (see `put_pushed`).
+    pushed: sled::Tree,
+    /// Soft state: the incident records (see `put_incident`).
+    incidents: sled::Tree,
     closed: AtomicBool,
     prune_lock: Mutex<()>,
     /// The journal writer thread (owns the journal and every sled write
@@ -423,6 +427,8 @@ impl Inner {
         let stats = db.open_tree("stats").map_err(err)?;
         let insights = db.open_tree("insights").map_err(err)?;
         let intents = db.open_tree(INTENTS_TREE).map_err(err)?;
+        let pushed = db.open_tree(PUSHED_TREE).map_err(err)?;
+        let incidents = db.open_tree(INCIDENTS_TREE).map_err(err)?;
         let applied_seq = match meta.get(APPLIED_KEY).map_err(err)? {
             None => 0,
             Some(v) => {
@@ -480,6 +486,8 @@ impl Inner {
             stats,
             insights,
             intents,
+            pushed,
+            incidents,
             db,
             closed: AtomicBool::new(false),
             prune_lock: Mutex::new(()),
@@ -1145,56 +1153,65 @@ impl KnowledgeStore {
         inner.get(&inner.analyses, id)
     }
 
-    /// Stores (or replaces) an incident record, keyed by its id, through
-    /// the journal without waiting for it to be durable (the caller is an
-    /// actor's thread; the writer commits it with the next group).
+    /// Stores (or replaces) an incident record, keyed by its id. Soft state
+    /// like the pushed violations: written to sled directly (durable within
+    /// 500 ms, or at the next flush), so a state change never puts an fsync
+    /// in front of an action's intent; the audit trail (policies,
+    /// executions, outcomes, intents) stays on the journal.
     pub fn put_incident(&self, incident: &Incident) -> Result<(), StoreError> {
         let inner = self.live()?;
-        let value = serde_json::to_value(incident).map_err(|source| StoreError::Encode {
+        let bytes = serde_json::to_vec(incident).map_err(|source| StoreError::Encode {
             dir: inner.dir.clone(),
             what: format!("incident {}", incident.id),
             source,
         })?;
-        self.submit_detached(&crate::journal::Record::Put {
-            tree: INCIDENTS_TREE.to_string(),
-            key: incident.id.clone(),
-            value,
-        })
+        inner
+            .incidents
+            .insert(incident.id.as_bytes(), bytes)
+            .map_err(|e| inner.err(e))?;
+        Ok(())
     }
 
-    /// Deletes an incident record (a closed one beyond the bound), without
-    /// waiting for it to be durable.
+    /// Deletes an incident record (a closed one beyond the bound).
     pub fn delete_incident(&self, id: &str) -> Result<(), StoreError> {
-        self.submit_detached(&crate::journal::Record::Delete {
-            tree: INCIDENTS_TREE.to_string(),
-            key: id.to_string(),
-        })
+        let inner = self.live()?;
+        inner
+            .incidents
+            .remove(id.as_bytes())
+            .map_err(|e| inner.err(e))?;
+        Ok(())
     }
 
-    /// Keeps an active pushed violation (detached: no wait for the fsync),
-    /// in a compact form (~150 bytes: short keys, times in ms, no
-    /// observation id) since there may be 100 000 of them.
+    /// Keeps an active pushed violation, in a compact form (~150 bytes:
+    /// short keys, times in ms, no observation id) since there may be
+    /// 100 000 of them. Soft state: written to sled directly, not through
+    /// the journal, so webhook ingest never adds an fsync in front of an
+    /// action's intent; sled makes it durable within 500 ms, and after a
+    /// crash a change of the last moment returns when Alertmanager re-sends.
     pub fn put_pushed(&self, v: &Violation) -> Result<(), StoreError> {
         let inner = self.live()?;
-        let value =
-            serde_json::to_value(PushedRecord::from(v)).map_err(|source| StoreError::Encode {
+        let bytes =
+            serde_json::to_vec(&PushedRecord::from(v)).map_err(|source| StoreError::Encode {
                 dir: inner.dir.clone(),
                 what: format!("violation {}", v.fingerprint),
                 source,
             })?;
-        self.submit_detached(&crate::journal::Record::Put {
-            tree: PUSHED_TREE.to_string(),
-            key: v.fingerprint.clone(),
-            value,
-        })
+        inner
+            .pushed
+            .insert(v.fingerprint.as_bytes(), bytes)
+            .map_err(|e| inner.err(e))?;
+        Ok(())
     }
 
-    /// Forgets a pushed violation that ended (detached).
+    /// Forgets a pushed violation that ended (soft state, like
+    /// [`Self::put_pushed`]).
     pub fn delete_pushed(&self, fingerprint: &str) -> Result<(), StoreError> {
-        self.submit_detached(&crate::journal::Record::Delete {
-            tree: PUSHED_TREE.to_string(),
-            key: fingerprint.to_string(),
-        })
+        let inner = self.live()?;
+        inner
+            .pushed
+            .remove(fingerprint.as_bytes())
+            .map_err(|e| inner.err(e))?;
+        Ok(())
     }
 
     /// The pushed violations that were active when the store was last

@@ -653,7 +653,6 @@ impl Planner {
                 q.policy.attempt = e.incident.attempts;
             }
             self.set_state(&id, IncidentState::Acting, None);
-            self.persist(&id);
             self.dispatch(ctx, q.policy, q.chain);
         }
         // Policies still waiting behind a cooldown or a hold: try again
