@@ -392,6 +392,21 @@ fn close_interrupted(store: &KnowledgeStore, now: chrono::DateTime<chrono::Utc>)
         if let Err(err) = store.put_execution(&e) {
             tracing::error!(execution = %e.id, error = %err, "cannot close the interrupted execution");
         }
+        // The incident's record lists it with its other executions.
+        if let Some(id) = &e.incident_id {
+            match store.get_record::<crate::model::Incident>(crate::store::INCIDENTS_TREE, id) {
+                Ok(Some(mut inc)) if !inc.executions.contains(&e.id) => {
+                    inc.executions.push(e.id.clone());
+                    if let Err(err) = store.put_incident(&inc) {
+                        tracing::error!(incident = %id, error = %err, "cannot link the interrupted execution");
+                    }
+                }
+                Ok(_) => {}
+                Err(err) => {
+                    tracing::error!(incident = %id, error = %err, "cannot link the interrupted execution")
+                }
+            }
+        }
     }
 }
 

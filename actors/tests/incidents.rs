@@ -971,6 +971,18 @@ fn a_remedy_interrupted_by_a_crash_is_not_repeated_at_once_after_the_restart() {
         })
         .await;
         assert!(list[0].hold_until.is_some());
+        // The interrupted execution is on the incident's record, closed as
+        // FAILED ("interrupted").
+        assert_eq!(list[0].executions.len(), 1, "{:?}", list[0].executions);
+        let interrupted = store
+            .get_execution(&list[0].executions[0])
+            .expect("store")
+            .expect("execution");
+        assert!(interrupted
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains("interrupted"));
         tokio::time::sleep(Duration::from_secs(200)).await;
         assert!(
             effector.inner.lock().expect("lock").applied.is_empty(),
