@@ -12,7 +12,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use mapek_actors::messages::{
     DecidePolicy, DecisionError, GetActiveViolations, GetIncident, GetIncidents, GetSources,
-    Observe, SourceStatus,
+    GetViolations, Observe, SourceStatus,
 };
 use mapek_actors::model::{ApprovalStatus, IncidentState, RootCause};
 use mapek_actors::supervisor::LoopHandle;
@@ -375,15 +375,14 @@ async fn incident(State(s): State<ApiState>, Path(id): Path<String>) -> Response
         Ok(r) => r,
         Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     };
-    let members: std::collections::HashSet<&str> =
-        found.fingerprints.iter().map(String::as_str).collect();
-    let violations: Vec<_> = match s.handle.monitor.send(GetActiveViolations).await {
-        Ok(vs) => vs
-            .into_iter()
-            .filter(|v| members.contains(v.fingerprint.as_str()))
-            .collect(),
-        Err(_) => Vec::new(),
-    };
+    let violations = s
+        .handle
+        .monitor
+        .send(GetViolations {
+            fingerprints: found.fingerprints.clone(),
+        })
+        .await
+        .unwrap_or_default();
     Json(serde_json::json!({
         "incident": found,
         "violations": violations,

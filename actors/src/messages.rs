@@ -136,6 +136,15 @@ pub struct GetSources;
 #[rtype(result = "Vec<Violation>")]
 pub struct GetActiveViolations;
 
+/// Ask the Monitor for the active violations with these fingerprints (an
+/// incident's members), without copying the whole active set.
+#[derive(Debug, Message)]
+#[rtype(result = "Vec<Violation>")]
+pub struct GetViolations {
+    /// Fingerprints wanted; those no longer active are left out.
+    pub fingerprints: Vec<String>,
+}
+
 /// Ask the Monitor to measure the violations in a scope now (fresh polls of
 /// every source plus active webhook alerts). An error means no evidence.
 #[derive(Debug, Message)]
@@ -338,6 +347,7 @@ named!(
     Observe,
     GetSources,
     GetActiveViolations,
+    GetViolations,
     MeasureNow,
     ViolationsDetected,
     GetAnalyses,

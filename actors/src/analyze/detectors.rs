@@ -345,8 +345,19 @@ fn bucket_correlation(
     for (t, _) in failure {
         counts.entry(bucket_of(*t)).or_default().1 += 1.0;
     }
+    sparse_pearson(counts.values().copied(), n_buckets)
+}
+
+/// Pearson correlation of two series given sparsely: the non-empty
+/// buckets' `(x, y)` counts, out of `n_buckets` in all (the empty ones count
+/// as zeros). `None` without variance in either series. Returns `(r,
+/// n_buckets)`.
+pub(crate) fn sparse_pearson(
+    buckets: impl IntoIterator<Item = (f64, f64)>,
+    n_buckets: u64,
+) -> Option<(f64, u64)> {
     let (mut sx, mut sy, mut sxx, mut syy, mut sxy) = (0.0, 0.0, 0.0, 0.0, 0.0);
-    for (x, y) in counts.values() {
+    for (x, y) in buckets {
         sx += x;
         sy += y;
         sxx += x * x;

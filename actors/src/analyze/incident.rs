@@ -435,14 +435,6 @@ impl IncidentIndex {
         self.incidents.get(&m.incident).map(|a| a.id.as_str())
     }
 
-    /// The member fingerprints of every open incident (for persistence).
-    pub fn memberships(&self) -> Vec<(String, Vec<String>)> {
-        self.incidents
-            .values()
-            .map(|a| (a.id.clone(), self.fingerprints_of(a, usize::MAX)))
-            .collect()
-    }
-
     /// Every held violation (shared, not copied).
     pub fn violations(&self) -> impl Iterator<Item = &Arc<Violation>> + '_ {
         self.slots.iter().flatten().map(|m| &m.violation)
@@ -1328,22 +1320,7 @@ fn correlation(
     for (t, n) in fail {
         counts.entry((t - origin) / b).or_default().1 += f64::from(*n);
     }
-    let (mut sx, mut sy, mut sxx, mut syy, mut sxy) = (0.0, 0.0, 0.0, 0.0, 0.0);
-    for (x, y) in counts.values() {
-        sx += x;
-        sy += y;
-        sxx += x * x;
-        syy += y * y;
-        sxy += x * y;
-    }
-    let n = n_buckets as f64;
-    let var_x = n * sxx - sx * sx;
-    let var_y = n * syy - sy * sy;
-    if var_x <= f64::EPSILON || var_y <= f64::EPSILON {
-        return None;
-    }
-    let r = (n * sxy - sx * sy) / (var_x.sqrt() * var_y.sqrt());
-    r.is_finite().then_some((r.clamp(-1.0, 1.0), n_buckets))
+    crate::analyze::detectors::sparse_pearson(counts.into_values(), n_buckets)
 }
 
 #[cfg(test)]

@@ -511,6 +511,31 @@ impl Inner {
             .map_err(|e| self.journal_err(e))
     }
 
+    /// Writes a soft-state record straight to its sled tree (no journal,
+    /// no fsync: durable with sled's next flush).
+    fn put_soft<T: Serialize>(
+        &self,
+        tree: &sled::Tree,
+        key: &str,
+        value: &T,
+        what: &str,
+    ) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(value).map_err(|source| StoreError::Encode {
+            dir: self.dir.clone(),
+            what: format!("{what} {key}"),
+            source,
+        })?;
+        tree.insert(key.as_bytes(), bytes)
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// Deletes a soft-state record (see [`Inner::put_soft`]).
+    fn delete_soft(&self, tree: &sled::Tree, key: &str) -> Result<(), StoreError> {
+        tree.remove(key.as_bytes()).map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
     fn err(&self, e: sled::Error) -> StoreError {
         StoreError::from_sled(&self.dir, e)
     }
@@ -1160,26 +1185,13 @@ impl KnowledgeStore {
     /// executions, outcomes, intents) stays on the journal.
     pub fn put_incident(&self, incident: &Incident) -> Result<(), StoreError> {
         let inner = self.live()?;
-        let bytes = serde_json::to_vec(incident).map_err(|source| StoreError::Encode {
-            dir: inner.dir.clone(),
-            what: format!("incident {}", incident.id),
-            source,
-        })?;
-        inner
-            .incidents
-            .insert(incident.id.as_bytes(), bytes)
-            .map_err(|e| inner.err(e))?;
-        Ok(())
+        inner.put_soft(&inner.incidents, &incident.id, incident, "incident")
     }
 
     /// Deletes an incident record (a closed one beyond the bound).
     pub fn delete_incident(&self, id: &str) -> Result<(), StoreError> {
         let inner = self.live()?;
-        inner
-            .incidents
-            .remove(id.as_bytes())
-            .map_err(|e| inner.err(e))?;
-        Ok(())
+        inner.delete_soft(&inner.incidents, id)
     }
 
     /// Keeps an active pushed violation, in a compact form (~150 bytes:
@@ -1190,28 +1202,19 @@ impl KnowledgeStore {
     /// crash a change of the last moment returns when Alertmanager re-sends.
     pub fn put_pushed(&self, v: &Violation) -> Result<(), StoreError> {
         let inner = self.live()?;
-        let bytes =
-            serde_json::to_vec(&PushedRecord::from(v)).map_err(|source| StoreError::Encode {
-                dir: inner.dir.clone(),
-                what: format!("violation {}", v.fingerprint),
-                source,
-            })?;
-        inner
-            .pushed
-            .insert(v.fingerprint.as_bytes(), bytes)
-            .map_err(|e| inner.err(e))?;
-        Ok(())
+        inner.put_soft(
+            &inner.pushed,
+            &v.fingerprint,
+            &PushedRecord::from(v),
+            "violation",
+        )
     }
 
     /// Forgets a pushed violation that ended (soft state, like
     /// [`Self::put_pushed`]).
     pub fn delete_pushed(&self, fingerprint: &str) -> Result<(), StoreError> {
         let inner = self.live()?;
-        inner
-            .pushed
-            .remove(fingerprint.as_bytes())
-            .map_err(|e| inner.err(e))?;
-        Ok(())
+        inner.delete_soft(&inner.pushed, fingerprint)
     }
 
     /// The pushed violations that were active when the store was last

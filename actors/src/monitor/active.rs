@@ -139,18 +139,9 @@ impl ActiveViolations {
         gone
     }
 
-    /// Withdraws every violation of a source (it stopped giving evidence);
-    /// returns their fingerprints.
-    pub fn withdraw_source(&mut self, source: &str) -> Vec<String> {
-        let fps: Vec<String> = self
-            .by_source
-            .remove(source)
-            .map(|s| s.into_iter().collect())
-            .unwrap_or_default();
-        for fp in &fps {
-            self.by_fingerprint.remove(fp);
-        }
-        fps
+    /// The active violation with this fingerprint.
+    pub fn get(&self, fingerprint: &str) -> Option<&Arc<Violation>> {
+        self.by_fingerprint.get(fingerprint)
     }
 
     /// Every active violation, shared (for a full reconcile).
@@ -258,17 +249,6 @@ mod tests {
         let r = a.apply("am", &[], &["z".into()], false);
         assert!(r.resolved.is_empty(), "a re-sent resolution counts once");
         assert!(a.is_empty());
-    }
-
-    #[test]
-    fn withdrawing_a_source_removes_only_its_violations() {
-        let mut a = ActiveViolations::default();
-        a.apply("p", &[v("x", 1)], &[], true);
-        a.apply("am", &[v("z", 1)], &[], false);
-        assert_eq!(a.withdraw_source("p"), vec!["x".to_string()]);
-        assert_eq!(a.snapshot().len(), 1);
-        assert_eq!(a.count_in_scope("am", &[]), 1);
-        assert_eq!(a.count_in_scope("am", &["other".into()]), 0);
     }
 
     #[test]

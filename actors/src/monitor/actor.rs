@@ -17,8 +17,8 @@ use crate::clock::SharedClock;
 use crate::events::LoopEvent;
 use crate::mailbox::{note_restart, Inbox, PhaseAddr, PhasePort};
 use crate::messages::{
-    ActorRestarted, ChainTrace, GetActiveViolations, GetSources, MeasureNow, Observe, ObserveAck,
-    ObserveError, SourceHealth, SourceStatus, ViolationsDetected,
+    ActorRestarted, ChainTrace, GetActiveViolations, GetSources, GetViolations, MeasureNow,
+    Observe, ObserveAck, ObserveError, SourceHealth, SourceStatus, ViolationsDetected,
 };
 use crate::metrics::{SourceLabels, SourceResultLabels};
 use crate::model::Violation;
@@ -547,6 +547,23 @@ impl Handler<GetSources> for Monitor {
         inbox
             .guard(self, ctx, "GetSources", |act, _| {
                 Ok(act.health.values().cloned().collect())
+            })
+            .unwrap_or_default()
+    }
+}
+
+impl Handler<GetViolations> for Monitor {
+    type Result = Vec<Violation>;
+
+    fn handle(&mut self, msg: GetViolations, ctx: &mut Context<Self>) -> Self::Result {
+        let inbox = self.inbox.clone();
+        inbox
+            .guard(self, ctx, "GetViolations", |act, _| {
+                Ok(msg
+                    .fingerprints
+                    .iter()
+                    .filter_map(|fp| act.active.get(fp).map(|v| (**v).clone()))
+                    .collect())
             })
             .unwrap_or_default()
     }

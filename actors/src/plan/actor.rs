@@ -941,18 +941,6 @@ impl Handler<ExecutionFinished> for Planner {
                 act.reconcile(ctx, id);
             }
             act.admit(ctx);
-            if !cooldown.is_zero() {
-                // A policy of another incident queued behind this
-                // component's cooldown has no event of its own to wake
-                // it: admit again once the cooldown is over.
-                ctx.run_later(cooldown, |act, ctx| {
-                    let inbox = act.inbox.clone();
-                    inbox.guard_internal(act, ctx, "CooldownOver", |act, ctx| {
-                        act.admit(ctx);
-                        Ok(())
-                    });
-                });
-            }
             Ok(())
         });
     }

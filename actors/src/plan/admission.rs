@@ -237,11 +237,6 @@ impl Admission {
     pub fn hold_until(&mut self, component: &str, until: Instant) {
         self.cooldown.insert(component.to_string(), until);
     }
-
-    /// When the component's cooldown ends, if it cools down.
-    pub fn cooldown_until(&self, component: &str) -> Option<Instant> {
-        self.cooldown.get(component).copied()
-    }
 }
 
 #[cfg(test)]
