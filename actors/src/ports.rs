@@ -166,3 +166,75 @@ pub trait AlertState: Send + Sync + 'static {
     fn count_firing<'a>(&'a self, scope: &'a [String])
         -> BoxFuture<'a, Result<usize, SourceError>>;
 }
+
+/// Why an incident was handed to people (the `reason` label of the
+/// escalation alert).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EscalationKind {
+    /// No cause is confident or actionable enough.
+    NoConfidentCause,
+    /// The incident's violations name no component.
+    UnknownComponent,
+    /// No effector route covers the component.
+    NoRoute,
+    /// Every candidate remedy's circuit breaker is open.
+    BreakerOpen,
+    /// The component is flapping.
+    Flapping,
+    /// The disruption budget or a component's rate limit is exhausted.
+    BudgetExhausted,
+    /// The policy waited in the admission queue past `safety.queue_timeout_seconds`.
+    QueueTimeout,
+    /// A person rejected the remedy.
+    Rejected,
+}
+
+impl EscalationKind {
+    /// snake_case name, as in labels and the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EscalationKind::NoConfidentCause => "no_confident_cause",
+            EscalationKind::UnknownComponent => "unknown_component",
+            EscalationKind::NoRoute => "no_route",
+            EscalationKind::BreakerOpen => "breaker_open",
+            EscalationKind::Flapping => "flapping",
+            EscalationKind::BudgetExhausted => "budget_exhausted",
+            EscalationKind::QueueTimeout => "queue_timeout",
+            EscalationKind::Rejected => "rejected",
+        }
+    }
+}
+
+/// An incident handed to people.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Escalation {
+    /// The incident.
+    pub incident_id: String,
+    /// Why, as a label value.
+    pub kind: EscalationKind,
+    /// Why, in words.
+    pub reason: String,
+    /// The incident's components.
+    pub components: Vec<String>,
+    /// The incident's severity.
+    pub severity: Option<crate::model::Severity>,
+    /// When it was escalated.
+    pub since: crate::model::Timestamp,
+}
+
+/// Where escalations go so that they reach the on-call route (for
+/// Alertmanager: `POST /api/v2/alerts`, one alert per escalated incident).
+pub trait EscalationSink: Send + Sync + 'static {
+    /// Short stable name (`alertmanager`).
+    fn name(&self) -> &str;
+
+    /// Posts the escalations still firing (re-posted periodically, so they
+    /// stay active) and ends the `resolved` ones (their incident closed or
+    /// is being remedied).
+    fn post<'a>(
+        &'a self,
+        firing: &'a [Escalation],
+        resolved: &'a [Escalation],
+    ) -> BoxFuture<'a, Result<(), SourceError>>;
+}
