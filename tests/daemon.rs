@@ -205,6 +205,9 @@ fn policy(id: &str) -> RemediationPolicy {
         scope: vec!["charter".into()],
         incident_id: None,
         attempt: 0,
+        guards: Vec::new(),
+        autonomy: None,
+        candidates: Vec::new(),
     }
 }
 

@@ -535,6 +535,59 @@ pub struct RemediationPolicy {
     /// `incident/attempt/action`, the same on a restart or another replica.
     #[serde(default)]
     pub attempt: u32,
+    /// Every safety guard's decision about this policy (pause, budget,
+    /// rate limit, breaker, flapping, silence, mode, queue timeout), in order.
+    #[serde(default)]
+    pub guards: Vec<GuardDecision>,
+    /// Why it was (or was not) approved without a person.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autonomy: Option<AutonomyVerdict>,
+    /// The remedies it was chosen among (learning), with what was sampled.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub candidates: Vec<CandidateRemedy>,
+}
+
+/// One decision of a safety guard about a policy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GuardDecision {
+    /// The guard (`pause`, `disruption_budget`, `component_rate_limit`,
+    /// `breaker`, `flapping`, `silence`, `mode`, `queue_timeout`).
+    pub guard: String,
+    /// What it decided (`held`, `admitted`, `escalated`, `dry_run`, `shadow`, `trial`).
+    pub decision: String,
+    /// Why, in words.
+    pub reason: String,
+    /// When.
+    pub at: Timestamp,
+}
+
+/// Why a policy was or was not approved without a person.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AutonomyVerdict {
+    /// `fixed` (by risk level) or `earned` (by evidence).
+    pub mode: String,
+    /// Whether it was auto-approved.
+    pub auto_approved: bool,
+    /// Why.
+    pub reason: String,
+}
+
+/// A remedy the learner considered for a policy's cause.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CandidateRemedy {
+    /// The remedy: its action types joined by `+`.
+    pub remedy: String,
+    /// The value drawn from its posterior (success probability).
+    pub sampled: f64,
+    /// Successes learned for (cause, remedy).
+    pub successes: u64,
+    /// Failures learned for (cause, remedy).
+    pub failures: u64,
+    /// Whether it was chosen.
+    pub chosen: bool,
+    /// Why it was not eligible (an open breaker), if it was not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blocked: Option<String>,
 }
 
 /// Status of an execution or of one action in it.
@@ -551,6 +604,9 @@ pub enum ExecutionStatus {
     Failed,
     /// Failed and the completed steps were undone.
     RolledBack,
+    /// Executed against the recorder (`safety.mode: dry_run`): nothing
+    /// left mapek.
+    DryRun,
 }
 
 impl ExecutionStatus {
@@ -562,6 +618,7 @@ impl ExecutionStatus {
             ExecutionStatus::Completed => "COMPLETED",
             ExecutionStatus::Failed => "FAILED",
             ExecutionStatus::RolledBack => "ROLLED_BACK",
+            ExecutionStatus::DryRun => "DRY_RUN",
         }
     }
 }
@@ -605,16 +662,20 @@ pub enum OutcomeType {
     Degradation,
     /// No evidence to judge.
     Unknown,
+    /// Judged a success, then its symptoms came back within
+    /// `safety.recurrence_window_seconds`: counts as a failure.
+    Recurred,
 }
 
 impl OutcomeType {
     /// Every outcome type.
-    pub const ALL: [OutcomeType; 5] = [
+    pub const ALL: [OutcomeType; 6] = [
         OutcomeType::Success,
         OutcomeType::Partial,
         OutcomeType::Ineffective,
         OutcomeType::Degradation,
         OutcomeType::Unknown,
+        OutcomeType::Recurred,
     ];
 
     /// SCREAMING_SNAKE_CASE name.
@@ -625,6 +686,7 @@ impl OutcomeType {
             OutcomeType::Ineffective => "INEFFECTIVE",
             OutcomeType::Degradation => "DEGRADATION",
             OutcomeType::Unknown => "UNKNOWN",
+            OutcomeType::Recurred => "RECURRED",
         }
     }
 
@@ -636,6 +698,7 @@ impl OutcomeType {
             OutcomeType::Ineffective => 0.40,
             OutcomeType::Degradation => 0.0,
             OutcomeType::Unknown => 0.5,
+            OutcomeType::Recurred => 0.1,
         }
     }
 
@@ -753,6 +816,19 @@ pub struct LearnedStats {
     pub by_cause: BTreeMap<RootCause, BTreeMap<ActionType, ActionStats>>,
     /// Outcomes recorded in all.
     pub outcomes_recorded: u64,
+    /// Per root cause, then per remedy (action types joined by `+`, in
+    /// order): the evidence the learner samples from.
+    #[serde(default)]
+    pub by_remedy: BTreeMap<RootCause, BTreeMap<String, RemedyStats>>,
+}
+
+/// Judged episodes of one remedy against one cause.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct RemedyStats {
+    /// SUCCESS or PARTIAL outcomes (not re-classified).
+    pub successes: u64,
+    /// INEFFECTIVE, DEGRADATION or RECURRED outcomes.
+    pub failures: u64,
 }
 
 impl LearnedStats {
@@ -760,6 +836,24 @@ impl LearnedStats {
     pub fn get(&self, cause: RootCause, action: ActionType) -> Option<&ActionStats> {
         self.by_cause.get(&cause).and_then(|m| m.get(&action))
     }
+
+    /// Judged episodes of `remedy` (see [`remedy_key`]) against `cause`.
+    pub fn remedy(&self, cause: RootCause, remedy: &str) -> RemedyStats {
+        self.by_remedy
+            .get(&cause)
+            .and_then(|m| m.get(remedy))
+            .copied()
+            .unwrap_or_default()
+    }
+}
+
+/// The name of a remedy: its action types in order, joined by `+`.
+pub fn remedy_key(actions: &[ActionType]) -> String {
+    actions
+        .iter()
+        .map(|a| a.as_str())
+        .collect::<Vec<_>>()
+        .join("+")
 }
 
 /// A rule extracted from the learned statistics.
@@ -802,13 +896,16 @@ pub enum IncidentState {
     /// A source behind the incident stopped giving evidence: nothing is
     /// planned until it answers again (the incident is never closed for it).
     NoEvidence,
+    /// mapek will not act on it now: a safety mode (dry run, shadow), a
+    /// silence of its component, or the pause (see `reason`).
+    Held,
     /// Over; see [`CloseReason`].
     Closed,
 }
 
 impl IncidentState {
     /// Every state, for metrics.
-    pub const ALL: [IncidentState; 9] = [
+    pub const ALL: [IncidentState; 10] = [
         IncidentState::Open,
         IncidentState::Pending,
         IncidentState::Queued,
@@ -817,6 +914,7 @@ impl IncidentState {
         IncidentState::CoolingDown,
         IncidentState::Escalated,
         IncidentState::NoEvidence,
+        IncidentState::Held,
         IncidentState::Closed,
     ];
 
@@ -831,6 +929,7 @@ impl IncidentState {
             IncidentState::CoolingDown => "cooling_down",
             IncidentState::Escalated => "escalated",
             IncidentState::NoEvidence => "no_evidence",
+            IncidentState::Held => "held",
             IncidentState::Closed => "closed",
         }
     }
@@ -937,6 +1036,10 @@ pub struct Incident {
     /// execution is never reused).
     #[serde(default)]
     pub attempts: u32,
+    /// The execution whose success this incident's return re-classified
+    /// as RECURRED.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recurrence_of: Option<String>,
 }
 
 /// Member fingerprints kept on an incident record (the count is exact).

@@ -380,6 +380,98 @@ pub struct PlanSettings {
     pub override_duration_seconds: u64,
     /// Cost per action type (0..1); missing types keep their catalogue cost.
     pub action_costs: BTreeMap<ActionType, f64>,
+    /// How auto-approval is decided: `fixed` (by risk level only) or
+    /// `earned` (by the evidence of each cause and remedy).
+    pub autonomy: Autonomy,
+    /// Thresholds of `autonomy: earned`.
+    pub earned_autonomy: EarnedAutonomySettings,
+    /// How the remedy for a cause is chosen among its candidates.
+    pub learning: LearningSettings,
+}
+
+/// How auto-approval is decided.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Autonomy {
+    /// By risk level: at most `auto_approve_max_risk` is auto-approved.
+    #[default]
+    Fixed,
+    /// By evidence: a (cause, remedy) that has proved itself is
+    /// auto-approved whatever its risk; one that stopped working goes back
+    /// to a person.
+    Earned,
+}
+
+impl Autonomy {
+    /// snake_case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Autonomy::Fixed => "fixed",
+            Autonomy::Earned => "earned",
+        }
+    }
+}
+
+/// Thresholds of earned autonomy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct EarnedAutonomySettings {
+    /// Successes a (cause, remedy) needs before it is trusted.
+    pub min_successes: u64,
+    /// Success rate at or above which it is auto-approved, whatever its risk.
+    pub min_success_rate: f64,
+    /// Success rate below which it goes back to a person (with at least
+    /// `min_successes` judged episodes), whatever its risk.
+    pub revoke_below: f64,
+}
+
+impl Default for EarnedAutonomySettings {
+    fn default() -> Self {
+        EarnedAutonomySettings {
+            min_successes: 5,
+            min_success_rate: 0.9,
+            revoke_below: 0.6,
+        }
+    }
+}
+
+/// How a remedy is chosen among the candidates for a cause.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Selection {
+    /// Thompson sampling on a Beta posterior of success per (cause, remedy).
+    #[default]
+    Thompson,
+    /// A fixed ranking by score (benefit − cost), no exploration.
+    Ranked,
+}
+
+/// The learner.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LearningSettings {
+    /// `thompson` or `ranked`.
+    pub selection: Selection,
+    /// Seed of the random source (a fixed seed makes choices reproducible);
+    /// absent: seeded from the clock at start.
+    pub seed: Option<u64>,
+    /// Weight of the prior, in pseudo-episodes: the seeds' strategy starts
+    /// at a prior success rate of 0.8 and every other remedy at
+    /// `0.5 × (1 − cost)`, each worth this many episodes of evidence.
+    pub prior_strength: f64,
+    /// Highest risk of a single-action remedy considered as a candidate.
+    pub max_candidate_risk: RiskLevel,
+}
+
+impl Default for LearningSettings {
+    fn default() -> Self {
+        LearningSettings {
+            selection: Selection::Thompson,
+            seed: None,
+            prior_strength: 0.5,
+            max_candidate_risk: RiskLevel::Medium,
+        }
+    }
 }
 
 /// Catalogue cost of an action type.
@@ -414,6 +506,9 @@ impl Default for PlanSettings {
                 .into_iter()
                 .map(|a| (a, default_cost(a)))
                 .collect(),
+            autonomy: Autonomy::Fixed,
+            earned_autonomy: EarnedAutonomySettings::default(),
+            learning: LearningSettings::default(),
         }
     }
 }
@@ -442,6 +537,37 @@ impl PlanSettings {
         );
         for (a, c) in &self.action_costs {
             i.within(&format!("action_costs.{}", a.as_str()), *c, 0.0, 1.0);
+        }
+        i.at_least("earned_autonomy.min_successes", self.earned_autonomy.min_successes, 1);
+        i.within(
+            "earned_autonomy.min_success_rate",
+            self.earned_autonomy.min_success_rate,
+            0.0,
+            1.0,
+        );
+        i.within(
+            "earned_autonomy.revoke_below",
+            self.earned_autonomy.revoke_below,
+            0.0,
+            1.0,
+        );
+        if self.earned_autonomy.revoke_below > self.earned_autonomy.min_success_rate {
+            i.push(
+                "earned_autonomy.revoke_below",
+                format!(
+                    "must be at most plan.earned_autonomy.min_success_rate ({}) (got {})",
+                    self.earned_autonomy.min_success_rate, self.earned_autonomy.revoke_below
+                ),
+            );
+        }
+        if !(self.learning.prior_strength > 0.0 && self.learning.prior_strength <= 1000.0) {
+            i.push(
+                "learning.prior_strength",
+                format!(
+                    "must be above 0 and at most 1000 (got {})",
+                    self.learning.prior_strength
+                ),
+            );
         }
     }
 }
@@ -582,5 +708,216 @@ impl OrchestratorSettings {
         i.at_least("max_cycle_time_seconds", self.max_cycle_time_seconds, 1);
         i.at_least("restart_period_seconds", self.restart_period_seconds, 1);
         i.at_least("mailbox_capacity", self.mailbox_capacity, 1);
+    }
+}
+
+/// What mapek does with an approved remedy.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// Act: effectors are called.
+    #[default]
+    Act,
+    /// Plan, approve and "execute" against a recorder: nothing leaves
+    /// mapek; executions are recorded as `DRY_RUN` with the calls that
+    /// would have been made.
+    DryRun,
+    /// Plan what would be done, never act, and watch what happens to the
+    /// incident anyway (`GET /api/v1/shadow/report`).
+    Shadow,
+}
+
+impl Mode {
+    /// snake_case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Act => "act",
+            Mode::DryRun => "dry_run",
+            Mode::Shadow => "shadow",
+        }
+    }
+
+    /// Parses a snake_case name.
+    pub fn parse(s: &str) -> Option<Mode> {
+        [Mode::Act, Mode::DryRun, Mode::Shadow]
+            .into_iter()
+            .find(|m| m.as_str() == s)
+    }
+
+    /// The more cautious of two modes (shadow > dry_run > act).
+    pub fn stricter(self, other: Mode) -> Mode {
+        let rank = |m: Mode| match m {
+            Mode::Act => 0,
+            Mode::DryRun => 1,
+            Mode::Shadow => 2,
+        };
+        if rank(other) > rank(self) {
+            other
+        } else {
+            self
+        }
+    }
+}
+
+/// A sliding-window limit on actions.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RateLimitSettings {
+    /// Actions allowed per window.
+    pub max_actions: u32,
+    /// Length of the sliding window, seconds.
+    pub window_seconds: u64,
+}
+
+impl Default for RateLimitSettings {
+    fn default() -> Self {
+        RateLimitSettings {
+            max_actions: 3,
+            window_seconds: 600,
+        }
+    }
+}
+
+/// The disruption budget: disruptive actions across all incidents.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DisruptionBudgetSettings {
+    /// Disruptive actions allowed per window, across all incidents.
+    pub max_actions: u32,
+    /// Length of the sliding window, seconds.
+    pub window_seconds: u64,
+    /// Which action types are disruptive.
+    pub action_types: Vec<ActionType>,
+}
+
+/// The action types counted by the disruption budget by default.
+pub const DISRUPTIVE_DEFAULT: [ActionType; 5] = [
+    ActionType::RestartService,
+    ActionType::Failover,
+    ActionType::ScaleDown,
+    ActionType::BypassValidation,
+    ActionType::ActivateEmergencyOverride,
+];
+
+impl Default for DisruptionBudgetSettings {
+    fn default() -> Self {
+        DisruptionBudgetSettings {
+            max_actions: 20,
+            window_seconds: 600,
+            action_types: DISRUPTIVE_DEFAULT.to_vec(),
+        }
+    }
+}
+
+/// Circuit breakers per (cause, action) and per component.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct BreakerSettings {
+    /// Consecutive failures that open a breaker.
+    pub failures: u32,
+    /// How long an open breaker stays open before one trial, seconds.
+    pub open_seconds: u64,
+}
+
+impl Default for BreakerSettings {
+    fn default() -> Self {
+        BreakerSettings {
+            failures: 3,
+            open_seconds: 900,
+        }
+    }
+}
+
+/// Flapping detection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct FlappingSettings {
+    /// Incidents coming back this many times within the window make a
+    /// component flapping.
+    pub relapses: u32,
+    /// The window, seconds; a flapping component quiet this long is
+    /// flapping no more.
+    pub window_seconds: u64,
+}
+
+impl Default for FlappingSettings {
+    fn default() -> Self {
+        FlappingSettings {
+            relapses: 3,
+            window_seconds: 1800,
+        }
+    }
+}
+
+/// The safety guards (see docs/SAFETY.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SafetySettings {
+    /// `act`, `dry_run` or `shadow` (env `MAPEK_MODE`).
+    pub mode: Mode,
+    /// Disruptive actions across all incidents per sliding window.
+    pub disruption_budget: DisruptionBudgetSettings,
+    /// Actions on one component per sliding window.
+    pub component_rate_limit: RateLimitSettings,
+    /// A policy waiting in the admission queue longer than this is
+    /// escalated to a person (the pause does not count).
+    pub queue_timeout_seconds: u64,
+    /// Circuit breakers.
+    pub breaker: BreakerSettings,
+    /// Flapping components.
+    pub flapping: FlappingSettings,
+    /// An incident coming back on a component within this many seconds of
+    /// a SUCCESS there re-classifies that outcome as RECURRED.
+    pub recurrence_window_seconds: u64,
+}
+
+impl Default for SafetySettings {
+    fn default() -> Self {
+        SafetySettings {
+            mode: Mode::Act,
+            disruption_budget: DisruptionBudgetSettings::default(),
+            component_rate_limit: RateLimitSettings::default(),
+            queue_timeout_seconds: 600,
+            breaker: BreakerSettings::default(),
+            flapping: FlappingSettings::default(),
+            recurrence_window_seconds: 900,
+        }
+    }
+}
+
+impl SafetySettings {
+    /// Pushes every problem under `safety`.
+    pub fn validate(&self, out: &mut Vec<ConfigIssue>) {
+        let mut i = Issues::new("safety", out);
+        i.at_least(
+            "disruption_budget.window_seconds",
+            self.disruption_budget.window_seconds,
+            1,
+        );
+        i.at_least(
+            "component_rate_limit.max_actions",
+            self.component_rate_limit.max_actions,
+            1,
+        );
+        i.at_least(
+            "component_rate_limit.window_seconds",
+            self.component_rate_limit.window_seconds,
+            1,
+        );
+        i.at_least("queue_timeout_seconds", self.queue_timeout_seconds, 1);
+        i.at_least("breaker.failures", self.breaker.failures, 1);
+        i.at_least("breaker.open_seconds", self.breaker.open_seconds, 1);
+        i.at_least("flapping.relapses", self.flapping.relapses, 1);
+        i.at_least("flapping.window_seconds", self.flapping.window_seconds, 1);
+        let mut seen = Vec::new();
+        for a in &self.disruption_budget.action_types {
+            if seen.contains(a) {
+                i.push(
+                    "disruption_budget.action_types",
+                    format!("{} is listed twice", a.as_str()),
+                );
+            }
+            seen.push(*a);
+        }
     }
 }

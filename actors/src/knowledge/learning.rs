@@ -8,7 +8,7 @@
 //! Persistence lives in [`crate::store`].
 
 use crate::model::{
-    ActionStats, ActionType, LearnedStats, LearningInsight, OutcomeType, PolicyExecution,
+    remedy_key, ActionStats, ActionType, LearnedStats, LearningInsight, OutcomeType, PolicyExecution,
     PolicyOutcome, RootCause, Timestamp,
 };
 
@@ -121,6 +121,22 @@ impl ActionStats {
         self.confidence = (n / f64::from(saturation.max(1))).min(1.0);
     }
 
+    /// Moves one outcome from class `from` to class `to`.
+    pub fn reclassify(&mut self, from: OutcomeType, to: OutcomeType) {
+        if let Some(n) = self.outcomes.get_mut(&from) {
+            *n = n.saturating_sub(1);
+        }
+        *self.outcomes.entry(to).or_insert(0) += 1;
+        match (from.is_success(), to.is_success()) {
+            (true, false) => self.successes = self.successes.saturating_sub(1),
+            (false, true) => self.successes += 1,
+            _ => {}
+        }
+        if self.executions > 0 {
+            self.success_rate = self.successes as f64 / self.executions as f64;
+        }
+    }
+
     /// `success_rate × confidence`: the rate, discounted by how little
     /// evidence backs it.
     pub fn weighted_success(&self) -> f64 {
@@ -143,6 +159,19 @@ impl LearnedStats {
     /// (UNKNOWN outcomes are counted by class only).
     pub fn record(&mut self, outcome: &PolicyOutcome, saturation: u32) {
         self.outcomes_recorded += 1;
+        if outcome.outcome_type != OutcomeType::Unknown {
+            let r = self
+                .by_remedy
+                .entry(outcome.root_cause)
+                .or_default()
+                .entry(remedy_key(&outcome.actions))
+                .or_default();
+            if outcome.outcome_type.is_success() {
+                r.successes += 1;
+            } else {
+                r.failures += 1;
+            }
+        }
         let mut seen = [false; ActionType::ALL.len()];
         let by_cause = self.by_cause.entry(outcome.root_cause).or_default();
         for &action in &outcome.actions {
@@ -161,6 +190,53 @@ impl LearnedStats {
                 .entry(action)
                 .or_default()
                 .record(outcome, saturation);
+        }
+    }
+
+    /// Re-classifies an outcome already folded in (`from`) as `to` (a
+    /// success whose symptoms came back becomes RECURRED): the counts move
+    /// from one class to the other, in `O(actions)`. Nothing changes when
+    /// `from` was UNKNOWN (never counted as evidence) or equals `to`.
+    pub fn reclassify(&mut self, outcome: &PolicyOutcome, from: OutcomeType, to: OutcomeType) {
+        if from == to || from == OutcomeType::Unknown || to == OutcomeType::Unknown {
+            return;
+        }
+        if let Some(r) = self
+            .by_remedy
+            .get_mut(&outcome.root_cause)
+            .and_then(|m| m.get_mut(&remedy_key(&outcome.actions)))
+        {
+            match (from.is_success(), to.is_success()) {
+                (true, false) => {
+                    r.successes = r.successes.saturating_sub(1);
+                    r.failures += 1;
+                }
+                (false, true) => {
+                    r.failures = r.failures.saturating_sub(1);
+                    r.successes += 1;
+                }
+                _ => {}
+            }
+        }
+        let mut seen = [false; ActionType::ALL.len()];
+        for &action in &outcome.actions {
+            let slot = action as usize;
+            if seen.get(slot).copied().unwrap_or(false) {
+                continue;
+            }
+            if let Some(s) = seen.get_mut(slot) {
+                *s = true;
+            }
+            if let Some(s) = self.by_action.get_mut(&action) {
+                s.reclassify(from, to);
+            }
+            if let Some(s) = self
+                .by_cause
+                .get_mut(&outcome.root_cause)
+                .and_then(|m| m.get_mut(&action))
+            {
+                s.reclassify(from, to);
+            }
         }
     }
 

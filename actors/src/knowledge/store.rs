@@ -1597,6 +1597,9 @@ mod tests {
             scope: vec!["charter".into()],
             incident_id: None,
             attempt: 0,
+            guards: Vec::new(),
+            autonomy: None,
+            candidates: Vec::new(),
         }
     }
 

@@ -320,6 +320,7 @@ impl Planner {
                 reason: None,
                 hold_until: None,
                 attempts: 0,
+                recurrence_of: None,
             },
             analysis: None,
             chain: chain.clone(),

@@ -266,6 +266,9 @@ mod tests {
             scope: scope.iter().map(|s| s.to_string()).collect(),
             incident_id: Some(format!("inc-{id}")),
             attempt: 0,
+            guards: Vec::new(),
+            autonomy: None,
+            candidates: Vec::new(),
         }
     }
 

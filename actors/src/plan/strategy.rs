@@ -209,7 +209,7 @@ pub fn default_parameters(
 /// Builds one action (id `id`, cost from `settings`, its rollback attached).
 /// Its priority is a placeholder ([`Priority::Medium`]) that [`plan`]
 /// overwrites with the policy's priority.
-fn make_action(
+pub(crate) fn make_action(
     id: String,
     action: ActionType,
     cause: RootCause,
@@ -473,7 +473,7 @@ pub fn decide(
 
 /// Eligible causes: confidence ≥ `min_confidence`, not Unknown, each cause
 /// once (at its highest confidence), in the analysis' order.
-fn eligible_causes(analysis: &AnalysisResult, settings: &PlanSettings) -> Vec<RankedCause> {
+pub(crate) fn eligible_causes(analysis: &AnalysisResult, settings: &PlanSettings) -> Vec<RankedCause> {
     let mut out: Vec<RankedCause> = Vec::new();
     for rc in &analysis.root_causes {
         if rc.cause == RootCause::Unknown
@@ -491,7 +491,7 @@ fn eligible_causes(analysis: &AnalysisResult, settings: &PlanSettings) -> Vec<Ra
     out
 }
 
-fn escalation_reason(analysis: &AnalysisResult, settings: &PlanSettings) -> String {
+pub(crate) fn escalation_reason(analysis: &AnalysisResult, settings: &PlanSettings) -> String {
     let best = analysis
         .root_causes
         .iter()
@@ -523,7 +523,7 @@ fn describe_steps(actions: &[RemediationAction]) -> String {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn build_policy(
+pub(crate) fn build_policy(
     analysis: &AnalysisResult,
     cause: &RankedCause,
     mut actions: Vec<RemediationAction>,
@@ -572,6 +572,9 @@ fn build_policy(
         scope: scope.to_vec(),
         incident_id: analysis.incident_id.clone(),
         attempt: 0,
+        guards: Vec::new(),
+        autonomy: None,
+        candidates: Vec::new(),
     }
 }
 

@@ -1,0 +1,883 @@
+//! The safety guards, as plain values tested without a runtime: the kill
+//! switch (pause), the disruption budget and per-component rate limits
+//! (sliding windows), circuit breakers per (cause, action) and per
+//! component, flapping components, operator silences, and the last
+//! success per component (for recurrence).
+//!
+//! Every guard is consulted by the one admission queue
+//! ([`crate::admission`]) through [`Guards::gate`]; an admitted policy
+//! reserves its actions with [`Guards::admitted`]. Time is wall-clock
+//! ([`Timestamp`]) so that the state survives a restart: every change marks
+//! a key dirty, and the Planner writes the dirty keys to Knowledge (tree
+//! [`GUARDS_TREE`]); [`Guards::restore`] rebuilds them at start.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::model::{
+    ActionType, ExecutionStatus, OutcomeType, PolicyExecution, RemediationPolicy, RootCause,
+    Timestamp,
+};
+use crate::ports::EscalationKind;
+use crate::settings::SafetySettings;
+
+/// Knowledge tree holding the guards' state.
+pub const GUARDS_TREE: &str = "guards";
+
+/// Relapses kept per component (for the escalation's history).
+const FLAP_HISTORY: usize = 20;
+
+/// Who paused mapek, and why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PauseState {
+    /// Who.
+    pub by: String,
+    /// Why.
+    pub reason: Option<String>,
+    /// When.
+    pub at: Timestamp,
+}
+
+/// State of a circuit breaker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BreakerState {
+    /// Remedies run.
+    Closed,
+    /// Remedies are refused until `open_until`.
+    Open,
+    /// One trial runs; its result closes or re-opens the breaker.
+    HalfOpen,
+}
+
+impl BreakerState {
+    /// snake_case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BreakerState::Closed => "closed",
+            BreakerState::Open => "open",
+            BreakerState::HalfOpen => "half_open",
+        }
+    }
+}
+
+/// A circuit breaker (`cause/ACTION` or `component/NAME`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Breaker {
+    /// Its key.
+    pub key: String,
+    /// Consecutive failures.
+    pub failures: u32,
+    /// Current state (an open breaker past `open_until` is half-open).
+    pub state: BreakerState,
+    /// When an open breaker allows its trial.
+    pub open_until: Option<Timestamp>,
+    /// The policy running the half-open trial.
+    pub trial: Option<String>,
+    /// The latest failure, in words.
+    pub last_failure: Option<String>,
+}
+
+/// A component's incidents coming back.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Flap {
+    /// Incident openings on the component (time, incident), oldest first.
+    pub openings: VecDeque<(Timestamp, String)>,
+    /// Since when it is flapping.
+    pub since: Option<Timestamp>,
+}
+
+/// An operator's silence of one component (a maintenance window).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Silence {
+    /// Until when.
+    pub until: Timestamp,
+    /// Why.
+    pub reason: String,
+    /// Who.
+    pub by: String,
+    /// When it was set.
+    pub at: Timestamp,
+}
+
+/// The latest verified success on a component.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LastSuccess {
+    /// The execution.
+    pub execution_id: String,
+    /// Its cause.
+    pub cause: RootCause,
+    /// Its actions.
+    pub actions: Vec<ActionType>,
+    /// Its outcome (SUCCESS or PARTIAL).
+    pub outcome: OutcomeType,
+    /// When it was verified.
+    pub at: Timestamp,
+    /// The incident it remedied.
+    pub incident: Option<String>,
+}
+
+/// What a guard says about a queued policy.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Gate {
+    /// It may run.
+    Admit,
+    /// It waits (the guard, why).
+    Hold(&'static str, String),
+    /// It can never run as it is: a person must act.
+    Escalate(&'static str, EscalationKind, String),
+}
+
+/// How an execution counts for the breakers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// SUCCESS or PARTIAL.
+    Success,
+    /// FAILED, ROLLED_BACK, INEFFECTIVE, DEGRADATION or RECURRED.
+    Failure,
+    /// UNKNOWN, DRY_RUN, interrupted: nothing.
+    Nothing,
+}
+
+/// How an execution counts for the breakers (and learning).
+pub fn verdict(exec: &PolicyExecution) -> Verdict {
+    if exec.error.as_deref().is_some_and(|e| e.starts_with("interrupted")) {
+        return Verdict::Nothing;
+    }
+    match exec.status {
+        ExecutionStatus::DryRun | ExecutionStatus::Pending | ExecutionStatus::InProgress => {
+            return Verdict::Nothing
+        }
+        ExecutionStatus::Failed | ExecutionStatus::RolledBack => {
+            // Cut off by the chain deadline before acting: no evidence.
+            if exec.actions.is_empty() && exec.timings.cut_off {
+                return Verdict::Nothing;
+            }
+            return Verdict::Failure;
+        }
+        ExecutionStatus::Completed => {}
+    }
+    match exec.outcome {
+        Some(o) if o.is_success() => Verdict::Success,
+        Some(OutcomeType::Unknown) | None => Verdict::Nothing,
+        Some(_) => Verdict::Failure,
+    }
+}
+
+/// Breaker key of a (cause, action).
+pub fn action_breaker(cause: RootCause, action: ActionType) -> String {
+    format!("{}/{}", cause.as_str(), action.as_str())
+}
+
+/// Breaker key of a component.
+pub fn component_breaker(component: &str) -> String {
+    format!("component/{component}")
+}
+
+/// Targets of a policy's actions (deduplicated).
+fn targets(policy: &RemediationPolicy) -> Vec<String> {
+    let mut t: Vec<String> = policy.actions.iter().map(|a| a.target.clone()).collect();
+    t.sort();
+    t.dedup();
+    t
+}
+
+fn secs(s: u64) -> chrono::Duration {
+    chrono::Duration::seconds(i64::try_from(s).unwrap_or(i64::MAX / 4))
+}
+
+/// The guards' state.
+#[derive(Debug)]
+pub struct Guards {
+    settings: SafetySettings,
+    pause: Option<PauseState>,
+    budget: VecDeque<(Timestamp, String, ActionType)>,
+    rate: HashMap<String, VecDeque<Timestamp>>,
+    breakers: BTreeMap<String, Breaker>,
+    flaps: HashMap<String, Flap>,
+    silences: BTreeMap<String, Silence>,
+    successes: HashMap<String, LastSuccess>,
+    /// A policy needing budget waits in this admission pass: later ones
+    /// needing budget wait behind it (served in queue order).
+    budget_blocked: bool,
+    dirty: Vec<String>,
+}
+
+impl Guards {
+    /// Empty guards.
+    pub fn new(settings: SafetySettings) -> Self {
+        Guards {
+            settings,
+            pause: None,
+            budget: VecDeque::new(),
+            rate: HashMap::new(),
+            breakers: BTreeMap::new(),
+            flaps: HashMap::new(),
+            silences: BTreeMap::new(),
+            successes: HashMap::new(),
+            budget_blocked: false,
+            dirty: Vec::new(),
+        }
+    }
+
+    /// The settings in force.
+    pub fn settings(&self) -> &SafetySettings {
+        &self.settings
+    }
+
+    fn mark(&mut self, key: String) {
+        if !self.dirty.contains(&key) {
+            self.dirty.push(key);
+        }
+    }
+
+    /// The keys changed since the last call, with their value (`None`:
+    /// deleted), to be written to Knowledge.
+    pub fn take_dirty(&mut self) -> Vec<(String, Option<Value>)> {
+        let keys = std::mem::take(&mut self.dirty);
+        keys.into_iter()
+            .map(|k| {
+                let v = self.value_of(&k);
+                (k, v)
+            })
+            .collect()
+    }
+
+    fn value_of(&self, key: &str) -> Option<Value> {
+        let v = if key == "pause" {
+            self.pause.as_ref().map(serde_json::to_value)
+        } else if key == "budget" {
+            (!self.budget.is_empty()).then(|| serde_json::to_value(&self.budget))
+        } else if let Some(c) = key.strip_prefix("rate/") {
+            self.rate.get(c).map(serde_json::to_value)
+        } else if let Some(k) = key.strip_prefix("breaker/") {
+            self.breakers.get(k).map(serde_json::to_value)
+        } else if let Some(c) = key.strip_prefix("flap/") {
+            self.flaps.get(c).map(serde_json::to_value)
+        } else if let Some(c) = key.strip_prefix("silence/") {
+            self.silences.get(c).map(serde_json::to_value)
+        } else if let Some(c) = key.strip_prefix("success/") {
+            self.successes.get(c).map(serde_json::to_value)
+        } else {
+            None
+        };
+        v.and_then(Result::ok)
+    }
+
+    /// Rebuilds the state from the records of [`GUARDS_TREE`]; a record
+    /// that cannot be read is skipped with a warning.
+    pub fn restore(&mut self, records: Vec<(String, Value)>) {
+        fn get<T: serde::de::DeserializeOwned>(key: &str, v: Value) -> Option<T> {
+            match serde_json::from_value(v) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    tracing::warn!(key, error = %e, "unreadable guard state skipped");
+                    None
+                }
+            }
+        }
+        for (key, v) in records {
+            if key == "pause" {
+                self.pause = get(&key, v);
+            } else if key == "budget" {
+                self.budget = get(&key, v).unwrap_or_default();
+            } else if let Some(c) = key.strip_prefix("rate/") {
+                if let Some(r) = get(&key, v) {
+                    self.rate.insert(c.to_string(), r);
+                }
+            } else if let Some(k) = key.strip_prefix("breaker/") {
+                if let Some(mut b) = get::<Breaker>(&key, v) {
+                    // A trial that was running when mapek stopped is over.
+                    b.trial = None;
+                    self.breakers.insert(k.to_string(), b);
+                }
+            } else if let Some(c) = key.strip_prefix("flap/") {
+                if let Some(f) = get(&key, v) {
+                    self.flaps.insert(c.to_string(), f);
+                }
+            } else if let Some(c) = key.strip_prefix("silence/") {
+                if let Some(s) = get(&key, v) {
+                    self.silences.insert(c.to_string(), s);
+                }
+            } else if let Some(c) = key.strip_prefix("success/") {
+                if let Some(s) = get(&key, v) {
+                    self.successes.insert(c.to_string(), s);
+                }
+            }
+        }
+    }
+
+    // ---- pause -------------------------------------------------------
+
+    /// Whether mapek is paused, and by whom.
+    pub fn pause(&self) -> Option<&PauseState> {
+        self.pause.as_ref()
+    }
+
+    /// Pauses (idempotent: the first pause is kept).
+    pub fn set_pause(&mut self, state: PauseState) -> PauseState {
+        match &self.pause {
+            Some(p) => p.clone(),
+            None => {
+                self.pause = Some(state.clone());
+                self.mark("pause".into());
+                state
+            }
+        }
+    }
+
+    /// Resumes; returns the pause that ended.
+    pub fn resume(&mut self) -> Option<PauseState> {
+        let was = self.pause.take();
+        if was.is_some() {
+            self.mark("pause".into());
+        }
+        was
+    }
+
+    // ---- sliding windows ---------------------------------------------
+
+    fn trim(&mut self, now: Timestamp) {
+        let budget_window = secs(self.settings.disruption_budget.window_seconds);
+        let before = self.budget.len();
+        while self
+            .budget
+            .front()
+            .is_some_and(|(at, _, _)| *at + budget_window <= now)
+        {
+            self.budget.pop_front();
+        }
+        if self.budget.len() != before {
+            self.mark("budget".into());
+        }
+        let rate_window = secs(self.settings.component_rate_limit.window_seconds);
+        let mut emptied = Vec::new();
+        let mut trimmed = Vec::new();
+        for (c, q) in self.rate.iter_mut() {
+            let n = q.len();
+            while q.front().is_some_and(|at| *at + rate_window <= now) {
+                q.pop_front();
+            }
+            if q.is_empty() {
+                emptied.push(c.clone());
+            } else if q.len() != n {
+                trimmed.push(c.clone());
+            }
+        }
+        for c in emptied {
+            self.rate.remove(&c);
+            self.mark(format!("rate/{c}"));
+        }
+        for c in trimmed {
+            self.mark(format!("rate/{c}"));
+        }
+    }
+
+    fn disruptive(&self, policy: &RemediationPolicy) -> usize {
+        policy
+            .actions
+            .iter()
+            .filter(|a| {
+                self.settings
+                    .disruption_budget
+                    .action_types
+                    .contains(&a.action_type)
+            })
+            .count()
+    }
+
+    /// Disruptive actions counted in the current window.
+    pub fn budget_used(&mut self, now: Timestamp) -> usize {
+        self.trim(now);
+        self.budget.len()
+    }
+
+    /// Disruptive actions still allowed in the current window.
+    pub fn budget_remaining(&mut self, now: Timestamp) -> usize {
+        let max = self.settings.disruption_budget.max_actions as usize;
+        max.saturating_sub(self.budget_used(now))
+    }
+
+    /// When the earliest entry of a full window leaves it (the budget or a
+    /// component's rate limit frees up), if one is full.
+    pub fn next_release(&self) -> Option<Timestamp> {
+        let b = self
+            .budget
+            .front()
+            .map(|(at, _, _)| *at + secs(self.settings.disruption_budget.window_seconds));
+        let r = self
+            .rate
+            .values()
+            .filter_map(|q| q.front())
+            .map(|at| *at + secs(self.settings.component_rate_limit.window_seconds))
+            .min();
+        let f = self
+            .flaps
+            .values()
+            .filter(|f| f.since.is_some())
+            .filter_map(|f| f.openings.back())
+            .map(|(at, _)| *at + secs(self.settings.flapping.window_seconds))
+            .min();
+        [b, r, f].into_iter().flatten().min()
+    }
+
+    // ---- the gate ----------------------------------------------------
+
+    /// Starts an admission pass (the queue is served in order).
+    pub fn begin_pass(&mut self, now: Timestamp) {
+        self.budget_blocked = false;
+        self.trim(now);
+        self.expire_silences(now);
+    }
+
+    /// What the guards say about a queued policy now. Checked in this
+    /// order: pause, silence, flapping, component breaker, half-open
+    /// trials, disruption budget, component rate limit.
+    pub fn gate(&mut self, policy: &RemediationPolicy, now: Timestamp) -> Gate {
+        if let Some(p) = &self.pause {
+            return Gate::Hold(
+                "pause",
+                format!(
+                    "held by the pause ({} at {}{})",
+                    p.by,
+                    p.at.to_rfc3339(),
+                    p.reason
+                        .as_deref()
+                        .map(|r| format!(": {r}"))
+                        .unwrap_or_default()
+                ),
+            );
+        }
+        let comps = targets(policy);
+        for c in &comps {
+            if let Some(s) = self.silence_of(c, now) {
+                return Gate::Hold("silence", s);
+            }
+            if let Some(h) = self.flapping_of(c, now) {
+                return Gate::Escalate("flapping", EscalationKind::Flapping, h);
+            }
+            if let Some(why) = self.breaker_blocks(&component_breaker(c), None, now) {
+                return Gate::Escalate("breaker", EscalationKind::BreakerOpen, why);
+            }
+        }
+        for a in &policy.actions {
+            let key = action_breaker(policy.root_cause, a.action_type);
+            if let Some(why) = self.breaker_blocks(&key, Some(&policy.id), now) {
+                return Gate::Hold("breaker", why);
+            }
+        }
+        let d = self.disruptive(policy);
+        if d > 0 {
+            let max = self.settings.disruption_budget.max_actions as usize;
+            if d > max {
+                return Gate::Escalate(
+                    "disruption_budget",
+                    EscalationKind::BudgetExhausted,
+                    format!(
+                        "it needs {d} disruptive action(s), more than the whole disruption budget ({max} per {} s)",
+                        self.settings.disruption_budget.window_seconds
+                    ),
+                );
+            }
+            if self.budget_blocked {
+                return Gate::Hold(
+                    "disruption_budget",
+                    "waits behind an earlier policy for the disruption budget".into(),
+                );
+            }
+            if self.budget.len() + d > max {
+                self.budget_blocked = true;
+                return Gate::Hold(
+                    "disruption_budget",
+                    format!(
+                        "disruption budget exhausted: {} of {max} disruptive action(s) used in the last {} s",
+                        self.budget.len(),
+                        self.settings.disruption_budget.window_seconds
+                    ),
+                );
+            }
+        }
+        let max = self.settings.component_rate_limit.max_actions as usize;
+        for c in &comps {
+            let n = policy.actions.iter().filter(|a| &a.target == c).count();
+            let used = self.rate.get(c).map(VecDeque::len).unwrap_or(0);
+            if used + n > max {
+                return Gate::Hold(
+                    "component_rate_limit",
+                    format!(
+                        "component `{c}` rate limit reached: {used} of {max} action(s) in the last {} s",
+                        self.settings.component_rate_limit.window_seconds
+                    ),
+                );
+            }
+        }
+        Gate::Admit
+    }
+
+    /// Reserves an admitted policy's actions: its disruptive actions in the
+    /// budget, every action in its component's rate limit, and the trial of
+    /// a half-open breaker. Not for dry runs.
+    pub fn admitted(&mut self, policy: &RemediationPolicy, now: Timestamp) {
+        for a in &policy.actions {
+            if self
+                .settings
+                .disruption_budget
+                .action_types
+                .contains(&a.action_type)
+            {
+                self.budget.push_back((now, policy.id.clone(), a.action_type));
+                self.mark("budget".into());
+            }
+            self.rate.entry(a.target.clone()).or_default().push_back(now);
+            self.mark(format!("rate/{}", a.target));
+        }
+        let mut keys: Vec<String> = policy
+            .actions
+            .iter()
+            .map(|a| action_breaker(policy.root_cause, a.action_type))
+            .collect();
+        keys.extend(targets(policy).iter().map(|c| component_breaker(c)));
+        for k in keys {
+            if let Some(b) = self.breakers.get_mut(&k) {
+                if b.state != BreakerState::Closed && b.trial.is_none() {
+                    b.state = BreakerState::HalfOpen;
+                    b.trial = Some(policy.id.clone());
+                    self.mark(format!("breaker/{k}"));
+                }
+            }
+        }
+    }
+
+    /// Rollback steps that ran count in the windows (never held back).
+    pub fn rolled_back(&mut self, exec: &PolicyExecution, policy: &RemediationPolicy, now: Timestamp) {
+        for a in &exec.actions {
+            if a.status != ExecutionStatus::RolledBack {
+                continue;
+            }
+            let Some(step) = policy
+                .actions
+                .iter()
+                .find(|p| p.id == a.action_id)
+                .and_then(|p| p.rollback.as_ref().map(|r| (r.action_type, p.target.clone())))
+            else {
+                continue;
+            };
+            if self
+                .settings
+                .disruption_budget
+                .action_types
+                .contains(&step.0)
+            {
+                self.budget.push_back((now, policy.id.clone(), step.0));
+                self.mark("budget".into());
+            }
+            self.rate.entry(step.1.clone()).or_default().push_back(now);
+            self.mark(format!("rate/{}", step.1));
+        }
+    }
+
+    // ---- breakers ----------------------------------------------------
+
+    /// Why breaker `key` refuses a remedy now (`policy`: the policy asking,
+    /// which may hold the half-open trial), if it does.
+    pub fn breaker_blocks(&mut self, key: &str, policy: Option<&str>, now: Timestamp) -> Option<String> {
+        let b = self.breakers.get_mut(key)?;
+        match b.state {
+            BreakerState::Closed => None,
+            BreakerState::Open if b.open_until.is_some_and(|u| u > now) => Some(format!(
+                "circuit breaker `{key}` is open after {} consecutive failure(s) (until {}){}",
+                b.failures,
+                b.open_until.map(|u| u.to_rfc3339()).unwrap_or_default(),
+                b.last_failure
+                    .as_deref()
+                    .map(|f| format!("; last: {f}"))
+                    .unwrap_or_default()
+            )),
+            _ => {
+                // Open past its time, or half-open: one trial at a time.
+                if b.state == BreakerState::Open {
+                    b.state = BreakerState::HalfOpen;
+                    self.dirty.push(format!("breaker/{key}"));
+                }
+                let b = self.breakers.get(key)?;
+                match (&b.trial, policy) {
+                    (None, _) => None,
+                    (Some(t), Some(p)) if t == p => None,
+                    (Some(t), _) => Some(format!(
+                        "circuit breaker `{key}` is half-open: its trial ({t}) runs first"
+                    )),
+                }
+            }
+        }
+    }
+
+    /// Folds a finished execution into the breakers of its (cause, action)s
+    /// and components; returns the keys of breakers that opened.
+    pub fn record_execution(
+        &mut self,
+        exec: &PolicyExecution,
+        policy: &RemediationPolicy,
+        now: Timestamp,
+    ) -> Vec<String> {
+        let v = verdict(exec);
+        let what = match exec.outcome {
+            Some(o) if exec.status == ExecutionStatus::Completed => {
+                format!("{} by {}", o.as_str(), exec.id)
+            }
+            _ => format!("{} ({})", exec.status.as_str(), exec.id),
+        };
+        self.record_verdict(policy, v, &what, now)
+    }
+
+    /// Folds one verdict about `policy` into its breakers.
+    pub fn record_verdict(
+        &mut self,
+        policy: &RemediationPolicy,
+        v: Verdict,
+        what: &str,
+        now: Timestamp,
+    ) -> Vec<String> {
+        let mut keys: Vec<String> = policy
+            .actions
+            .iter()
+            .map(|a| action_breaker(policy.root_cause, a.action_type))
+            .collect();
+        keys.sort();
+        keys.dedup();
+        keys.extend(targets(policy).iter().map(|c| component_breaker(c)));
+        let mut opened = Vec::new();
+        for k in keys {
+            match v {
+                Verdict::Nothing => {
+                    if let Some(b) = self.breakers.get_mut(&k) {
+                        if b.trial.as_deref() == Some(policy.id.as_str()) {
+                            b.trial = None;
+                            self.dirty.push(format!("breaker/{k}"));
+                        }
+                    }
+                }
+                Verdict::Success => {
+                    if self.breakers.remove(&k).is_some() {
+                        self.mark(format!("breaker/{k}"));
+                    }
+                }
+                Verdict::Failure => {
+                    let threshold = self.settings.breaker.failures;
+                    let open_for = secs(self.settings.breaker.open_seconds);
+                    let b = self.breakers.entry(k.clone()).or_insert_with(|| Breaker {
+                        key: k.clone(),
+                        failures: 0,
+                        state: BreakerState::Closed,
+                        open_until: None,
+                        trial: None,
+                        last_failure: None,
+                    });
+                    b.failures = b.failures.saturating_add(1);
+                    b.last_failure = Some(what.to_string());
+                    b.trial = None;
+                    if b.state == BreakerState::HalfOpen || b.failures >= threshold {
+                        if b.state != BreakerState::Open {
+                            opened.push(k.clone());
+                        }
+                        b.state = BreakerState::Open;
+                        b.open_until = Some(now + open_for);
+                    }
+                    self.mark(format!("breaker/{k}"));
+                }
+            }
+        }
+        opened
+    }
+
+    /// Every breaker not closed.
+    pub fn breakers(&self) -> impl Iterator<Item = &Breaker> {
+        self.breakers.values().filter(|b| b.state != BreakerState::Closed)
+    }
+
+    /// Breakers counted by state (`open`, `half_open`); an open breaker
+    /// past its time counts as half-open.
+    pub fn breaker_counts(&self, now: Timestamp) -> (i64, i64) {
+        let mut open = 0;
+        let mut half = 0;
+        for b in self.breakers.values() {
+            match b.state {
+                BreakerState::Open if b.open_until.is_some_and(|u| u > now) => open += 1,
+                BreakerState::Open | BreakerState::HalfOpen => half += 1,
+                BreakerState::Closed => {}
+            }
+        }
+        (open, half)
+    }
+
+    // ---- flapping and silences ---------------------------------------
+
+    /// An incident opened on `components`: counted per component. Returns
+    /// the components that became flapping.
+    pub fn incident_opened(&mut self, incident: &str, components: &[String], now: Timestamp) -> Vec<String> {
+        let window = secs(self.settings.flapping.window_seconds);
+        let relapses = self.settings.flapping.relapses as usize;
+        let mut became = Vec::new();
+        for c in components {
+            if c.is_empty() || c == "unknown" {
+                continue;
+            }
+            let f = self.flaps.entry(c.clone()).or_default();
+            if f.openings.iter().any(|(_, i)| i == incident) {
+                continue;
+            }
+            f.openings.push_back((now, incident.to_string()));
+            while f.openings.len() > FLAP_HISTORY.max(relapses + 1) {
+                f.openings.pop_front();
+            }
+            let recent = f.openings.iter().filter(|(at, _)| *at + window > now).count();
+            // The first incident is not a relapse: `relapses` returns mean
+            // `relapses + 1` openings within the window.
+            if f.since.is_none() && recent > relapses {
+                f.since = Some(now);
+                became.push(c.clone());
+            }
+            self.mark(format!("flap/{c}"));
+        }
+        became
+    }
+
+    /// Why `component` is flapping (its history), if it is; a flapping
+    /// component quiet for a whole window is flapping no more.
+    pub fn flapping_of(&mut self, component: &str, now: Timestamp) -> Option<String> {
+        let window = secs(self.settings.flapping.window_seconds);
+        let f = self.flaps.get_mut(component)?;
+        let since = f.since?;
+        let last = f.openings.back().map(|(at, _)| *at).unwrap_or(since);
+        if last + window <= now {
+            f.since = None;
+            self.mark(format!("flap/{component}"));
+            return None;
+        }
+        let history: Vec<String> = f
+            .openings
+            .iter()
+            .filter(|(at, _)| *at + window > since)
+            .map(|(at, i)| format!("{i} at {}", at.format("%H:%M:%S")))
+            .collect();
+        Some(format!(
+            "component `{component}` is flapping: {} incidents within {} s ({}); automatic action stops until an operator clears it or it stays quiet for {} s",
+            history.len(),
+            self.settings.flapping.window_seconds,
+            history.join(", "),
+            self.settings.flapping.window_seconds
+        ))
+    }
+
+    /// Components flapping now.
+    pub fn flapping(&self) -> impl Iterator<Item = (&String, &Flap)> {
+        self.flaps.iter().filter(|(_, f)| f.since.is_some())
+    }
+
+    /// Silences `component` until `silence.until`.
+    pub fn silence(&mut self, component: &str, silence: Silence) {
+        self.silences.insert(component.to_string(), silence);
+        self.mark(format!("silence/{component}"));
+    }
+
+    fn expire_silences(&mut self, now: Timestamp) {
+        let over: Vec<String> = self
+            .silences
+            .iter()
+            .filter(|(_, s)| s.until <= now)
+            .map(|(c, _)| c.clone())
+            .collect();
+        for c in over {
+            self.silences.remove(&c);
+            self.mark(format!("silence/{c}"));
+        }
+    }
+
+    /// Why `component` is silenced, if it is.
+    pub fn silence_of(&self, component: &str, now: Timestamp) -> Option<String> {
+        let s = self.silences.get(component).filter(|s| s.until > now)?;
+        Some(format!(
+            "component `{component}` is silenced by {} until {}: {}",
+            s.by,
+            s.until.to_rfc3339(),
+            s.reason
+        ))
+    }
+
+    /// Silences in force.
+    pub fn silences(&self) -> impl Iterator<Item = (&String, &Silence)> {
+        self.silences.iter()
+    }
+
+    /// Clears a component: its flapping, its silence and its breaker.
+    /// Returns what was cleared.
+    pub fn clear(&mut self, component: &str) -> Vec<&'static str> {
+        let mut cleared = Vec::new();
+        if let Some(f) = self.flaps.get_mut(component) {
+            if f.since.take().is_some() {
+                cleared.push("flapping");
+            }
+            // A fresh start: past openings no longer count.
+            f.openings.clear();
+            self.mark(format!("flap/{component}"));
+        }
+        if self.silences.remove(component).is_some() {
+            cleared.push("silence");
+            self.mark(format!("silence/{component}"));
+        }
+        let key = component_breaker(component);
+        if self.breakers.remove(&key).is_some() {
+            cleared.push("breaker");
+            self.mark(format!("breaker/{key}"));
+        }
+        cleared
+    }
+
+    // ---- recurrence --------------------------------------------------
+
+    /// A verified success on the components of `policy`.
+    pub fn success(&mut self, exec: &PolicyExecution, policy: &RemediationPolicy, now: Timestamp) {
+        let Some(outcome) = exec.outcome.filter(|o| o.is_success()) else {
+            return;
+        };
+        for c in crate::admission::scope_of(policy) {
+            self.successes.insert(
+                c.clone(),
+                LastSuccess {
+                    execution_id: exec.id.clone(),
+                    cause: policy.root_cause,
+                    actions: policy.actions.iter().map(|a| a.action_type).collect(),
+                    outcome,
+                    at: now,
+                    incident: policy.incident_id.clone(),
+                },
+            );
+            self.mark(format!("success/{c}"));
+        }
+    }
+
+    /// The success that an incident opening on `components` now makes a
+    /// recurrence (within `recurrence_window_seconds`), taken so it is
+    /// re-classified once.
+    pub fn recurrence(&mut self, incident: &str, components: &[String], now: Timestamp) -> Option<LastSuccess> {
+        let window = secs(self.settings.recurrence_window_seconds);
+        let hit = components.iter().find(|c| {
+            self.successes
+                .get(*c)
+                .is_some_and(|s| s.at + window > now && s.incident.as_deref() != Some(incident))
+        })?;
+        let s = self.successes.get(hit)?.clone();
+        let gone: Vec<String> = self
+            .successes
+            .iter()
+            .filter(|(_, v)| v.execution_id == s.execution_id)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for c in gone {
+            self.successes.remove(&c);
+            self.mark(format!("success/{c}"));
+        }
+        Some(s)
+    }
+}
