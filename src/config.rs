@@ -27,8 +27,8 @@ use std::time::Duration;
 
 use mapek_actors::model::ActionType;
 use mapek_actors::settings::{
-    AnalyzeSettings, ConfigIssue, ExecuteSettings, Issues, KnowledgeSettings, MonitorSettings,
-    OrchestratorSettings, PlanSettings, RuleSpec,
+    AnalyzeSettings, ConfigIssue, ExecuteSettings, Issues, KnowledgeSettings, Mode,
+    MonitorSettings, OrchestratorSettings, PlanSettings, RuleSpec, SafetySettings,
 };
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -72,6 +72,9 @@ pub struct Config {
     /// `analyze.causal.max_lag_seconds`, form one incident; a cascade is
     /// remedied at the upstream component.
     pub topology: BTreeMap<String, Vec<String>>,
+    /// Safety guards: mode (act, dry_run, shadow), disruption budget,
+    /// rate limits, circuit breakers, flapping, recurrence (docs/SAFETY.md).
+    pub safety: SafetySettings,
 }
 
 /// Prometheus server queried by the Monitor.
@@ -195,6 +198,9 @@ pub struct ComponentRouteSettings {
     pub actions: Vec<ActionType>,
     /// Effector of the matching actions.
     pub effector: EffectorKind,
+    /// The route's own safety mode (`act`, `dry_run`, `shadow`); the
+    /// stricter of it and `safety.mode` applies.
+    pub mode: Option<Mode>,
 }
 
 /// Which effector carries out which action type, and the settings of the
@@ -693,6 +699,7 @@ impl Config {
     /// | `CHARTER_URL`         | `charter.url`               |
     /// | `CHARTER_API_KEY`     | `charter.api_key`           |
     /// | `MAPEK_API_TOKEN`     | `api.token`                 |
+    /// | `MAPEK_MODE`          | `safety.mode`               |
     /// | `ALERTMANAGER_URL`    | `alertmanager.url`          |
     /// | `MAPE_K_INTERVAL`     | `monitor.interval_seconds`  |
     /// | `MAPE_K_THRESHOLD`    | `plan.plan_threshold`       |
@@ -730,6 +737,15 @@ impl Config {
         }
         if let Some(v) = lookup("ALERTMANAGER_URL") {
             self.alertmanager.url = v;
+        }
+        if let Some(v) = lookup("MAPEK_MODE") {
+            match Mode::parse(&v) {
+                Some(m) => self.safety.mode = m,
+                None => bad(
+                    "MAPEK_MODE",
+                    format!("must be one of act, dry_run, shadow (got {v:?})"),
+                ),
+            }
         }
         if let Some(v) = lookup("MAPE_K_INTERVAL") {
             match v.parse::<u64>() {
@@ -774,6 +790,7 @@ impl Config {
         self.plan.validate(&mut out);
         self.execute.validate(&mut out);
         self.knowledge.validate(&mut out);
+        self.safety.validate(&mut out);
 
         {
             let mut i = Issues::new("prometheus", &mut out);

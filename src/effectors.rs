@@ -61,6 +61,7 @@ pub fn build_router(cfg: &Config) -> Result<EffectorRouter, String> {
             components,
             actions: (!r.actions.is_empty()).then(|| r.actions.clone()),
             effector,
+            mode: r.mode,
         });
     }
     if !cfg.effectors.default_components.is_empty() {

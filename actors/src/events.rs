@@ -96,6 +96,57 @@ pub enum LoopEvent {
         /// Chain duration.
         total_seconds: f64,
     },
+    /// A safety guard decided about a policy (held, escalated, dry run,
+    /// shadow, trial).
+    Guard {
+        /// Incident.
+        incident_id: String,
+        /// Policy, if one is concerned.
+        policy_id: Option<String>,
+        /// The guard.
+        guard: String,
+        /// Its decision.
+        decision: String,
+        /// Why.
+        reason: String,
+    },
+    /// The kill switch was thrown or released.
+    Paused {
+        /// Paused (true) or resumed (false).
+        paused: bool,
+        /// Who.
+        by: String,
+        /// Why.
+        reason: Option<String>,
+    },
+    /// A circuit breaker opened.
+    BreakerOpened {
+        /// Breaker key (`cause/ACTION` or `component/NAME`).
+        key: String,
+    },
+    /// A component was found flapping.
+    Flapping {
+        /// Component.
+        component: String,
+    },
+    /// A success was re-classified as RECURRED: its symptoms came back.
+    Recurred {
+        /// The execution whose outcome changed.
+        execution_id: String,
+        /// The incident that came back.
+        incident_id: String,
+    },
+    /// The learner chose a remedy among candidates.
+    Chose {
+        /// Incident.
+        incident_id: String,
+        /// Cause.
+        cause: RootCause,
+        /// The remedy chosen.
+        remedy: String,
+        /// Candidates considered.
+        candidates: usize,
+    },
     /// A phase actor was restarted.
     Restarted {
         /// Which.

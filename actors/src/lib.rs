@@ -34,3 +34,4 @@ pub use knowledge::actor as knowledge_actor;
 pub use knowledge::{journal, store};
 pub use plan::actor as planner;
 pub use plan::admission;
+pub use plan::{learn, safety};

@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use crate::model::{
     AnalysisResult, ApprovalStatus, ChainId, ChainTimings, Incident, IncidentReport, IncidentState,
-    LearnedStats, PolicyExecution, RemediationPolicy, Timestamp, Violation,
+    LearnedStats, OutcomeType, PolicyExecution, RemediationPolicy, Timestamp, Violation,
 };
 use crate::ports::SourceError;
 
@@ -241,6 +241,76 @@ pub struct GetIncident {
     pub id: String,
 }
 
+/// Operator → Planner: the kill switch. While paused nothing is executed;
+/// the pause is kept in Knowledge (the reply comes once it is durable).
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Result<serde_json::Value, String>")]
+pub struct Pause {
+    /// Who.
+    pub by: String,
+    /// Why.
+    pub reason: Option<String>,
+}
+
+/// Operator → Planner: release the kill switch; the incidents still
+/// active are remedied.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Result<serde_json::Value, String>")]
+pub struct Resume {
+    /// Who.
+    pub by: String,
+    /// Why.
+    pub reason: Option<String>,
+}
+
+/// Operator → Planner: clear a component's flapping, silence, breaker and
+/// sticky escalations.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Result<serde_json::Value, String>")]
+pub struct ClearComponent {
+    /// Component.
+    pub component: String,
+    /// Who.
+    pub by: String,
+    /// Why.
+    pub reason: Option<String>,
+}
+
+/// Operator → Planner: observe a component but do not act on it for a
+/// while (a maintenance window).
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Result<serde_json::Value, String>")]
+pub struct SilenceComponent {
+    /// Component.
+    pub component: String,
+    /// How long, seconds.
+    pub seconds: u64,
+    /// Who.
+    pub by: String,
+    /// Why.
+    pub reason: String,
+}
+
+/// The guards' state (pause, budget, breakers, flapping, silences, queue).
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "serde_json::Value")]
+pub struct GetSafety;
+
+/// What shadow mode would have done, per cause.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "serde_json::Value")]
+pub struct GetShadowReport;
+
+/// Planner → Knowledge: an outcome's symptoms came back; re-classify it.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "()")]
+pub struct ReclassifyOutcome {
+    /// Execution whose outcome changes.
+    pub execution_id: String,
+    /// The new class (RECURRED).
+    pub to: OutcomeType,
+}
+
 /// Operator → Planner: approve or reject a pending policy.
 #[derive(Debug, Clone, Message)]
 #[rtype(result = "Result<RemediationPolicy, DecisionError>")]
@@ -366,4 +436,11 @@ named!(
     ActionsDone,
     GetIncidents,
     GetIncident,
+    Pause,
+    Resume,
+    ClearComponent,
+    SilenceComponent,
+    GetSafety,
+    GetShadowReport,
+    ReclassifyOutcome,
 );

@@ -188,7 +188,64 @@ pub struct Metrics {
     pub admission_queue_depth: Gauge,
     /// Execution slots in use (policies acting; verification holds none).
     pub executions_running: Gauge,
+    /// 1 while mapek is paused (the kill switch), else 0.
+    pub paused: Gauge,
+    /// Decisions of the safety guards by guard and decision.
+    pub guard_decisions: Family<GuardLabels, Counter>,
+    /// Circuit breakers by state (`open`, `half_open`).
+    pub breakers: Family<StateLabels, Gauge>,
+    /// Disruptive actions still allowed in the budget's window.
+    pub disruption_budget_remaining: Gauge,
+    /// Seconds the oldest policy in the admission queue has waited.
+    pub admission_oldest_wait_seconds: Gauge,
+    /// Escalations to people by reason.
+    pub escalations: Family<ReasonLabels, Counter>,
+    /// Incidents escalated now.
+    pub escalations_active: Gauge,
+    /// Components flapping now.
+    pub flapping_components: Gauge,
+    /// Components silenced by an operator now.
+    pub silenced_components: Gauge,
+    /// Outcomes re-classified (SUCCESS that recurred → RECURRED).
+    pub outcomes_reclassified: Counter,
+    /// Empirical regret of the learner per cause.
+    pub learning_regret: Family<CauseLabels, Gauge<f64, AtomicU64>>,
 }
+
+/// `{guard, decision}` of a safety guard's decision.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GuardLabels {
+    /// The guard.
+    pub guard: &'static str,
+    /// Its decision.
+    pub decision: &'static str,
+}
+
+/// `{reason}` of an escalation.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// Why.
+    pub reason: &'static str,
+}
+
+/// `{cause}`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CauseLabels {
+    /// Root cause.
+    pub cause: &'static str,
+}
+
+/// Every escalation reason, so each series exists from zero.
+const ESCALATION_KINDS: [crate::ports::EscalationKind; 8] = [
+    crate::ports::EscalationKind::NoConfidentCause,
+    crate::ports::EscalationKind::UnknownComponent,
+    crate::ports::EscalationKind::NoRoute,
+    crate::ports::EscalationKind::BreakerOpen,
+    crate::ports::EscalationKind::Flapping,
+    crate::ports::EscalationKind::BudgetExhausted,
+    crate::ports::EscalationKind::QueueTimeout,
+    crate::ports::EscalationKind::Rejected,
+];
 
 /// `{state}` of an incident.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -236,7 +293,26 @@ impl Metrics {
             window_dropped: Counter::default(),
             admission_queue_depth: Gauge::default(),
             executions_running: Gauge::default(),
+            paused: Gauge::default(),
+            guard_decisions: Family::default(),
+            breakers: Family::default(),
+            disruption_budget_remaining: Gauge::default(),
+            admission_oldest_wait_seconds: Gauge::default(),
+            escalations: Family::default(),
+            escalations_active: Gauge::default(),
+            flapping_components: Gauge::default(),
+            silenced_components: Gauge::default(),
+            outcomes_reclassified: Counter::default(),
+            learning_regret: Family::default(),
         };
+        for state in ["open", "half_open"] {
+            m.breakers.get_or_create(&StateLabels { state }).set(0);
+        }
+        for kind in ESCALATION_KINDS {
+            let _ = m.escalations.get_or_create(&ReasonLabels {
+                reason: kind.as_str(),
+            });
+        }
         for state in crate::model::IncidentState::ALL {
             m.incidents
                 .get_or_create(&StateLabels {
@@ -393,6 +469,61 @@ impl Metrics {
             "mape_k_executions_running",
             "Execution slots in use (actions running)",
             self.executions_running.clone(),
+        );
+        r.register(
+            "mape_k_paused",
+            "1 while mapek is paused by the kill switch",
+            self.paused.clone(),
+        );
+        r.register(
+            "mape_k_guard_decisions",
+            "Decisions of the safety guards by guard and decision",
+            self.guard_decisions.clone(),
+        );
+        r.register(
+            "mape_k_breakers",
+            "Circuit breakers by state (open, half_open)",
+            self.breakers.clone(),
+        );
+        r.register(
+            "mape_k_disruption_budget_remaining",
+            "Disruptive actions still allowed in the disruption budget's window",
+            self.disruption_budget_remaining.clone(),
+        );
+        r.register(
+            "mape_k_admission_oldest_wait_seconds",
+            "Seconds the oldest policy in the admission queue has waited",
+            self.admission_oldest_wait_seconds.clone(),
+        );
+        r.register(
+            "mape_k_escalations",
+            "Incidents escalated to people, by reason",
+            self.escalations.clone(),
+        );
+        r.register(
+            "mape_k_escalations_active",
+            "Incidents escalated now",
+            self.escalations_active.clone(),
+        );
+        r.register(
+            "mape_k_flapping_components",
+            "Components flapping now (automatic action stopped)",
+            self.flapping_components.clone(),
+        );
+        r.register(
+            "mape_k_silenced_components",
+            "Components silenced by an operator now",
+            self.silenced_components.clone(),
+        );
+        r.register(
+            "mape_k_outcomes_reclassified",
+            "Outcomes re-classified as RECURRED",
+            self.outcomes_reclassified.clone(),
+        );
+        r.register(
+            "mape_k_learning_regret",
+            "Empirical regret of the learner per cause (episodes x best rate - successes)",
+            self.learning_regret.clone(),
         );
     }
 

@@ -1040,6 +1040,24 @@ pub struct Incident {
     /// as RECURRED.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recurrence_of: Option<String>,
+    /// What mapek would have done in shadow mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<ShadowPlan>,
+}
+
+/// A remedy planned in shadow mode and never run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShadowPlan {
+    /// The policy recorded.
+    pub policy_id: String,
+    /// Its cause.
+    pub cause: RootCause,
+    /// Its remedy (action types joined by `+`).
+    pub remedy: String,
+    /// Whether it would have been auto-approved.
+    pub auto_approved: bool,
+    /// When.
+    pub at: Timestamp,
 }
 
 /// Member fingerprints kept on an incident record (the count is exact).

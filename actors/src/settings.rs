@@ -538,7 +538,11 @@ impl PlanSettings {
         for (a, c) in &self.action_costs {
             i.within(&format!("action_costs.{}", a.as_str()), *c, 0.0, 1.0);
         }
-        i.at_least("earned_autonomy.min_successes", self.earned_autonomy.min_successes, 1);
+        i.at_least(
+            "earned_autonomy.min_successes",
+            self.earned_autonomy.min_successes,
+            1,
+        );
         i.within(
             "earned_autonomy.min_success_rate",
             self.earned_autonomy.min_success_rate,

@@ -58,6 +58,8 @@ pub struct LoopSettings {
     pub execute: ExecuteSettings,
     /// Knowledge.
     pub knowledge: KnowledgeSettings,
+    /// Safety guards.
+    pub safety: crate::settings::SafetySettings,
 }
 
 /// What the loop is built from.
@@ -83,6 +85,8 @@ pub struct LoopParts {
     /// Where verification asks for the current state of pushed (webhook)
     /// alerts; `None` counts them as the Monitor holds them.
     pub alert_state: Option<Arc<dyn AlertState>>,
+    /// Where escalations go so that they reach people (Alertmanager).
+    pub escalations: Option<Arc<dyn crate::ports::EscalationSink>>,
 }
 
 /// Why the loop stopped on its own, if it did.
@@ -179,6 +183,7 @@ pub fn start_loop(parts: LoopParts) -> LoopHandle {
         chaos,
         events,
         alert_state,
+        escalations,
     } = parts;
     let events = events.unwrap_or_else(|| crate::events::bus(1024));
     let exit = ExitReason::default();
@@ -238,6 +243,7 @@ pub fn start_loop(parts: LoopParts) -> LoopHandle {
             clock: clock.clone(),
             events: Some(events.clone()),
             store: Some(store.clone()),
+            mode: settings.safety.mode,
         };
         let e_inbox = inbox(ActorKind::Executor);
         let (ei, ek, ep, est, er) = (
@@ -268,6 +274,11 @@ pub fn start_loop(parts: LoopParts) -> LoopHandle {
 
         let p_inbox = inbox(ActorKind::Planner);
         let (max_concurrent, prouter) = (settings.execute.max_concurrent, router.clone());
+        let (psafety, psink, precl) = (
+            settings.safety.clone(),
+            escalations.clone(),
+            knowledge.port::<crate::messages::ReclassifyOutcome>(),
+        );
         let (pi, ps, pe, pk, pst, pc, pstate, pr) = (
             p_inbox.clone(),
             settings.plan.clone(),
@@ -294,6 +305,7 @@ pub fn start_loop(parts: LoopParts) -> LoopHandle {
                     pr,
                     lease,
                 )
+                .with_safety(psafety.clone(), psink.clone(), Some(precl.clone()))
             }),
             p_inbox,
         );

@@ -22,7 +22,7 @@ use crate::model::{
     RemediationPolicy,
 };
 use crate::ports::{Effector, EffectorError, EvidenceProbe};
-use crate::settings::ExecuteSettings;
+use crate::settings::{ExecuteSettings, Mode};
 
 /// Parameter the Executor adds to every action it applies:
 /// `"<execution id>/<action id>"`, the same for every attempt of one
@@ -41,6 +41,9 @@ pub struct ComponentRoute {
     /// Where those actions go; `None`: no system owns them here (the
     /// incident is escalated, never sent elsewhere).
     pub effector: Option<Arc<dyn Effector>>,
+    /// The route's own safety mode (the stricter of it and `safety.mode`
+    /// applies).
+    pub mode: Option<Mode>,
 }
 
 /// Which effector carries out which action on which component: the
@@ -122,6 +125,18 @@ impl EffectorRouter {
         } else {
             None
         }
+    }
+
+    /// The safety mode of the component route that covers `action` on
+    /// `component`, if that route has one.
+    pub fn mode_for(&self, action: ActionType, component: &str) -> Option<Mode> {
+        self.component_routes
+            .iter()
+            .find(|r| {
+                r.actions.as_ref().is_none_or(|a| a.contains(&action))
+                    && r.components.iter().any(|g| g.matches(component))
+            })
+            .and_then(|r| r.mode)
     }
 
     /// Whether some route covers `action` on `component`.
@@ -213,6 +228,9 @@ pub struct ExecutionEnv {
     pub events: Option<EventBus>,
     /// Knowledge, for the intent of each action (journaled before acting).
     pub store: Option<crate::store::KnowledgeStore>,
+    /// `safety.mode`: in `dry_run` (here or on an action's route) nothing
+    /// leaves mapek; the calls are recorded instead.
+    pub mode: Mode,
 }
 
 /// Why a call ended without success.
@@ -318,7 +336,10 @@ impl ExecutionEnv {
         let mut exec = in_progress(policy, execution_id, chain_id, self.clock.now());
         let mut acted = Some(acted);
         self.run_into(policy, &mut exec, deadline, &mut acted).await;
-        if exec.status != ExecutionStatus::Completed {
+        if !matches!(
+            exec.status,
+            ExecutionStatus::Completed | ExecutionStatus::DryRun
+        ) {
             self.executed(&exec);
         }
         exec.finished_at = Some(self.clock.now());
@@ -348,6 +369,12 @@ impl ExecutionEnv {
             Err(e) => return fail(exec, format!("invalid policy: {e}")),
         };
         let mut routed = Vec::with_capacity(order.len());
+        let mut mode = self.mode;
+        for a in &policy.actions {
+            if let Some(m) = self.router.mode_for(a.action_type, &a.target) {
+                mode = mode.stricter(m);
+            }
+        }
         for &i in &order {
             let a = &policy.actions[i];
             match self.router.get_for(a.action_type, &a.target) {
@@ -362,6 +389,9 @@ impl ExecutionEnv {
                     )
                 }
             }
+        }
+        if mode != Mode::Act {
+            return self.dry_run(policy, exec, routed, acted);
         }
         // The intent of every action is journaled before the first one is
         // sent (queued now, made durable in one group commit while the
@@ -526,6 +556,52 @@ impl ExecutionEnv {
         exec.outcome = Some(classify(exec.violations_before, exec.violations_after));
     }
 
+    /// A dry run: every call that would have been made is recorded on
+    /// the execution (effector, action, target, parameters with the
+    /// idempotency key); nothing is sent, nothing is verified, nothing is
+    /// learned.
+    fn dry_run(
+        &self,
+        policy: &RemediationPolicy,
+        exec: &mut PolicyExecution,
+        routed: Vec<(RemediationAction, Arc<dyn Effector>)>,
+        acted: &mut Option<tokio::sync::oneshot::Sender<()>>,
+    ) {
+        for (mut action, eff) in routed {
+            let key = idempotency_key(policy, exec, &action);
+            action
+                .parameters
+                .insert(IDEMPOTENCY_KEY.into(), serde_json::Value::String(key));
+            let now = self.clock.now();
+            exec.actions.push(ActionExecution {
+                action_id: action.id.clone(),
+                action_type: action.action_type,
+                effector: eff.name().to_string(),
+                status: ExecutionStatus::DryRun,
+                attempts: 0,
+                started_at: Some(now),
+                finished_at: Some(now),
+                result: Some(serde_json::json!({
+                    "dry_run": true,
+                    "would_call": {
+                        "effector": eff.name(),
+                        "action_type": action.action_type,
+                        "target": action.target,
+                        "parameters": action.parameters,
+                    }
+                })),
+                error: None,
+                rollback: None,
+            });
+        }
+        tracing::info!(policy = %policy.id, actions = exec.actions.len(), "dry run: calls recorded, nothing sent");
+        exec.status = ExecutionStatus::DryRun;
+        self.executed(exec);
+        if let Some(tx) = acted.take() {
+            let _ = tx.send(());
+        }
+    }
+
     fn executed(&self, exec: &PolicyExecution) {
         if let Some(bus) = &self.events {
             let _ = bus.send(LoopEvent::Executed {
@@ -656,11 +732,13 @@ mod router_tests {
                 components: vec![glob("pay-*")],
                 actions: Some(vec![ActionType::RestartService]),
                 effector: Some(hook.clone()),
+                mode: None,
             })
             .component_route(ComponentRoute {
                 components: vec![glob("legacy-*")],
                 actions: None,
                 effector: None,
+                mode: None,
             });
         let same = |a: &Option<Arc<dyn Effector>>, b: &Arc<dyn Effector>| {
             a.as_ref().is_some_and(|a| Arc::ptr_eq(a, b))
@@ -679,6 +757,7 @@ mod router_tests {
             components: vec![glob("legacy-*")],
             actions: None,
             effector: None,
+            mode: None,
         });
         assert!(!open.covers(ActionType::ScaleUp, "legacy-1"));
         assert!(open.covers(ActionType::ScaleUp, "charter"));

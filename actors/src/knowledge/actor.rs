@@ -268,3 +268,34 @@ impl Handler<FlushKnowledge> for Knowledge {
         })
     }
 }
+
+impl Handler<crate::messages::ReclassifyOutcome> for Knowledge {
+    type Result = ();
+
+    fn handle(&mut self, msg: crate::messages::ReclassifyOutcome, ctx: &mut Context<Self>) {
+        let inbox = self.inbox.clone();
+        inbox.guard(self, ctx, "ReclassifyOutcome", |act, ctx| {
+            let write = act
+                .store
+                .reclassify_outcome_async(&msg.execution_id, msg.to);
+            let id = msg.execution_id.clone();
+            ctx.spawn(write.into_actor(act).map(move |r, act, ctx| {
+                let inbox = act.inbox.clone();
+                inbox.guard_internal(act, ctx, "ReclassifyOutcome", |act, _| match r {
+                    Ok(stats) => {
+                        tracing::info!(execution = %id, to = msg.to.as_str(), "outcome re-classified");
+                        if let Some(p) = act.planner.get() {
+                            let p = p.clone();
+                            actix::spawn(async move {
+                                let _ = p.send(KnowledgeUpdated { stats }).await;
+                            });
+                        }
+                        Ok(())
+                    }
+                    Err(e) => act.check("re-classifying an outcome", Err(e)),
+                });
+            }));
+            Ok(())
+        });
+    }
+}

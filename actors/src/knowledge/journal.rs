@@ -150,6 +150,14 @@ pub enum Record {
         /// JSON value.
         value: serde_json::Value,
     },
+    /// An outcome re-classified (a SUCCESS whose symptoms came back
+    /// becomes RECURRED); the learned statistics move with it, once.
+    Reclassify {
+        /// Execution id of the outcome.
+        execution_id: String,
+        /// The new class.
+        to: crate::model::OutcomeType,
+    },
     /// A generic record deleted.
     Delete {
         /// Tree name.
@@ -171,6 +179,7 @@ impl Record {
             Record::Intent { .. } => "intent",
             Record::Put { .. } => "put",
             Record::Delete { .. } => "delete",
+            Record::Reclassify { .. } => "reclassify",
         }
     }
 }

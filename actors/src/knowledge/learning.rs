@@ -8,8 +8,8 @@
 //! Persistence lives in [`crate::store`].
 
 use crate::model::{
-    remedy_key, ActionStats, ActionType, LearnedStats, LearningInsight, OutcomeType, PolicyExecution,
-    PolicyOutcome, RootCause, Timestamp,
+    remedy_key, ActionStats, ActionType, LearnedStats, LearningInsight, OutcomeType,
+    PolicyExecution, PolicyOutcome, RootCause, Timestamp,
 };
 
 /// Success rate below which an action (with enough executions) is reported
@@ -197,14 +197,20 @@ impl LearnedStats {
     /// success whose symptoms came back becomes RECURRED): the counts move
     /// from one class to the other, in `O(actions)`. Nothing changes when
     /// `from` was UNKNOWN (never counted as evidence) or equals `to`.
-    pub fn reclassify(&mut self, outcome: &PolicyOutcome, from: OutcomeType, to: OutcomeType) {
+    pub fn reclassify(
+        &mut self,
+        cause: RootCause,
+        actions: &[ActionType],
+        from: OutcomeType,
+        to: OutcomeType,
+    ) {
         if from == to || from == OutcomeType::Unknown || to == OutcomeType::Unknown {
             return;
         }
         if let Some(r) = self
             .by_remedy
-            .get_mut(&outcome.root_cause)
-            .and_then(|m| m.get_mut(&remedy_key(&outcome.actions)))
+            .get_mut(&cause)
+            .and_then(|m| m.get_mut(&remedy_key(actions)))
         {
             match (from.is_success(), to.is_success()) {
                 (true, false) => {
@@ -219,7 +225,7 @@ impl LearnedStats {
             }
         }
         let mut seen = [false; ActionType::ALL.len()];
-        for &action in &outcome.actions {
+        for &action in actions {
             let slot = action as usize;
             if seen.get(slot).copied().unwrap_or(false) {
                 continue;
@@ -232,7 +238,7 @@ impl LearnedStats {
             }
             if let Some(s) = self
                 .by_cause
-                .get_mut(&outcome.root_cause)
+                .get_mut(&cause)
                 .and_then(|m| m.get_mut(&action))
             {
                 s.reclassify(from, to);

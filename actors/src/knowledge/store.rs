@@ -675,6 +675,10 @@ enum Op<'a> {
         outcome: &'a PolicyOutcome,
         saturation: u32,
     },
+    Reclassify {
+        execution_id: &'a str,
+        to: crate::model::OutcomeType,
+    },
 }
 
 /// sled as the index of the journal: applied by the writer thread only.
@@ -771,6 +775,10 @@ impl SledIndex {
                     tree: self.tree_index(tree, extra)?,
                     key: key.as_bytes().to_vec(),
                 },
+                Record::Reclassify { execution_id, to } => Op::Reclassify {
+                    execution_id,
+                    to: *to,
+                },
             };
             ops.push(op);
         }
@@ -848,6 +856,37 @@ impl Index for SledIndex {
                                 execution_id = %outcome.execution_id,
                                 "outcome already recorded; statistics unchanged"
                             );
+                        }
+                        outputs.push(Applied::Stats(current.clone()));
+                        stats = Some(current);
+                    }
+                    Op::Reclassify { execution_id, to } => {
+                        let mut current = match stats.take() {
+                            Some(s) => s,
+                            None => match tx[T_STATS].get(STATS_KEY)? {
+                                Some(v) => decode(dir, "stats", STATS_KEY, &v).map_err(|e| {
+                                    ConflictableTransactionError::Abort(e.to_string())
+                                })?,
+                                None => LearnedStats::default(),
+                            },
+                        };
+                        let key = execution_id.as_bytes();
+                        if let Some(v) = tx[T_OUTCOMES].get(key)? {
+                            let mut o: PolicyOutcome = decode(dir, "outcomes", key, &v)
+                                .map_err(|e| ConflictableTransactionError::Abort(e.to_string()))?;
+                            // Once: an outcome already re-classified stays.
+                            if o.outcome_type != *to && o.outcome_type.is_success() {
+                                current.reclassify(o.root_cause, &o.actions, o.outcome_type, *to);
+                                o.outcome_type = *to;
+                                o.success_confidence = to.confidence();
+                                let bytes = serde_json::to_vec(&o).map_err(|e| {
+                                    ConflictableTransactionError::Abort(format!(
+                                        "cannot encode an outcome: {e}"
+                                    ))
+                                })?;
+                                tx[T_OUTCOMES].insert(key, bytes)?;
+                                stats_dirty = true;
+                            }
                         }
                         outputs.push(Applied::Stats(current.clone()));
                         stats = Some(current);
@@ -1287,6 +1326,31 @@ impl KnowledgeStore {
                 Applied::Done => Err(StoreError::Corrupt {
                     dir,
                     detail: "the journal writer returned no statistics for an outcome".into(),
+                }),
+            }
+        }
+    }
+
+    /// Re-classifies the outcome of `execution_id` as `to` (only a
+    /// SUCCESS or PARTIAL, once), moving the learned statistics with it;
+    /// resolves with the statistics once durable.
+    pub fn reclassify_outcome_async(
+        &self,
+        execution_id: &str,
+        to: crate::model::OutcomeType,
+    ) -> impl Future<Output = Result<LearnedStats, StoreError>> + Send + 'static {
+        let dir = self.inner.dir.clone();
+        let fut = self.submit(&Record::Reclassify {
+            execution_id: execution_id.to_string(),
+            to,
+        });
+        async move {
+            match fut.await? {
+                Applied::Stats(stats) => Ok(stats),
+                Applied::Done => Err(StoreError::Corrupt {
+                    dir,
+                    detail: "the journal writer returned no statistics for a re-classification"
+                        .into(),
                 }),
             }
         }

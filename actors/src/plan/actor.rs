@@ -6,10 +6,20 @@
 //! to the Executor. Incidents are kept in Knowledge and restored at start.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
+use rand::rngs::StdRng;
+use rand::SeedableRng;
 use tokio::time::Instant;
+
+use crate::learn;
+use crate::model::ExecutionStatus;
+use crate::model::{GuardDecision, OutcomeType};
+use crate::ports::{Escalation, EscalationKind, EscalationSink};
+use crate::safety::{Gate, Guards, PauseState, Silence, GUARDS_TREE};
+use crate::settings::{Mode, SafetySettings, Selection};
 
 use crate::admission::{scope_of, Admission};
 use crate::clock::SharedClock;
@@ -26,7 +36,7 @@ use crate::model::{
     AnalysisResult, ApprovalStatus, CloseReason, Diagnosis, Incident, IncidentState, LearnedStats,
     RemediationPolicy, Severity, INCIDENT_DIAGNOSES_KEPT,
 };
-use crate::plan::{auto_approvable, decide, plan, PlanDecision};
+use crate::plan::{decide, plan, PlanDecision};
 use crate::settings::PlanSettings;
 use crate::state::SharedState;
 use crate::store::KnowledgeStore;
@@ -50,6 +60,13 @@ struct Entry {
     /// The cooldown a timer is armed for (one timer per cooldown).
     state_timer: Option<Instant>,
     rejected: bool,
+    /// An escalation that stays until the diagnosis changes, the incident
+    /// closes or an operator clears its component (queue timeout, a remedy
+    /// larger than the whole budget).
+    sticky: Option<(EscalationKind, String)>,
+    /// A dry run or a shadow plan was made for this diagnosis: mapek does
+    /// not plan again until it changes.
+    held: Option<String>,
 }
 
 /// The Planner actor.
@@ -70,7 +87,23 @@ pub struct Planner {
     supervisor: PhasePort<crate::messages::ActorRestarted>,
     /// When admission is next tried by a timer (one timer at a time).
     wakeup: Option<Instant>,
+    guards: Guards,
+    mode: Mode,
+    sink: Option<Arc<dyn EscalationSink>>,
+    escalations: HashMap<String, Escalation>,
+    rng: StdRng,
+    reclassify: Option<PhasePort<crate::messages::ReclassifyOutcome>>,
+    ticking: bool,
+    last_repost: Option<Instant>,
 }
+
+/// How often the Planner re-checks its guards (breakers half-opening,
+/// silences ending, flapping going quiet) and the queue timeout.
+const SAFETY_TICK: Duration = Duration::from_secs(5);
+
+/// How often firing escalations are posted again (so Alertmanager keeps
+/// them active).
+const ESCALATION_REPOST: Duration = Duration::from_secs(60);
 
 impl Planner {
     /// A Planner; incidents, pending policies and learned statistics are
@@ -148,6 +181,8 @@ impl Planner {
                     cooldown_until,
                     state_timer: None,
                     rejected: false,
+                    sticky: None,
+                    held: None,
                 },
             );
         }
@@ -185,7 +220,7 @@ impl Planner {
         for (component, until) in holds {
             admission.hold_until(&component, until);
         }
-        let p = Planner {
+        let mut p = Planner {
             inbox,
             settings,
             learned,
@@ -201,12 +236,211 @@ impl Planner {
             state,
             supervisor,
             wakeup: None,
+            guards: Guards::new(SafetySettings::default()),
+            mode: Mode::Act,
+            sink: None,
+            escalations: HashMap::new(),
+            rng: StdRng::seed_from_u64(0),
+            reclassify: None,
+            ticking: false,
+            last_repost: None,
         };
+        let seed = p
+            .settings
+            .learning
+            .seed
+            .unwrap_or_else(|| p.clock.now().timestamp_nanos_opt().unwrap_or_default() as u64);
+        p.rng = StdRng::seed_from_u64(seed);
+        p.restore_guards(SafetySettings::default());
         p.refresh_gauges();
         p
     }
 
-    fn refresh_gauges(&self) {
+    /// The safety guards' settings, where escalations go, and where
+    /// re-classified outcomes go (Knowledge); the guards' state is rebuilt
+    /// from Knowledge.
+    pub fn with_safety(
+        mut self,
+        settings: SafetySettings,
+        sink: Option<Arc<dyn EscalationSink>>,
+        reclassify: Option<PhasePort<crate::messages::ReclassifyOutcome>>,
+    ) -> Self {
+        self.mode = settings.mode;
+        self.sink = sink;
+        self.reclassify = reclassify;
+        self.restore_guards(settings);
+        self.refresh_gauges();
+        self
+    }
+
+    fn restore_guards(&mut self, settings: SafetySettings) {
+        let mut g = Guards::new(settings);
+        match self
+            .store
+            .list_records::<serde_json::Value>(GUARDS_TREE, usize::MAX)
+        {
+            Ok(records) => g.restore(records),
+            Err(e) => tracing::error!(error = %e, "guard state not restored"),
+        }
+        if let Some(p) = g.pause() {
+            tracing::warn!(by = %p.by, reason = p.reason.as_deref().unwrap_or(""), "mapek is paused (kept from before the restart): nothing is executed until POST /api/v1/resume");
+        }
+        self.guards = g;
+    }
+
+    /// Writes the guards' changed keys to Knowledge; the future resolves
+    /// once they are durable.
+    fn save_guards(&mut self) -> impl std::future::Future<Output = Result<(), String>> + 'static {
+        let writes: Vec<_> = self
+            .guards
+            .take_dirty()
+            .into_iter()
+            .map(|(k, v)| {
+                let fut: futures::future::BoxFuture<'static, Result<(), crate::store::StoreError>> =
+                    match v {
+                        Some(v) => Box::pin(self.store.put_record_async(GUARDS_TREE, &k, &v)),
+                        None => Box::pin(self.store.delete_record_async(GUARDS_TREE, &k)),
+                    };
+                fut
+            })
+            .collect();
+        async move {
+            for r in futures::future::join_all(writes).await {
+                if let Err(e) = r {
+                    tracing::error!(error = %e, "guard state not recorded");
+                    return Err(e.to_string());
+                }
+            }
+            Ok(())
+        }
+    }
+
+    /// [`save_guards`](Self::save_guards) without waiting.
+    fn save_guards_detached(&mut self) {
+        let fut = self.save_guards();
+        actix::spawn(async move {
+            let _ = fut.await;
+        });
+    }
+
+    /// The mode a policy runs in: the stricter of `safety.mode` and the
+    /// modes of the effector routes its actions take.
+    fn mode_of(&self, p: &RemediationPolicy) -> Mode {
+        let mut m = self.mode;
+        if let Some(r) = &self.router {
+            for a in &p.actions {
+                if let Some(rm) = r.mode_for(a.action_type, &a.target) {
+                    m = m.stricter(rm);
+                }
+            }
+        }
+        m
+    }
+
+    /// Records a guard's decision: on the policy (when it differs from the
+    /// last one), in metrics and as a loop event.
+    fn guard_decision(
+        &self,
+        incident: &str,
+        policy: Option<&mut RemediationPolicy>,
+        guard: &'static str,
+        decision: &'static str,
+        reason: &str,
+    ) -> bool {
+        self.inbox
+            .metrics()
+            .guard_decisions
+            .get_or_create(&crate::metrics::GuardLabels { guard, decision })
+            .inc();
+        let policy_id = policy.as_ref().map(|p| p.id.clone());
+        let mut changed = false;
+        if let Some(p) = policy {
+            let same = p
+                .guards
+                .last()
+                .is_some_and(|g| g.guard == guard && g.decision == decision);
+            if !same {
+                p.guards.push(GuardDecision {
+                    guard: guard.to_string(),
+                    decision: decision.to_string(),
+                    reason: reason.to_string(),
+                    at: self.clock.now(),
+                });
+                changed = true;
+            }
+        }
+        if changed || policy_id.is_none() {
+            tracing::info!(
+                incident,
+                policy = policy_id.as_deref().unwrap_or(""),
+                guard,
+                decision,
+                reason,
+                "guard"
+            );
+            self.inbox.emit(LoopEvent::Guard {
+                incident_id: incident.to_string(),
+                policy_id,
+                guard: guard.to_string(),
+                decision: decision.to_string(),
+                reason: reason.to_string(),
+            });
+        }
+        changed
+    }
+
+    fn post_escalations(&self, firing: Vec<Escalation>, resolved: Vec<Escalation>) {
+        let Some(sink) = self.sink.clone() else {
+            return;
+        };
+        if firing.is_empty() && resolved.is_empty() {
+            return;
+        }
+        actix::spawn(async move {
+            if let Err(e) = sink.post(&firing, &resolved).await {
+                tracing::warn!(sink = sink.name(), error = %e, firing = firing.len(), resolved = resolved.len(), "escalations not posted; posted again at the next repost");
+            }
+        });
+    }
+
+    fn resolve_escalation(&mut self, id: &str) {
+        if let Some(e) = self.escalations.remove(id) {
+            self.post_escalations(Vec::new(), vec![e]);
+        }
+    }
+
+    /// The periodic safety check: guards whose time passed (breakers
+    /// half-opening, silences ending, flapping going quiet), the queue
+    /// timeout, and the escalations posted again.
+    fn tick(&mut self, ctx: &mut Context<Self>) {
+        let waiting: Vec<String> = self
+            .incidents
+            .iter()
+            .filter(|(_, e)| {
+                e.sticky.is_none()
+                    && matches!(
+                        e.incident.state,
+                        IncidentState::Escalated | IncidentState::Held
+                    )
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for id in waiting {
+            self.reconcile(ctx, &id);
+        }
+        self.admit(ctx);
+        if self
+            .last_repost
+            .is_none_or(|t| t.elapsed() >= ESCALATION_REPOST)
+        {
+            self.last_repost = Some(Instant::now());
+            let firing: Vec<Escalation> = self.escalations.values().cloned().collect();
+            self.post_escalations(firing, Vec::new());
+        }
+        self.save_guards_detached();
+    }
+
+    fn refresh_gauges(&mut self) {
         let m = self.inbox.metrics();
         let mut counts: HashMap<IncidentState, i64> = HashMap::new();
         for e in self.incidents.values() {
@@ -219,6 +453,32 @@ impl Planner {
         }
         m.admission_queue_depth.set(self.admission.queued() as i64);
         m.executions_running.set(self.admission.running() as i64);
+        let now = self.clock.now();
+        m.paused.set(i64::from(self.guards.pause().is_some()));
+        let (open, half) = self.guards.breaker_counts(now);
+        m.breakers
+            .get_or_create(&StateLabels { state: "open" })
+            .set(open);
+        m.breakers
+            .get_or_create(&StateLabels { state: "half_open" })
+            .set(half);
+        m.disruption_budget_remaining
+            .set(self.guards.budget_remaining(now) as i64);
+        m.admission_oldest_wait_seconds.set(
+            self.admission
+                .oldest()
+                .map(|t| t.elapsed().as_secs() as i64)
+                .unwrap_or(0),
+        );
+        m.escalations_active.set(self.escalations.len() as i64);
+        m.flapping_components
+            .set(self.guards.flapping().count() as i64);
+        m.silenced_components.set(
+            self.guards
+                .silences()
+                .filter(|(_, s)| s.until > now)
+                .count() as i64,
+        );
     }
 
     fn persist(&self, id: &str) {
@@ -235,10 +495,15 @@ impl Planner {
             if e.incident.state != state || e.incident.reason != reason {
                 tracing::info!(incident = %id, from = e.incident.state.as_str(), to = state.as_str(),
                     reason = reason.as_deref().unwrap_or(""), "incident state");
+                let left = e.incident.state == IncidentState::Escalated
+                    && state != IncidentState::Escalated;
                 e.incident.state = state;
                 e.incident.reason = reason;
                 e.incident.updated_at = now;
                 self.persist(id);
+                if left {
+                    self.resolve_escalation(id);
+                }
             }
         }
     }
@@ -298,6 +563,7 @@ impl Planner {
             self.close(ctx, &r.id, reason, into);
             return;
         }
+        let is_new = !self.incidents.contains_key(&r.id);
         let entry = self.incidents.entry(r.id.clone()).or_insert_with(|| Entry {
             incident: Incident {
                 id: r.id.clone(),
@@ -321,6 +587,7 @@ impl Planner {
                 hold_until: None,
                 attempts: 0,
                 recurrence_of: None,
+                shadow: None,
             },
             analysis: None,
             chain: chain.clone(),
@@ -330,6 +597,8 @@ impl Planner {
             cooldown_until: None,
             state_timer: None,
             rejected: false,
+            sticky: None,
+            held: None,
         });
         let reopened = entry.incident.state == IncidentState::Closed;
         if reopened {
@@ -388,12 +657,112 @@ impl Planner {
             entry.chain = chain.clone();
             entry.rejected = false;
         }
+        if rediagnosed {
+            entry.held = None;
+            entry.sticky = None;
+        }
         let id = r.id;
         if rediagnosed {
             self.drop_pending(ctx, &id, "the incident was diagnosed again");
         }
+        if is_new || reopened {
+            self.opened(&id, now);
+        }
         self.persist(&id);
         self.reconcile(ctx, &id);
+    }
+
+    /// An incident opened (or reopened): its components' relapses count
+    /// towards flapping, and one opening soon after a success there makes
+    /// that success a recurrence.
+    fn opened(&mut self, id: &str, now: chrono::DateTime<chrono::Utc>) {
+        let Some(components) = self
+            .incidents
+            .get(id)
+            .map(|e| e.incident.components.clone())
+        else {
+            return;
+        };
+        for c in self.guards.incident_opened(id, &components, now) {
+            tracing::warn!(component = %c, incident = %id, "component is flapping: automatic action stops for it");
+            self.inbox.emit(LoopEvent::Flapping { component: c });
+        }
+        if let Some(last) = self.guards.recurrence(id, &components, now) {
+            tracing::warn!(incident = %id, execution = %last.execution_id, cause = %last.cause,
+                "symptoms came back after a success: the outcome is re-classified RECURRED");
+            self.learned.reclassify(
+                last.cause,
+                &last.actions,
+                last.outcome,
+                OutcomeType::Recurred,
+            );
+            self.inbox.metrics().outcomes_reclassified.inc();
+            if let Some(e) = self.incidents.get_mut(id) {
+                e.incident.recurrence_of = Some(last.execution_id.clone());
+            }
+            // The remedy did not hold: its breakers count a failure.
+            let pseudo = RemediationPolicy {
+                id: format!("recurrence-of-{}", last.execution_id),
+                chain_id: String::new(),
+                analysis_id: String::new(),
+                created_at: now,
+                root_cause: last.cause,
+                root_cause_confidence: 0.0,
+                actions: last
+                    .actions
+                    .iter()
+                    .enumerate()
+                    .map(|(i, a)| crate::model::RemediationAction {
+                        id: format!("a{}", i + 1),
+                        action_type: *a,
+                        target: components.first().cloned().unwrap_or_default(),
+                        parameters: Default::default(),
+                        depends_on: Vec::new(),
+                        priority: crate::model::Priority::Medium,
+                        cost: 0.0,
+                        rollback: None,
+                    })
+                    .collect(),
+                expected_impact: String::new(),
+                risk_level: crate::model::RiskLevel::Low,
+                priority: crate::model::Priority::Medium,
+                cost_estimate: 0.0,
+                benefit_estimate: 0.0,
+                score: 0.0,
+                approval_status: ApprovalStatus::Approved,
+                decisions: Vec::new(),
+                violations_at_planning: 0,
+                scope: components.clone(),
+                incident_id: last.incident.clone(),
+                attempt: 0,
+                guards: Vec::new(),
+                autonomy: None,
+                candidates: Vec::new(),
+            };
+            let what = format!("RECURRED ({} came back as {id})", last.execution_id);
+            for k in
+                self.guards
+                    .record_verdict(&pseudo, crate::safety::Verdict::Failure, &what, now)
+            {
+                self.inbox.emit(LoopEvent::BreakerOpened { key: k });
+            }
+            self.inbox.emit(LoopEvent::Recurred {
+                execution_id: last.execution_id.clone(),
+                incident_id: id.to_string(),
+            });
+            if let Some(k) = &self.reclassify {
+                let (k, execution_id) = (k.clone(), last.execution_id.clone());
+                actix::spawn(async move {
+                    let _ = k
+                        .send(crate::messages::ReclassifyOutcome {
+                            execution_id,
+                            to: OutcomeType::Recurred,
+                        })
+                        .await;
+                });
+            }
+        }
+        self.save_guards_detached();
     }
 
     fn close(
@@ -432,6 +801,7 @@ impl Planner {
         for p in self.admission.withdraw(id) {
             self.supersede(ctx, p, why);
         }
+        self.resolve_escalation(id);
         self.persist(id);
         self.closed_order.push_back(id.to_string());
         while self.closed_order.len() > CLOSED_INCIDENTS_KEPT {
@@ -503,11 +873,17 @@ impl Planner {
             return self.set_state(id, IncidentState::Pending, None);
         }
         if e.rejected {
-            return self.set_state(
+            return self.escalate(
                 id,
-                IncidentState::Escalated,
-                Some("its remedy was rejected: a person must act".into()),
+                EscalationKind::Rejected,
+                "its remedy was rejected: a person must act".into(),
             );
+        }
+        if let Some((kind, reason)) = e.sticky.clone() {
+            return self.escalate(id, kind, reason);
+        }
+        if let Some(why) = e.held.clone() {
+            return self.set_state(id, IncidentState::Held, Some(why));
         }
         if !self.state.lock().is_running {
             return; // shutting down: no new remedies
@@ -517,22 +893,66 @@ impl Planner {
         };
         let chain = e.chain.clone();
         let severity = e.incident.severity.unwrap_or(Severity::Warning);
-        if e.incident
-            .components
+        let components = e.incident.components.clone();
+        if components
             .iter()
             .all(|c| NO_COMPONENT.contains(&c.as_str()))
         {
             return self.escalate(
                 id,
+                EscalationKind::UnknownComponent,
                 "its violations name no component: a person must diagnose".into(),
             );
         }
+        // Guards on the incident's components: a silence holds it, a
+        // flapping component or an open component breaker escalates it.
+        for c in &components {
+            if let Some(why) = self.guards.silence_of(c, now) {
+                if self
+                    .incidents
+                    .get(id)
+                    .is_some_and(|e| e.incident.reason.as_deref() != Some(why.as_str()))
+                {
+                    self.guard_decision(id, None, "silence", "held", &why);
+                }
+                return self.set_state(id, IncidentState::Held, Some(why));
+            }
+            if let Some(why) = self.guards.flapping_of(c, now) {
+                if self
+                    .incidents
+                    .get(id)
+                    .is_some_and(|e| e.incident.state != IncidentState::Escalated)
+                {
+                    self.guard_decision(id, None, "flapping", "escalated", &why);
+                }
+                return self.escalate(id, EscalationKind::Flapping, why);
+            }
+            let key = crate::safety::component_breaker(c);
+            if let Some(why) = self.guards.breaker_blocks(&key, None, now) {
+                if self
+                    .incidents
+                    .get(id)
+                    .is_some_and(|e| e.incident.state != IncidentState::Escalated)
+                {
+                    self.guard_decision(id, None, "breaker", "escalated", &why);
+                }
+                return self.escalate(id, EscalationKind::BreakerOpen, why);
+            }
+        }
         let started = Instant::now();
-        let policies = match plan(&analysis, &self.learned, &self.settings, now) {
+        let thompson = self.settings.learning.selection == Selection::Thompson;
+        let decision = if thompson {
+            learn::candidates(&analysis, &self.learned, &self.settings, now)
+        } else {
+            plan(&analysis, &self.learned, &self.settings, now)
+        };
+        let policies = match decision {
             PlanDecision::BelowThreshold { .. } => {
                 return self.set_state(id, IncidentState::Open, None)
             }
-            PlanDecision::Escalate { reason } => return self.escalate(id, reason),
+            PlanDecision::Escalate { reason } => {
+                return self.escalate(id, EscalationKind::NoConfidentCause, reason)
+            }
             PlanDecision::Policies(ps) => ps,
         };
         // A remedy reaches only a system that owns its component.
@@ -554,13 +974,76 @@ impl Planner {
                 .unwrap_or_default();
             return self.escalate(
                 id,
+                EscalationKind::NoRoute,
                 format!("no effector route covers component `{target}`: a person must act"),
             );
         }
-        self.inbox
-            .metrics()
-            .policies_generated
-            .inc_by(covered.len() as u64);
+        // The choice: Thompson sampling among the candidates whose
+        // breakers are closed (or ranked: the first whose breakers are).
+        let mut p = {
+            let guards = &mut self.guards;
+            let mut blocked = |p: &RemediationPolicy| {
+                p.actions.iter().find_map(|a| {
+                    guards.breaker_blocks(
+                        &crate::safety::action_breaker(p.root_cause, a.action_type),
+                        None,
+                        now,
+                    )
+                })
+            };
+            if thompson {
+                match learn::choose(
+                    &covered,
+                    &self.learned,
+                    &self.settings,
+                    &mut self.rng,
+                    &mut blocked,
+                ) {
+                    Some(ch) => {
+                        let mut p = covered[ch.index].clone();
+                        p.candidates = ch.considered;
+                        p
+                    }
+                    None => {
+                        let why = blocked(&covered[0]).unwrap_or_default();
+                        return self.escalate(
+                            id,
+                            EscalationKind::BreakerOpen,
+                            format!("every candidate remedy is held by an open circuit breaker ({why}): a person must act"),
+                        );
+                    }
+                }
+            } else {
+                let open: Vec<Option<String>> = covered.iter().map(&mut blocked).collect();
+                let usable: Vec<usize> =
+                    (0..covered.len()).filter(|i| open[*i].is_none()).collect();
+                let Some(first) = usable.first().copied() else {
+                    let why = open.into_iter().flatten().next().unwrap_or_default();
+                    return self.escalate(
+                        id,
+                        EscalationKind::BreakerOpen,
+                        format!("every remedy is held by an open circuit breaker ({why}): a person must act"),
+                    );
+                };
+                let chosen = usable
+                    .iter()
+                    .copied()
+                    .find(|i| {
+                        learn::autonomy(&covered[*i], &self.learned, &self.settings).auto_approved
+                    })
+                    .unwrap_or(first);
+                covered[chosen].clone()
+            }
+        };
+        if thompson {
+            self.inbox.emit(LoopEvent::Chose {
+                incident_id: id.to_string(),
+                cause: p.root_cause,
+                remedy: learn::remedy_of(&p),
+                candidates: p.candidates.len(),
+            });
+        }
+        self.inbox.metrics().policies_generated.inc();
         let mut chain = chain;
         // A re-plan is a new attempt: its deadline counts from now, not
         // from the diagnosis it was planned from.
@@ -569,25 +1052,53 @@ impl Planner {
         self.inbox
             .metrics()
             .phase("planning", chain.timings.planning_seconds);
-        self.state
-            .update(now, |s| s.policies_generated = covered.len());
-        let chosen = covered
-            .iter()
-            .position(|p| auto_approvable(p, &self.settings));
-        let mut p = match chosen {
-            Some(i) => covered[i].clone(),
-            None => covered[0].clone(),
-        };
+        self.state.update(now, |s| s.policies_generated = 1);
+        let verdict = learn::autonomy(&p, &self.learned, &self.settings);
+        let auto = verdict.auto_approved;
+        p.autonomy = Some(verdict.clone());
         self.announce(&p);
         if let Some(e) = self.incidents.get_mut(id) {
             e.incident.policies.push(p.id.clone());
         }
-        if chosen.is_some() {
+        let mode = self.mode_of(&p);
+        if mode == Mode::Shadow {
+            let why = format!(
+                "shadow mode: would have {} {} ({}); mapek watches what happens without acting",
+                if auto {
+                    "run"
+                } else {
+                    "asked a person to approve"
+                },
+                p.id,
+                learn::remedy_of(&p)
+            );
+            self.guard_decision(id, Some(&mut p), "mode", "shadow", &why);
+            p.approval_status = ApprovalStatus::Superseded;
+            p.decisions.push(crate::model::ApprovalDecision {
+                status: ApprovalStatus::Superseded,
+                by: "mapek".into(),
+                at: now,
+                reason: Some("shadow mode: recorded, never executed".into()),
+            });
+            if let Some(e) = self.incidents.get_mut(id) {
+                e.held = Some(why.clone());
+                e.incident.shadow = Some(crate::model::ShadowPlan {
+                    policy_id: p.id.clone(),
+                    cause: p.root_cause,
+                    remedy: learn::remedy_of(&p),
+                    auto_approved: auto,
+                    at: now,
+                });
+            }
+            self.record(ctx, p);
+            return self.set_state(id, IncidentState::Held, Some(why));
+        }
+        if auto {
             if let Err(err) = decide(
                 &mut p,
                 ApprovalStatus::Approved,
-                "auto",
-                Some("auto-approved by risk level".into()),
+                crate::plan::AUTO_APPROVER,
+                Some(verdict.reason.clone()),
                 now,
             ) {
                 tracing::error!(error = %err, "auto-approval failed");
@@ -596,7 +1107,7 @@ impl Planner {
             self.record(ctx, p.clone());
             self.enqueue(ctx, p, chain, severity);
         } else {
-            tracing::info!(incident = %id, policy = %p.id, cause = %p.root_cause, risk = ?p.risk_level, "policy waits for approval");
+            tracing::info!(incident = %id, policy = %p.id, cause = %p.root_cause, risk = ?p.risk_level, why = %verdict.reason, "policy waits for approval");
             self.record(ctx, p.clone());
             if let Some(e) = self.incidents.get_mut(id) {
                 e.pending = Some(p.id.clone());
@@ -606,13 +1117,13 @@ impl Planner {
         }
     }
 
-    fn escalate(&mut self, id: &str, reason: String) {
-        let already = self
-            .incidents
-            .get(id)
-            .is_some_and(|e| e.incident.reason.as_deref() == Some(reason.as_str()));
+    fn escalate(&mut self, id: &str, kind: EscalationKind, reason: String) {
+        let already = self.incidents.get(id).is_some_and(|e| {
+            e.incident.state == IncidentState::Escalated
+                && e.incident.reason.as_deref() == Some(reason.as_str())
+        });
         if !already {
-            tracing::warn!(incident = %id, %reason, "escalating to a human; acting on nothing");
+            tracing::warn!(incident = %id, %reason, kind = kind.as_str(), "escalating to a human; acting on nothing");
             let chain_id = self
                 .incidents
                 .get(id)
@@ -622,8 +1133,46 @@ impl Planner {
                 chain_id,
                 reason: reason.clone(),
             });
+            let known = self.escalations.get(id).is_some_and(|e| e.kind == kind);
+            if !known {
+                self.inbox
+                    .metrics()
+                    .escalations
+                    .get_or_create(&crate::metrics::ReasonLabels {
+                        reason: kind.as_str(),
+                    })
+                    .inc();
+            }
+            if let Some(e) = self.incidents.get(id) {
+                let esc = Escalation {
+                    incident_id: id.to_string(),
+                    kind,
+                    reason: reason.clone(),
+                    components: e.incident.components.clone(),
+                    severity: e.incident.severity,
+                    since: self
+                        .escalations
+                        .get(id)
+                        .filter(|x| x.kind == kind)
+                        .map(|x| x.since)
+                        .unwrap_or_else(|| self.clock.now()),
+                };
+                self.escalations.insert(id.to_string(), esc.clone());
+                self.post_escalations(vec![esc], Vec::new());
+            }
         }
-        self.set_state(id, IncidentState::Escalated, Some(reason));
+        // Set after the escalation is recorded: leaving and re-entering
+        // the state is one escalation.
+        if let Some(e) = self.incidents.get_mut(id) {
+            if e.incident.state != IncidentState::Escalated
+                || e.incident.reason.as_deref() != Some(reason.as_str())
+            {
+                e.incident.state = IncidentState::Escalated;
+                e.incident.reason = Some(reason);
+                e.incident.updated_at = self.clock.now();
+                self.persist(id);
+            }
+        }
     }
 
     fn enqueue(
@@ -639,13 +1188,132 @@ impl Planner {
         self.admit(ctx);
     }
 
-    /// Hands every policy the admission queue admits now to the Executor.
+    /// Hands every policy the admission queue admits now to the Executor;
+    /// the safety guards are the queue's last gate.
     fn admit(&mut self, ctx: &mut Context<Self>) {
         if !self.state.lock().is_running {
             return; // shutting down: nothing new starts
         }
-        let admitted = self.admission.admit(Instant::now());
-        for mut q in admitted {
+        let wall = self.clock.now();
+        // The queue timeout (time paused does not count).
+        if self.guards.pause().is_none() {
+            let timeout = Duration::from_secs(self.guards.settings().queue_timeout_seconds);
+            for mut q in self.admission.overdue(Instant::now(), timeout) {
+                let id = q.policy.incident_id.clone().unwrap_or_default();
+                let last = q
+                    .policy
+                    .guards
+                    .last()
+                    .map(|g| format!(" (last held by {}: {})", g.guard, g.reason))
+                    .unwrap_or_default();
+                let why = format!(
+                    "its remedy {} waited {} s in the admission queue{last}: a person must act",
+                    q.policy.id,
+                    timeout.as_secs()
+                );
+                self.guard_decision(&id, Some(&mut q.policy), "queue_timeout", "escalated", &why);
+                self.supersede(ctx, q.policy, &why);
+                if let Some(e) = self.incidents.get_mut(&id) {
+                    e.sticky = Some((EscalationKind::QueueTimeout, why.clone()));
+                }
+                self.escalate(&id, EscalationKind::QueueTimeout, why);
+            }
+        }
+        let pass = {
+            let mode = self.mode;
+            let router = self.router.clone();
+            self.guards.begin_pass(wall);
+            let guards = &mut self.guards;
+            let mut changed: Vec<RemediationPolicy> = Vec::new();
+            let inbox = self.inbox.clone();
+            let clock = self.clock.clone();
+            let pass = self.admission.admit_with(Instant::now(), |p| {
+                let g = guards.gate(p, wall);
+                let dry = {
+                    let mut m = mode;
+                    if let Some(r) = &router {
+                        for a in &p.actions {
+                            if let Some(rm) = r.mode_for(a.action_type, &a.target) {
+                                m = m.stricter(rm);
+                            }
+                        }
+                    }
+                    m == Mode::DryRun
+                };
+                let (guard, decision, reason) = match &g {
+                    Gate::Admit => {
+                        if !dry {
+                            guards.admitted(p, wall);
+                        }
+                        if p.guards.iter().any(|x| x.decision == "held") {
+                            (
+                                "admission",
+                                "admitted",
+                                "every guard lets it run now".to_string(),
+                            )
+                        } else {
+                            return g;
+                        }
+                    }
+                    Gate::Hold(guard, why) => (*guard, "held", why.clone()),
+                    Gate::Escalate(guard, _, why) => (*guard, "escalated", why.clone()),
+                };
+                inbox
+                    .metrics()
+                    .guard_decisions
+                    .get_or_create(&crate::metrics::GuardLabels { guard, decision })
+                    .inc();
+                let same = p
+                    .guards
+                    .last()
+                    .is_some_and(|x| x.guard == guard && x.decision == decision);
+                if !same {
+                    p.guards.push(GuardDecision {
+                        guard: guard.to_string(),
+                        decision: decision.to_string(),
+                        reason: reason.clone(),
+                        at: clock.now(),
+                    });
+                    changed.push(p.clone());
+                    inbox.emit(LoopEvent::Guard {
+                        incident_id: p.incident_id.clone().unwrap_or_default(),
+                        policy_id: Some(p.id.clone()),
+                        guard: guard.to_string(),
+                        decision: decision.to_string(),
+                        reason,
+                    });
+                }
+                g
+            });
+            for p in changed {
+                self.record(ctx, p);
+            }
+            pass
+        };
+        for (id, guard, why) in pass.held {
+            let reason = format!("held by {guard}: {why}");
+            let same = self.incidents.get(&id).is_some_and(|e| {
+                e.incident.state == IncidentState::Queued
+                    && e.incident
+                        .reason
+                        .as_deref()
+                        .is_some_and(|r| r.starts_with(&format!("held by {guard}")))
+            });
+            if !same {
+                self.set_state(&id, IncidentState::Queued, Some(reason));
+            }
+        }
+        for (q, guard, kind, why) in pass.escalated {
+            let id = q.policy.incident_id.clone().unwrap_or_default();
+            self.supersede(ctx, q.policy, &why);
+            if guard == "disruption_budget" {
+                if let Some(e) = self.incidents.get_mut(&id) {
+                    e.sticky = Some((kind, why.clone()));
+                }
+            }
+            self.escalate(&id, kind, why);
+        }
+        for mut q in pass.admitted {
             let id = q.policy.incident_id.clone().unwrap_or_default();
             if let Some(e) = self.incidents.get_mut(&id) {
                 e.running = Some(q.policy.id.clone());
@@ -656,9 +1324,19 @@ impl Planner {
             self.set_state(&id, IncidentState::Acting, None);
             self.dispatch(ctx, q.policy, q.chain);
         }
-        // Policies still waiting behind a cooldown or a hold: try again
-        // when the earliest of those ends (nothing else may happen).
-        if let Some(at) = self.admission.next_wakeup() {
+        self.save_guards_detached();
+        // Policies still waiting behind a cooldown, a hold or a guard's
+        // window: try again when the earliest of those ends (nothing else
+        // may happen).
+        let guard_release = self.guards.next_release().and_then(|at| {
+            let left = (at - self.clock.now()).to_std().unwrap_or_default();
+            (self.admission.queued() > 0).then(|| Instant::now() + left)
+        });
+        let next = [self.admission.next_wakeup(), guard_release]
+            .into_iter()
+            .flatten()
+            .min();
+        if let Some(at) = next {
             if self.wakeup.is_none_or(|w| at < w || w <= Instant::now()) {
                 self.wakeup = Some(at);
                 let wait = at.saturating_duration_since(Instant::now()) + Duration::from_millis(1);
@@ -714,6 +1392,35 @@ impl Planner {
         );
     }
 
+    /// Breakers opened: queued policies they now refuse leave the queue
+    /// and their incidents are planned again (another remedy, or an
+    /// escalation).
+    fn breakers_opened(&mut self, ctx: &mut Context<Self>, keys: &[String], by: &str) {
+        for k in keys {
+            tracing::warn!(breaker = %k, policy = %by, "circuit breaker opened");
+            self.inbox.emit(LoopEvent::BreakerOpened { key: k.clone() });
+        }
+        let hit: Vec<String> = self
+            .admission
+            .queued_policies()
+            .filter(|q| {
+                q.policy.actions.iter().any(|a| {
+                    keys.contains(&crate::safety::action_breaker(
+                        q.policy.root_cause,
+                        a.action_type,
+                    )) || keys.contains(&crate::safety::component_breaker(&a.target))
+                })
+            })
+            .filter_map(|q| q.policy.incident_id.clone())
+            .collect();
+        for id in hit {
+            for p in self.admission.withdraw(&id) {
+                self.supersede(ctx, p, "a circuit breaker of its remedy opened");
+            }
+            self.reconcile(ctx, &id);
+        }
+    }
+
     /// The incident an execution belongs to now (following merges).
     fn owner_of(&self, id: &str) -> Option<String> {
         let mut cur = id.to_string();
@@ -758,8 +1465,19 @@ impl Planner {
 impl Actor for Planner {
     type Context = Context<Self>;
 
-    fn started(&mut self, _ctx: &mut Context<Self>) {
+    fn started(&mut self, ctx: &mut Context<Self>) {
         self.inbox.started();
+        if !self.ticking {
+            self.ticking = true;
+            ctx.run_interval(SAFETY_TICK, |act, ctx| {
+                let inbox = act.inbox.clone();
+                inbox.guard_internal(act, ctx, "SafetyTick", |act, ctx| {
+                    act.tick(ctx);
+                    act.refresh_gauges();
+                    Ok(())
+                });
+            });
+        }
     }
 }
 
@@ -906,11 +1624,34 @@ impl Handler<ExecutionFinished> for Planner {
     fn handle(&mut self, msg: ExecutionFinished, ctx: &mut Context<Self>) {
         let inbox = self.inbox.clone();
         inbox.guard(self, ctx, "ExecutionFinished", |act, ctx| {
-            let cooldown = Duration::from_secs(act.settings.cooldown_seconds);
+            let dry = msg.execution.status == ExecutionStatus::DryRun;
+            let cooldown = if dry {
+                Duration::ZERO
+            } else {
+                Duration::from_secs(act.settings.cooldown_seconds)
+            };
             act.admission
                 .finished(&msg.policy, Instant::now(), cooldown);
             let origin = msg.policy.incident_id.clone().unwrap_or_default();
             let now = act.clock.now();
+            if dry {
+                let why = format!(
+                    "dry run: {} recorded as {} (nothing left mapek); planned again only when the diagnosis changes",
+                    msg.policy.id, msg.execution.id
+                );
+                act.guard_decision(&origin, None, "mode", "dry_run", &why);
+                if let Some(e) = act.incidents.get_mut(&origin) {
+                    e.held = Some(why);
+                }
+            } else {
+                act.guards.rolled_back(&msg.execution, &msg.policy, now);
+                let opened = act.guards.record_execution(&msg.execution, &msg.policy, now);
+                act.guards.success(&msg.execution, &msg.policy, now);
+                if !opened.is_empty() {
+                    act.breakers_opened(ctx, &opened, &msg.policy.id);
+                }
+                act.save_guards_detached();
+            }
             let mut ids = vec![origin.clone()];
             if let Some(owner) = act.owner_of(&origin) {
                 if owner != origin {
@@ -954,6 +1695,16 @@ impl Handler<KnowledgeUpdated> for Planner {
         let inbox = self.inbox.clone();
         inbox.guard(self, ctx, "KnowledgeUpdated", |act, _| {
             act.learned = msg.stats;
+            let m = act.inbox.metrics();
+            for cause in act.learned.by_remedy.keys() {
+                if let Some((_, r)) = learn::regret(&act.learned, *cause) {
+                    m.learning_regret
+                        .get_or_create(&crate::metrics::CauseLabels {
+                            cause: cause.as_str(),
+                        })
+                        .set(r);
+                }
+            }
             Ok(())
         });
     }
@@ -982,5 +1733,338 @@ impl Handler<GetIncident> for Planner {
                 Ok(act.incidents.get(&msg.id).map(|e| e.incident.clone()))
             })
             .flatten()
+    }
+}
+
+/// A reply of an operator command: JSON once the guard state is durable.
+type OperatorReply = ResponseActFuture<Planner, Result<serde_json::Value, String>>;
+
+impl Planner {
+    fn durable_reply(&mut self, value: serde_json::Value) -> OperatorReply {
+        let write = self.save_guards();
+        self.refresh_gauges();
+        Box::pin(
+            write
+                .into_actor(self)
+                .map(move |r, _act, _ctx| r.map(|()| value)),
+        )
+    }
+
+    fn safety_view(&mut self) -> serde_json::Value {
+        let now = self.clock.now();
+        let budget = &self.guards.settings().disruption_budget.clone();
+        let rate = self.guards.settings().component_rate_limit.clone();
+        let used = self.guards.budget_used(now);
+        let queue: Vec<serde_json::Value> = self
+            .admission
+            .queued_policies()
+            .map(|q| {
+                serde_json::json!({
+                    "policy_id": q.policy.id,
+                    "incident_id": q.policy.incident_id,
+                    "waiting_seconds": q.since.elapsed().as_secs(),
+                    "held_by": q.policy.guards.last().map(|g| g.guard.clone()),
+                    "reason": q.policy.guards.last().map(|g| g.reason.clone()),
+                })
+            })
+            .collect();
+        let flapping: Vec<serde_json::Value> = self
+            .guards
+            .flapping()
+            .map(|(c, f)| {
+                serde_json::json!({
+                    "component": c,
+                    "since": f.since,
+                    "incidents": f.openings.iter().map(|(at, i)| serde_json::json!({"incident": i, "at": at})).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        let silences: Vec<serde_json::Value> = self
+            .guards
+            .silences()
+            .filter(|(_, s)| s.until > now)
+            .map(|(c, s)| {
+                serde_json::json!({"component": c, "until": s.until, "reason": s.reason, "by": s.by, "at": s.at})
+            })
+            .collect();
+        let breakers: Vec<serde_json::Value> = self
+            .guards
+            .breakers()
+            .map(|b| {
+                let state = match b.state {
+                    crate::safety::BreakerState::Open if b.open_until.is_some_and(|u| u <= now) => {
+                        "half_open"
+                    }
+                    s => s.as_str(),
+                };
+                serde_json::json!({
+                    "key": b.key,
+                    "state": state,
+                    "failures": b.failures,
+                    "open_until": b.open_until,
+                    "trial": b.trial,
+                    "last_failure": b.last_failure,
+                })
+            })
+            .collect();
+        let escalations: Vec<&Escalation> = self.escalations.values().collect();
+        serde_json::json!({
+            "mode": self.mode.as_str(),
+            "paused": self.guards.pause().is_some(),
+            "pause": self.guards.pause(),
+            "disruption_budget": {
+                "max_actions": budget.max_actions,
+                "window_seconds": budget.window_seconds,
+                "action_types": budget.action_types,
+                "used": used,
+                "remaining": (budget.max_actions as usize).saturating_sub(used),
+            },
+            "component_rate_limit": {"max_actions": rate.max_actions, "window_seconds": rate.window_seconds},
+            "breakers": breakers,
+            "flapping": flapping,
+            "silences": silences,
+            "queue": queue,
+            "escalations": escalations,
+        })
+    }
+
+    fn shadow_report(&self) -> serde_json::Value {
+        #[derive(Default, serde::Serialize)]
+        struct PerCause {
+            would_have_acted: u64,
+            would_have_auto_approved: u64,
+            healed_without_mapek: u64,
+            not_healed: u64,
+            still_active: u64,
+            remedies: std::collections::BTreeMap<String, u64>,
+            incidents: Vec<String>,
+        }
+        let mut by: std::collections::BTreeMap<&'static str, PerCause> = Default::default();
+        for e in self.incidents.values() {
+            let Some(s) = &e.incident.shadow else {
+                continue;
+            };
+            let c = by.entry(s.cause.as_str()).or_default();
+            c.would_have_acted += 1;
+            c.would_have_auto_approved += u64::from(s.auto_approved);
+            *c.remedies.entry(s.remedy.clone()).or_default() += 1;
+            match (e.incident.state, e.incident.close_reason) {
+                (IncidentState::Closed, Some(CloseReason::ResolvedWithoutAction)) => {
+                    c.healed_without_mapek += 1
+                }
+                (IncidentState::Closed, _) => c.not_healed += 1,
+                _ => c.still_active += 1,
+            }
+            if c.incidents.len() < 20 {
+                c.incidents.push(e.incident.id.clone());
+            }
+        }
+        serde_json::json!({
+            "mode": self.mode.as_str(),
+            "causes": by,
+        })
+    }
+}
+
+impl Handler<crate::messages::Pause> for Planner {
+    type Result = OperatorReply;
+
+    fn handle(&mut self, msg: crate::messages::Pause, ctx: &mut Context<Self>) -> Self::Result {
+        let inbox = self.inbox.clone();
+        let r = inbox.guard(self, ctx, "Pause", |act, _| {
+            let p = act.guards.set_pause(PauseState {
+                by: msg.by.clone(),
+                reason: msg.reason.clone(),
+                at: act.clock.now(),
+            });
+            tracing::warn!(by = %p.by, reason = p.reason.as_deref().unwrap_or(""), "mapek paused: nothing is executed until resumed");
+            act.inbox.emit(LoopEvent::Paused {
+                paused: true,
+                by: p.by.clone(),
+                reason: p.reason.clone(),
+            });
+            Ok(serde_json::json!({"paused": true, "by": p.by, "reason": p.reason, "at": p.at}))
+        });
+        match r {
+            Some(v) => self.durable_reply(v),
+            None => Box::pin(actix::fut::ready(Err(
+                "planner failed while pausing".to_string()
+            ))),
+        }
+    }
+}
+
+impl Handler<crate::messages::Resume> for Planner {
+    type Result = OperatorReply;
+
+    fn handle(&mut self, msg: crate::messages::Resume, ctx: &mut Context<Self>) -> Self::Result {
+        let inbox = self.inbox.clone();
+        let r = inbox.guard(self, ctx, "Resume", |act, ctx| {
+            let was = act.guards.resume();
+            tracing::warn!(by = %msg.by, reason = msg.reason.as_deref().unwrap_or(""), was_paused = was.is_some(), "mapek resumed");
+            act.inbox.emit(LoopEvent::Paused {
+                paused: false,
+                by: msg.by.clone(),
+                reason: msg.reason.clone(),
+            });
+            // Time paused does not count towards the queue timeout; the
+            // incidents still active are remedied (level-triggered).
+            act.admission.restart_waits(Instant::now());
+            act.admit(ctx);
+            Ok(serde_json::json!({
+                "paused": false,
+                "by": msg.by,
+                "reason": msg.reason,
+                "at": act.clock.now(),
+                "was": was,
+            }))
+        });
+        match r {
+            Some(v) => self.durable_reply(v),
+            None => Box::pin(actix::fut::ready(Err(
+                "planner failed while resuming".to_string()
+            ))),
+        }
+    }
+}
+
+impl Handler<crate::messages::ClearComponent> for Planner {
+    type Result = OperatorReply;
+
+    fn handle(
+        &mut self,
+        msg: crate::messages::ClearComponent,
+        ctx: &mut Context<Self>,
+    ) -> Self::Result {
+        let inbox = self.inbox.clone();
+        let r = inbox.guard(self, ctx, "ClearComponent", |act, ctx| {
+            let mut cleared: Vec<&'static str> = act.guards.clear(&msg.component);
+            // Sticky escalations of its incidents (queue timeout, budget)
+            // end too: they are planned again.
+            let ids: Vec<String> = act
+                .incidents
+                .iter()
+                .filter(|(_, e)| {
+                    e.incident.state != IncidentState::Closed
+                        && e.incident.components.contains(&msg.component)
+                })
+                .map(|(k, _)| k.clone())
+                .collect();
+            for id in &ids {
+                if let Some(e) = act.incidents.get_mut(id) {
+                    if e.sticky.take().is_some() && !cleared.contains(&"escalation") {
+                        cleared.push("escalation");
+                    }
+                    e.rejected = false;
+                }
+            }
+            tracing::warn!(component = %msg.component, by = %msg.by, reason = msg.reason.as_deref().unwrap_or(""), ?cleared, "component cleared by an operator");
+            for id in &ids {
+                act.guard_decision(id, None, "clear", "cleared", &format!("component `{}` cleared by {}", msg.component, msg.by));
+                act.reconcile(ctx, id);
+            }
+            act.admit(ctx);
+            Ok(serde_json::json!({
+                "component": msg.component,
+                "cleared": cleared,
+                "by": msg.by,
+                "reason": msg.reason,
+                "incidents": ids,
+            }))
+        });
+        match r {
+            Some(v) => self.durable_reply(v),
+            None => Box::pin(actix::fut::ready(Err(
+                "planner failed while clearing".to_string()
+            ))),
+        }
+    }
+}
+
+impl Handler<crate::messages::SilenceComponent> for Planner {
+    type Result = OperatorReply;
+
+    fn handle(
+        &mut self,
+        msg: crate::messages::SilenceComponent,
+        ctx: &mut Context<Self>,
+    ) -> Self::Result {
+        let inbox = self.inbox.clone();
+        let r = inbox.guard(self, ctx, "SilenceComponent", |act, ctx| {
+            let now = act.clock.now();
+            let until = now
+                + chrono::Duration::seconds(i64::try_from(msg.seconds).unwrap_or(i64::MAX / 4));
+            act.guards.silence(
+                &msg.component,
+                Silence {
+                    until,
+                    reason: msg.reason.clone(),
+                    by: msg.by.clone(),
+                    at: now,
+                },
+            );
+            tracing::warn!(component = %msg.component, by = %msg.by, reason = %msg.reason, until = %until, "component silenced: observed, not acted on");
+            let ids: Vec<String> = act
+                .incidents
+                .iter()
+                .filter(|(_, e)| {
+                    e.incident.state != IncidentState::Closed
+                        && e.incident.components.contains(&msg.component)
+                })
+                .map(|(k, _)| k.clone())
+                .collect();
+            for id in &ids {
+                act.reconcile(ctx, id);
+            }
+            Ok(serde_json::json!({
+                "component": msg.component,
+                "until": until,
+                "reason": msg.reason,
+                "by": msg.by,
+                "incidents": ids,
+            }))
+        });
+        match r {
+            Some(v) => self.durable_reply(v),
+            None => Box::pin(actix::fut::ready(Err(
+                "planner failed while silencing".to_string()
+            ))),
+        }
+    }
+}
+
+impl Handler<crate::messages::GetSafety> for Planner {
+    type Result = MessageResult<crate::messages::GetSafety>;
+
+    fn handle(
+        &mut self,
+        _msg: crate::messages::GetSafety,
+        ctx: &mut Context<Self>,
+    ) -> Self::Result {
+        let inbox = self.inbox.clone();
+        MessageResult(
+            inbox
+                .guard(self, ctx, "GetSafety", |act, _| Ok(act.safety_view()))
+                .unwrap_or_default(),
+        )
+    }
+}
+
+impl Handler<crate::messages::GetShadowReport> for Planner {
+    type Result = MessageResult<crate::messages::GetShadowReport>;
+
+    fn handle(
+        &mut self,
+        _msg: crate::messages::GetShadowReport,
+        ctx: &mut Context<Self>,
+    ) -> Self::Result {
+        let inbox = self.inbox.clone();
+        MessageResult(
+            inbox
+                .guard(self, ctx, "GetShadowReport", |act, _| {
+                    Ok(act.shadow_report())
+                })
+                .unwrap_or_default(),
+        )
     }
 }

@@ -17,6 +17,8 @@ use tokio::time::Instant;
 
 use crate::messages::ChainTrace;
 use crate::model::{RemediationPolicy, Severity};
+use crate::plan::safety::Gate;
+use crate::ports::EscalationKind;
 
 /// A policy waiting for admission.
 #[derive(Debug, Clone)]
@@ -25,6 +27,19 @@ pub struct Queued {
     pub policy: RemediationPolicy,
     /// Its chain.
     pub chain: ChainTrace,
+    /// When it entered the queue.
+    pub since: Instant,
+}
+
+/// What one admission pass decided.
+#[derive(Debug, Default)]
+pub struct Pass {
+    /// Policies admitted (now holding their components and a slot).
+    pub admitted: Vec<Queued>,
+    /// Policies a guard holds: (incident, guard, reason).
+    pub held: Vec<(String, &'static str, String)>,
+    /// Policies a guard refused for good, removed from the queue.
+    pub escalated: Vec<(Queued, &'static str, EscalationKind, String)>,
 }
 
 type QueueKey = (Reverse<Severity>, chrono::DateTime<chrono::Utc>, u64);
@@ -89,7 +104,14 @@ impl Admission {
     pub fn enqueue(&mut self, policy: RemediationPolicy, chain: ChainTrace, severity: Severity) {
         self.seq += 1;
         let key = (Reverse(severity), policy.created_at, self.seq);
-        self.queue.insert(key, Queued { policy, chain });
+        self.queue.insert(
+            key,
+            Queued {
+                policy,
+                chain,
+                since: Instant::now(),
+            },
+        );
     }
 
     /// Removes the queued policies of an incident (closed or merged).
@@ -150,28 +172,50 @@ impl Admission {
     /// and no component held or cooling down. Each admitted policy holds
     /// its components and a slot.
     pub fn admit(&mut self, now: Instant) -> Vec<Queued> {
+        self.admit_with(now, |_| Gate::Admit).admitted
+    }
+
+    /// [`admit`](Self::admit) with the safety guards as a further gate:
+    /// `gate` is asked, in queue order, about each policy that a slot and
+    /// its components would let run (it may record its decision on the
+    /// policy). A held policy stays queued and does not block the ones
+    /// behind it; an escalated one leaves the queue.
+    pub fn admit_with(
+        &mut self,
+        now: Instant,
+        mut gate: impl FnMut(&mut RemediationPolicy) -> Gate,
+    ) -> Pass {
         self.expire(now);
-        let mut out = Vec::new();
-        if self.slots.len() >= self.max_concurrent {
-            return out;
-        }
+        let mut pass = Pass::default();
         let mut taken: Vec<QueueKey> = Vec::new();
-        for (k, q) in &self.queue {
+        let mut refused: Vec<(QueueKey, &'static str, EscalationKind, String)> = Vec::new();
+        let mut claimed: HashSet<String> = HashSet::new();
+        for (k, q) in self.queue.iter_mut() {
             if self.slots.len() + taken.len() >= self.max_concurrent {
                 break;
             }
             let scope = scope_of(&q.policy);
             let clash = scope.iter().any(|c| {
-                self.holds.contains_key(c)
-                    || self.cooldown.contains_key(c)
-                    || taken.iter().any(|t| {
-                        self.queue
-                            .get(t)
-                            .is_some_and(|o| scope_of(&o.policy).contains(c))
-                    })
+                self.holds.contains_key(c) || self.cooldown.contains_key(c) || claimed.contains(c)
             });
-            if !clash {
-                taken.push(*k);
+            if clash {
+                continue;
+            }
+            match gate(&mut q.policy) {
+                Gate::Admit => {
+                    claimed.extend(scope);
+                    taken.push(*k);
+                }
+                Gate::Hold(guard, why) => {
+                    let incident = q.policy.incident_id.clone().unwrap_or_default();
+                    pass.held.push((incident, guard, why));
+                }
+                Gate::Escalate(guard, kind, why) => refused.push((*k, guard, kind, why)),
+            }
+        }
+        for (k, guard, kind, why) in refused {
+            if let Some(q) = self.queue.remove(&k) {
+                pass.escalated.push((q, guard, kind, why));
             }
         }
         for k in taken {
@@ -187,10 +231,41 @@ impl Admission {
                     );
                 }
                 self.slots.insert(q.policy.id.clone());
-                out.push(q);
+                pass.admitted.push(q);
             }
         }
-        out
+        pass
+    }
+
+    /// Removes and returns the policies that waited `timeout` or longer.
+    pub fn overdue(&mut self, now: Instant, timeout: Duration) -> Vec<Queued> {
+        let keys: Vec<QueueKey> = self
+            .queue
+            .iter()
+            .filter(|(_, q)| q.since + timeout <= now)
+            .map(|(k, _)| *k)
+            .collect();
+        keys.into_iter()
+            .filter_map(|k| self.queue.remove(&k))
+            .collect()
+    }
+
+    /// When the oldest queued policy entered the queue.
+    pub fn oldest(&self) -> Option<Instant> {
+        self.queue.values().map(|q| q.since).min()
+    }
+
+    /// The queued policies, in queue order.
+    pub fn queued_policies(&self) -> impl Iterator<Item = &Queued> {
+        self.queue.values()
+    }
+
+    /// Restarts every queued policy's wait (after a pause: time paused does
+    /// not count towards the queue timeout).
+    pub fn restart_waits(&mut self, now: Instant) {
+        for q in self.queue.values_mut() {
+            q.since = now;
+        }
     }
 
     /// Whether a running policy still holds its slot or components.

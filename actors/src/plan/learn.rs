@@ -67,9 +67,7 @@ pub fn candidates(
             analysis, &rc, steps, learned, target, &scope, "", now,
         )];
         for action in ActionType::ALL {
-            if action.risk() > settings.learning.max_candidate_risk
-                || strategy_types == [action]
-            {
+            if action.risk() > settings.learning.max_candidate_risk || strategy_types == [action] {
                 continue;
             }
             let single = vec![make_action(
@@ -375,8 +373,13 @@ mod tests {
         assert_eq!(remedy_of(&c[0]), "SCALE_UP+UPDATE_CONFIGURATION");
         let names: Vec<String> = c.iter().skip(1).map(remedy_of).collect();
         assert!(names.contains(&"RESTART_SERVICE".to_string()));
-        assert!(!names.contains(&"FAILOVER".to_string()), "high risk excluded");
-        assert!(c.iter().all(|p| p.actions.iter().all(|a| a.target == "api")));
+        assert!(
+            !names.contains(&"FAILOVER".to_string()),
+            "high risk excluded"
+        );
+        assert!(c
+            .iter()
+            .all(|p| p.actions.iter().all(|a| a.target == "api")));
     }
 
     #[test]
@@ -416,7 +419,11 @@ mod tests {
             for ep in 0..20 {
                 let ch = choose(&c, &l, &s, &mut rng, |_| None).expect("choice");
                 let remedy = remedy_of(&c[ch.index]);
-                let p = if remedy == "RESTART_SERVICE" { 0.95 } else { 0.0 };
+                let p = if remedy == "RESTART_SERVICE" {
+                    0.95
+                } else {
+                    0.0
+                };
                 regret += 0.95 - p;
                 let ok = env.random::<f64>() < p;
                 l.record(&outcome(&c[ch.index], ok), 30);
@@ -478,7 +485,10 @@ mod tests {
         let v = autonomy(&scale, &l, &s);
         assert!(!v.auto_approved && v.reason.starts_with("revoked"), "{v:?}");
         s.autonomy = Autonomy::Fixed;
-        assert!(!autonomy(&restart, &l, &s).auto_approved, "fixed: by risk only");
+        assert!(
+            !autonomy(&restart, &l, &s).auto_approved,
+            "fixed: by risk only"
+        );
     }
 
     #[test]
@@ -486,8 +496,20 @@ mod tests {
         let mut l = LearnedStats::default();
         assert!(regret(&l, RootCause::NodeCrash).is_none());
         let m = l.by_remedy.entry(RootCause::NodeCrash).or_default();
-        m.insert("A".into(), RemedyStats { successes: 0, failures: 4 });
-        m.insert("B".into(), RemedyStats { successes: 2, failures: 0 });
+        m.insert(
+            "A".into(),
+            RemedyStats {
+                successes: 0,
+                failures: 4,
+            },
+        );
+        m.insert(
+            "B".into(),
+            RemedyStats {
+                successes: 2,
+                failures: 0,
+            },
+        );
         let (n, r) = regret(&l, RootCause::NodeCrash).expect("regret");
         assert_eq!(n, 6);
         assert!((r - 4.0).abs() < 1e-9);

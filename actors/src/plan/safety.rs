@@ -143,7 +143,11 @@ pub enum Verdict {
 
 /// How an execution counts for the breakers (and learning).
 pub fn verdict(exec: &PolicyExecution) -> Verdict {
-    if exec.error.as_deref().is_some_and(|e| e.starts_with("interrupted")) {
+    if exec
+        .error
+        .as_deref()
+        .is_some_and(|e| e.starts_with("interrupted"))
+    {
         return Verdict::Nothing;
     }
     match exec.status {
@@ -527,10 +531,14 @@ impl Guards {
                 .action_types
                 .contains(&a.action_type)
             {
-                self.budget.push_back((now, policy.id.clone(), a.action_type));
+                self.budget
+                    .push_back((now, policy.id.clone(), a.action_type));
                 self.mark("budget".into());
             }
-            self.rate.entry(a.target.clone()).or_default().push_back(now);
+            self.rate
+                .entry(a.target.clone())
+                .or_default()
+                .push_back(now);
             self.mark(format!("rate/{}", a.target));
         }
         let mut keys: Vec<String> = policy
@@ -551,7 +559,12 @@ impl Guards {
     }
 
     /// Rollback steps that ran count in the windows (never held back).
-    pub fn rolled_back(&mut self, exec: &PolicyExecution, policy: &RemediationPolicy, now: Timestamp) {
+    pub fn rolled_back(
+        &mut self,
+        exec: &PolicyExecution,
+        policy: &RemediationPolicy,
+        now: Timestamp,
+    ) {
         for a in &exec.actions {
             if a.status != ExecutionStatus::RolledBack {
                 continue;
@@ -560,7 +573,11 @@ impl Guards {
                 .actions
                 .iter()
                 .find(|p| p.id == a.action_id)
-                .and_then(|p| p.rollback.as_ref().map(|r| (r.action_type, p.target.clone())))
+                .and_then(|p| {
+                    p.rollback
+                        .as_ref()
+                        .map(|r| (r.action_type, p.target.clone()))
+                })
             else {
                 continue;
             };
@@ -582,7 +599,12 @@ impl Guards {
 
     /// Why breaker `key` refuses a remedy now (`policy`: the policy asking,
     /// which may hold the half-open trial), if it does.
-    pub fn breaker_blocks(&mut self, key: &str, policy: Option<&str>, now: Timestamp) -> Option<String> {
+    pub fn breaker_blocks(
+        &mut self,
+        key: &str,
+        policy: Option<&str>,
+        now: Timestamp,
+    ) -> Option<String> {
         let b = self.breakers.get_mut(key)?;
         match b.state {
             BreakerState::Closed => None,
@@ -693,7 +715,9 @@ impl Guards {
 
     /// Every breaker not closed.
     pub fn breakers(&self) -> impl Iterator<Item = &Breaker> {
-        self.breakers.values().filter(|b| b.state != BreakerState::Closed)
+        self.breakers
+            .values()
+            .filter(|b| b.state != BreakerState::Closed)
     }
 
     /// Breakers counted by state (`open`, `half_open`); an open breaker
@@ -715,7 +739,12 @@ impl Guards {
 
     /// An incident opened on `components`: counted per component. Returns
     /// the components that became flapping.
-    pub fn incident_opened(&mut self, incident: &str, components: &[String], now: Timestamp) -> Vec<String> {
+    pub fn incident_opened(
+        &mut self,
+        incident: &str,
+        components: &[String],
+        now: Timestamp,
+    ) -> Vec<String> {
         let window = secs(self.settings.flapping.window_seconds);
         let relapses = self.settings.flapping.relapses as usize;
         let mut became = Vec::new();
@@ -731,7 +760,11 @@ impl Guards {
             while f.openings.len() > FLAP_HISTORY.max(relapses + 1) {
                 f.openings.pop_front();
             }
-            let recent = f.openings.iter().filter(|(at, _)| *at + window > now).count();
+            let recent = f
+                .openings
+                .iter()
+                .filter(|(at, _)| *at + window > now)
+                .count();
             // The first incident is not a relapse: `relapses` returns mean
             // `relapses + 1` openings within the window.
             if f.since.is_none() && recent > relapses {
@@ -860,7 +893,12 @@ impl Guards {
     /// The success that an incident opening on `components` now makes a
     /// recurrence (within `recurrence_window_seconds`), taken so it is
     /// re-classified once.
-    pub fn recurrence(&mut self, incident: &str, components: &[String], now: Timestamp) -> Option<LastSuccess> {
+    pub fn recurrence(
+        &mut self,
+        incident: &str,
+        components: &[String],
+        now: Timestamp,
+    ) -> Option<LastSuccess> {
         let window = secs(self.settings.recurrence_window_seconds);
         let hit = components.iter().find(|c| {
             self.successes

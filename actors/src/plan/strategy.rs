@@ -473,7 +473,10 @@ pub fn decide(
 
 /// Eligible causes: confidence ≥ `min_confidence`, not Unknown, each cause
 /// once (at its highest confidence), in the analysis' order.
-pub(crate) fn eligible_causes(analysis: &AnalysisResult, settings: &PlanSettings) -> Vec<RankedCause> {
+pub(crate) fn eligible_causes(
+    analysis: &AnalysisResult,
+    settings: &PlanSettings,
+) -> Vec<RankedCause> {
     let mut out: Vec<RankedCause> = Vec::new();
     for rc in &analysis.root_causes {
         if rc.cause == RootCause::Unknown
