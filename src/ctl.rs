@@ -8,6 +8,7 @@
 //! found.
 
 use std::fmt::Write as _;
+use std::io::Write as _;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -290,7 +291,8 @@ pub fn run(args: CtlArgs) -> ExitCode {
     match execute(&args, &mut lock) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("mapek ctl: {}", e.message());
+            // Not `eprintln!`: a closed stderr must not panic.
+            let _ = writeln!(std::io::stderr(), "mapek ctl: {}", e.message());
             ExitCode::from(e.code())
         }
     }
