@@ -575,21 +575,31 @@ fn pause_and_resume_show_in_status() {
     assert_eq!(pause["by"], "alice", "{sj}");
     assert_eq!(pause["reason"], "deploy", "{sj}");
 
-    // Pausing again keeps it paused; resume with the default by ($USER).
-    let again = d.ctl(&["pause", "-o", "json"]).json();
-    assert_eq!(again["paused"], true, "{again}");
+    // Resume (JSON), pause again with the default by ($USER), resume (table).
     let r = d.ctl(&["resume", "--reason", "done", "-o", "json"]).json();
     assert_eq!(r["paused"], false, "{r}");
     let st = d.ctl(&["status"]);
     assert_eq!(cells(st.line("paused:"))[1], "no");
+    let again = d.ctl(&["pause", "-o", "json"]).json();
+    assert_eq!(again["paused"], true, "{again}");
+    assert_eq!(again["by"], "carol", "{again}");
     let r = d.ctl(&["resume"]);
     assert!(r.ok().starts_with("loop resumed"), "{r:?}");
+    let sj = d.ctl(&["status", "-o", "json"]).json();
+    assert_eq!(state_field(&sj, "paused"), false, "{sj}");
     d.stop();
 }
 
 #[test]
 fn silence_and_clear_a_component() {
     let d = Daemon::start(None);
+    // Both components are known to the daemon (one alert each).
+    d.alert("charter", &[("ErrorsHigh", "failure")]);
+    d.alert("ledger", &[("ErrorsHigh", "failure")]);
+    wait_until(Duration::from_secs(20), "two incidents", || {
+        let v = d.get("/api/v1/incidents")?;
+        (v["incidents"].as_array()?.len() == 2).then_some(())
+    });
     let before = chrono::Utc::now();
     let s = d.ctl(&[
         "silence",
