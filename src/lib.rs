@@ -3,6 +3,7 @@
 
 pub mod alertmanager;
 pub mod config;
+pub mod ctl;
 pub mod daemon;
 pub mod demo;
 pub mod effectors;

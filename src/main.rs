@@ -81,6 +81,8 @@ enum Command {
         #[arg(long = "depends-on", value_name = "DEPENDENT=UPSTREAMS")]
         depends_on: Vec<String>,
     },
+    /// Operate a running daemon over its HTTP API (see docs/CLI.md).
+    Ctl(mapek::ctl::CtlArgs),
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -101,6 +103,7 @@ fn load(path: Option<&std::path::Path>) -> Result<Config, ConfigError> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Ctl(args) => mapek::ctl::run(args),
         Command::CheckConfig { path } => match load(Some(&path)) {
             Ok(_) => {
                 println!("{}: valid", path.display());
