@@ -588,6 +588,95 @@ mod tests {
         }
     }
 
+    /// What mapek's real detectors make of a fault: the simulator's
+    /// `/metrics` scraped with the default rules, the violations through
+    /// the Analyze phase, the top-ranked cause.
+    async fn diagnose(fault: FaultKind) -> RootCause {
+        use crate::scrape::{scrape_rules, ScrapeSource};
+        use mapek_actors::analyze::{analyze, ViolationWindow};
+        use mapek_actors::clock::Clock;
+        use mapek_actors::ports::MetricSource;
+        use mapek_actors::settings::AnalyzeSettings;
+        use std::sync::Arc;
+        let (sim, clock) = sim_of(crate::sim::Topology::default());
+        let run = start(sim.clone(), None).await;
+        let src = ScrapeSource::new(
+            &format!("{}/metrics", run.base),
+            Duration::from_secs(5),
+            Arc::new(clock.clone()),
+        )
+        .unwrap();
+        let rules = scrape_rules("5m");
+        let mut window = ViolationWindow::new(1000, chrono::Duration::seconds(300));
+        assert!(src.poll(&rules).await.unwrap().is_empty(), "{fault:?}");
+        sim.inject(fault).unwrap();
+        // Two polls a few seconds apart, as the Monitor would.
+        for _ in 0..2 {
+            clock.advance(Duration::from_secs(5));
+            window.observe(&src.poll(&rules).await.unwrap());
+        }
+        let result = analyze(&window, "chain", clock.now(), &AnalyzeSettings::default());
+        run.stop().await;
+        result
+            .root_causes
+            .first()
+            .unwrap_or_else(|| panic!("{fault:?}: no cause in {result:?}"))
+            .cause
+    }
+
+    /// The real detectors take a memory leak for the overload it looks
+    /// like: a cause whose default strategy restarts nothing.
+    #[tokio::test]
+    async fn memory_leak_is_diagnosed_as_an_overload_whose_strategy_restarts_nothing() {
+        use mapek_actors::model::ActionType;
+        use mapek_actors::plan::strategy_steps;
+        let spike = diagnose(FaultKind::LoadSpike).await;
+        let leak = diagnose(FaultKind::MemoryLeak).await;
+        assert_eq!(leak, spike, "same symptoms, same diagnosis");
+        assert!(
+            matches!(
+                leak,
+                RootCause::ValidationLatency | RootCause::InsufficientCapacity
+            ),
+            "{leak:?}"
+        );
+        let steps = strategy_steps(leak);
+        assert_eq!(steps.first(), Some(&ActionType::ScaleUp), "{steps:?}");
+        assert!(!steps.contains(&ActionType::RestartService), "{steps:?}");
+        // Flapping, in its breaching half, looks the same.
+        assert_eq!(diagnose(FaultKind::Flapping).await, spike);
+    }
+
+    /// mapek's client carries out the strategy the leak is diagnosed as: it
+    /// seems to work, until the relief ends; a restart heals it for good.
+    #[tokio::test]
+    async fn mapek_effector_scale_up_only_relieves_a_memory_leak() {
+        use crate::effectors::{CharterClient, CharterEffector};
+        use crate::sim::LEAK_RELIEF_SECONDS;
+        use mapek_actors::model::ActionType;
+        use mapek_actors::plan::strategy;
+        let (sim, clock) = sim_of(crate::sim::Topology::default());
+        let run = start(sim.clone(), None).await;
+        let client = CharterClient::new(&run.base, "", Duration::from_secs(5)).unwrap();
+        let eff = CharterEffector::new(client);
+        sim.inject(FaultKind::MemoryLeak).unwrap();
+        let settings = PlanSettings::default();
+        for a in strategy(RootCause::ValidationLatency, &settings, "charter") {
+            eff.apply(&a).await.unwrap();
+        }
+        clock.advance(Duration::from_secs(10));
+        assert!(sim.violations().is_empty(), "a verification now: success");
+        clock.advance(Duration::from_secs(LEAK_RELIEF_SECONDS));
+        assert!(!sim.violations().is_empty(), "the symptom recurs");
+        assert_eq!(sim.active_faults(), [FaultKind::MemoryLeak]);
+        let restart = strategy(RootCause::NodeCrash, &settings, "charter");
+        assert_eq!(restart[0].action_type, ActionType::RestartService);
+        eff.apply(&restart[0]).await.unwrap();
+        clock.advance(Duration::from_secs(LEAK_RELIEF_SECONDS * 4));
+        assert!(sim.healthy(), "{}", sim.state());
+        run.stop().await;
+    }
+
     /// A remedy that does not fit, sent by mapek's client, leaves the fault.
     #[tokio::test]
     async fn mapek_effector_restart_does_not_heal_a_load_spike() {

@@ -146,6 +146,10 @@ pub(crate) fn dispatch(
                 })?;
             let previous = s.replicas;
             s.replicas = u32::try_from(replicas).unwrap_or(BASE_REPLICAS);
+            if s.replicas > previous {
+                // The new replicas start with fresh memory.
+                s.fresh_replicas(now);
+            }
             (
                 json!({"previous_replicas": previous, "replicas": s.replicas}),
                 Some(Remedy::Scale),
@@ -173,6 +177,8 @@ pub(crate) fn dispatch(
             };
             let recovered = s.crashed;
             s.crashed = 0;
+            // Every node restarts with fresh memory: a leak is gone.
+            s.leak_since = None;
             (
                 json!({"restarted": true, "graceful": graceful, "timeout": timeout, "recovered_nodes": recovered}),
                 Some(Remedy::Other),
@@ -314,7 +320,11 @@ pub(crate) fn dispatch(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sim::model::{RULE_FAILURE, RULE_LATENCY, RULE_NODES, RULE_POLICY, RULE_THROUGHPUT};
+    use crate::sim::model::{
+        BASE_MEMORY_BYTES, FLAP_PERIOD_SECONDS, LEAK_BYTES_PER_SECOND, LEAK_RELIEF_SECONDS,
+        MEMORY_PRESSURE_BYTES, RULE_FAILURE, RULE_LATENCY, RULE_NODES, RULE_POLICY,
+        RULE_THROUGHPUT,
+    };
     use crate::sim::test_support::*;
     use crate::sim::{Simulator, MAX_CALLS};
     use mapek_actors::clock::ManualClock;
@@ -680,6 +690,247 @@ mod tests {
         assert_eq!(sim.state()["emergency_override_active"], json!(true));
         clock.advance(Duration::from_secs(61));
         assert_eq!(sim.state()["emergency_override_active"], json!(false));
+    }
+
+    /// A one-component simulator and its clock.
+    fn timed() -> (Simulator, ManualClock) {
+        sim_of(crate::sim::Topology::default())
+    }
+
+    fn memory(sim: &Simulator) -> f64 {
+        sim.reading().memory_bytes
+    }
+
+    #[test]
+    fn memory_leak_breaches_like_an_overload_and_grows_worse() {
+        let (sim, clock) = timed();
+        assert_eq!(memory(&sim), BASE_MEMORY_BYTES);
+        sim.inject(FaultKind::MemoryLeak).unwrap();
+        assert_eq!(sim.active_faults(), [FaultKind::MemoryLeak]);
+        assert_eq!(names(&sim), set(&THREE), "breaches at once");
+        assert_eq!(memory(&sim), MEMORY_PRESSURE_BYTES);
+        let first = sim.reading();
+        clock.advance(Duration::from_secs(60));
+        let later = sim.reading();
+        assert_eq!(
+            later.memory_bytes - first.memory_bytes,
+            60.0 * LEAK_BYTES_PER_SECOND
+        );
+        assert!(
+            later.validation_latency_seconds > first.validation_latency_seconds
+                && later.failure_rate > first.failure_rate,
+            "{first:?} {later:?}"
+        );
+        assert_eq!(names(&sim), set(&THREE));
+        // Injected again: nothing changes.
+        sim.inject(FaultKind::MemoryLeak).unwrap();
+        assert_eq!(sim.reading(), later);
+        let st = sim.state();
+        assert_eq!(st["memory_bytes"], json!(later.memory_bytes));
+        assert_eq!(st["active_faults"], json!(["memory_leak"]));
+        let text = sim.metrics_text();
+        let samples = crate::scrape::parse_exposition(&text).unwrap();
+        let gauge = |name: &str| {
+            samples
+                .iter()
+                .find(|s| s.name == name && s.labels["component"] == "charter")
+                .map(|s| s.value)
+        };
+        assert_eq!(
+            gauge("westworld_charter_memory_bytes"),
+            Some(later.memory_bytes)
+        );
+        assert!(samples
+            .iter()
+            .any(|s| s.name == "westworld_charter_fault_active"
+                && s.labels["kind"] == "memory_leak"
+                && s.value == 1.0));
+    }
+
+    #[test]
+    fn memory_leak_scale_up_relieves_it_for_a_while_only() {
+        let (sim, clock) = timed();
+        sim.inject(FaultKind::MemoryLeak).unwrap();
+        let a = post(&sim, "/api/v1/committee/scale", json!({"replicas": 5})).unwrap();
+        assert_eq!(a["healed"], json!([]), "relieved, not healed");
+        assert!(sim.violations().is_empty(), "{:?}", sim.violations());
+        assert!(memory(&sim) < MEMORY_PRESSURE_BYTES);
+        assert!(
+            memory(&sim) > BASE_MEMORY_BYTES,
+            "the old replicas still leak"
+        );
+        assert_eq!(sim.active_faults(), [FaultKind::MemoryLeak]);
+        clock.advance(Duration::from_secs(LEAK_RELIEF_SECONDS - 1));
+        assert!(sim.violations().is_empty(), "{:?}", sim.violations());
+        clock.advance(Duration::from_secs(1));
+        assert_eq!(names(&sim), set(&THREE), "the leak goes on");
+        // Fewer replicas bring no fresh memory.
+        scale(&sim, 3);
+        assert_eq!(names(&sim), set(&THREE));
+        // Another scale-up relieves it again, for as long.
+        scale(&sim, 6);
+        assert!(sim.violations().is_empty());
+        clock.advance(Duration::from_secs(LEAK_RELIEF_SECONDS));
+        assert_eq!(names(&sim), set(&THREE));
+        // A scale-up during the relief does not push the memory back up.
+        let (sim, clock) = timed();
+        sim.inject(FaultKind::MemoryLeak).unwrap();
+        clock.advance(Duration::from_secs(LEAK_RELIEF_SECONDS * 3));
+        scale(&sim, 5);
+        let relieved = memory(&sim);
+        scale(&sim, 7);
+        assert_eq!(memory(&sim), relieved);
+    }
+
+    #[test]
+    fn memory_leak_healed_for_good_by_a_restart() {
+        let (sim, clock) = timed();
+        sim.inject(FaultKind::MemoryLeak).unwrap();
+        clock.advance(Duration::from_secs(30));
+        let a = post(
+            &sim,
+            "/api/v1/committee/restart",
+            json!({"graceful": true, "timeout": 30}),
+        )
+        .unwrap();
+        assert_eq!(a["healed"], json!(["memory_leak"]));
+        assert!(sim.healthy(), "{:?}", sim.violations());
+        assert_eq!(memory(&sim), BASE_MEMORY_BYTES);
+        assert_eq!(sim.state()["status"], json!("recovering"));
+        let heals = sim.state()["heals"].clone();
+        assert_eq!(heals[0]["fault"], json!("memory_leak"));
+        assert_eq!(heals[0]["by"], json!("POST /api/v1/committee/restart"));
+        clock.advance(Duration::from_secs(3600));
+        assert!(sim.healthy(), "{:?}", sim.violations());
+        assert_eq!(memory(&sim), BASE_MEMORY_BYTES);
+    }
+
+    #[test]
+    fn memory_leak_not_healed_by_other_remedies() {
+        let (sim, clock) = timed();
+        sim.inject(FaultKind::MemoryLeak).unwrap();
+        throttle(&sim, json!(500));
+        override_for(&sim, 300);
+        post(&sim, "/api/v1/failover", json!({"mode": "standby"})).unwrap();
+        post(
+            &sim,
+            "/api/v1/rebalance",
+            json!({"strategy": "least_loaded"}),
+        )
+        .unwrap();
+        post(&sim, "/api/v1/config", json!({"worker_pool_size": "+50%"})).unwrap();
+        post(
+            &sim,
+            "/api/v1/validation/bypass",
+            json!({"duration_seconds": 60}),
+        )
+        .unwrap();
+        post(
+            &sim,
+            "/api/v1/policies/apply",
+            json!({"policy": "last_known_good"}),
+        )
+        .unwrap();
+        assert_eq!(sim.active_faults(), [FaultKind::MemoryLeak]);
+        assert!(names(&sim).contains(RULE_LATENCY) && names(&sim).contains(RULE_FAILURE));
+        assert_eq!(memory(&sim), MEMORY_PRESSURE_BYTES);
+        clock.advance(Duration::from_secs(600));
+        assert_eq!(sim.active_faults(), [FaultKind::MemoryLeak]);
+        assert!(!sim.violations().is_empty());
+    }
+
+    /// Every Charter call that carries a remedy, to the default component.
+    fn every_remedy(sim: &Simulator, replicas: u64) {
+        scale(sim, replicas);
+        throttle(sim, json!(500));
+        override_for(sim, 300);
+        restart(sim);
+        post(sim, "/api/v1/failover", json!({"mode": "standby"})).unwrap();
+        post(
+            sim,
+            "/api/v1/rebalance",
+            json!({"strategy": "least_loaded"}),
+        )
+        .unwrap();
+        post(sim, "/api/v1/config", json!({"worker_pool_size": "+50%"})).unwrap();
+        post(
+            sim,
+            "/api/v1/validation/bypass",
+            json!({"duration_seconds": 60}),
+        )
+        .unwrap();
+        post(
+            sim,
+            "/api/v1/policies/apply",
+            json!({"policy": "last_known_good"}),
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn flapping_toggles_on_schedule_and_survives_every_remedy() {
+        let (sim, clock) = timed();
+        sim.inject(FaultKind::Flapping).unwrap();
+        let half = FLAP_PERIOD_SECONDS;
+        let mut replicas = 3;
+        // Five periods, a remedy of every kind at each phase change.
+        for period in 0..5 {
+            assert_eq!(names(&sim), set(&THREE), "period {period}, breaching");
+            assert!(!sim.healthy());
+            replicas += 1;
+            every_remedy(&sim, replicas);
+            assert_eq!(
+                names(&sim),
+                set(&THREE),
+                "period {period}: no remedy ends the breach"
+            );
+            clock.advance(Duration::from_secs(half - 1));
+            assert_eq!(names(&sim), set(&THREE), "period {period}, still breaching");
+            clock.advance(Duration::from_secs(1));
+            assert!(
+                sim.violations().is_empty(),
+                "period {period}, quiet: {:?}",
+                sim.violations()
+            );
+            assert_eq!(sim.active_faults(), [FaultKind::Flapping], "not healed");
+            assert!(!sim.healthy(), "an active fault is not healthy");
+            every_remedy(&sim, replicas);
+            clock.advance(Duration::from_secs(half - 1));
+            assert!(sim.violations().is_empty(), "period {period}, still quiet");
+            clock.advance(Duration::from_secs(1));
+        }
+        assert_eq!(sim.active_faults(), [FaultKind::Flapping]);
+        let heals = sim.state()["heals"].clone();
+        assert_eq!(heals, json!([]), "no remedy healed it");
+        // Only clearing the fault ends it, in either phase.
+        assert_eq!(sim.clear_faults(), [FaultKind::Flapping]);
+        assert!(sim.healthy(), "{:?}", sim.violations());
+        clock.advance(Duration::from_secs(half * 2));
+        assert!(sim.healthy());
+        sim.inject(FaultKind::Flapping).unwrap();
+        clock.advance(Duration::from_secs(half + 1));
+        assert!(sim.violations().is_empty());
+        assert_eq!(sim.clear_faults(), [FaultKind::Flapping]);
+        clock.advance(Duration::from_secs(half));
+        assert!(sim.healthy());
+    }
+
+    #[test]
+    fn new_faults_are_injectable_by_name() {
+        let sim = sim();
+        assert_eq!(sim.inject_named("memory_leak"), Ok(FaultKind::MemoryLeak));
+        assert_eq!(sim.inject_named("flapping"), Ok(FaultKind::Flapping));
+        assert_eq!(
+            sim.active_faults(),
+            [FaultKind::MemoryLeak, FaultKind::Flapping]
+        );
+        let Err(SimError::BadRequest(msg)) = sim.inject_named("meteor") else {
+            panic!("an unknown kind is refused");
+        };
+        assert!(
+            msg.contains("memory_leak") && msg.contains("flapping"),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -29,7 +29,7 @@ type GaugeSpec = (
     fn(&Component, &Reading, Timestamp) -> f64,
 );
 
-const GAUGES: [GaugeSpec; 13] = [
+const GAUGES: [GaugeSpec; 14] = [
     (
         "westworld_charter_validation_latency_seconds",
         "Validation latency of policy checks, in seconds.",
@@ -89,6 +89,11 @@ const GAUGES: [GaugeSpec; 13] = [
         "westworld_charter_up",
         "1 while the Charter answers.",
         |_, _, _| 1.0,
+    ),
+    (
+        "westworld_charter_memory_bytes",
+        "Memory of one committee node, in bytes.",
+        |_, r, _| r.memory_bytes,
     ),
     (
         "westworld_charter_unhealthy_nodes",

@@ -7,8 +7,9 @@
 //! component through `/sim/*`. Everything is computed from the state on each
 //! read, and the state changes only through API calls: the model is
 //! deterministic (the clock only stamps records, bounds the duration of an
-//! emergency override or a validation bypass, and times the spread of a
-//! cascade to the dependents).
+//! emergency override or a validation bypass, times the spread of a
+//! cascade to the dependents, the growth of a memory leak and the phases of
+//! a flapping component).
 //!
 //! # Layout
 //!
@@ -34,6 +35,15 @@
 //!   traffic routed to crashed members `crashed / replicas`, a bad policy
 //!   rejecting valid operations `0.2`, tripped breakers `0.3`, and `0.3` per
 //!   upstream whose cascade reaches it (its calls to that upstream fail);
+//! * memory per node `512 MiB`, growing by `8 MiB/s` during a
+//!   `memory_leak`; from the pressure point `m₀ = 512 MiB + 8 MiB/s ×
+//!   LEAK_ONSET_SECONDS` (1232 MiB) on, with `r = memory / m₀ ≥ 1`, latency
+//!   `+ 1 s × r` (garbage-collection pauses) and only `0.35 / r` of the
+//!   operations succeed (failed allocations): latency, failure rate and
+//!   throughput breach as in an overload, and grow worse with time;
+//! * a `flapping` component adds 1 s of latency and lets only `0.35` of its
+//!   operations succeed during the first [`FLAP_PERIOD_SECONDS`] (30 s)
+//!   after its injection, then nothing for as long, and so on;
 //! * throughput (goodput) `A × (1 − failure rate)`;
 //! * the critical policy-violation counter grows by one on every read of
 //!   `/metrics` while a bad policy is active; the warning counter grows by one
@@ -45,9 +55,26 @@
 //! bounds; a `bad_policy` through a corrected policy (`policies/apply`) or
 //! the rollback of the bad one; a `node_crash` through a committee restart
 //! or a failover; a `cascade` once both an emergency override and a
-//! sufficient throttle are active. A healed fault ends with its effects (the
-//! spike or the retry storm subsides, the node is back, the good policy is
-//! active); the remedies stay in place.
+//! sufficient throttle are active; a `memory_leak` through a committee
+//! restart only (memory back to the baseline). A healed fault ends with its
+//! effects (the spike or the retry storm subsides, the node is back, the
+//! good policy is active); the remedies stay in place.
+//!
+//! Two faults are there to test mapek's judgement rather than its
+//! remedies:
+//!
+//! * `memory_leak` is injected [`LEAK_ONSET_SECONDS`] into the leak, so it
+//!   breaches at once, with the symptoms of an overload: mapek diagnoses a
+//!   capacity problem whose default strategy (SCALE_UP, ...) does not
+//!   restart anything. A scale-up (more replicas than before) brings fresh
+//!   replicas: the committee's memory falls back to where it was
+//!   `LEAK_ONSET_SECONDS − LEAK_RELIEF_SECONDS` (15 s) into the leak, the
+//!   breach clears for [`LEAK_RELIEF_SECONDS`] (75 s), then comes back:
+//!   a verification soon after the scale-up judges it a success, and the
+//!   symptom recurs. Only a restart (`committee/restart`) heals it.
+//! * `flapping` breaches and clears on its own schedule whatever is done:
+//!   a remedy may seem to work (its half-period ends), none heals it; only
+//!   clearing the fault (`DELETE /sim/faults`) ends it.
 //!
 //! # Several components and the cascade
 //!
@@ -94,9 +121,10 @@ use serde_json::{json, Value};
 
 pub use api::{router, serve};
 pub use model::{
-    FaultKind, Reading, SimViolation, BASE_LOAD, BASE_REPLICAS, CASCADE_SPREAD_SECONDS,
-    DEPENDENT_RETRY_FACTOR, MAX_REPLICAS, NODE_CAPACITY, RETRY_AMPLIFICATION, SPIKE_FACTOR,
-    UPSTREAM_CALL_FAILURE,
+    FaultKind, Reading, SimViolation, BASE_LOAD, BASE_MEMORY_BYTES, BASE_REPLICAS,
+    CASCADE_SPREAD_SECONDS, DEPENDENT_RETRY_FACTOR, FLAP_PERIOD_SECONDS, LEAK_BYTES_PER_SECOND,
+    LEAK_ONSET_SECONDS, LEAK_RELIEF_SECONDS, MAX_REPLICAS, MEMORY_PRESSURE_BYTES, NODE_CAPACITY,
+    RETRY_AMPLIFICATION, SPIKE_FACTOR, UPSTREAM_CALL_FAILURE,
 };
 pub use simulator::{Simulator, MAX_CALLS};
 pub use topology::{Topology, TopologyError, DEFAULT_COMPONENT};

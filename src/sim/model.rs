@@ -32,6 +32,27 @@ pub const UPSTREAM_CALL_FAILURE: f64 = 0.3;
 pub const CASCADE_SPREAD_SECONDS: u64 = 10;
 /// Largest committee the scale endpoint accepts.
 pub const MAX_REPLICAS: u64 = 50;
+/// Memory of one healthy committee node (bytes).
+pub const BASE_MEMORY_BYTES: f64 = 512.0 * MIB;
+/// Growth of a node's memory during a `memory_leak` (bytes per second).
+pub const LEAK_BYTES_PER_SECOND: f64 = 8.0 * MIB;
+/// Seconds of leaking after which a node's memory reaches
+/// [`MEMORY_PRESSURE_BYTES`] and the component breaches. A `memory_leak` is
+/// injected this far along (it went unnoticed until then): it breaches at
+/// once.
+pub const LEAK_ONSET_SECONDS: u64 = 90;
+/// Memory from which garbage collection thrashes and allocations fail:
+/// `BASE_MEMORY_BYTES + LEAK_BYTES_PER_SECOND × LEAK_ONSET_SECONDS`.
+pub const MEMORY_PRESSURE_BYTES: f64 =
+    BASE_MEMORY_BYTES + LEAK_BYTES_PER_SECOND * LEAK_ONSET_SECONDS as f64;
+/// Seconds a scale-up relieves a `memory_leak` for: the fresh replicas
+/// bring the committee's memory back to where it was
+/// `LEAK_ONSET_SECONDS − LEAK_RELIEF_SECONDS` seconds into the leak, so the
+/// breach clears and comes back this long after the scale-up.
+pub const LEAK_RELIEF_SECONDS: u64 = 75;
+/// A `flapping` component breaches for this many seconds, then is quiet
+/// for as many, and so on from its injection.
+pub const FLAP_PERIOD_SECONDS: u64 = 30;
 
 /// Validation time of one operation on an idle node (seconds).
 const SERVICE_TIME: f64 = 0.1;
@@ -51,6 +72,15 @@ const BAD_POLICY_FAILURE: f64 = 0.2;
 const BREAKER_LATENCY: f64 = 1.0;
 /// Failure share of tripped breakers during a cascade.
 const BREAKER_FAILURE: f64 = 0.3;
+/// Latency added at memory pressure (× memory / pressure) and while a
+/// flapping component breaches (seconds): garbage-collection pauses,
+/// stalled calls.
+const EPISODE_LATENCY: f64 = 1.0;
+/// Share of operations that still succeed at memory pressure (÷ memory /
+/// pressure) and while a flapping component breaches.
+const EPISODE_OK: f64 = 0.35;
+/// One mebibyte.
+const MIB: f64 = 1024.0 * 1024.0;
 /// Reported latency never exceeds this (seconds).
 pub(crate) const MAX_LATENCY: f64 = 30.0;
 /// A committee is `recovering` this long after a fault healed (seconds).
@@ -85,18 +115,29 @@ pub enum FaultKind {
     /// A retry storm plus tripped breakers at the component, then a retry
     /// storm with failed upstream calls at every component depending on it.
     Cascade,
+    /// Memory grows with the time since the leak began; at pressure, the
+    /// component slows down and fails like an overloaded one. A scale-up
+    /// relieves it for [`LEAK_RELIEF_SECONDS`]; only a restart heals it.
+    MemoryLeak,
+    /// The component breaches for [`FLAP_PERIOD_SECONDS`], is quiet for as
+    /// long, and so on, whatever is done; no remedy heals it (only clearing
+    /// the fault ends it).
+    Flapping,
 }
 
 impl FaultKind {
     /// Every kind, in a fixed order.
-    pub const ALL: [FaultKind; 4] = [
+    pub const ALL: [FaultKind; 6] = [
         FaultKind::LoadSpike,
         FaultKind::BadPolicy,
         FaultKind::NodeCrash,
         FaultKind::Cascade,
+        FaultKind::MemoryLeak,
+        FaultKind::Flapping,
     ];
 
-    /// Parses `load_spike`, `bad_policy`, `node_crash`, `cascade`.
+    /// Parses `load_spike`, `bad_policy`, `node_crash`, `cascade`,
+    /// `memory_leak`, `flapping`.
     pub fn parse(s: &str) -> Option<FaultKind> {
         FaultKind::ALL.into_iter().find(|k| k.as_str() == s)
     }
@@ -108,6 +149,8 @@ impl FaultKind {
             FaultKind::BadPolicy => "bad_policy",
             FaultKind::NodeCrash => "node_crash",
             FaultKind::Cascade => "cascade",
+            FaultKind::MemoryLeak => "memory_leak",
+            FaultKind::Flapping => "flapping",
         }
     }
 }
@@ -147,6 +190,8 @@ pub struct Reading {
     pub failure_rate: f64,
     /// Operations completed successfully per second.
     pub throughput_ops_per_sec: f64,
+    /// Memory of one committee node (bytes).
+    pub memory_bytes: f64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -196,6 +241,11 @@ pub(crate) struct Component {
     pub(crate) spike: bool,
     /// When a cascade was injected here (while it lasts).
     pub(crate) cascade_since: Option<Timestamp>,
+    /// While a memory leak lasts: when it (as far as the nodes' memory
+    /// shows) began.
+    pub(crate) leak_since: Option<Timestamp>,
+    /// When flapping was injected here (while it lasts).
+    pub(crate) flapping_since: Option<Timestamp>,
     pub(crate) throttle: Option<f64>,
     pub(crate) override_until: Option<Timestamp>,
     pub(crate) bypass_until: Option<Timestamp>,
@@ -231,6 +281,8 @@ impl Component {
             crashed: 0,
             spike: false,
             cascade_since: None,
+            leak_since: None,
+            flapping_since: None,
             throttle: None,
             override_until: None,
             bypass_until: None,
@@ -263,6 +315,47 @@ impl Component {
         self.cascade_since.is_some()
     }
 
+    /// Memory of one node now (bytes): the baseline, plus what the leak
+    /// (if any) accumulated since it began.
+    pub(crate) fn memory_bytes(&self, now: Timestamp) -> f64 {
+        match self.leak_since {
+            Some(since) => {
+                let secs = ((now - since).num_milliseconds() as f64 / 1000.0).max(0.0);
+                BASE_MEMORY_BYTES + LEAK_BYTES_PER_SECOND * secs
+            }
+            None => BASE_MEMORY_BYTES,
+        }
+    }
+
+    /// Memory over the pressure point (≥ 1 at pressure), or `None` below it.
+    fn memory_pressure(&self, now: Timestamp) -> Option<f64> {
+        let ratio = self.memory_bytes(now) / MEMORY_PRESSURE_BYTES;
+        (ratio >= 1.0).then_some(ratio)
+    }
+
+    /// Whether a flapping component is in its breaching half-period now.
+    pub(crate) fn flap_breaching(&self, now: Timestamp) -> bool {
+        self.flapping_since.is_some_and(|since| {
+            let secs = (now - since).num_seconds().max(0);
+            let period = FLAP_PERIOD_SECONDS.max(1) as i64;
+            (secs / period) % 2 == 0
+        })
+    }
+
+    /// Fresh replicas joined the committee: a memory leak's effect falls
+    /// back to where it was `LEAK_ONSET_SECONDS − LEAK_RELIEF_SECONDS` into
+    /// the leak (never up), so it breaches again [`LEAK_RELIEF_SECONDS`]
+    /// from now. The leak itself goes on.
+    pub(crate) fn fresh_replicas(&mut self, now: Timestamp) {
+        if let Some(since) = self.leak_since {
+            let into = LEAK_ONSET_SECONDS.saturating_sub(LEAK_RELIEF_SECONDS);
+            let relieved = now - chrono::Duration::seconds(into as i64);
+            if relieved > since {
+                self.leak_since = Some(relieved);
+            }
+        }
+    }
+
     pub(crate) fn override_active(&self, now: Timestamp) -> bool {
         self.override_until.is_some_and(|t| t > now)
     }
@@ -287,6 +380,12 @@ impl Component {
         if self.cascade() {
             out.push(FaultKind::Cascade);
         }
+        if self.leak_since.is_some() {
+            out.push(FaultKind::MemoryLeak);
+        }
+        if self.flapping_since.is_some() {
+            out.push(FaultKind::Flapping);
+        }
         out
     }
 
@@ -310,6 +409,17 @@ impl Component {
                     self.crashed = 1;
                 }
             }
+            FaultKind::MemoryLeak => {
+                if self.leak_since.is_none() {
+                    let onset = chrono::Duration::seconds(LEAK_ONSET_SECONDS as i64);
+                    self.leak_since = Some(now - onset);
+                }
+            }
+            FaultKind::Flapping => {
+                if self.flapping_since.is_none() {
+                    self.flapping_since = Some(now);
+                }
+            }
             FaultKind::BadPolicy => {
                 if !self.bad_policy_active() {
                     self.add_policy(
@@ -331,6 +441,8 @@ impl Component {
         self.spike = false;
         self.cascade_since = None;
         self.crashed = 0;
+        self.leak_since = None;
+        self.flapping_since = None;
         self.drop_bad_policy();
         before
     }
@@ -386,6 +498,14 @@ impl Component {
         for _ in 0..storms {
             ok *= 1.0 - UPSTREAM_CALL_FAILURE;
         }
+        if let Some(ratio) = self.memory_pressure(now) {
+            latency += EPISODE_LATENCY * ratio;
+            ok *= EPISODE_OK / ratio;
+        }
+        if self.flap_breaching(now) {
+            latency += EPISODE_LATENCY;
+            ok *= EPISODE_OK;
+        }
         let ok = ok.clamp(0.0, 1.0);
         Reading {
             load_ops_per_sec: offered,
@@ -399,6 +519,7 @@ impl Component {
             validation_latency_seconds: latency.min(MAX_LATENCY),
             failure_rate: 1.0 - ok,
             throughput_ops_per_sec: admitted * ok,
+            memory_bytes: self.memory_bytes(now),
         }
     }
 

@@ -171,6 +171,7 @@ impl World {
             "validation_latency_seconds": r.validation_latency_seconds,
             "failure_rate": r.failure_rate,
             "throughput_ops_per_sec": r.throughput_ops_per_sec,
+            "memory_bytes": r.memory_bytes,
             "throttle_rate_limit": s.throttle,
             "emergency_override_active": s.override_active(now),
             "validation_bypass_active": s.bypass_active(now),
@@ -310,7 +311,7 @@ impl Simulator {
     }
 
     /// Injects a fault by name (`load_spike`, `bad_policy`, `node_crash`,
-    /// `cascade`) into the default component.
+    /// `cascade`, `memory_leak`, `flapping`) into the default component.
     pub fn inject_named(&self, kind: &str) -> Result<FaultKind, SimError> {
         self.inject_named_at(kind, None).map(|(k, _)| k)
     }
@@ -323,8 +324,10 @@ impl Simulator {
         component: Option<&str>,
     ) -> Result<(FaultKind, String), SimError> {
         let k = FaultKind::parse(kind).ok_or_else(|| {
+            let known: Vec<&str> = FaultKind::ALL.iter().map(|k| k.as_str()).collect();
             SimError::BadRequest(format!(
-                "unknown fault kind `{kind}` (expected load_spike, bad_policy, node_crash or cascade)"
+                "unknown fault kind `{kind}` (expected one of {})",
+                known.join(", ")
             ))
         })?;
         let name = self.inject_into(component, k)?;
