@@ -522,6 +522,7 @@ impl ReactionRig {
                 chaos: None,
                 events: None,
                 alert_state: None,
+                escalations: None,
             })
         });
         let events = handle.events.subscribe();

@@ -505,6 +505,11 @@ pub struct AlertmanagerSettings {
     /// notifications; Alertmanager unreachable at verification means no
     /// evidence (outcome UNKNOWN).
     pub verify_with_api: bool,
+    /// Post every escalation to Alertmanager as an alert of its own
+    /// (`POST /api/v2/alerts` on `url`, `alertname="MapekEscalation"`),
+    /// re-posted while it lasts and resolved when the incident is remedied
+    /// or closes, so it reaches the on-call route.
+    pub post_escalations: bool,
 }
 
 impl Default for AlertmanagerSettings {
@@ -515,6 +520,7 @@ impl Default for AlertmanagerSettings {
             webhook_path: "/api/v1/alerts".into(),
             max_body_bytes: 1_048_576,
             verify_with_api: true,
+            post_escalations: true,
         }
     }
 }
@@ -1100,6 +1106,7 @@ fn parse_yaml(text: &str, origin: &str) -> Result<(Config, Vec<ConfigIssue>), Co
         api: section(&mut map, "api", &mut issues),
         logging: section(&mut map, "logging", &mut issues),
         topology: section(&mut map, "topology", &mut issues),
+        safety: section(&mut map, "safety", &mut issues),
     };
     for key in map.keys() {
         issues.push(unknown_key(key.clone()));

@@ -44,6 +44,7 @@ pub fn loop_settings(cfg: &Config) -> LoopSettings {
         plan: cfg.plan.clone(),
         execute: cfg.execute.clone(),
         knowledge: cfg.knowledge.clone(),
+        safety: cfg.safety.clone(),
     }
 }
 
@@ -117,6 +118,7 @@ pub async fn start(
         .local_addr()
         .map_err(|e| format!("listen address: {e}"))?;
     let sources_required = !parts.sources.is_empty() && !cfg.alertmanager.enabled;
+    let clock_for_sink = parts.clock.clone();
     let handle = start_loop(LoopParts {
         settings: loop_settings(cfg),
         sources: parts.sources,
@@ -133,6 +135,16 @@ pub async fn start(
                 Duration::from_secs(10),
             )?;
             Some(Arc::new(api))
+        } else {
+            None
+        },
+        escalations: if cfg.alertmanager.enabled && cfg.alertmanager.post_escalations {
+            let sink = crate::alertmanager::AlertmanagerEscalations::from_settings(
+                &cfg.alertmanager,
+                clock_for_sink.clone(),
+            )?
+            .with_generator_url(format!("http://{addr}/api/v1/incidents"));
+            Some(Arc::new(sink))
         } else {
             None
         },

@@ -280,6 +280,37 @@ fn describe(e: &LoopEvent) -> Option<String> {
             after.map(|n| n.to_string()).unwrap_or_else(|| "?".into()),
         ),
         LoopEvent::Restarted { actor } => format!("restarted  actor {actor}"),
+        LoopEvent::Guard {
+            incident_id,
+            policy_id,
+            guard,
+            decision,
+            reason,
+        } => format!(
+            "guard      {guard} {decision} {}: {reason}",
+            policy_id.as_deref().unwrap_or(incident_id)
+        ),
+        LoopEvent::Paused { paused, by, reason } => format!(
+            "{}     by {by}{}",
+            if *paused { "paused " } else { "resumed" },
+            reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default()
+        ),
+        LoopEvent::BreakerOpened { key } => format!("breaker    `{key}` opened"),
+        LoopEvent::Flapping { component } => {
+            format!("flapping   component `{component}`: automatic action stops")
+        }
+        LoopEvent::Recurred {
+            execution_id,
+            incident_id,
+        } => format!(
+            "recurred   the symptoms remedied by {execution_id} came back ({incident_id}): outcome re-classified RECURRED"
+        ),
+        LoopEvent::Chose {
+            cause,
+            remedy,
+            candidates,
+            ..
+        } => format!("chose      {remedy} for {cause} among {candidates} candidate remedies"),
     })
 }
 

@@ -57,7 +57,14 @@ pub fn router(state: ApiState, webhook_path: Option<&str>, max_body_bytes: usize
         .route("/api/v1/outcomes", get(outcomes))
         .route("/api/v1/knowledge/patterns", get(patterns))
         .route("/api/v1/knowledge/insights", get(insights))
-        .route("/api/v1/knowledge/best-action", get(best_action));
+        .route("/api/v1/knowledge/best-action", get(best_action))
+        .route("/api/v1/knowledge/learning", get(learning))
+        .route("/api/v1/pause", post(pause))
+        .route("/api/v1/resume", post(resume))
+        .route("/api/v1/components/{name}/clear", post(clear_component))
+        .route("/api/v1/components/{name}/silence", post(silence_component))
+        .route("/api/v1/safety", get(safety))
+        .route("/api/v1/shadow/report", get(shadow_report));
     if let Some(path) = webhook_path {
         r = r.route("/webhooks/alerts", post(webhook));
         if path != "/webhooks/alerts" {
@@ -245,7 +252,15 @@ async fn loop_state(State(s): State<ApiState>) -> Response {
     .into_iter()
     .map(|(k, v)| (k.to_string(), json!(v)))
     .collect();
-    Json(json!({"state": state, "sources": sources, "mailbox_depth": depths})).into_response()
+    Json(json!({
+        "paused": state.paused,
+        "pause": state.pause,
+        "mode": state.mode,
+        "state": state,
+        "sources": sources,
+        "mailbox_depth": depths,
+    }))
+    .into_response()
 }
 
 async fn violations(State(s): State<ApiState>) -> Response {
@@ -551,5 +566,220 @@ async fn webhook(State(s): State<ApiState>, body: Bytes) -> Response {
         }
         Ok(Err(e)) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+/// Optional body of pause, resume and clear.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OperatorBody {
+    by: Option<String>,
+    reason: Option<String>,
+}
+
+fn operator_body(body: &Bytes) -> Result<OperatorBody, Response> {
+    if body.is_empty() {
+        return Ok(OperatorBody::default());
+    }
+    serde_json::from_slice(body)
+        .map_err(|e| error(StatusCode::BAD_REQUEST, format!("malformed body: {e}")))
+}
+
+/// How long an operator command waits for the Planner (and the
+/// durability of its guard state).
+const COMMAND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+async fn command<M>(s: &ApiState, msg: M) -> Response
+where
+    M: actix::Message<Result = Result<Value, String>>
+        + mapek_actors::mailbox::Named
+        + Send
+        + 'static,
+    mapek_actors::planner::Planner: actix::Handler<M>,
+{
+    match tokio::time::timeout(COMMAND_TIMEOUT, s.handle.planner.send(msg)).await {
+        Ok(Ok(Ok(v))) => Json(v).into_response(),
+        Ok(Ok(Err(e))) => error(StatusCode::SERVICE_UNAVAILABLE, e),
+        Ok(Err(e)) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        Err(_) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "planner did not answer within {} s",
+                COMMAND_TIMEOUT.as_secs()
+            ),
+        ),
+    }
+}
+
+async fn pause(State(s): State<ApiState>, body: Bytes) -> Response {
+    let b = match operator_body(&body) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let msg = mapek_actors::messages::Pause {
+        by: b.by.unwrap_or_else(|| "operator".into()),
+        reason: b.reason,
+    };
+    command(&s, msg).await
+}
+
+async fn resume(State(s): State<ApiState>, body: Bytes) -> Response {
+    let b = match operator_body(&body) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let msg = mapek_actors::messages::Resume {
+        by: b.by.unwrap_or_else(|| "operator".into()),
+        reason: b.reason,
+    };
+    command(&s, msg).await
+}
+
+fn valid_component(name: &str) -> Result<(), Response> {
+    if name.trim().is_empty() || name.len() > 256 || name.chars().any(char::is_control) {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "a component name must be 1 to 256 printable characters",
+        ));
+    }
+    Ok(())
+}
+
+async fn clear_component(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Response {
+    if let Err(r) = valid_component(&name) {
+        return r;
+    }
+    let b = match operator_body(&body) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let msg = mapek_actors::messages::ClearComponent {
+        component: name,
+        by: b.by.unwrap_or_else(|| "operator".into()),
+        reason: b.reason,
+    };
+    command(&s, msg).await
+}
+
+/// Body of a silence.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SilenceBody {
+    duration_seconds: u64,
+    reason: String,
+    by: Option<String>,
+}
+
+/// Longest silence: 30 days.
+const MAX_SILENCE_SECONDS: u64 = 30 * 24 * 3600;
+
+async fn silence_component(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Response {
+    if let Err(r) = valid_component(&name) {
+        return r;
+    }
+    let b: SilenceBody = match serde_json::from_slice(&body) {
+        Ok(b) => b,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "malformed body: {e} (expected {{\"duration_seconds\": N, \"reason\": \"...\", \"by\": \"...\"}})"
+                ),
+            )
+        }
+    };
+    if b.duration_seconds == 0 || b.duration_seconds > MAX_SILENCE_SECONDS {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "duration_seconds must be between 1 and {MAX_SILENCE_SECONDS} (got {})",
+                b.duration_seconds
+            ),
+        );
+    }
+    if b.reason.trim().is_empty() {
+        return error(StatusCode::BAD_REQUEST, "a silence needs a reason");
+    }
+    let msg = mapek_actors::messages::SilenceComponent {
+        component: name,
+        seconds: b.duration_seconds,
+        by: b.by.unwrap_or_else(|| "operator".into()),
+        reason: b.reason,
+    };
+    command(&s, msg).await
+}
+
+async fn safety(State(s): State<ApiState>) -> Response {
+    match tokio::time::timeout(
+        ASK_TIMEOUT,
+        s.handle.planner.send(mapek_actors::messages::GetSafety),
+    )
+    .await
+    {
+        Ok(Ok(v)) => Json(v).into_response(),
+        Ok(Err(e)) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "planner did not answer"),
+    }
+}
+
+async fn shadow_report(State(s): State<ApiState>) -> Response {
+    match tokio::time::timeout(
+        ASK_TIMEOUT,
+        s.handle
+            .planner
+            .send(mapek_actors::messages::GetShadowReport),
+    )
+    .await
+    {
+        Ok(Ok(v)) => Json(v).into_response(),
+        Ok(Err(e)) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "planner did not answer"),
+    }
+}
+
+/// What the learner knows per cause: each remedy's judged episodes,
+/// posterior mean, and the regret so far.
+async fn learning(State(s): State<ApiState>) -> Response {
+    let st = s.handle.store.clone();
+    match blocking(move || st.stats()).await {
+        Ok(stats) => {
+            let causes: serde_json::Map<String, Value> = stats
+                .by_remedy
+                .iter()
+                .map(|(cause, remedies)| {
+                    let list: Vec<Value> = remedies
+                        .iter()
+                        .map(|(r, st)| {
+                            let n = st.successes + st.failures;
+                            json!({
+                                "remedy": r,
+                                "successes": st.successes,
+                                "failures": st.failures,
+                                "success_rate": if n == 0 { 0.0 } else { st.successes as f64 / n as f64 },
+                            })
+                        })
+                        .collect();
+                    let regret = mapek_actors::learn::regret(&stats, *cause);
+                    (
+                        cause.as_str().to_string(),
+                        json!({
+                            "remedies": list,
+                            "episodes": regret.map(|r| r.0),
+                            "regret": regret.map(|r| r.1),
+                        }),
+                    )
+                })
+                .collect();
+            Json(json!({"causes": causes})).into_response()
+        }
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
     }
 }

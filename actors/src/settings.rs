@@ -776,7 +776,7 @@ pub struct RateLimitSettings {
 impl Default for RateLimitSettings {
     fn default() -> Self {
         RateLimitSettings {
-            max_actions: 3,
+            max_actions: 6,
             window_seconds: 600,
         }
     }
@@ -881,7 +881,7 @@ impl Default for SafetySettings {
             mode: Mode::Act,
             disruption_budget: DisruptionBudgetSettings::default(),
             component_rate_limit: RateLimitSettings::default(),
-            queue_timeout_seconds: 600,
+            queue_timeout_seconds: 1800,
             breaker: BreakerSettings::default(),
             flapping: FlappingSettings::default(),
             recurrence_window_seconds: 900,

@@ -26,6 +26,12 @@ pub struct LoopState {
     pub is_running: bool,
     /// Latest error, if the loop is impaired (cleared when it recovers).
     pub error: Option<String>,
+    /// Whether the kill switch is thrown (nothing is executed).
+    pub paused: bool,
+    /// Who paused, why and when.
+    pub pause: Option<crate::safety::PauseState>,
+    /// `safety.mode`: `act`, `dry_run` or `shadow`.
+    pub mode: String,
 }
 
 /// Shared, lock-protected [`LoopState`].

@@ -161,6 +161,7 @@ fn start(
         chaos: None,
         events: None,
         alert_state: None,
+        escalations: None,
     })
 }
 
@@ -760,6 +761,7 @@ fn start_with(
         chaos: None,
         events: None,
         alert_state: None,
+        escalations: None,
     })
 }
 
@@ -780,7 +782,13 @@ fn a_replan_long_after_the_first_diagnosis_still_acts() {
             Arc::new(effector.clone()),
             Arc::new(StuckProbe),
             &store,
-            settings(),
+            {
+                // Every remedy is INEFFECTIVE here: the breakers, which
+                // would stop them, are not what this test is about.
+                let mut s = settings();
+                s.safety.breaker.failures = 1000;
+                s
+            },
         );
         // max_cycle_time 300 s, verification 30 s, cooldown 60 s.
         tokio::time::sleep(Duration::from_secs(290)).await;

@@ -110,6 +110,7 @@ fn start(rig: &Rig, settings: LoopSettings, chaos: Option<Arc<dyn FaultInjector>
         chaos,
         events: None,
         alert_state: None,
+        escalations: None,
     })
 }
 

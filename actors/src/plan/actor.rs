@@ -440,7 +440,20 @@ impl Planner {
         self.save_guards_detached();
     }
 
+    /// The pause and mode as the state API shows them.
+    fn publish_pause(&self) {
+        let now = self.clock.now();
+        let pause = self.guards.pause().cloned();
+        let mode = self.mode.as_str().to_string();
+        self.state.update(now, |s| {
+            s.paused = pause.is_some();
+            s.pause = pause;
+            s.mode = mode;
+        });
+    }
+
     fn refresh_gauges(&mut self) {
+        self.publish_pause();
         let m = self.inbox.metrics();
         let mut counts: HashMap<IncidentState, i64> = HashMap::new();
         for e in self.incidents.values() {
