@@ -919,3 +919,279 @@ impl Guards {
         Some(s)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{ApprovalStatus, Priority, RemediationAction, RiskLevel};
+
+    fn t0() -> Timestamp {
+        chrono::DateTime::from_timestamp(1_700_000_000, 0).unwrap_or_default()
+    }
+
+    fn at(s: i64) -> Timestamp {
+        t0() + chrono::Duration::seconds(s)
+    }
+
+    fn policy(id: &str, target: &str, actions: &[ActionType]) -> RemediationPolicy {
+        RemediationPolicy {
+            id: id.into(),
+            chain_id: "c".into(),
+            analysis_id: "a".into(),
+            created_at: t0(),
+            root_cause: RootCause::NodeCrash,
+            root_cause_confidence: 0.9,
+            actions: actions
+                .iter()
+                .enumerate()
+                .map(|(i, a)| RemediationAction {
+                    id: format!("a{i}"),
+                    action_type: *a,
+                    target: target.into(),
+                    parameters: Default::default(),
+                    priority: Priority::High,
+                    cost: 0.2,
+                    depends_on: Vec::new(),
+                    rollback: None,
+                })
+                .collect(),
+            expected_impact: String::new(),
+            risk_level: RiskLevel::Medium,
+            priority: Priority::High,
+            cost_estimate: 0.2,
+            benefit_estimate: 0.5,
+            score: 0.3,
+            approval_status: ApprovalStatus::Approved,
+            decisions: Vec::new(),
+            violations_at_planning: 3,
+            scope: vec![target.into()],
+            incident_id: Some(format!("inc-{id}")),
+            attempt: 1,
+            guards: Vec::new(),
+            autonomy: None,
+            candidates: Vec::new(),
+        }
+    }
+
+    fn exec(id: &str, status: ExecutionStatus, outcome: Option<OutcomeType>) -> PolicyExecution {
+        let p = policy(id, "x", &[]);
+        let mut e = crate::execute::in_progress(&p, format!("exe-{id}"), "c".into(), t0());
+        e.status = status;
+        e.outcome = outcome;
+        e
+    }
+
+    fn settings() -> SafetySettings {
+        let mut s = SafetySettings::default();
+        s.disruption_budget.max_actions = 5;
+        s.disruption_budget.window_seconds = 600;
+        s.component_rate_limit.max_actions = 2;
+        s.breaker.failures = 3;
+        s.breaker.open_seconds = 100;
+        s.flapping.relapses = 3;
+        s.flapping.window_seconds = 1000;
+        s.recurrence_window_seconds = 300;
+        s
+    }
+
+    #[test]
+    fn the_budget_is_used_never_exceeded_and_served_in_order() {
+        let mut g = Guards::new(settings());
+        g.begin_pass(at(0));
+        let mut admitted = 0;
+        for i in 0..20 {
+            let p = policy(&format!("p{i}"), &format!("svc-{i}"), &[ActionType::RestartService]);
+            if g.gate(&p, at(0)) == Gate::Admit {
+                g.admitted(&p, at(0));
+                admitted += 1;
+            }
+        }
+        assert_eq!(admitted, 5);
+        assert_eq!(g.budget_remaining(at(0)), 0);
+        // A non-disruptive remedy is not held by the budget.
+        let scale = policy("s", "svc-x", &[ActionType::ScaleUp]);
+        assert_eq!(g.gate(&scale, at(0)), Gate::Admit);
+        // The window slides: the budget frees after 600 s, not before.
+        assert_eq!(g.next_release(), Some(at(600)));
+        g.begin_pass(at(599));
+        let p = policy("late", "svc-late", &[ActionType::RestartService]);
+        assert!(matches!(g.gate(&p, at(599)), Gate::Hold("disruption_budget", _)));
+        g.begin_pass(at(600));
+        assert_eq!(g.gate(&p, at(600)), Gate::Admit);
+        // A remedy larger than the whole budget can never run.
+        let big = policy(
+            "big",
+            "svc-b",
+            &[ActionType::RestartService; 6],
+        );
+        assert!(matches!(
+            g.gate(&big, at(600)),
+            Gate::Escalate("disruption_budget", EscalationKind::BudgetExhausted, _)
+        ));
+    }
+
+    #[test]
+    fn a_component_rate_limit_holds_only_that_component() {
+        let mut g = Guards::new(settings());
+        g.begin_pass(at(0));
+        let p = policy("p", "api", &[ActionType::ScaleUp, ActionType::UpdateConfiguration]);
+        assert_eq!(g.gate(&p, at(0)), Gate::Admit);
+        g.admitted(&p, at(0));
+        let again = policy("q", "api", &[ActionType::ScaleUp]);
+        assert!(matches!(g.gate(&again, at(1)), Gate::Hold("component_rate_limit", _)));
+        let other = policy("r", "db", &[ActionType::ScaleUp]);
+        assert_eq!(g.gate(&other, at(1)), Gate::Admit);
+    }
+
+    #[test]
+    fn a_breaker_opens_after_n_failures_then_half_opens_for_one_trial() {
+        let mut g = Guards::new(settings());
+        let p = policy("p", "api", &[ActionType::RestartService]);
+        let key = action_breaker(RootCause::NodeCrash, ActionType::RestartService);
+        // UNKNOWN, DRY_RUN and interrupted executions count for nothing.
+        for e in [
+            exec("u", ExecutionStatus::Completed, Some(OutcomeType::Unknown)),
+            exec("d", ExecutionStatus::DryRun, None),
+        ] {
+            assert!(g.record_execution(&e, &p, at(0)).is_empty());
+        }
+        let mut interrupted = exec("i", ExecutionStatus::Failed, None);
+        interrupted.error = Some("interrupted: mapek stopped".into());
+        g.record_execution(&interrupted, &p, at(0));
+        assert!(g.breaker_blocks(&key, None, at(0)).is_none());
+        let failures = [
+            exec("f1", ExecutionStatus::Failed, None),
+            exec("f2", ExecutionStatus::Completed, Some(OutcomeType::Ineffective)),
+        ];
+        for e in &failures {
+            assert!(g.record_execution(e, &p, at(1)).is_empty());
+        }
+        let opened = g.record_execution(
+            &exec("f3", ExecutionStatus::RolledBack, None),
+            &p,
+            at(2),
+        );
+        assert!(opened.contains(&key), "{opened:?}");
+        assert!(opened.contains(&component_breaker("api")));
+        assert!(g.breaker_blocks(&key, None, at(50)).is_some());
+        assert_eq!(g.breaker_counts(at(50)), (2, 0));
+        // Past open_seconds: half-open, one trial.
+        assert!(g.breaker_blocks(&key, Some("trial"), at(103)).is_none());
+        let trial = policy("trial", "api", &[ActionType::RestartService]);
+        g.admitted(&trial, at(103));
+        assert!(g
+            .breaker_blocks(&key, Some("other"), at(104))
+            .is_some_and(|w| w.contains("half-open")));
+        // The trial fails: open again.
+        g.record_execution(
+            &exec("t", ExecutionStatus::Completed, Some(OutcomeType::Degradation)),
+            &trial,
+            at(110),
+        );
+        assert!(g.breaker_blocks(&key, None, at(111)).is_some_and(|w| w.contains("open")));
+        // The next trial succeeds: closed.
+        assert!(g.breaker_blocks(&key, Some("t2"), at(211)).is_none());
+        let t2 = policy("t2", "api", &[ActionType::RestartService]);
+        g.admitted(&t2, at(211));
+        g.record_execution(
+            &exec("ok", ExecutionStatus::Completed, Some(OutcomeType::Success)),
+            &t2,
+            at(220),
+        );
+        assert!(g.breaker_blocks(&key, None, at(221)).is_none());
+        assert_eq!(g.breakers().count(), 0);
+    }
+
+    #[test]
+    fn flapping_is_detected_escalated_and_cleared_or_quiet() {
+        let mut g = Guards::new(settings());
+        let c = vec!["api".to_string()];
+        assert!(g.incident_opened("i1", &c, at(0)).is_empty());
+        assert!(g.incident_opened("i2", &c, at(100)).is_empty());
+        assert!(g.incident_opened("i3", &c, at(200)).is_empty());
+        // The same incident reopening is not a relapse.
+        assert!(g.incident_opened("i3", &c, at(250)).is_empty());
+        assert_eq!(g.incident_opened("i4", &c, at(300)), c);
+        let why = g.flapping_of("api", at(301)).expect("flapping");
+        assert!(why.contains("i1") && why.contains("i4"), "{why}");
+        let p = policy("p", "api", &[ActionType::ScaleUp]);
+        assert!(matches!(g.gate(&p, at(301)), Gate::Escalate("flapping", EscalationKind::Flapping, _)));
+        // Cleared by an operator.
+        assert_eq!(g.clear("api"), vec!["flapping"]);
+        assert!(g.flapping_of("api", at(302)).is_none());
+        // Flapping again, then quiet for a whole window.
+        for (i, t) in [400, 500, 600, 700].iter().enumerate() {
+            g.incident_opened(&format!("j{i}"), &c, at(*t));
+        }
+        assert!(g.flapping_of("api", at(701)).is_some());
+        assert!(g.flapping_of("api", at(1700)).is_none());
+    }
+
+    #[test]
+    fn a_silence_holds_until_it_ends() {
+        let mut g = Guards::new(settings());
+        g.silence(
+            "db",
+            Silence {
+                until: at(100),
+                reason: "maintenance".into(),
+                by: "ana".into(),
+                at: at(0),
+            },
+        );
+        let p = policy("p", "db", &[ActionType::ScaleUp]);
+        assert!(matches!(g.gate(&p, at(50)), Gate::Hold("silence", w) if w.contains("maintenance")));
+        g.begin_pass(at(100));
+        assert_eq!(g.gate(&p, at(100)), Gate::Admit);
+    }
+
+    #[test]
+    fn a_return_within_the_window_is_a_recurrence_once() {
+        let mut g = Guards::new(settings());
+        let p = policy("p", "api", &[ActionType::ScaleUp]);
+        g.success(
+            &exec("ok", ExecutionStatus::Completed, Some(OutcomeType::Success)),
+            &p,
+            at(0),
+        );
+        let c = vec!["api".to_string()];
+        // The incident it remedied is not its own recurrence.
+        assert!(g.recurrence("inc-p", &c, at(10)).is_none());
+        let r = g.recurrence("inc-new", &c, at(200)).expect("recurrence");
+        assert_eq!(r.execution_id, "exe-ok");
+        assert!(g.recurrence("inc-newer", &c, at(210)).is_none(), "once");
+        g.success(
+            &exec("ok2", ExecutionStatus::Completed, Some(OutcomeType::Success)),
+            &p,
+            at(1000),
+        );
+        assert!(g.recurrence("inc-late", &c, at(1301)).is_none(), "outside the window");
+    }
+
+    #[test]
+    fn the_state_survives_a_restart() {
+        let mut g = Guards::new(settings());
+        g.set_pause(PauseState {
+            by: "ana".into(),
+            reason: Some("incident review".into()),
+            at: at(0),
+        });
+        let p = policy("p", "api", &[ActionType::RestartService]);
+        g.admitted(&p, at(0));
+        for i in 0..3 {
+            g.record_execution(&exec(&format!("f{i}"), ExecutionStatus::Failed, None), &p, at(1));
+        }
+        let saved: Vec<(String, Value)> = g
+            .take_dirty()
+            .into_iter()
+            .filter_map(|(k, v)| v.map(|v| (k, v)))
+            .collect();
+        let mut h = Guards::new(settings());
+        h.restore(saved);
+        assert_eq!(h.pause().map(|p| p.by.as_str()), Some("ana"));
+        assert_eq!(h.budget_used(at(2)), 1);
+        assert_eq!(h.breaker_counts(at(2)).0, 2);
+        assert!(h.resume().is_some());
+        assert!(h.take_dirty().iter().any(|(k, v)| k == "pause" && v.is_none()));
+    }
+}
