@@ -172,8 +172,10 @@ impl Handler<PolicyApproved> for Executor {
             started_record.timings = chain.timings.clone();
             // The audit trail shows the execution while it runs. Not
             // awaited: the actions' intents (journaled first, in the run)
-            // must not wait behind this record's group commit.
-            {
+            // must not wait behind this record's group commit. A dry run
+            // ends at once: its record is the finished one only (an
+            // in-progress record arriving late must not replace it).
+            if env.mode_of(&policy) == crate::settings::Mode::Act {
                 let knowledge = knowledge.clone();
                 let record = RecordExecution(started_record.clone());
                 tokio::spawn(async move {

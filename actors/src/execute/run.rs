@@ -369,12 +369,7 @@ impl ExecutionEnv {
             Err(e) => return fail(exec, format!("invalid policy: {e}")),
         };
         let mut routed = Vec::with_capacity(order.len());
-        let mut mode = self.mode;
-        for a in &policy.actions {
-            if let Some(m) = self.router.mode_for(a.action_type, &a.target) {
-                mode = mode.stricter(m);
-            }
-        }
+        let mode = self.mode_of(policy);
         for &i in &order {
             let a = &policy.actions[i];
             match self.router.get_for(a.action_type, &a.target) {
@@ -554,6 +549,17 @@ impl ExecutionEnv {
             }
         };
         exec.outcome = Some(classify(exec.violations_before, exec.violations_after));
+    }
+
+    /// The mode `policy` runs in: the stricter of `safety.mode` and the
+    /// modes of its actions' routes.
+    pub fn mode_of(&self, policy: &RemediationPolicy) -> Mode {
+        policy.actions.iter().fold(self.mode, |m, a| {
+            match self.router.mode_for(a.action_type, &a.target) {
+                Some(r) => m.stricter(r),
+                None => m,
+            }
+        })
     }
 
     /// A dry run: every call that would have been made is recorded on

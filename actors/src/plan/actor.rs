@@ -1327,6 +1327,9 @@ impl Planner {
             self.escalate(&id, kind, why);
         }
         for mut q in pass.admitted {
+            // Time spent waiting in the queue (for a guard, a pause, a
+            // cooldown) is not the chain's cycle time: its clock restarts.
+            q.chain.started = Instant::now();
             let id = q.policy.incident_id.clone().unwrap_or_default();
             if let Some(e) = self.incidents.get_mut(&id) {
                 e.running = Some(q.policy.id.clone());

@@ -1000,7 +1000,11 @@ mod tests {
         g.begin_pass(at(0));
         let mut admitted = 0;
         for i in 0..20 {
-            let p = policy(&format!("p{i}"), &format!("svc-{i}"), &[ActionType::RestartService]);
+            let p = policy(
+                &format!("p{i}"),
+                &format!("svc-{i}"),
+                &[ActionType::RestartService],
+            );
             if g.gate(&p, at(0)) == Gate::Admit {
                 g.admitted(&p, at(0));
                 admitted += 1;
@@ -1015,15 +1019,14 @@ mod tests {
         assert_eq!(g.next_release(), Some(at(600)));
         g.begin_pass(at(599));
         let p = policy("late", "svc-late", &[ActionType::RestartService]);
-        assert!(matches!(g.gate(&p, at(599)), Gate::Hold("disruption_budget", _)));
+        assert!(matches!(
+            g.gate(&p, at(599)),
+            Gate::Hold("disruption_budget", _)
+        ));
         g.begin_pass(at(600));
         assert_eq!(g.gate(&p, at(600)), Gate::Admit);
         // A remedy larger than the whole budget can never run.
-        let big = policy(
-            "big",
-            "svc-b",
-            &[ActionType::RestartService; 6],
-        );
+        let big = policy("big", "svc-b", &[ActionType::RestartService; 6]);
         assert!(matches!(
             g.gate(&big, at(600)),
             Gate::Escalate("disruption_budget", EscalationKind::BudgetExhausted, _)
@@ -1034,11 +1037,18 @@ mod tests {
     fn a_component_rate_limit_holds_only_that_component() {
         let mut g = Guards::new(settings());
         g.begin_pass(at(0));
-        let p = policy("p", "api", &[ActionType::ScaleUp, ActionType::UpdateConfiguration]);
+        let p = policy(
+            "p",
+            "api",
+            &[ActionType::ScaleUp, ActionType::UpdateConfiguration],
+        );
         assert_eq!(g.gate(&p, at(0)), Gate::Admit);
         g.admitted(&p, at(0));
         let again = policy("q", "api", &[ActionType::ScaleUp]);
-        assert!(matches!(g.gate(&again, at(1)), Gate::Hold("component_rate_limit", _)));
+        assert!(matches!(
+            g.gate(&again, at(1)),
+            Gate::Hold("component_rate_limit", _)
+        ));
         let other = policy("r", "db", &[ActionType::ScaleUp]);
         assert_eq!(g.gate(&other, at(1)), Gate::Admit);
     }
@@ -1061,16 +1071,16 @@ mod tests {
         assert!(g.breaker_blocks(&key, None, at(0)).is_none());
         let failures = [
             exec("f1", ExecutionStatus::Failed, None),
-            exec("f2", ExecutionStatus::Completed, Some(OutcomeType::Ineffective)),
+            exec(
+                "f2",
+                ExecutionStatus::Completed,
+                Some(OutcomeType::Ineffective),
+            ),
         ];
         for e in &failures {
             assert!(g.record_execution(e, &p, at(1)).is_empty());
         }
-        let opened = g.record_execution(
-            &exec("f3", ExecutionStatus::RolledBack, None),
-            &p,
-            at(2),
-        );
+        let opened = g.record_execution(&exec("f3", ExecutionStatus::RolledBack, None), &p, at(2));
         assert!(opened.contains(&key), "{opened:?}");
         assert!(opened.contains(&component_breaker("api")));
         assert!(g.breaker_blocks(&key, None, at(50)).is_some());
@@ -1084,11 +1094,17 @@ mod tests {
             .is_some_and(|w| w.contains("half-open")));
         // The trial fails: open again.
         g.record_execution(
-            &exec("t", ExecutionStatus::Completed, Some(OutcomeType::Degradation)),
+            &exec(
+                "t",
+                ExecutionStatus::Completed,
+                Some(OutcomeType::Degradation),
+            ),
             &trial,
             at(110),
         );
-        assert!(g.breaker_blocks(&key, None, at(111)).is_some_and(|w| w.contains("open")));
+        assert!(g
+            .breaker_blocks(&key, None, at(111))
+            .is_some_and(|w| w.contains("open")));
         // The next trial succeeds: closed.
         assert!(g.breaker_blocks(&key, Some("t2"), at(211)).is_none());
         let t2 = policy("t2", "api", &[ActionType::RestartService]);
@@ -1115,7 +1131,10 @@ mod tests {
         let why = g.flapping_of("api", at(301)).expect("flapping");
         assert!(why.contains("i1") && why.contains("i4"), "{why}");
         let p = policy("p", "api", &[ActionType::ScaleUp]);
-        assert!(matches!(g.gate(&p, at(301)), Gate::Escalate("flapping", EscalationKind::Flapping, _)));
+        assert!(matches!(
+            g.gate(&p, at(301)),
+            Gate::Escalate("flapping", EscalationKind::Flapping, _)
+        ));
         // Cleared by an operator.
         assert_eq!(g.clear("api"), vec!["flapping"]);
         assert!(g.flapping_of("api", at(302)).is_none());
@@ -1140,7 +1159,9 @@ mod tests {
             },
         );
         let p = policy("p", "db", &[ActionType::ScaleUp]);
-        assert!(matches!(g.gate(&p, at(50)), Gate::Hold("silence", w) if w.contains("maintenance")));
+        assert!(
+            matches!(g.gate(&p, at(50)), Gate::Hold("silence", w) if w.contains("maintenance"))
+        );
         g.begin_pass(at(100));
         assert_eq!(g.gate(&p, at(100)), Gate::Admit);
     }
@@ -1161,11 +1182,18 @@ mod tests {
         assert_eq!(r.execution_id, "exe-ok");
         assert!(g.recurrence("inc-newer", &c, at(210)).is_none(), "once");
         g.success(
-            &exec("ok2", ExecutionStatus::Completed, Some(OutcomeType::Success)),
+            &exec(
+                "ok2",
+                ExecutionStatus::Completed,
+                Some(OutcomeType::Success),
+            ),
             &p,
             at(1000),
         );
-        assert!(g.recurrence("inc-late", &c, at(1301)).is_none(), "outside the window");
+        assert!(
+            g.recurrence("inc-late", &c, at(1301)).is_none(),
+            "outside the window"
+        );
     }
 
     #[test]
@@ -1179,7 +1207,11 @@ mod tests {
         let p = policy("p", "api", &[ActionType::RestartService]);
         g.admitted(&p, at(0));
         for i in 0..3 {
-            g.record_execution(&exec(&format!("f{i}"), ExecutionStatus::Failed, None), &p, at(1));
+            g.record_execution(
+                &exec(&format!("f{i}"), ExecutionStatus::Failed, None),
+                &p,
+                at(1),
+            );
         }
         let saved: Vec<(String, Value)> = g
             .take_dirty()
@@ -1192,6 +1224,9 @@ mod tests {
         assert_eq!(h.budget_used(at(2)), 1);
         assert_eq!(h.breaker_counts(at(2)).0, 2);
         assert!(h.resume().is_some());
-        assert!(h.take_dirty().iter().any(|(k, v)| k == "pause" && v.is_none()));
+        assert!(h
+            .take_dirty()
+            .iter()
+            .any(|(k, v)| k == "pause" && v.is_none()));
     }
 }
