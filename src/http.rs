@@ -577,12 +577,11 @@ struct OperatorBody {
     reason: Option<String>,
 }
 
-fn operator_body(body: &Bytes) -> Result<OperatorBody, Response> {
+fn operator_body(body: &Bytes) -> Result<OperatorBody, String> {
     if body.is_empty() {
         return Ok(OperatorBody::default());
     }
-    serde_json::from_slice(body)
-        .map_err(|e| error(StatusCode::BAD_REQUEST, format!("malformed body: {e}")))
+    serde_json::from_slice(body).map_err(|e| format!("malformed body: {e}"))
 }
 
 /// How long an operator command waits for the Planner (and the
@@ -614,7 +613,7 @@ where
 async fn pause(State(s): State<ApiState>, body: Bytes) -> Response {
     let b = match operator_body(&body) {
         Ok(b) => b,
-        Err(r) => return r,
+        Err(m) => return error(StatusCode::BAD_REQUEST, m),
     };
     let msg = mapek_actors::messages::Pause {
         by: b.by.unwrap_or_else(|| "operator".into()),
@@ -626,7 +625,7 @@ async fn pause(State(s): State<ApiState>, body: Bytes) -> Response {
 async fn resume(State(s): State<ApiState>, body: Bytes) -> Response {
     let b = match operator_body(&body) {
         Ok(b) => b,
-        Err(r) => return r,
+        Err(m) => return error(StatusCode::BAD_REQUEST, m),
     };
     let msg = mapek_actors::messages::Resume {
         by: b.by.unwrap_or_else(|| "operator".into()),
@@ -635,12 +634,9 @@ async fn resume(State(s): State<ApiState>, body: Bytes) -> Response {
     command(&s, msg).await
 }
 
-fn valid_component(name: &str) -> Result<(), Response> {
+fn valid_component(name: &str) -> Result<(), &'static str> {
     if name.trim().is_empty() || name.len() > 256 || name.chars().any(char::is_control) {
-        return Err(error(
-            StatusCode::BAD_REQUEST,
-            "a component name must be 1 to 256 printable characters",
-        ));
+        return Err("a component name must be 1 to 256 printable characters");
     }
     Ok(())
 }
@@ -650,12 +646,12 @@ async fn clear_component(
     Path(name): Path<String>,
     body: Bytes,
 ) -> Response {
-    if let Err(r) = valid_component(&name) {
-        return r;
+    if let Err(m) = valid_component(&name) {
+        return error(StatusCode::BAD_REQUEST, m);
     }
     let b = match operator_body(&body) {
         Ok(b) => b,
-        Err(r) => return r,
+        Err(m) => return error(StatusCode::BAD_REQUEST, m),
     };
     let msg = mapek_actors::messages::ClearComponent {
         component: name,
@@ -682,8 +678,8 @@ async fn silence_component(
     Path(name): Path<String>,
     body: Bytes,
 ) -> Response {
-    if let Err(r) = valid_component(&name) {
-        return r;
+    if let Err(m) = valid_component(&name) {
+        return error(StatusCode::BAD_REQUEST, m);
     }
     let b: SilenceBody = match serde_json::from_slice(&body) {
         Ok(b) => b,

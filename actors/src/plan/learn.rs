@@ -305,7 +305,7 @@ pub fn regret(learned: &LearnedStats, cause: RootCause) -> Option<(u64, f64)> {
         successes += s.successes;
         best = best.max(s.successes as f64 / n as f64);
     }
-    (episodes > 0).then(|| (episodes, episodes as f64 * best - successes as f64))
+    (episodes > 0).then_some((episodes, episodes as f64 * best - successes as f64))
 }
 
 #[cfg(test)]
