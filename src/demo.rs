@@ -186,7 +186,7 @@ fn demo_topology() -> BTreeMap<String, Vec<String>> {
     t
 }
 
-fn demo_config(charter: &str, data_dir: &str) -> Config {
+pub(crate) fn demo_config(charter: &str, data_dir: &str) -> Config {
     let mut cfg = Config::default();
     cfg.monitor.interval_seconds = 1;
     cfg.monitor.rules = scrape_rules("3s");
@@ -205,14 +205,14 @@ fn demo_config(charter: &str, data_dir: &str) -> Config {
     cfg
 }
 
-struct Narrator {
-    json: bool,
-    started: Instant,
-    started_wall: Timestamp,
+pub(crate) struct Narrator {
+    pub(crate) json: bool,
+    pub(crate) started: Instant,
+    pub(crate) started_wall: Timestamp,
 }
 
 impl Narrator {
-    fn say(&self, line: &str) {
+    pub(crate) fn say(&self, line: &str) {
         let t = self.started.elapsed().as_secs_f64();
         if self.json {
             eprintln!("[{t:6.1}s] {line}");
@@ -227,7 +227,7 @@ impl Narrator {
     }
 }
 
-fn describe(e: &LoopEvent) -> Option<String> {
+pub(crate) fn describe(e: &LoopEvent) -> Option<String> {
     Some(match e {
         LoopEvent::Detected { new, active, .. } if *new > 0 => {
             format!("detected   {new} new violation(s), {active} active")

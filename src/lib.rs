@@ -9,6 +9,7 @@ pub mod demo;
 pub mod effectors;
 pub mod http;
 pub mod retry;
+pub mod scenarios;
 pub mod scrape;
 pub mod sensors;
 pub mod sim;

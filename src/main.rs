@@ -63,6 +63,11 @@ enum Command {
         /// narration then goes to stderr).
         #[arg(long, value_enum)]
         report: Option<ReportFormat>,
+        /// `default` (faults healed concurrently), `learning` (a memory leak
+        /// whose default remedy is wrong: the choice shifts, the regret
+        /// falls) or `guards` (budget, breaker and flapping at work).
+        #[arg(long, value_enum, default_value = "default")]
+        scenario: Scenario,
     },
     /// Serve the simulated Charter (API, /metrics, /sim/faults) on its own.
     Sim {
@@ -83,6 +88,13 @@ enum Command {
     },
     /// Operate a running daemon over its HTTP API (see docs/CLI.md).
     Ctl(mapek::ctl::CtlArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Scenario {
+    Default,
+    Learning,
+    Guards,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -114,7 +126,57 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::Demo { duration, report } => {
+        Command::Demo {
+            duration,
+            report,
+            scenario,
+        } if scenario != Scenario::Default => {
+            mapek::telemetry::init("warn", LogFormat::Text);
+            let json = matches!(report, Some(ReportFormat::Json));
+            let name = match scenario {
+                Scenario::Learning => "learning",
+                _ => "guards",
+            };
+            // A scenario runs until it has shown what it shows (at most
+            // `duration`, at least 60 s).
+            let limit = std::time::Duration::from_secs(duration.max(60));
+            match mapek::scenarios::run(name, limit, json) {
+                Ok(r) => {
+                    if json {
+                        match serde_json::to_string(&r) {
+                            Ok(s) => println!("{s}"),
+                            Err(e) => eprintln!("mapek demo: report: {e}"),
+                        }
+                    } else if name == "learning" {
+                        let last = r.episodes.last();
+                        println!(
+                            "\nepisodes {}, leaks healed {}, regret {} (always the seeds' remedy: {})",
+                            r.episodes.len(),
+                            r.leaks_healed,
+                            last.map(|e| e.regret).unwrap_or(0.0),
+                            last.map(|e| e.default_regret).unwrap_or(0.0)
+                        );
+                    } else {
+                        println!(
+                            "\nguard decisions {:?}, breakers opened {:?}, flapping {:?}, escalations {}, restarts {}",
+                            r.guard_decisions,
+                            r.breakers_opened,
+                            r.flapping,
+                            r.escalations.len(),
+                            r.restarts
+                        );
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("mapek demo: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Command::Demo {
+            duration, report, ..
+        } => {
             mapek::telemetry::init("warn", LogFormat::Text);
             let json = matches!(report, Some(ReportFormat::Json));
             let opts = mapek::demo::DemoOptions {
