@@ -720,6 +720,10 @@ async fn safety(State(s): State<ApiState>) -> Response {
     )
     .await
     {
+        Ok(Ok(Value::Null)) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "planner failed while answering",
+        ),
         Ok(Ok(v)) => Json(v).into_response(),
         Ok(Err(e)) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
         Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "planner did not answer"),
@@ -735,6 +739,10 @@ async fn shadow_report(State(s): State<ApiState>) -> Response {
     )
     .await
     {
+        Ok(Ok(Value::Null)) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "planner failed while answering",
+        ),
         Ok(Ok(v)) => Json(v).into_response(),
         Ok(Err(e)) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
         Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "planner did not answer"),

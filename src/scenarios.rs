@@ -9,10 +9,11 @@
 //!   per episode (one remedy run), the remedy chosen and the cumulative
 //!   regret against always restarting, next to the regret of always using
 //!   the seeds' remedy (one per episode: it never heals a leak).
-//! * `guards` — five components: four node crashes at once against a
+//! * `guards` — six components: four node crashes at once against a
 //!   disruption budget of two restarts (two wait, then are escalated after
-//!   the queue timeout), a memory leak whose remedies keep failing until its
-//!   component's breaker opens, and a flapping component that is stopped.
+//!   the queue timeout), a memory leak whose scale-up does not hold, and a
+//!   flapping component whose remedies fail until its breakers open and it
+//!   is found flapping (automatic action stops).
 //!
 //! The simulator runs on a clock ten (learning) or three (guards) times
 //! faster than the wall clock, so the leak's relief (75 s) and the flap
@@ -39,7 +40,7 @@ pub const LEARNING_EPISODES: usize = 20;
 
 /// `safety.recurrence_window_seconds` of the learning scenario; a healed
 /// leak is injected again only after this (a new leak, not a recurrence).
-const LEARNING_RECURRENCE_SECONDS: u64 = 15;
+const LEARNING_RECURRENCE_SECONDS: u64 = 10;
 
 /// A clock running `factor` times faster than the wall clock (the
 /// simulator's, so its slow physics pass quickly).
@@ -244,7 +245,9 @@ pub fn run(scenario: &str, duration: Duration, json: bool) -> anyhow::Result<Sce
         match scenario.as_str() {
             "learning" => learning(&data, duration, json).await,
             "guards" => guards(&data, duration, json).await,
-            other => Err(format!("unknown scenario `{other}` (default, learning, guards)")),
+            other => Err(format!(
+                "unknown scenario `{other}` (default, learning, guards)"
+            )),
         }
     });
     let _ = std::fs::remove_dir_all(&data_dir);
@@ -285,9 +288,11 @@ async fn learning(data: &str, duration: Duration, json: bool) -> Result<Scenario
                 leaks += 1;
                 n.say(&format!(
                     "HEALED     leak {leaks} (episode {done}); the next one in {} s (past the recurrence window)",
-                    LEARNING_RECURRENCE_SECONDS + 1
+                    LEARNING_RECURRENCE_SECONDS + 6
                 ));
-                tokio::time::sleep(Duration::from_secs(LEARNING_RECURRENCE_SECONDS + 1)).await;
+                // The restart is verified a few seconds after the heal;
+                // the window counts from then.
+                tokio::time::sleep(Duration::from_secs(LEARNING_RECURRENCE_SECONDS + 6)).await;
             }
             if let Err(e) = w.sim.inject(FaultKind::MemoryLeak) {
                 n.say(&format!("cannot inject memory_leak: {e}"));
@@ -387,15 +392,12 @@ async fn guards(data: &str, duration: Duration, json: bool) -> Result<ScenarioRe
             n.say(&format!("cannot inject {} at {c}: {e}", k.as_str()));
         }
     }
-    n.say("FAULT      memory_leak at billing (scaling up does not hold: its breaker opens), flapping at search");
+    n.say("FAULT      memory_leak at billing (scaling up does not hold), flapping at search (no remedy holds: breakers open, then it is found flapping)");
     let deadline = Instant::now() + duration;
     while Instant::now() < deadline {
         let done = {
             let r = report.lock().unwrap_or_else(|p| p.into_inner());
-            let budget_escalated = r
-                .escalations
-                .iter()
-                .any(|e| e.contains("admission queue"));
+            let budget_escalated = r.escalations.iter().any(|e| e.contains("admission queue"));
             budget_escalated && !r.breakers_opened.is_empty() && !r.flapping.is_empty()
         };
         if done {

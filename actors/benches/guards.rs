@@ -95,7 +95,11 @@ fn queue_with_held() -> Admission {
     for i in 0..1000 {
         let c = format!("held-{i}");
         a.hold_until(&c, now + Duration::from_secs(3600));
-        a.enqueue(policy(&c), ChainTrace::start(chrono::Utc::now()), Severity::Warning);
+        a.enqueue(
+            policy(&c),
+            ChainTrace::start(chrono::Utc::now()),
+            Severity::Warning,
+        );
     }
     a
 }
@@ -142,8 +146,7 @@ fn bench(c: &mut Criterion) {
     });
     let settings = PlanSettings::default();
     let mut learned = LearnedStats::default();
-    let cands = match learn::candidates(&analysis("api"), &learned, &settings, chrono::Utc::now())
-    {
+    let cands = match learn::candidates(&analysis("api"), &learned, &settings, chrono::Utc::now()) {
         PlanDecision::Policies(p) => p,
         other => panic!("no candidates: {other:?}"),
     };
@@ -161,9 +164,7 @@ fn bench(c: &mut Criterion) {
             );
     }
     g.bench_function("choose/ranked", |b| {
-        b.iter(|| {
-            plan(&analysis("api"), &learned, &settings, chrono::Utc::now())
-        })
+        b.iter(|| plan(&analysis("api"), &learned, &settings, chrono::Utc::now()))
     });
     let mut rng = StdRng::seed_from_u64(1);
     let mut guards = busy_guards();

@@ -896,8 +896,9 @@ pub enum IncidentState {
     /// A source behind the incident stopped giving evidence: nothing is
     /// planned until it answers again (the incident is never closed for it).
     NoEvidence,
-    /// mapek will not act on it now: a safety mode (dry run, shadow), a
-    /// silence of its component, or the pause (see `reason`).
+    /// mapek will not act on it now: a safety mode recorded what it would
+    /// do (dry run, shadow) or an operator silenced its component (see
+    /// `reason`). Paused remedies stay `queued`, with the pause as reason.
     Held,
     /// Over; see [`CloseReason`].
     Closed,

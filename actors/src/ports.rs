@@ -182,7 +182,8 @@ pub enum EscalationKind {
     BreakerOpen,
     /// The component is flapping.
     Flapping,
-    /// The disruption budget or a component's rate limit is exhausted.
+    /// The remedy needs more than the whole disruption budget or its
+    /// component's whole rate limit: it can never run.
     BudgetExhausted,
     /// The policy waited in the admission queue past `safety.queue_timeout_seconds`.
     QueueTimeout,

@@ -709,7 +709,11 @@ impl Planner {
                 last.outcome,
                 OutcomeType::Recurred,
             );
-            self.inbox.metrics().outcomes_reclassified.inc();
+            let m = self.inbox.metrics();
+            m.outcomes_reclassified.inc();
+            m.outcomes
+                .get_or_create(&crate::metrics::StatusLabels { status: "RECURRED" })
+                .inc();
             if let Some(e) = self.incidents.get_mut(id) {
                 e.incident.recurrence_of = Some(last.execution_id.clone());
             }
@@ -1148,6 +1152,11 @@ impl Planner {
             });
             let known = self.escalations.get(id).is_some_and(|e| e.kind == kind);
             if !known {
+                // Another reason: the earlier alert (another `reason`
+                // label) is resolved, not left to lapse.
+                if let Some(old) = self.escalations.remove(id) {
+                    self.post_escalations(Vec::new(), vec![old]);
+                }
                 self.inbox
                     .metrics()
                     .escalations
@@ -1271,16 +1280,17 @@ impl Planner {
                     Gate::Hold(guard, why) => (*guard, "held", why.clone()),
                     Gate::Escalate(guard, _, why) => (*guard, "escalated", why.clone()),
                 };
-                inbox
-                    .metrics()
-                    .guard_decisions
-                    .get_or_create(&crate::metrics::GuardLabels { guard, decision })
-                    .inc();
                 let same = p
                     .guards
                     .last()
                     .is_some_and(|x| x.guard == guard && x.decision == decision);
                 if !same {
+                    // Counted once per decision, not per admission pass.
+                    inbox
+                        .metrics()
+                        .guard_decisions
+                        .get_or_create(&crate::metrics::GuardLabels { guard, decision })
+                        .inc();
                     p.guards.push(GuardDecision {
                         guard: guard.to_string(),
                         decision: decision.to_string(),

@@ -434,11 +434,28 @@ impl Guards {
         self.budget_blocked = false;
         self.trim(now);
         self.expire_silences(now);
+        self.expire_flapping(now);
+    }
+
+    /// Ends the flapping of components quiet for a whole window.
+    pub fn expire_flapping(&mut self, now: Timestamp) {
+        let quiet: Vec<String> = self
+            .flaps
+            .iter()
+            .filter(|(_, f)| f.since.is_some())
+            .map(|(c, _)| c.clone())
+            .collect();
+        for c in quiet {
+            let _ = self.flapping_of(&c, now);
+        }
     }
 
     /// What the guards say about a queued policy now. Checked in this
-    /// order: pause, silence, flapping, component breaker, half-open
-    /// trials, disruption budget, component rate limit.
+    /// order: pause, silence, flapping, component breaker (open:
+    /// escalated; half-open with another trial: held), the (cause, action)
+    /// breakers (open or another trial running: held), disruption budget,
+    /// component rate limit (a policy larger than either window's whole
+    /// allowance is escalated at once).
     pub fn gate(&mut self, policy: &RemediationPolicy, now: Timestamp) -> Gate {
         if let Some(p) = &self.pause {
             return Gate::Hold(
@@ -462,7 +479,11 @@ impl Guards {
             if let Some(h) = self.flapping_of(c, now) {
                 return Gate::Escalate("flapping", EscalationKind::Flapping, h);
             }
-            if let Some(why) = self.breaker_blocks(&component_breaker(c), None, now) {
+            if let Some(why) = self.breaker_blocks(&component_breaker(c), Some(&policy.id), now) {
+                // Half-open with another trial running: wait for it.
+                if why.contains("half-open") {
+                    return Gate::Hold("breaker", why);
+                }
                 return Gate::Escalate("breaker", EscalationKind::BreakerOpen, why);
             }
         }
@@ -506,6 +527,16 @@ impl Guards {
         let max = self.settings.component_rate_limit.max_actions as usize;
         for c in &comps {
             let n = policy.actions.iter().filter(|a| &a.target == c).count();
+            if n > max {
+                return Gate::Escalate(
+                    "component_rate_limit",
+                    EscalationKind::BudgetExhausted,
+                    format!(
+                        "it needs {n} action(s) on component `{c}`, more than its whole rate limit ({max} per {} s)",
+                        self.settings.component_rate_limit.window_seconds
+                    ),
+                );
+            }
             let used = self.rate.get(c).map(VecDeque::len).unwrap_or(0);
             if used + n > max {
                 return Gate::Hold(
