@@ -4,9 +4,10 @@
 //! * `admission/plain` — one approved policy through the admission queue
 //!   (enqueue, admit) with no guard, behind 1000 held policies;
 //! * `admission/guarded` — the same with every guard consulted (pause,
-//!   silences, flapping, breakers, disruption budget, rate limits) and the
-//!   policy's reservation, with 1000 components' windows and 100 breakers
-//!   in the state;
+//!   silences, flapping, breakers, disruption budget, rate limits), the
+//!   policy's reservation and its state changes taken for Knowledge, with
+//!   50 restarts in the budget's window, 1000 components' rate windows and
+//!   200 open breakers in the state;
 //! * `choose/ranked` — the candidate remedies of a diagnosis planned and
 //!   the first taken (no sampling);
 //! * `choose/thompson` — the same candidates chosen by Thompson sampling
@@ -68,15 +69,24 @@ fn policy(component: &str) -> mapek_actors::model::RemediationPolicy {
 /// Guards with 1000 components' rate windows and 100 open breakers.
 fn busy_guards() -> Guards {
     let mut s = SafetySettings::default();
-    s.disruption_budget.max_actions = 1_000_000;
-    s.component_rate_limit.max_actions = 1_000_000;
+    s.disruption_budget.max_actions = 100;
     let mut g = Guards::new(s);
     let now = chrono::Utc::now();
+    // 50 restarts in the budget's window, and 1000 components each with
+    // an action in its rate window.
     for i in 0..1000 {
-        g.admitted(&policy(&format!("other-{i}")), now);
+        let mut p = policy(&format!("other-{i}"));
+        if i >= 50 {
+            for a in &mut p.actions {
+                a.action_type = ActionType::ScaleUp;
+            }
+        }
+        g.admitted(&p, now);
     }
     for i in 0..100 {
-        let p = policy(&format!("broken-{i}"));
+        // Another cause: its breakers do not concern the measured policy.
+        let mut p = policy(&format!("broken-{i}"));
+        p.root_cause = RootCause::PolicyMisconfiguration;
         let mut e = mapek_actors::execute::in_progress(&p, format!("e{i}"), "c".into(), now);
         e.status = mapek_actors::model::ExecutionStatus::Failed;
         for _ in 0..3 {

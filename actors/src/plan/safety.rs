@@ -206,6 +206,8 @@ pub struct Guards {
     /// A policy needing budget waits in this admission pass: later ones
     /// needing budget wait behind it (served in queue order).
     budget_blocked: bool,
+    /// When the earliest entry of any component's rate window leaves it.
+    rate_next: Option<Timestamp>,
     dirty: Vec<String>,
 }
 
@@ -222,6 +224,7 @@ impl Guards {
             silences: BTreeMap::new(),
             successes: HashMap::new(),
             budget_blocked: false,
+            rate_next: None,
             dirty: Vec::new(),
         }
     }
@@ -357,6 +360,13 @@ impl Guards {
             self.mark("budget".into());
         }
         let rate_window = secs(self.settings.component_rate_limit.window_seconds);
+        // Nothing leaves any component's window before the earliest entry
+        // does: the scan is skipped until then (a pass costs O(1), not
+        // O(components)).
+        if self.rate_next.is_some_and(|t| now < t) {
+            return;
+        }
+        let mut earliest: Option<Timestamp> = None;
         let mut emptied = Vec::new();
         let mut trimmed = Vec::new();
         for (c, q) in self.rate.iter_mut() {
@@ -369,7 +379,12 @@ impl Guards {
             } else if q.len() != n {
                 trimmed.push(c.clone());
             }
+            if let Some(front) = q.front() {
+                let end = *front + rate_window;
+                earliest = Some(earliest.map_or(end, |e: Timestamp| e.min(end)));
+            }
         }
+        self.rate_next = earliest;
         for c in emptied {
             self.rate.remove(&c);
             self.mark(format!("rate/{c}"));
@@ -377,6 +392,11 @@ impl Guards {
         for c in trimmed {
             self.mark(format!("rate/{c}"));
         }
+    }
+
+    fn note_rate_entry(&mut self, at: Timestamp) {
+        let end = at + secs(self.settings.component_rate_limit.window_seconds);
+        self.rate_next = Some(self.rate_next.map_or(end, |e| e.min(end)));
     }
 
     fn disruptive(&self, policy: &RemediationPolicy) -> usize {
@@ -623,6 +643,7 @@ impl Guards {
             }
             self.rate.entry(step.1.clone()).or_default().push_back(now);
             self.mark(format!("rate/{}", step.1));
+            self.note_rate_entry(now);
         }
     }
 
