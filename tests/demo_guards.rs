@@ -38,7 +38,14 @@ fn the_guards_scenario_shows_the_budget_a_breaker_and_flapping() {
     );
     assert_eq!(r["flapping"], serde_json::json!(["search"]), "{r}");
     // The narration tells it.
-    for line in ["guard      disruption_budget held", "breaker    `", "flapping   component `search`"] {
-        assert!(stderr.contains(line), "no `{line}` in the narration:\n{stderr}");
+    for line in [
+        "guard      disruption_budget held",
+        "breaker    `",
+        "flapping   component `search`",
+    ] {
+        assert!(
+            stderr.contains(line),
+            "no `{line}` in the narration:\n{stderr}"
+        );
     }
 }
