@@ -49,7 +49,7 @@ pub struct CtlArgs {
     #[arg(short = 'o', long, value_enum, default_value_t = Output::Table, global = true)]
     pub output: Output,
     /// Seconds to wait for each answer of the daemon.
-    #[arg(long, default_value_t = 10, global = true, value_name = "SECONDS",
+    #[arg(long, default_value_t = 15, global = true, value_name = "SECONDS",
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub timeout: u64,
     #[command(subcommand)]

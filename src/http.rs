@@ -577,6 +577,24 @@ struct OperatorBody {
     reason: Option<String>,
 }
 
+/// Mutating operator commands take JSON only: a form or a `text/plain`
+/// body, which a browser may send cross-origin without asking, is refused.
+fn json_only(headers: &axum::http::HeaderMap) -> Result<(), String> {
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let essence = ct.split(';').next().unwrap_or("").trim();
+    if essence.eq_ignore_ascii_case("application/json") {
+        Ok(())
+    } else {
+        Err(format!(
+            "Content-Type must be application/json (got {:?})",
+            if ct.is_empty() { "none" } else { ct }
+        ))
+    }
+}
+
 fn operator_body(body: &Bytes) -> Result<OperatorBody, String> {
     if body.is_empty() {
         return Ok(OperatorBody::default());
@@ -610,7 +628,10 @@ where
     }
 }
 
-async fn pause(State(s): State<ApiState>, body: Bytes) -> Response {
+async fn pause(State(s): State<ApiState>, headers: axum::http::HeaderMap, body: Bytes) -> Response {
+    if let Err(m) = json_only(&headers) {
+        return error(StatusCode::UNSUPPORTED_MEDIA_TYPE, m);
+    }
     let b = match operator_body(&body) {
         Ok(b) => b,
         Err(m) => return error(StatusCode::BAD_REQUEST, m),
@@ -622,7 +643,14 @@ async fn pause(State(s): State<ApiState>, body: Bytes) -> Response {
     command(&s, msg).await
 }
 
-async fn resume(State(s): State<ApiState>, body: Bytes) -> Response {
+async fn resume(
+    State(s): State<ApiState>,
+    headers: axum::http::HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Err(m) = json_only(&headers) {
+        return error(StatusCode::UNSUPPORTED_MEDIA_TYPE, m);
+    }
     let b = match operator_body(&body) {
         Ok(b) => b,
         Err(m) => return error(StatusCode::BAD_REQUEST, m),
@@ -644,8 +672,12 @@ fn valid_component(name: &str) -> Result<(), &'static str> {
 async fn clear_component(
     State(s): State<ApiState>,
     Path(name): Path<String>,
+    headers: axum::http::HeaderMap,
     body: Bytes,
 ) -> Response {
+    if let Err(m) = json_only(&headers) {
+        return error(StatusCode::UNSUPPORTED_MEDIA_TYPE, m);
+    }
     if let Err(m) = valid_component(&name) {
         return error(StatusCode::BAD_REQUEST, m);
     }
@@ -676,8 +708,12 @@ const MAX_SILENCE_SECONDS: u64 = 30 * 24 * 3600;
 async fn silence_component(
     State(s): State<ApiState>,
     Path(name): Path<String>,
+    headers: axum::http::HeaderMap,
     body: Bytes,
 ) -> Response {
+    if let Err(m) = json_only(&headers) {
+        return error(StatusCode::UNSUPPORTED_MEDIA_TYPE, m);
+    }
     if let Err(m) = valid_component(&name) {
         return error(StatusCode::BAD_REQUEST, m);
     }

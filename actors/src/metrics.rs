@@ -235,6 +235,25 @@ pub struct CauseLabels {
     pub cause: &'static str,
 }
 
+/// Every (guard, decision) the Planner records, so each series exists
+/// from zero.
+const GUARD_DECISIONS: [(&str, &str); 14] = [
+    ("pause", "held"),
+    ("silence", "held"),
+    ("flapping", "escalated"),
+    ("breaker", "held"),
+    ("breaker", "escalated"),
+    ("disruption_budget", "held"),
+    ("disruption_budget", "escalated"),
+    ("component_rate_limit", "held"),
+    ("component_rate_limit", "escalated"),
+    ("queue_timeout", "escalated"),
+    ("mode", "dry_run"),
+    ("mode", "shadow"),
+    ("admission", "admitted"),
+    ("clear", "cleared"),
+];
+
 /// Every escalation reason, so each series exists from zero.
 const ESCALATION_KINDS: [crate::ports::EscalationKind; 8] = [
     crate::ports::EscalationKind::NoConfidentCause,
@@ -307,6 +326,11 @@ impl Metrics {
         };
         for state in ["open", "half_open"] {
             m.breakers.get_or_create(&StateLabels { state }).set(0);
+        }
+        for (guard, decision) in GUARD_DECISIONS {
+            let _ = m
+                .guard_decisions
+                .get_or_create(&GuardLabels { guard, decision });
         }
         for kind in ESCALATION_KINDS {
             let _ = m.escalations.get_or_create(&ReasonLabels {

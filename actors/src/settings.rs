@@ -853,6 +853,9 @@ impl Default for FlappingSettings {
     }
 }
 
+/// Longest window or timeout of the safety guards: ten years.
+pub const MAX_SAFETY_SECONDS: u64 = 10 * 365 * 24 * 3600;
+
 /// The safety guards (see docs/SAFETY.md).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -909,6 +912,29 @@ impl SafetySettings {
             1,
         );
         i.at_least("queue_timeout_seconds", self.queue_timeout_seconds, 1);
+        // Ten years: longer windows are mistakes, and would overflow the
+        // clock's arithmetic.
+        for (key, v) in [
+            (
+                "disruption_budget.window_seconds",
+                self.disruption_budget.window_seconds,
+            ),
+            (
+                "component_rate_limit.window_seconds",
+                self.component_rate_limit.window_seconds,
+            ),
+            ("queue_timeout_seconds", self.queue_timeout_seconds),
+            ("breaker.open_seconds", self.breaker.open_seconds),
+            ("flapping.window_seconds", self.flapping.window_seconds),
+            ("recurrence_window_seconds", self.recurrence_window_seconds),
+        ] {
+            if v > MAX_SAFETY_SECONDS {
+                i.push(
+                    key,
+                    format!("must be at most {MAX_SAFETY_SECONDS} (ten years) (got {v})"),
+                );
+            }
+        }
         i.at_least("breaker.failures", self.breaker.failures, 1);
         i.at_least("breaker.open_seconds", self.breaker.open_seconds, 1);
         i.at_least("flapping.relapses", self.flapping.relapses, 1);

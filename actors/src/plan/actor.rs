@@ -425,6 +425,23 @@ impl Planner {
             })
             .map(|(k, _)| k.clone())
             .collect();
+        // Executions that never reported back (their lease ran out).
+        let lost: Vec<String> = self
+            .incidents
+            .iter()
+            .filter(|(_, e)| e.running.is_some())
+            .map(|(k, _)| k.clone())
+            .collect();
+        for id in lost {
+            let gone = self
+                .incidents
+                .get(&id)
+                .and_then(|e| e.running.clone())
+                .is_some_and(|p| !self.admission.is_live(&p));
+            if gone {
+                self.reconcile(ctx, &id);
+            }
+        }
         for id in waiting {
             self.reconcile(ctx, &id);
         }
@@ -677,6 +694,11 @@ impl Planner {
         let id = r.id;
         if rediagnosed {
             self.drop_pending(ctx, &id, "the incident was diagnosed again");
+            // A remedy queued for the earlier diagnosis (held by a pause or
+            // a budget) must not run for the new one.
+            for p in self.admission.withdraw(&id) {
+                self.supersede(ctx, p, "the incident was diagnosed again");
+            }
         }
         if is_new || reopened {
             self.opened(&id, now);
@@ -732,7 +754,7 @@ impl Planner {
                     .map(|(i, a)| crate::model::RemediationAction {
                         id: format!("a{}", i + 1),
                         action_type: *a,
-                        target: components.first().cloned().unwrap_or_default(),
+                        target: last.component.clone(),
                         parameters: Default::default(),
                         depends_on: Vec::new(),
                         priority: crate::model::Priority::Medium,
@@ -749,7 +771,7 @@ impl Planner {
                 approval_status: ApprovalStatus::Approved,
                 decisions: Vec::new(),
                 violations_at_planning: 0,
-                scope: components.clone(),
+                scope: vec![last.component.clone()],
                 incident_id: last.incident.clone(),
                 attempt: 0,
                 guards: Vec::new(),
@@ -847,6 +869,7 @@ impl Planner {
             }
             // Its hold's lease ran out: the execution never reported back.
             tracing::warn!(incident = %id, policy = %p, "execution never reported back; planning again");
+            self.guards.release_trial(p);
             if let Some(e) = self.incidents.get_mut(id) {
                 e.running = None;
             }
@@ -945,7 +968,13 @@ impl Planner {
                 return self.escalate(id, EscalationKind::Flapping, why);
             }
             let key = crate::safety::component_breaker(c);
-            if let Some(why) = self.guards.breaker_blocks(&key, None, now) {
+            // Half-open: a trial may be planned (the admission gate lets
+            // one through); only an open breaker escalates.
+            if let Some(why) = self
+                .guards
+                .breaker_blocks(&key, None, now)
+                .filter(|w| !w.contains("half-open"))
+            {
                 if self
                     .incidents
                     .get(id)
@@ -1260,7 +1289,7 @@ impl Planner {
                             }
                         }
                     }
-                    m == Mode::DryRun
+                    m != Mode::Act
                 };
                 let (guard, decision, reason) = match &g {
                     Gate::Admit => {
@@ -1329,7 +1358,7 @@ impl Planner {
         for (q, guard, kind, why) in pass.escalated {
             let id = q.policy.incident_id.clone().unwrap_or_default();
             self.supersede(ctx, q.policy, &why);
-            if guard == "disruption_budget" {
+            if guard == "disruption_budget" || guard == "component_rate_limit" {
                 if let Some(e) = self.incidents.get_mut(&id) {
                     e.sticky = Some((kind, why.clone()));
                 }
@@ -1405,6 +1434,7 @@ impl Planner {
                         // ran, so the incident is planned again.
                         tracing::error!(policy = %sent.id, error = %e, "admitted policy could not reach the executor; planning again");
                         act.admission.finished(&sent, Instant::now(), Duration::ZERO);
+                        act.guards.release_trial(&sent.id);
                         let id = sent.incident_id.clone().unwrap_or_default();
                         if let Some(e) = act.incidents.get_mut(&id) {
                             if e.running.as_deref() == Some(sent.id.as_str()) {
@@ -1509,6 +1539,12 @@ impl Actor for Planner {
 
 impl Supervised for Planner {
     fn restarting(&mut self, _ctx: &mut Context<Self>) {
+        // A restart drops the context's timers: they are armed again.
+        self.ticking = false;
+        self.wakeup = None;
+        for e in self.incidents.values_mut() {
+            e.state_timer = None;
+        }
         crate::mailbox::note_restart(&self.inbox, &self.supervisor);
     }
 }
@@ -1669,6 +1705,7 @@ impl Handler<ExecutionFinished> for Planner {
                 if let Some(e) = act.incidents.get_mut(&origin) {
                     e.held = Some(why);
                 }
+                act.guards.release_trial(&msg.policy.id);
             } else {
                 act.guards.rolled_back(&msg.execution, &msg.policy, now);
                 let opened = act.guards.record_execution(&msg.execution, &msg.policy, now);

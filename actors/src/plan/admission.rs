@@ -57,6 +57,8 @@ pub struct Admission {
     max_concurrent: usize,
     lease: Duration,
     queue: BTreeMap<QueueKey, Queued>,
+    /// Queued policies per incident (an O(1) `has_queued`).
+    by_incident: HashMap<String, usize>,
     seq: u64,
     slots: HashSet<String>,
     holds: HashMap<String, Hold>,
@@ -83,6 +85,7 @@ impl Admission {
             max_concurrent: max_concurrent.max(1),
             lease,
             queue: BTreeMap::new(),
+            by_incident: HashMap::new(),
             seq: 0,
             slots: HashSet::new(),
             holds: HashMap::new(),
@@ -104,6 +107,10 @@ impl Admission {
     pub fn enqueue(&mut self, policy: RemediationPolicy, chain: ChainTrace, severity: Severity) {
         self.seq += 1;
         let key = (Reverse(severity), policy.created_at, self.seq);
+        *self
+            .by_incident
+            .entry(policy.incident_id.clone().unwrap_or_default())
+            .or_default() += 1;
         self.queue.insert(
             key,
             Queued {
@@ -116,6 +123,9 @@ impl Admission {
 
     /// Removes the queued policies of an incident (closed or merged).
     pub fn withdraw(&mut self, incident_id: &str) -> Vec<RemediationPolicy> {
+        if !self.has_queued(incident_id) {
+            return Vec::new();
+        }
         let keys: Vec<QueueKey> = self
             .queue
             .iter()
@@ -123,15 +133,26 @@ impl Admission {
             .map(|(k, _)| *k)
             .collect();
         keys.into_iter()
-            .filter_map(|k| self.queue.remove(&k).map(|q| q.policy))
+            .filter_map(|k| self.take(&k).map(|q| q.policy))
             .collect()
+    }
+
+    /// Removes one queued policy, keeping the per-incident index.
+    fn take(&mut self, k: &QueueKey) -> Option<Queued> {
+        let q = self.queue.remove(k)?;
+        let id = q.policy.incident_id.clone().unwrap_or_default();
+        if let Some(n) = self.by_incident.get_mut(&id) {
+            *n -= 1;
+            if *n == 0 {
+                self.by_incident.remove(&id);
+            }
+        }
+        Some(q)
     }
 
     /// Whether a policy of this incident waits in the queue.
     pub fn has_queued(&self, incident_id: &str) -> bool {
-        self.queue
-            .values()
-            .any(|q| q.policy.incident_id.as_deref() == Some(incident_id))
+        self.by_incident.contains_key(incident_id)
     }
 
     fn expire(&mut self, now: Instant) {
@@ -214,12 +235,12 @@ impl Admission {
             }
         }
         for (k, guard, kind, why) in refused {
-            if let Some(q) = self.queue.remove(&k) {
+            if let Some(q) = self.take(&k) {
                 pass.escalated.push((q, guard, kind, why));
             }
         }
         for k in taken {
-            if let Some(q) = self.queue.remove(&k) {
+            if let Some(q) = self.take(&k) {
                 let until = now + self.lease;
                 for c in scope_of(&q.policy) {
                     self.holds.insert(
@@ -245,9 +266,7 @@ impl Admission {
             .filter(|(_, q)| q.since + timeout <= now)
             .map(|(k, _)| *k)
             .collect();
-        keys.into_iter()
-            .filter_map(|k| self.queue.remove(&k))
-            .collect()
+        keys.into_iter().filter_map(|k| self.take(&k)).collect()
     }
 
     /// When the oldest queued policy entered the queue.

@@ -11,9 +11,10 @@
 //! cost, so a costly remedy starts less attractive). With `s` successes and
 //! `f` failures learned for `(c, r)` (RECURRED counts as a failure), the
 //! posterior is `Beta(m·k + s, (1 − m)·k + f)`. One value is drawn per
-//! candidate and the highest draw wins. While nothing at all has been
-//! learned for the cause, the strategy is chosen without a draw (the seeds'
-//! default, reproducible); after that, a remedy that keeps failing loses
+//! candidate and the highest draw wins. While the seeds' strategy has
+//! never failed for the cause, it is chosen without a draw (no exploration
+//! away from a remedy that works); after its first failure, a remedy that
+//! keeps failing loses
 //! within a few episodes (with the default `k = 0.5`, one failure brings
 //! the strategy's mean from 0.8 to 0.27).
 
@@ -169,11 +170,15 @@ pub fn choose(
     mut blocked: impl FnMut(&RemediationPolicy) -> Option<String>,
 ) -> Option<Choice> {
     let cause = candidates.first()?.root_cause;
-    let cold = candidates.iter().all(|p| {
-        let s = evidence(learned, cause, p);
-        s.successes + s.failures == 0
-    });
+    // No exploration while the seeds' strategy has never failed for this
+    // cause (nothing learned yet, or only its successes): it is chosen by
+    // its prior mean, first. A failure starts the sampling.
     let strategy_key = remedy_key(crate::plan::strategy_steps(cause));
+    let cold = candidates
+        .iter()
+        .filter(|p| remedy_of(p) == strategy_key)
+        .all(|p| evidence(learned, cause, p).failures == 0)
+        && candidates.iter().any(|p| remedy_of(p) == strategy_key);
     let mut considered = Vec::with_capacity(candidates.len());
     let mut best: Option<(usize, f64)> = None;
     for (i, p) in candidates.iter().enumerate() {

@@ -117,6 +117,13 @@ pub struct LastSuccess {
     pub at: Timestamp,
     /// The incident it remedied.
     pub incident: Option<String>,
+    /// The consecutive failures its breakers had counted before this
+    /// success reset them: a recurrence restores them, plus one.
+    #[serde(default)]
+    pub prior_failures: Vec<(String, u32)>,
+    /// The component the success was on (set when matched).
+    #[serde(default)]
+    pub component: String,
 }
 
 /// What a guard says about a queued policy.
@@ -206,6 +213,8 @@ pub struct Guards {
     /// A policy needing budget waits in this admission pass: later ones
     /// needing budget wait behind it (served in queue order).
     budget_blocked: bool,
+    /// Failure counts the latest success reset (taken by [`Self::success`]).
+    reset: Vec<(String, u32)>,
     /// When the earliest entry of any component's rate window leaves it.
     rate_next: Option<Timestamp>,
     dirty: Vec<String>,
@@ -224,6 +233,7 @@ impl Guards {
             silences: BTreeMap::new(),
             successes: HashMap::new(),
             budget_blocked: false,
+            reset: Vec::new(),
             rate_next: None,
             dirty: Vec::new(),
         }
@@ -455,6 +465,38 @@ impl Guards {
         self.trim(now);
         self.expire_silences(now);
         self.expire_flapping(now);
+        self.prune(now);
+    }
+
+    /// Forgets what no longer matters: components not flapping whose
+    /// incidents are all older than the flapping window, successes older
+    /// than the recurrence window (so state keyed by component stays
+    /// bounded by the components active recently).
+    fn prune(&mut self, now: Timestamp) {
+        let fw = secs(self.settings.flapping.window_seconds);
+        let stale: Vec<String> = self
+            .flaps
+            .iter()
+            .filter(|(_, f)| {
+                f.since.is_none() && f.openings.back().is_none_or(|(at, _)| *at + fw <= now)
+            })
+            .map(|(c, _)| c.clone())
+            .collect();
+        for c in stale {
+            self.flaps.remove(&c);
+            self.mark(format!("flap/{c}"));
+        }
+        let rw = secs(self.settings.recurrence_window_seconds);
+        let old: Vec<String> = self
+            .successes
+            .iter()
+            .filter(|(_, s)| s.at + rw <= now)
+            .map(|(c, _)| c.clone())
+            .collect();
+        for c in old {
+            self.successes.remove(&c);
+            self.mark(format!("success/{c}"));
+        }
     }
 
     /// Ends the flapping of components quiet for a whole window.
@@ -733,7 +775,8 @@ impl Guards {
                     }
                 }
                 Verdict::Success => {
-                    if self.breakers.remove(&k).is_some() {
+                    if let Some(b) = self.breakers.remove(&k) {
+                        self.reset.push((k.clone(), b.failures));
                         self.mark(format!("breaker/{k}"));
                     }
                 }
@@ -763,6 +806,23 @@ impl Guards {
             }
         }
         opened
+    }
+
+    /// Frees the half-open trials held by `policy_id` (its execution was
+    /// lost, or it ran dry): the next policy may be the trial.
+    pub fn release_trial(&mut self, policy_id: &str) {
+        let keys: Vec<String> = self
+            .breakers
+            .iter()
+            .filter(|(_, b)| b.trial.as_deref() == Some(policy_id))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in keys {
+            if let Some(b) = self.breakers.get_mut(&k) {
+                b.trial = None;
+            }
+            self.mark(format!("breaker/{k}"));
+        }
     }
 
     /// Every breaker not closed.
@@ -923,6 +983,7 @@ impl Guards {
 
     /// A verified success on the components of `policy`.
     pub fn success(&mut self, exec: &PolicyExecution, policy: &RemediationPolicy, now: Timestamp) {
+        let prior_failures = std::mem::take(&mut self.reset);
         let Some(outcome) = exec.outcome.filter(|o| o.is_success()) else {
             return;
         };
@@ -936,6 +997,8 @@ impl Guards {
                     outcome,
                     at: now,
                     incident: policy.incident_id.clone(),
+                    prior_failures: prior_failures.clone(),
+                    component: c.clone(),
                 },
             );
             self.mark(format!("success/{c}"));
@@ -957,7 +1020,22 @@ impl Guards {
                 .get(*c)
                 .is_some_and(|s| s.at + window > now && s.incident.as_deref() != Some(incident))
         })?;
-        let s = self.successes.get(hit)?.clone();
+        let mut s = self.successes.get(hit)?.clone();
+        s.component = hit.clone();
+        // The failures the success had reset count again: a remedy that
+        // keeps "working" and coming back does open its breakers.
+        for (k, n) in &s.prior_failures {
+            let b = self.breakers.entry(k.clone()).or_insert_with(|| Breaker {
+                key: k.clone(),
+                failures: 0,
+                state: BreakerState::Closed,
+                open_until: None,
+                trial: None,
+                last_failure: None,
+            });
+            b.failures = b.failures.max(*n);
+            self.dirty.push(format!("breaker/{k}"));
+        }
         let gone: Vec<String> = self
             .successes
             .iter()
@@ -1246,6 +1324,59 @@ mod tests {
             g.recurrence("inc-late", &c, at(1301)).is_none(),
             "outside the window"
         );
+    }
+
+    /// The example: a remedy that "works", then its symptoms come
+    /// back, again and again. Each success resets its breakers; each
+    /// recurrence restores what was reset, plus one, so they do open.
+    #[test]
+    fn a_remedy_that_keeps_recurring_opens_its_breakers() {
+        let mut g = Guards::new(settings());
+        let p = policy("p", "api", &[ActionType::ScaleUp]);
+        let key = action_breaker(RootCause::NodeCrash, ActionType::ScaleUp);
+        let c = vec!["api".to_string()];
+        let mut opened = Vec::new();
+        for round in 0..3i64 {
+            let ok = exec(
+                &format!("ok{round}"),
+                ExecutionStatus::Completed,
+                Some(OutcomeType::Success),
+            );
+            g.record_execution(&ok, &p, at(round * 100));
+            g.success(&ok, &p, at(round * 100));
+            let back = g
+                .recurrence(&format!("inc-back{round}"), &c, at(round * 100 + 50))
+                .expect("a recurrence");
+            assert_eq!(back.component, "api");
+            opened.extend(g.record_verdict(&p, Verdict::Failure, "RECURRED", at(round * 100 + 50)));
+        }
+        assert!(opened.contains(&key), "{opened:?}");
+        assert!(g.breaker_blocks(&key, None, at(260)).is_some());
+    }
+
+    #[test]
+    fn a_lost_trial_is_released_and_state_is_pruned() {
+        let mut g = Guards::new(settings());
+        let p = policy("p", "api", &[ActionType::RestartService]);
+        let key = action_breaker(RootCause::NodeCrash, ActionType::RestartService);
+        for i in 0..3 {
+            g.record_execution(
+                &exec(&format!("f{i}"), ExecutionStatus::Failed, None),
+                &p,
+                at(0),
+            );
+        }
+        let trial = policy("trial", "api", &[ActionType::RestartService]);
+        g.admitted(&trial, at(200));
+        assert!(g.breaker_blocks(&key, Some("next"), at(201)).is_some());
+        g.release_trial("trial");
+        assert!(g.breaker_blocks(&key, Some("next"), at(202)).is_none());
+        // One-off components are forgotten after the windows.
+        for i in 0..100 {
+            g.incident_opened(&format!("i{i}"), &[format!("pod-{i}")], at(0));
+        }
+        g.begin_pass(at(5000));
+        assert_eq!(g.flaps.len(), 0);
     }
 
     #[test]
