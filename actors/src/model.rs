@@ -1044,6 +1044,24 @@ pub struct Incident {
     /// What mapek would have done in shadow mode.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shadow: Option<ShadowPlan>,
+    /// Why it is escalated (the escalation alert's `reason`), while it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub escalation: Option<crate::ports::EscalationKind>,
+    /// A hand-off to people that lasts until the diagnosis changes, the
+    /// incident closes or an operator clears its component (a queue
+    /// timeout, a remedy larger than a budget, a rejection); kept so a
+    /// restart does not plan it again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handed_off: Option<HandOff>,
+}
+
+/// A lasting hand-off of an incident to people.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HandOff {
+    /// Why (the escalation reason).
+    pub kind: crate::ports::EscalationKind,
+    /// Why, in words.
+    pub reason: String,
 }
 
 /// A remedy planned in shadow mode and never run.

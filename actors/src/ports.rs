@@ -169,7 +169,9 @@ pub trait AlertState: Send + Sync + 'static {
 
 /// Why an incident was handed to people (the `reason` label of the
 /// escalation alert).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum EscalationKind {
     /// No cause is confident or actionable enough.

@@ -244,6 +244,7 @@ pub fn start_loop(parts: LoopParts) -> LoopHandle {
             events: Some(events.clone()),
             store: Some(store.clone()),
             mode: settings.safety.mode,
+            state: Some(state.clone()),
         };
         let e_inbox = inbox(ActorKind::Executor);
         let (ei, ek, ep, est, er) = (

@@ -231,7 +231,13 @@ pub struct ExecutionEnv {
     /// `safety.mode`: in `dry_run` (here or on an action's route) nothing
     /// leaves mapek; the calls are recorded instead.
     pub mode: Mode,
+    /// The loop's state: a policy that reaches the Executor while mapek is
+    /// paused (admitted just before the pause) sends nothing.
+    pub state: Option<crate::state::SharedState>,
 }
+
+/// Error of an execution that the pause stopped before it acted.
+pub const HELD_BY_PAUSE: &str = "held by the pause before acting: nothing was sent";
 
 /// Why a call ended without success.
 #[derive(Debug)]
@@ -387,6 +393,12 @@ impl ExecutionEnv {
         }
         if mode != Mode::Act {
             return self.dry_run(policy, exec, routed, acted);
+        }
+        if self.state.as_ref().is_some_and(|s| s.lock().paused) {
+            tracing::warn!(policy = %policy.id, "mapek is paused: the admitted policy sends nothing");
+            exec.status = ExecutionStatus::Failed;
+            exec.error = Some(HELD_BY_PAUSE.into());
+            return;
         }
         // The intent of every action is journaled before the first one is
         // sent (queued now, made durable in one group commit while the
@@ -816,5 +828,88 @@ mod tests {
         assert_eq!(backoff(2, &s, 1.0), Duration::from_millis(200));
         assert_eq!(backoff(3, &s, 1.0), Duration::from_millis(350), "capped");
         assert_eq!(backoff(30, &s, 0.0), Duration::from_millis(175));
+    }
+}
+
+#[cfg(test)]
+mod pause_tests {
+    use super::*;
+    use crate::model::{ApprovalStatus, Priority, RiskLevel, RootCause};
+    use crate::testing::{RecordingEffector, ScriptedProbe};
+
+    fn policy() -> RemediationPolicy {
+        RemediationPolicy {
+            id: "pol-1".into(),
+            chain_id: "c".into(),
+            analysis_id: "a".into(),
+            created_at: chrono::Utc::now(),
+            root_cause: RootCause::NodeCrash,
+            root_cause_confidence: 0.9,
+            actions: vec![RemediationAction {
+                id: "a1".into(),
+                action_type: ActionType::RestartService,
+                target: "svc".into(),
+                parameters: Default::default(),
+                priority: Priority::High,
+                cost: 0.2,
+                depends_on: Vec::new(),
+                rollback: None,
+            }],
+            expected_impact: String::new(),
+            risk_level: RiskLevel::Medium,
+            priority: Priority::High,
+            cost_estimate: 0.2,
+            benefit_estimate: 0.7,
+            score: 0.5,
+            approval_status: ApprovalStatus::Approved,
+            decisions: Vec::new(),
+            violations_at_planning: 3,
+            scope: vec!["svc".into()],
+            incident_id: Some("inc-1".into()),
+            attempt: 1,
+            guards: Vec::new(),
+            autonomy: None,
+            candidates: Vec::new(),
+        }
+    }
+
+    fn env(effector: &RecordingEffector, state: crate::state::SharedState) -> ExecutionEnv {
+        ExecutionEnv {
+            router: EffectorRouter::all_to(Arc::new(effector.clone())),
+            probe: Arc::new(ScriptedProbe::new(vec![Ok(3), Ok(0)])),
+            settings: ExecuteSettings {
+                verification_window_seconds: 0,
+                ..ExecuteSettings::default()
+            },
+            metrics: Arc::new(Metrics::new()),
+            clock: Arc::new(crate::clock::SystemClock),
+            events: None,
+            store: None,
+            mode: Mode::Act,
+            state: Some(state),
+        }
+    }
+
+    /// A policy admitted just before the pause reaches the Executor after
+    /// it: nothing is sent, validated or journaled.
+    #[tokio::test]
+    async fn a_paused_loop_sends_nothing_even_for_an_admitted_policy() {
+        let effector = RecordingEffector::new();
+        let state = crate::state::SharedState::default();
+        state.lock().paused = true;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let exec = env(&effector, state.clone())
+            .run_policy(&policy(), "exe-1".into(), "c".into(), deadline)
+            .await;
+        assert_eq!(exec.status, ExecutionStatus::Failed);
+        assert_eq!(exec.error.as_deref(), Some(HELD_BY_PAUSE));
+        assert!(effector.calls().is_empty(), "{:?}", effector.calls());
+        // Resumed: the same policy acts.
+        state.lock().paused = false;
+        let exec = env(&effector, state)
+            .run_policy(&policy(), "exe-2".into(), "c".into(), deadline)
+            .await;
+        assert_eq!(exec.status, ExecutionStatus::Completed);
+        assert!(effector.calls().iter().any(|c| c.kind == "apply"));
     }
 }

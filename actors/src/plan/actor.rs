@@ -169,6 +169,15 @@ impl Planner {
                     holds.push((c.clone(), until));
                 }
             }
+            let rejected = inc
+                .handed_off
+                .as_ref()
+                .is_some_and(|h| h.kind == EscalationKind::Rejected);
+            let sticky = inc
+                .handed_off
+                .as_ref()
+                .filter(|h| h.kind != EscalationKind::Rejected)
+                .map(|h| (h.kind, h.reason.clone()));
             incidents.insert(
                 inc.id.clone(),
                 Entry {
@@ -180,8 +189,8 @@ impl Planner {
                     no_evidence: false,
                     cooldown_until,
                     state_timer: None,
-                    rejected: false,
-                    sticky: None,
+                    rejected,
+                    sticky,
                     held: None,
                 },
             );
@@ -252,8 +261,40 @@ impl Planner {
             .unwrap_or_else(|| p.clock.now().timestamp_nanos_opt().unwrap_or_default() as u64);
         p.rng = StdRng::seed_from_u64(seed);
         p.restore_guards(SafetySettings::default());
+        // Escalations posted before a restart: kept, so they are re-posted
+        // and resolved (not left to lapse).
+        let restored: Vec<Escalation> = p
+            .incidents
+            .values()
+            .filter(|e| e.incident.state == IncidentState::Escalated)
+            .filter_map(|e| {
+                Some(Escalation {
+                    incident_id: e.incident.id.clone(),
+                    kind: e.incident.escalation?,
+                    reason: e.incident.reason.clone().unwrap_or_default(),
+                    components: e.incident.components.clone(),
+                    severity: e.incident.severity,
+                    since: e.incident.updated_at,
+                })
+            })
+            .collect();
+        for esc in restored {
+            p.escalations.insert(esc.incident_id.clone(), esc);
+        }
         p.refresh_gauges();
         p
+    }
+
+    /// Keeps the lasting hand-off of an incident (sticky escalation or
+    /// rejection) on its record, so a restart does not plan it again.
+    fn hand_off(&mut self, id: &str, h: Option<(EscalationKind, String)>) {
+        if let Some(e) = self.incidents.get_mut(id) {
+            let rec = h.map(|(kind, reason)| crate::model::HandOff { kind, reason });
+            if e.incident.handed_off != rec {
+                e.incident.handed_off = rec;
+                self.persist(id);
+            }
+        }
     }
 
     /// The safety guards' settings, where escalations go, and where
@@ -527,6 +568,9 @@ impl Planner {
                     reason = reason.as_deref().unwrap_or(""), "incident state");
                 let left = e.incident.state == IncidentState::Escalated
                     && state != IncidentState::Escalated;
+                if left {
+                    e.incident.escalation = None;
+                }
                 e.incident.state = state;
                 e.incident.reason = reason;
                 e.incident.updated_at = now;
@@ -618,6 +662,8 @@ impl Planner {
                 attempts: 0,
                 recurrence_of: None,
                 shadow: None,
+                escalation: None,
+                handed_off: None,
             },
             analysis: None,
             chain: chain.clone(),
@@ -685,14 +731,17 @@ impl Planner {
             }
             entry.analysis = Some(a);
             entry.chain = chain.clone();
-            entry.rejected = false;
         }
         if rediagnosed {
+            // A new diagnosis: what was decided for the old one (a dry
+            // run, a hand-off, a rejection) no longer holds.
             entry.held = None;
             entry.sticky = None;
+            entry.rejected = false;
         }
         let id = r.id;
         if rediagnosed {
+            self.hand_off(&id, None);
             self.drop_pending(ctx, &id, "the incident was diagnosed again");
             // A remedy queued for the earlier diagnosis (held by a pause or
             // a budget) must not run for the new one.
@@ -1217,7 +1266,9 @@ impl Planner {
         if let Some(e) = self.incidents.get_mut(id) {
             if e.incident.state != IncidentState::Escalated
                 || e.incident.reason.as_deref() != Some(reason.as_str())
+                || e.incident.escalation != Some(kind)
             {
+                e.incident.escalation = Some(kind);
                 e.incident.state = IncidentState::Escalated;
                 e.incident.reason = Some(reason);
                 e.incident.updated_at = self.clock.now();
@@ -1267,6 +1318,7 @@ impl Planner {
                 if let Some(e) = self.incidents.get_mut(&id) {
                     e.sticky = Some((EscalationKind::QueueTimeout, why.clone()));
                 }
+                self.hand_off(&id, Some((EscalationKind::QueueTimeout, why.clone())));
                 self.escalate(&id, EscalationKind::QueueTimeout, why);
             }
         }
@@ -1362,6 +1414,7 @@ impl Planner {
                 if let Some(e) = self.incidents.get_mut(&id) {
                     e.sticky = Some((kind, why.clone()));
                 }
+                self.hand_off(&id, Some((kind, why.clone())));
             }
             self.escalate(&id, kind, why);
         }
@@ -1639,6 +1692,13 @@ impl Handler<DecidePolicy> for Planner {
                     if let Some(e) = act.incidents.get_mut(&incident) {
                         e.rejected = true;
                     }
+                    act.hand_off(
+                        &incident,
+                        Some((
+                            EscalationKind::Rejected,
+                            "its remedy was rejected: a person must act".into(),
+                        )),
+                    );
                     act.reconcile(ctx, &incident);
                 }
                 act.refresh_gauges();
@@ -1687,7 +1747,8 @@ impl Handler<ExecutionFinished> for Planner {
         let inbox = self.inbox.clone();
         inbox.guard(self, ctx, "ExecutionFinished", |act, ctx| {
             let dry = msg.execution.status == ExecutionStatus::DryRun;
-            let cooldown = if dry {
+            let held = msg.execution.error.as_deref() == Some(crate::execute::HELD_BY_PAUSE);
+            let cooldown = if dry || held {
                 Duration::ZERO
             } else {
                 Duration::from_secs(act.settings.cooldown_seconds)
@@ -2023,6 +2084,7 @@ impl Handler<crate::messages::ClearComponent> for Planner {
             }
             tracing::warn!(component = %msg.component, by = %msg.by, reason = msg.reason.as_deref().unwrap_or(""), ?cleared, "component cleared by an operator");
             for id in &ids {
+                act.hand_off(id, None);
                 act.guard_decision(id, None, "clear", "cleared", &format!("component `{}` cleared by {}", msg.component, msg.by));
                 act.reconcile(ctx, id);
             }

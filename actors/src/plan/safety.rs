@@ -153,7 +153,7 @@ pub fn verdict(exec: &PolicyExecution) -> Verdict {
     if exec
         .error
         .as_deref()
-        .is_some_and(|e| e.starts_with("interrupted"))
+        .is_some_and(|e| e.starts_with("interrupted") || e == crate::execute::HELD_BY_PAUSE)
     {
         return Verdict::Nothing;
     }
