@@ -382,15 +382,30 @@ impl mapek_actors::ports::EscalationSink for AlertmanagerEscalations {
 }
 
 /// Splits a payload into firing violations and resolved fingerprints.
+///
+/// Alerts are applied in payload order: when one fingerprint appears more
+/// than once, its last alert decides (firing then resolved: resolved;
+/// resolved then firing: firing). A `startsAt` in the future is clamped to
+/// `now` (the receipt time), with a warning.
 pub fn to_violations(p: &WebhookPayload, now: Timestamp) -> (Vec<Violation>, Vec<String>) {
     let mut firing = Vec::new();
     let mut resolved = Vec::new();
-    for a in &p.alerts {
+    let fps: Vec<String> = p.alerts.iter().map(fingerprint).collect();
+    let mut last: std::collections::HashMap<&str, usize> =
+        std::collections::HashMap::with_capacity(fps.len());
+    for (i, fp) in fps.iter().enumerate() {
+        last.insert(fp.as_str(), i);
+    }
+    for (i, a) in p.alerts.iter().enumerate() {
         if is_escalation(&a.labels) {
             // mapek's own escalation, routed back here: not a symptom.
             continue;
         }
-        let fp = fingerprint(a);
+        let fp = fps[i].clone();
+        if last.get(fp.as_str()) != Some(&i) {
+            // A later alert of the payload for the same fingerprint decides.
+            continue;
+        }
         if a.status == "resolved" {
             resolved.push(fp);
             continue;
@@ -431,7 +446,14 @@ pub fn to_violations(p: &WebhookPayload, now: Timestamp) -> (Vec<Violation>, Vec
             .and_then(|v| v.trim().parse::<f64>().ok())
             .filter(|v| v.is_finite())
             .unwrap_or(1.0);
-        let first_seen = a.starts_at.filter(|t| t.timestamp() > 0).unwrap_or(now);
+        let first_seen = match a.starts_at.filter(|t| t.timestamp() > 0) {
+            Some(t) if t > now => {
+                tracing::warn!(fingerprint = %fp, starts_at = %t, "alert starts in the future; its onset is the receipt time");
+                now
+            }
+            Some(t) => t,
+            None => now,
+        };
         firing.push(Violation {
             id: new_id("vio"),
             fingerprint: fp,
@@ -460,6 +482,27 @@ mod tests {
       {"status":"resolved","labels":{"alertname":"CharterThroughputLow"},"annotations":{},
        "startsAt":"2026-01-01T00:00:00Z","endsAt":"2026-01-01T00:05:00Z","generatorURL":"","fingerprint":"def"}],
       "groupLabels":{},"commonLabels":{},"commonAnnotations":{},"externalURL":"","version":"4","groupKey":"{}","truncatedAlerts":0}"#;
+
+    #[test]
+    fn alerts_of_one_payload_apply_in_order_and_future_onsets_are_clamped() {
+        let now = Utc::now();
+        let body = |first: &str, second: &str| {
+            format!(
+                r#"{{"version":"4","status":"firing","receiver":"mapek","groupLabels":{{}},"commonLabels":{{}},"commonAnnotations":{{}},"externalURL":"x","alerts":[
+                  {{"status":"{first}","labels":{{"alertname":"A"}},"annotations":{{}},"startsAt":"2026-01-01T00:00:00Z","endsAt":"0001-01-01T00:00:00Z","generatorURL":"","fingerprint":"f1"}},
+                  {{"status":"{second}","labels":{{"alertname":"A"}},"annotations":{{}},"startsAt":"9999-01-01T00:00:00Z","endsAt":"0001-01-01T00:00:00Z","generatorURL":"","fingerprint":"f1"}}]}}"#
+            )
+        };
+        // Firing then resolved: resolved.
+        let (f, r) = to_violations(&parse(body("firing", "resolved").as_bytes()).unwrap(), now);
+        assert!(f.is_empty(), "{f:?}");
+        assert_eq!(r, vec!["am:f1".to_string()]);
+        // Resolved then firing: firing, and its year-9999 onset is clamped.
+        let (f, r) = to_violations(&parse(body("resolved", "firing").as_bytes()).unwrap(), now);
+        assert!(r.is_empty(), "{r:?}");
+        assert_eq!(f.len(), 1);
+        assert_eq!(f[0].first_seen, now);
+    }
 
     #[test]
     fn firing_become_violations_and_resolved_end_them() {

@@ -153,15 +153,9 @@ async fn require_token(
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
+            .and_then(bearer_token)
             .unwrap_or("");
-        let same = given.len() == expected.len()
-            && given
-                .bytes()
-                .zip(expected.bytes())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0;
-        if !same {
+        if !same_token(given, expected) {
             let mut resp = error(
                 StatusCode::UNAUTHORIZED,
                 "missing or wrong bearer token (see api.token)",
@@ -174,6 +168,23 @@ async fn require_token(
         }
     }
     next.run(req).await
+}
+
+/// The token of an `Authorization` value with the bearer scheme, which is
+/// case-insensitive (RFC 7235: `Bearer`, `bearer`, `BEARER`).
+fn bearer_token(v: &str) -> Option<&str> {
+    let (scheme, token) = v.trim_start().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+/// Compares tokens in constant time, whatever their lengths: their SHA-256
+/// digests (fixed length) are compared with `subtle`.
+fn same_token(given: &str, expected: &str) -> bool {
+    use sha2::{Digest, Sha256};
+    use subtle::ConstantTimeEq;
+    let a = Sha256::digest(given.as_bytes());
+    let b = Sha256::digest(expected.as_bytes());
+    a.as_slice().ct_eq(b.as_slice()).into()
 }
 
 fn error(status: StatusCode, msg: impl Into<String>) -> Response {
@@ -478,11 +489,27 @@ async fn decide(s: ApiState, id: String, decision: ApprovalStatus, body: Bytes) 
     }
 }
 
-async fn approve(State(s): State<ApiState>, Path(id): Path<String>, body: Bytes) -> Response {
+async fn approve(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+    headers: axum::http::HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Err(m) = json_only(&headers, &body) {
+        return error(StatusCode::UNSUPPORTED_MEDIA_TYPE, m);
+    }
     decide(s, id, ApprovalStatus::Approved, body).await
 }
 
-async fn reject(State(s): State<ApiState>, Path(id): Path<String>, body: Bytes) -> Response {
+async fn reject(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+    headers: axum::http::HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Err(m) = json_only(&headers, &body) {
+        return error(StatusCode::UNSUPPORTED_MEDIA_TYPE, m);
+    }
     decide(s, id, ApprovalStatus::Rejected, body).await
 }
 
@@ -535,7 +562,14 @@ async fn best_action(State(s): State<ApiState>, Query(q): Query<CauseQuery>) -> 
     }
 }
 
-async fn webhook(State(s): State<ApiState>, body: Bytes) -> Response {
+async fn webhook(
+    State(s): State<ApiState>,
+    headers: axum::http::HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Err(m) = json_only(&headers, &body) {
+        return error(StatusCode::UNSUPPORTED_MEDIA_TYPE, m);
+    }
     let payload = match alertmanager::parse(&body) {
         Ok(p) => p,
         Err(e) => {
@@ -577,9 +611,13 @@ struct OperatorBody {
     reason: Option<String>,
 }
 
-/// Mutating operator commands take JSON only: a form or a `text/plain`
-/// body, which a browser may send cross-origin without asking, is refused.
-fn json_only(headers: &axum::http::HeaderMap) -> Result<(), String> {
+/// A request body must be JSON: a form or a `text/plain` body (which a
+/// browser may send cross-origin without asking) is refused with 415. An
+/// empty body needs no type.
+fn json_only(headers: &axum::http::HeaderMap, body: &Bytes) -> Result<(), String> {
+    if body.is_empty() {
+        return Ok(());
+    }
     let ct = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -629,7 +667,7 @@ where
 }
 
 async fn pause(State(s): State<ApiState>, headers: axum::http::HeaderMap, body: Bytes) -> Response {
-    if let Err(m) = json_only(&headers) {
+    if let Err(m) = json_only(&headers, &body) {
         return error(StatusCode::UNSUPPORTED_MEDIA_TYPE, m);
     }
     let b = match operator_body(&body) {
@@ -648,7 +686,7 @@ async fn resume(
     headers: axum::http::HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Err(m) = json_only(&headers) {
+    if let Err(m) = json_only(&headers, &body) {
         return error(StatusCode::UNSUPPORTED_MEDIA_TYPE, m);
     }
     let b = match operator_body(&body) {
@@ -675,7 +713,7 @@ async fn clear_component(
     headers: axum::http::HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Err(m) = json_only(&headers) {
+    if let Err(m) = json_only(&headers, &body) {
         return error(StatusCode::UNSUPPORTED_MEDIA_TYPE, m);
     }
     if let Err(m) = valid_component(&name) {
@@ -711,7 +749,7 @@ async fn silence_component(
     headers: axum::http::HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Err(m) = json_only(&headers) {
+    if let Err(m) = json_only(&headers, &body) {
         return error(StatusCode::UNSUPPORTED_MEDIA_TYPE, m);
     }
     if let Err(m) = valid_component(&name) {
@@ -821,5 +859,27 @@ async fn learning(State(s): State<ApiState>) -> Response {
             Json(json!({"causes": causes})).into_response()
         }
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        assert_eq!(bearer_token("Bearer abc"), Some("abc"));
+        assert_eq!(bearer_token("bearer abc"), Some("abc"));
+        assert_eq!(bearer_token("BEARER  abc "), Some("abc"));
+        assert_eq!(bearer_token("Basic abc"), None);
+        assert_eq!(bearer_token("Bearer"), None);
+    }
+
+    #[test]
+    fn tokens_compare_by_digest() {
+        assert!(same_token("s3cret", "s3cret"));
+        assert!(!same_token("s3cre", "s3cret"));
+        assert!(!same_token("", "s3cret"));
+        assert!(!same_token("s3cret-and-more", "s3cret"));
     }
 }

@@ -251,7 +251,7 @@ fn knowledge_survives_a_restart_of_the_daemon_and_pending_policies_can_be_decide
         dir.path(),
     );
     p.wait_for("serving", Duration::from_secs(20));
-    let client = reqwest::blocking::Client::new();
+    let client = support::json_client();
     let list: serde_json::Value = client
         .get(format!("http://{addr}/api/v1/policies?status=pending"))
         .send()
@@ -342,8 +342,25 @@ fn a_corrupt_data_directory_fails_within_seconds_with_a_clear_message() {
 fn webhook_refuses_bad_input_clearly_counts_resent_alerts_once_and_keeps_serving() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (mut p, addr) = run_daemon(dir.path(), &[]);
-    let client = reqwest::blocking::Client::new();
+    let client = support::json_client();
     let url = format!("http://{addr}/api/v1/alerts");
+
+    // A body that is not JSON by its type is refused before it is read.
+    let r = reqwest::blocking::Client::new()
+        .post(&url)
+        .header("content-type", "text/plain")
+        .body("{}")
+        .send()
+        .expect("post");
+    assert_eq!(r.status(), 415);
+    let body: serde_json::Value = r.json().expect("json error body");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("application/json"),
+        "{body}"
+    );
 
     let r = client.post(&url).body("{not json").send().expect("post");
     assert_eq!(r.status(), 400);
@@ -477,7 +494,7 @@ fn shipped_deployment_files_match_the_binary_and_the_config_schema() {
 fn with_a_token_the_api_and_webhook_require_it_and_probes_stay_open() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (mut p, addr) = run_daemon(dir.path(), &[("MAPEK_API_TOKEN", "s3cret")]);
-    let client = reqwest::blocking::Client::new();
+    let client = support::json_client();
     for open in ["/health", "/metrics"] {
         assert_eq!(
             client
@@ -533,7 +550,7 @@ fn with_a_token_the_api_and_webhook_require_it_and_probes_stay_open() {
 fn incidents_api_pages_by_position_and_refuses_bad_input_with_json() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (mut p, addr) = run_daemon(dir.path(), &[]);
-    let client = reqwest::blocking::Client::new();
+    let client = support::json_client();
     // Three components, one alert each (below the plan threshold: nothing
     // is acted on, three open incidents).
     for (n, c) in ["alpha", "beta", "gamma"].iter().enumerate() {

@@ -478,7 +478,7 @@ fn every_dashboard_panel_returns_data_from_a_real_prometheus_scraping_mapek_unde
 
     // Load: a fault the loop must heal, plus a burst of webhook batches.
     ch.sim.inject(FaultKind::LoadSpike).expect("inject");
-    let client = reqwest::blocking::Client::new();
+    let client = support::json_client();
     for i in 0..200 {
         let body = format!(
             r#"{{"version":"4","status":"firing","receiver":"mapek","alerts":[{{"status":"firing","labels":{{"alertname":"Burst{i}","severity":"info","component":"other"}},"annotations":{{}},"startsAt":"2026-01-01T00:00:00Z","endsAt":"0001-01-01T00:00:00Z","fingerprint":"burst{i}"}}]}}"#

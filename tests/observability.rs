@@ -173,6 +173,31 @@ fn mailbox_depth_is_exact_under_a_flood_and_shedding_is_counted() {
         let r = start(&cfg, Arc::new(GatedEffector { gate: gate.clone() }), None).await;
         let h = r.handle.clone();
         let mut rx = h.events.subscribe();
+        // Every actor's message series exist from the start, at zero for
+        // what has not been handled yet (a dashboard shows idle actors).
+        for (actor, message) in [
+            ("executor", "Drain"),
+            ("planner", "Pause"),
+            ("knowledge", "ReclassifyOutcome"),
+            ("analyzer", "GetAnalyses"),
+        ] {
+            let labels = format!("actor=\"{actor}\",message=\"{message}\"");
+            assert_eq!(
+                sample(r.addr, "mape_k_actor_messages_handled_total", &labels).await,
+                Some(0.0),
+                "{labels}"
+            );
+            assert_eq!(
+                sample(
+                    r.addr,
+                    "mape_k_actor_handler_duration_seconds_count",
+                    &labels
+                )
+                .await,
+                Some(0.0),
+                "{labels}"
+            );
+        }
         // The loop approves a policy; the Executor is now held inside it.
         wait_event(&mut rx, |e| matches!(e, LoopEvent::Approved { .. })).await;
         let policy = loop {

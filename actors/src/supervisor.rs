@@ -425,6 +425,59 @@ fn close_interrupted(store: &KnowledgeStore, now: chrono::DateTime<chrono::Utc>)
 
 /// Creates every bounded-label series at zero, so dashboards and alerts
 /// see a value (not an absent series) before the first event.
+/// The messages (and timer callbacks) each phase actor handles, as they
+/// are labelled in `mape_k_actor_messages_handled`.
+const HANDLED: [(ActorKind, &[&str]); 5] = [
+    (
+        ActorKind::Monitor,
+        &[
+            "Observe",
+            "Tick",
+            "PollResult",
+            "GetSources",
+            "GetActiveViolations",
+            "GetViolations",
+            "MeasureNow",
+        ],
+    ),
+    (
+        ActorKind::Analyzer,
+        &["ViolationsDetected", "ReportAll", "GetAnalyses"],
+    ),
+    (
+        ActorKind::Planner,
+        &[
+            "AnalysisReady",
+            "DecidePolicy",
+            "ActionsDone",
+            "ExecutionFinished",
+            "KnowledgeUpdated",
+            "AdmissionWakeup",
+            "SafetyTick",
+            "GetIncidents",
+            "GetIncident",
+            "Pause",
+            "Resume",
+            "ClearComponent",
+            "SilenceComponent",
+            "GetSafety",
+            "GetShadowReport",
+        ],
+    ),
+    (ActorKind::Executor, &["PolicyApproved", "Drain"]),
+    (
+        ActorKind::Knowledge,
+        &[
+            "RecordAnalysis",
+            "RecordPolicy",
+            "RecordExecution",
+            "ExecutionFinished",
+            "ReclassifyOutcome",
+            "FlushKnowledge",
+        ],
+    ),
+];
+
 fn init_series(m: &Metrics) {
     use crate::metrics::{ActorLabels, ActorMessageLabels, KindLabels, PhaseLabels, StatusLabels};
     for kind in ActorKind::ALL {
@@ -433,6 +486,19 @@ fn init_series(m: &Metrics) {
         };
         m.mailbox_depth.get_or_create(&actor).set(0);
         m.restarts.get_or_create(&actor).inc_by(0);
+    }
+    // Every message each phase handles: its handled and duration series
+    // exist at zero from the start, so a dashboard shows a line for an idle
+    // actor too.
+    for (actor, messages) in HANDLED {
+        for message in messages {
+            let labels = ActorMessageLabels {
+                actor: actor.as_str(),
+                message,
+            };
+            m.messages_handled.get_or_create(&labels).inc_by(0);
+            drop(m.handler_duration.get_or_create(&labels));
+        }
     }
     for (actor, message) in [
         (ActorKind::Analyzer, "ViolationsDetected"),

@@ -147,3 +147,18 @@ impl Drop for Proc {
         let _ = self.child.wait();
     }
 }
+
+/// An HTTP client whose requests say `Content-Type: application/json`, as
+/// Alertmanager's and every JSON client's do (mapek refuses other bodies).
+#[allow(dead_code)]
+pub fn json_client() -> reqwest::blocking::Client {
+    let mut h = reqwest::header::HeaderMap::new();
+    h.insert(
+        reqwest::header::CONTENT_TYPE,
+        reqwest::header::HeaderValue::from_static("application/json"),
+    );
+    reqwest::blocking::Client::builder()
+        .default_headers(h)
+        .build()
+        .unwrap_or_default()
+}
