@@ -1038,11 +1038,47 @@ fn finish(config: Config, origin: &str, issues: Vec<ConfigIssue>) -> Result<Conf
     }
 }
 
+/// Largest config file read: 1 MiB.
+pub const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
+
+/// Reads a config file: only a regular file (a FIFO, a device such as
+/// `/dev/zero` or a directory is refused at once, never read), of at most
+/// [`MAX_CONFIG_BYTES`].
 fn read_file(path: &Path) -> Result<String, ConfigError> {
-    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+    use std::io::Read;
+    let err = |source: std::io::Error| ConfigError::Read {
         path: path.to_path_buf(),
         source,
-    })
+    };
+    let meta = std::fs::metadata(path).map_err(err)?;
+    if !meta.is_file() {
+        let kind = if meta.is_dir() {
+            "a directory"
+        } else {
+            "not a regular file (a FIFO, socket or device)"
+        };
+        return Err(err(std::io::Error::other(format!(
+            "{kind}: a config file must be a regular file"
+        ))));
+    }
+    if meta.len() > MAX_CONFIG_BYTES {
+        return Err(err(std::io::Error::other(format!(
+            "{} bytes, more than the {MAX_CONFIG_BYTES} a config file may have",
+            meta.len()
+        ))));
+    }
+    let file = std::fs::File::open(path).map_err(err)?;
+    let mut text = String::new();
+    // Bounded even if the file grows while it is read.
+    file.take(MAX_CONFIG_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(err)?;
+    if text.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(err(std::io::Error::other(format!(
+            "more than the {MAX_CONFIG_BYTES} bytes a config file may have"
+        ))));
+    }
+    Ok(text)
 }
 
 fn parse_bool(v: &str) -> Option<bool> {
@@ -1053,19 +1089,24 @@ fn parse_bool(v: &str) -> Option<bool> {
     }
 }
 
+/// A URL is parsed by the `url` crate (WHATWG rules): an `http` or
+/// `https` scheme, a host, a valid port, no spaces.
 fn check_url(i: &mut Issues<'_>, url: &str) {
-    let rest = url
-        .strip_prefix("http://")
-        .or_else(|| url.strip_prefix("https://"));
-    match rest {
-        None => i.push(
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        return i.push(
             "url",
             format!("must start with http:// or https:// (got {url:?})"),
-        ),
-        Some(rest) if rest.is_empty() || rest.starts_with('/') => {
+        );
+    }
+    if url.chars().any(char::is_whitespace) {
+        return i.push("url", format!("must not contain spaces (got {url:?})"));
+    }
+    match ::url::Url::parse(url) {
+        Err(e) => i.push("url", format!("is not a valid URL: {e} (got {url:?})")),
+        Ok(u) if u.host_str().is_none_or(str::is_empty) => {
             i.push("url", format!("has no host (got {url:?})"))
         }
-        Some(_) => {}
+        Ok(_) => {}
     }
 }
 
@@ -1650,6 +1691,61 @@ execute:
         assert!(find(&issues, "prometheus.url").reason.contains("http://"));
         find(&issues, "logging.level");
         assert_eq!(issues.len(), 6, "{issues:?}");
+    }
+
+    /// The URLs that used to pass check-config and fail only at run time.
+    #[test]
+    fn urls_are_parsed_by_a_url_library() {
+        for bad in [
+            "http://[::1",
+            "http://exa mple.com:99999/x y",
+            "https://:80",
+            "http://host:99999",
+            "https://",
+        ] {
+            let mut c = Config::default();
+            c.prometheus.url = bad.into();
+            let issues = c.validate();
+            assert!(
+                issues.iter().any(|i| i.path == "prometheus.url"),
+                "{bad}: {issues:?}"
+            );
+        }
+        for good in [
+            "http://127.0.0.1:9090",
+            "https://prom.example/sub/",
+            "http://[::1]:9090",
+        ] {
+            let mut c = Config::default();
+            c.prometheus.url = good.into();
+            assert!(
+                !c.validate().iter().any(|i| i.path == "prometheus.url"),
+                "{good}"
+            );
+        }
+    }
+
+    /// A FIFO or a device is refused at once (never read: no hang, no
+    /// memory blow-up), and so is an oversized file.
+    #[test]
+    fn only_regular_files_of_bounded_size_are_read() {
+        let err = Config::load(Path::new("/dev/zero")).unwrap_err();
+        assert!(err.to_string().contains("regular file"), "{err}");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fifo = dir.path().join("fifo.yaml");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .expect("mkfifo");
+        assert!(made.success());
+        let err = Config::load(&fifo).unwrap_err();
+        assert!(err.to_string().contains("regular file"), "{err}");
+        let err = Config::load(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("directory"), "{err}");
+        let big = dir.path().join("big.yaml");
+        std::fs::write(&big, "#".repeat(MAX_CONFIG_BYTES as usize + 1)).expect("write");
+        let err = Config::load(&big).unwrap_err();
+        assert!(err.to_string().contains("bytes"), "{err}");
     }
 
     #[test]
