@@ -200,67 +200,39 @@ impl PrometheusSource {
     }
 }
 
-/// First metric-like identifier of a PromQL expression that is not a
-/// function or keyword (`increase(foo_total[5m]) > 0` → `foo_total`).
+/// The metric a PromQL expression reads: the first vector selector in its
+/// syntax tree (parsed by the `promql-parser` crate), by its name or its
+/// `__name__` matcher (`increase(foo_total[5m]) > 0` → `foo_total`;
+/// `sum by (job) (rate(x_total[1m]))` → `x_total`). `None` for an
+/// expression without a selector or that does not parse.
 pub fn metric_name(expr: &str) -> Option<String> {
-    const WORDS: &[&str] = &[
-        "increase",
-        "rate",
-        "irate",
-        "sum",
-        "avg",
-        "max",
-        "min",
-        "count",
-        "by",
-        "without",
-        "on",
-        "ignoring",
-        "group_left",
-        "group_right",
-        "and",
-        "or",
-        "unless",
-        "histogram_quantile",
-        "delta",
-        "deriv",
-        "abs",
-        "offset",
-        "bool",
-        "topk",
-        "bottomk",
-        "absent",
-        "changes",
-        "resets",
-        "avg_over_time",
-        "max_over_time",
-        "min_over_time",
-        "sum_over_time",
-    ];
-    let mut in_braces = 0i32;
-    let mut token = String::new();
-    for ch in expr.chars().chain(std::iter::once(' ')) {
-        if ch == '{' || ch == '[' {
-            in_braces += 1;
-        }
-        if ch.is_ascii_alphanumeric() || ch == '_' || ch == ':' {
-            if in_braces == 0 {
-                token.push(ch);
-            }
-        } else {
-            if !token.is_empty()
-                && !token.chars().next().is_some_and(|c| c.is_ascii_digit())
-                && !WORDS.contains(&token.as_str())
-            {
-                return Some(token);
-            }
-            token.clear();
-        }
-        if ch == '}' || ch == ']' {
-            in_braces -= 1;
-        }
+    let ast = promql_parser::parser::parse(expr).ok()?;
+    first_selector(&ast)
+}
+
+fn first_selector(e: &promql_parser::parser::Expr) -> Option<String> {
+    use promql_parser::parser::Expr;
+    match e {
+        Expr::VectorSelector(vs) => selector_name(vs),
+        Expr::MatrixSelector(ms) => selector_name(&ms.vs),
+        Expr::Aggregate(a) => first_selector(&a.expr),
+        Expr::Unary(u) => first_selector(&u.expr),
+        Expr::Binary(b) => first_selector(&b.lhs).or_else(|| first_selector(&b.rhs)),
+        Expr::Paren(p) => first_selector(&p.expr),
+        Expr::Subquery(s) => first_selector(&s.expr),
+        Expr::Call(c) => c.args.args.iter().find_map(|a| first_selector(a)),
+        _ => None,
     }
-    None
+}
+
+fn selector_name(vs: &promql_parser::parser::VectorSelector) -> Option<String> {
+    vs.name.clone().or_else(|| {
+        vs.matchers
+            .matchers
+            .iter()
+            .find(|m| m.name == "__name__" && matches!(m.op, promql_parser::label::MatchOp::Equal))
+            .map(|m| m.value.clone())
+    })
 }
 
 fn snippet(body: &[u8]) -> String {
@@ -341,10 +313,22 @@ mod tests {
             metric_name("westworld_charter_failure_rate > 0.10").as_deref(),
             Some("westworld_charter_failure_rate")
         );
+        // A label name in a grouping is not the metric (the hand-written
+        // tokenizer this replaced said `job`).
         assert_eq!(
             metric_name("sum by (job) (rate(x_total[1m]))").as_deref(),
-            Some("job")
+            Some("x_total")
+        );
+        assert_eq!(
+            metric_name("histogram_quantile(0.99, sum by (le) (rate(lat_bucket[5m]))) > 1")
+                .as_deref(),
+            Some("lat_bucket")
+        );
+        assert_eq!(
+            metric_name("{__name__=\"up\", job=\"x\"} == 0").as_deref(),
+            Some("up")
         );
         assert_eq!(metric_name("1 > 0"), None);
+        assert_eq!(metric_name("rate(oops["), None, "does not parse");
     }
 }

@@ -6,7 +6,6 @@ use std::collections::{HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
 
 use futures::FutureExt;
-use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -203,12 +202,9 @@ pub fn backoff_between(attempt: u32, initial_ms: u64, max_ms: u64, jitter: f64) 
     Duration::from_millis(half + (half as f64 * j) as u64)
 }
 
-/// A number in 0..1 for jitter (not cryptographic; a fresh random hasher
-/// key each call).
+/// A number in 0..1 for jitter, from the thread's random source (`rand`).
 pub fn jitter() -> f64 {
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(Instant::now().elapsed().as_nanos());
-    (h.finish() % 10_000) as f64 / 10_000.0
+    rand::random::<f64>()
 }
 
 /// Everything an execution needs.
