@@ -536,7 +536,15 @@ pub struct ApiSettings {
     /// (`Authorization: Bearer TOKEN`); empty for none. `/health`, `/ready`
     /// and `/metrics` stay open for probes and scrapers. Prefer the
     /// environment variable `MAPEK_API_TOKEN` to keeping it in the file.
+    /// Its caller is named `token` in the audit trail.
     pub token: String,
+    /// Named tokens, `name: token`: a caller is known by the name of its
+    /// token, which is recorded as `by` on approvals, rejections, pauses,
+    /// silences and clears.
+    pub tokens: BTreeMap<String, String>,
+    /// Listen on a non-loopback address without any token. Off by
+    /// default: `mapek run` refuses to expose an open API.
+    pub allow_unauthenticated: bool,
 }
 
 impl Default for ApiSettings {
@@ -544,7 +552,43 @@ impl Default for ApiSettings {
         ApiSettings {
             listen: "127.0.0.1:8001".into(),
             token: String::new(),
+            tokens: BTreeMap::new(),
+            allow_unauthenticated: false,
         }
+    }
+}
+
+/// Name of the caller of the single `api.token`.
+pub const LEGACY_TOKEN_NAME: &str = "token";
+
+impl ApiSettings {
+    /// Every accepted token with its caller's name (`api.tokens`, then
+    /// `api.token` as `token`).
+    pub fn credentials(&self) -> Vec<(String, String)> {
+        let mut out: Vec<(String, String)> = self
+            .tokens
+            .iter()
+            .map(|(n, t)| (n.clone(), t.clone()))
+            .collect();
+        if !self.token.is_empty() {
+            out.push((LEGACY_TOKEN_NAME.to_string(), self.token.clone()));
+        }
+        out
+    }
+
+    /// Why listening on `addr` would expose an open API, if it would: a
+    /// non-loopback address with no token, unless `allow_unauthenticated`.
+    pub fn exposure(&self, addr: SocketAddr) -> Option<String> {
+        if addr.ip().is_loopback()
+            || self.allow_unauthenticated
+            || !self.token.is_empty()
+            || !self.tokens.is_empty()
+        {
+            return None;
+        }
+        Some(format!(
+            "{addr} is not a loopback address and no token is set: set api.token (or MAPEK_API_TOKEN) or api.tokens, or api.allow_unauthenticated: true to expose an open API on purpose"
+        ))
     }
 }
 
@@ -556,9 +600,12 @@ impl fmt::Debug for ApiSettings {
         } else {
             "<redacted>"
         };
+        let names: Vec<&String> = self.tokens.keys().collect();
         f.debug_struct("ApiSettings")
             .field("listen", &self.listen)
             .field("token", &token)
+            .field("tokens", &names)
+            .field("allow_unauthenticated", &self.allow_unauthenticated)
             .finish()
     }
 }
@@ -849,6 +896,8 @@ impl Config {
         }
         {
             let mut i = Issues::new("api", &mut out);
+            // Exposure without a token is refused by `mapek run` (the token
+            // may come from MAPEK_API_TOKEN at run time only).
             if self.api.listen.parse::<SocketAddr>().is_err() {
                 i.push(
                     "listen",
@@ -857,6 +906,27 @@ impl Config {
                         self.api.listen
                     ),
                 );
+            }
+            let mut seen: Vec<&str> = Vec::new();
+            for (name, token) in &self.api.tokens {
+                let key = format!("tokens.{name}");
+                let ok_name = !name.is_empty()
+                    && name.len() <= 64
+                    && name
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "._@-".contains(c));
+                if !ok_name {
+                    i.push(
+                        &key,
+                        "a token's name must be 1 to 64 characters of A-Z a-z 0-9 . _ @ -",
+                    );
+                }
+                if token.trim().is_empty() {
+                    i.push(&key, "must not be empty");
+                } else if seen.contains(&token.as_str()) || *token == self.api.token {
+                    i.push(&key, "the same token is given to two callers");
+                }
+                seen.push(token);
             }
         }
         {
@@ -1691,6 +1761,37 @@ execute:
         assert!(find(&issues, "prometheus.url").reason.contains("http://"));
         find(&issues, "logging.level");
         assert_eq!(issues.len(), 6, "{issues:?}");
+    }
+
+    #[test]
+    fn an_open_api_is_not_exposed_and_named_tokens_are_checked() {
+        let mut c = Config::default();
+        let open: SocketAddr = "0.0.0.0:8001".parse().expect("addr");
+        let local: SocketAddr = "127.0.0.1:8001".parse().expect("addr");
+        assert!(c.api.exposure(open).is_some_and(|w| w.contains("no token")));
+        assert!(c.api.exposure(local).is_none());
+        c.api.allow_unauthenticated = true;
+        assert!(c.api.exposure(open).is_none());
+        c.api.allow_unauthenticated = false;
+        c.api.tokens.insert("alice".into(), "t1".into());
+        c.api.tokens.insert("bob".into(), "t1".into());
+        c.api.tokens.insert("bad name".into(), "t2".into());
+        assert!(c.api.exposure(open).is_none());
+        let issues = c.validate();
+        assert!(find(&issues, "api.tokens.bob")
+            .reason
+            .contains("two callers"));
+        assert!(find(&issues, "api.tokens.bad name").reason.contains("name"));
+        assert_eq!(
+            c.api
+                .credentials()
+                .iter()
+                .map(|(n, _)| n.as_str())
+                .collect::<Vec<_>>(),
+            vec!["alice", "bad name", "bob"]
+        );
+        let dbg = format!("{:?}", c.api);
+        assert!(!dbg.contains("t1") && !dbg.contains("t2"), "{dbg}");
     }
 
     /// The URLs that used to pass check-config and fail only at run time.

@@ -150,7 +150,7 @@ pub async fn start(
         },
     });
     let state = ApiState {
-        token: (!cfg.api.token.is_empty()).then(|| cfg.api.token.clone()),
+        tokens: cfg.api.credentials(),
         handle: handle.clone(),
         registry: Arc::new(registry),
         sources_required,

@@ -31,8 +31,9 @@ pub struct ApiState {
     pub registry: Arc<Registry>,
     /// Whether at least one source must give evidence for `/ready`.
     pub sources_required: bool,
-    /// Bearer token required on the API and the webhook (`api.token`).
-    pub token: Option<String>,
+    /// Accepted bearer tokens with their callers' names (`api.tokens`,
+    /// and `api.token` as `token`); none: the API is open.
+    pub tokens: Vec<(String, String)>,
 }
 
 /// The routes. The webhook (when `webhook_path` is given, i.e.
@@ -148,17 +149,29 @@ async fn require_token(
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    if let Some(expected) = &s.token {
+    let mut req = req;
+    if !s.tokens.is_empty() {
         let given = req
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(bearer_token)
-            .unwrap_or("");
-        if !same_token(given, expected) {
+            .unwrap_or("")
+            .to_string();
+        // Every token is compared (no early exit): the time does not say
+        // which one matched.
+        let mut caller: Option<&str> = None;
+        for (name, expected) in &s.tokens {
+            if same_token(&given, expected) {
+                caller = Some(name);
+            }
+        }
+        if let Some(name) = caller {
+            req.extensions_mut().insert(Caller(name.to_string()));
+        } else {
             let mut resp = error(
                 StatusCode::UNAUTHORIZED,
-                "missing or wrong bearer token (see api.token)",
+                "missing or wrong bearer token (see api.token and api.tokens)",
             );
             resp.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
@@ -168,6 +181,34 @@ async fn require_token(
         }
     }
     next.run(req).await
+}
+
+/// The authenticated caller: the name of its token.
+#[derive(Debug, Clone)]
+struct Caller(String);
+
+/// Who decided: the authenticated caller's token name; without tokens,
+/// the `by` the caller gave (or `operator`). With a token, a different
+/// `by` given in the body is kept as a comment in the reason.
+fn decider(
+    caller: Option<&axum::Extension<Caller>>,
+    by: Option<String>,
+    reason: Option<String>,
+) -> (String, Option<String>) {
+    match caller {
+        Some(c) => {
+            let name = c.0 .0.clone();
+            let reason = match by.filter(|b| b != &name) {
+                Some(b) => Some(match reason {
+                    Some(r) => format!("{r} (by {b:?}, as given)"),
+                    None => format!("(by {b:?}, as given)"),
+                }),
+                None => reason,
+            };
+            (name, reason)
+        }
+        None => (by.unwrap_or_else(|| "operator".into()), reason),
+    }
 }
 
 /// The token of an `Authorization` value with the bearer scheme, which is
@@ -462,7 +503,13 @@ struct Decision {
     reason: Option<String>,
 }
 
-async fn decide(s: ApiState, id: String, decision: ApprovalStatus, body: Bytes) -> Response {
+async fn decide(
+    s: ApiState,
+    caller: Option<axum::Extension<Caller>>,
+    id: String,
+    decision: ApprovalStatus,
+    body: Bytes,
+) -> Response {
     let d: Decision = if body.is_empty() {
         Decision::default()
     } else {
@@ -471,11 +518,12 @@ async fn decide(s: ApiState, id: String, decision: ApprovalStatus, body: Bytes) 
             Err(e) => return error(StatusCode::BAD_REQUEST, format!("malformed body: {e}")),
         }
     };
+    let (by, reason) = decider(caller.as_ref(), d.by, d.reason);
     let msg = DecidePolicy {
         id,
         decision,
-        by: d.by.unwrap_or_else(|| "operator".into()),
-        reason: d.reason,
+        by,
+        reason,
     };
     match s.handle.planner.send(msg).await {
         Ok(Ok(p)) => Json(p).into_response(),
@@ -492,25 +540,27 @@ async fn decide(s: ApiState, id: String, decision: ApprovalStatus, body: Bytes) 
 async fn approve(
     State(s): State<ApiState>,
     Path(id): Path<String>,
+    caller: Option<axum::Extension<Caller>>,
     headers: axum::http::HeaderMap,
     body: Bytes,
 ) -> Response {
     if let Err(m) = json_only(&headers, &body) {
         return error(StatusCode::UNSUPPORTED_MEDIA_TYPE, m);
     }
-    decide(s, id, ApprovalStatus::Approved, body).await
+    decide(s, caller, id, ApprovalStatus::Approved, body).await
 }
 
 async fn reject(
     State(s): State<ApiState>,
     Path(id): Path<String>,
+    caller: Option<axum::Extension<Caller>>,
     headers: axum::http::HeaderMap,
     body: Bytes,
 ) -> Response {
     if let Err(m) = json_only(&headers, &body) {
         return error(StatusCode::UNSUPPORTED_MEDIA_TYPE, m);
     }
-    decide(s, id, ApprovalStatus::Rejected, body).await
+    decide(s, caller, id, ApprovalStatus::Rejected, body).await
 }
 
 async fn executions(State(s): State<ApiState>, Query(q): Query<Limit>) -> Response {
@@ -666,23 +716,9 @@ where
     }
 }
 
-async fn pause(State(s): State<ApiState>, headers: axum::http::HeaderMap, body: Bytes) -> Response {
-    if let Err(m) = json_only(&headers, &body) {
-        return error(StatusCode::UNSUPPORTED_MEDIA_TYPE, m);
-    }
-    let b = match operator_body(&body) {
-        Ok(b) => b,
-        Err(m) => return error(StatusCode::BAD_REQUEST, m),
-    };
-    let msg = mapek_actors::messages::Pause {
-        by: b.by.unwrap_or_else(|| "operator".into()),
-        reason: b.reason,
-    };
-    command(&s, msg).await
-}
-
-async fn resume(
+async fn pause(
     State(s): State<ApiState>,
+    caller: Option<axum::Extension<Caller>>,
     headers: axum::http::HeaderMap,
     body: Bytes,
 ) -> Response {
@@ -693,10 +729,26 @@ async fn resume(
         Ok(b) => b,
         Err(m) => return error(StatusCode::BAD_REQUEST, m),
     };
-    let msg = mapek_actors::messages::Resume {
-        by: b.by.unwrap_or_else(|| "operator".into()),
-        reason: b.reason,
+    let (by, reason) = decider(caller.as_ref(), b.by, b.reason);
+    let msg = mapek_actors::messages::Pause { by, reason };
+    command(&s, msg).await
+}
+
+async fn resume(
+    State(s): State<ApiState>,
+    caller: Option<axum::Extension<Caller>>,
+    headers: axum::http::HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Err(m) = json_only(&headers, &body) {
+        return error(StatusCode::UNSUPPORTED_MEDIA_TYPE, m);
+    }
+    let b = match operator_body(&body) {
+        Ok(b) => b,
+        Err(m) => return error(StatusCode::BAD_REQUEST, m),
     };
+    let (by, reason) = decider(caller.as_ref(), b.by, b.reason);
+    let msg = mapek_actors::messages::Resume { by, reason };
     command(&s, msg).await
 }
 
@@ -710,6 +762,7 @@ fn valid_component(name: &str) -> Result<(), &'static str> {
 async fn clear_component(
     State(s): State<ApiState>,
     Path(name): Path<String>,
+    caller: Option<axum::Extension<Caller>>,
     headers: axum::http::HeaderMap,
     body: Bytes,
 ) -> Response {
@@ -723,10 +776,11 @@ async fn clear_component(
         Ok(b) => b,
         Err(m) => return error(StatusCode::BAD_REQUEST, m),
     };
+    let (by, reason) = decider(caller.as_ref(), b.by, b.reason);
     let msg = mapek_actors::messages::ClearComponent {
         component: name,
-        by: b.by.unwrap_or_else(|| "operator".into()),
-        reason: b.reason,
+        by,
+        reason,
     };
     command(&s, msg).await
 }
@@ -746,6 +800,7 @@ const MAX_SILENCE_SECONDS: u64 = 30 * 24 * 3600;
 async fn silence_component(
     State(s): State<ApiState>,
     Path(name): Path<String>,
+    caller: Option<axum::Extension<Caller>>,
     headers: axum::http::HeaderMap,
     body: Bytes,
 ) -> Response {
@@ -778,11 +833,12 @@ async fn silence_component(
     if b.reason.trim().is_empty() {
         return error(StatusCode::BAD_REQUEST, "a silence needs a reason");
     }
+    let (by, reason) = decider(caller.as_ref(), b.by, Some(b.reason));
     let msg = mapek_actors::messages::SilenceComponent {
         component: name,
         seconds: b.duration_seconds,
-        by: b.by.unwrap_or_else(|| "operator".into()),
-        reason: b.reason,
+        by,
+        reason: reason.unwrap_or_default(),
     };
     command(&s, msg).await
 }

@@ -287,6 +287,10 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
+            if let Some(why) = cfg.api.exposure(listen) {
+                eprintln!("api.listen: {why}");
+                return ExitCode::from(2);
+            }
             mapek::telemetry::init(&cfg.logging.level, cfg.logging.format);
             match mapek::daemon::run(cfg, listen) {
                 Ok(0) => ExitCode::SUCCESS,
