@@ -258,9 +258,31 @@ async fn ready(State(s): State<ApiState>) -> Response {
     if s.sources_required && !sources.is_empty() && !any_evidence {
         reasons.push("no metric source gives evidence".into());
     }
+    // Ready stays 200 while the webhook can still deliver evidence, but the
+    // body says which source can act, and why each other one cannot.
+    let can_act: serde_json::Map<String, Value> = sources
+        .iter()
+        .map(|h| (h.name.clone(), json!(h.status == SourceStatus::Up)))
+        .collect();
+    let degraded: Vec<Value> = sources
+        .iter()
+        .filter(|h| h.status != SourceStatus::Up)
+        .map(|h| {
+            json!({
+                "source": h.name,
+                "status": h.status,
+                "reason": h.last_error.clone().unwrap_or_else(|| match h.status {
+                    SourceStatus::Unknown => "not polled yet".into(),
+                    _ => "no evidence".into(),
+                }),
+            })
+        })
+        .collect();
     let body = json!({
         "ready": reasons.is_empty(),
         "reasons": reasons,
+        "can_act": can_act,
+        "degraded": degraded,
         "phases": phases,
         "knowledge_store": if store_open { "open" } else { "closed" },
         "sources": sources,

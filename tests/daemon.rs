@@ -726,3 +726,82 @@ fn named_tokens_name_the_caller_and_an_open_api_is_not_exposed() {
     p.term();
     assert!(p.wait_exit(Duration::from_secs(20)).success());
 }
+
+/// A "Prometheus" that answers every query with an HTML page (a proxy's
+/// login page, a wrong path) gives no evidence: the source is degraded,
+/// not up. `/ready` stays 200 (the webhook can still deliver evidence) and
+/// its body names the degraded source with its reason.
+#[test]
+fn a_source_answering_html_is_degraded_and_ready_says_so() {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let html_addr = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().flatten() {
+            let mut buf = [0u8; 4096];
+            let _ = conn.read(&mut buf);
+            let body = "<html><body>Please log in</body></html>";
+            let _ = write!(
+                conn,
+                "HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = dir.path().join("html.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "monitor:\n  interval_seconds: 1\nprometheus:\n  url: http://{html_addr}\n  timeout_seconds: 1\n  retries: 0\n"
+        ),
+    )
+    .expect("write");
+    let addr = free_addr();
+    let mut p = Proc::start(
+        &[
+            "run",
+            "--config",
+            &cfg.display().to_string(),
+            "--data-dir",
+            &dir.path().join("data").display().to_string(),
+            "--listen",
+            &addr.to_string(),
+        ],
+        &[],
+        dir.path(),
+    );
+    p.wait_for("serving", Duration::from_secs(20));
+    let client = support::json_client();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let state = loop {
+        let s: serde_json::Value = client
+            .get(format!("http://{addr}/api/v1/state"))
+            .send()
+            .expect("state")
+            .json()
+            .expect("json");
+        if s["sources"][0]["status"] != "unknown" {
+            break s;
+        }
+        assert!(std::time::Instant::now() < deadline, "never polled: {s}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(state["sources"][0]["status"], "degraded", "{state}");
+    let r = client
+        .get(format!("http://{addr}/ready"))
+        .send()
+        .expect("ready");
+    assert_eq!(r.status(), 200, "the webhook can still deliver evidence");
+    let ready: serde_json::Value = r.json().expect("json");
+    assert_eq!(ready["can_act"]["prometheus"], false, "{ready}");
+    assert_eq!(ready["degraded"][0]["source"], "prometheus", "{ready}");
+    assert!(
+        ready["degraded"][0]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("every rule failed")),
+        "{ready}"
+    );
+    p.term();
+    assert!(p.wait_exit(Duration::from_secs(20)).success());
+}

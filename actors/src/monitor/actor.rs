@@ -309,6 +309,24 @@ impl Monitor {
         secs: f64,
     ) {
         let now = self.clock.now();
+        // A source that evaluates none of its rules (every one failed: an
+        // HTML page instead of Prometheus JSON, a wrong path) gives no
+        // evidence at all: degraded, not up.
+        let rules = self.settings.rules.len();
+        let res = match res {
+            Ok(p) if rules > 0 && p.violations.is_empty() && p.failed.len() >= rules => {
+                let first = p
+                    .failed
+                    .first()
+                    .map(|f| format!("{}: {}", f.rule, f.error))
+                    .unwrap_or_default();
+                Err(SourceError::Garbage(format!(
+                    "every rule failed ({} of {rules}); first: {first}",
+                    p.failed.len()
+                )))
+            }
+            other => other,
+        };
         match res {
             Ok(Polled {
                 violations: batch,
