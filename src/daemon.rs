@@ -226,6 +226,9 @@ pub fn new_system() -> actix::SystemRunner {
 /// `mapek run`: runs until a signal (exit code 0) or an escalation by the
 /// supervisor (non-zero, with the reason on stderr).
 pub fn run(cfg: Config, listen: SocketAddr) -> anyhow::Result<i32> {
+    if let Some(n) = http::raise_fd_limit() {
+        tracing::info!(open_files = n, "open-files limit");
+    }
     let store = open_store(&cfg).map_err(|e| anyhow::anyhow!("{e}"))?;
     tracing::info!(dir = %cfg.knowledge.data_dir, "knowledge store open");
     let parts = DaemonParts::from_config(&cfg).map_err(|e| anyhow::anyhow!(e))?;

@@ -805,3 +805,62 @@ fn a_source_answering_html_is_degraded_and_ready_says_so() {
     p.term();
     assert!(p.wait_exit(Duration::from_secs(20)).success());
 }
+
+/// 1,100 clients that send half a request head and wait do not keep
+/// `/health` from answering; the server closes them after its header read
+/// timeout (5 s).
+#[test]
+fn stalled_connections_do_not_take_the_api_down_and_are_closed() {
+    use std::io::{Read, Write};
+    // This test process holds 1,100 sockets too.
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut p, addr) = run_daemon(dir.path(), &[]);
+    let mut stalled = Vec::new();
+    for _ in 0..1100 {
+        let mut s = std::net::TcpStream::connect(addr).expect("connect");
+        s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+            .expect("half a head");
+        stalled.push(s);
+    }
+    let client = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("client");
+    let r = client
+        .get(format!("http://{addr}/health"))
+        .send()
+        .expect("health answers while 1,100 connections stall");
+    assert_eq!(r.status(), 200);
+    // Every stalled connection is closed by the server (EOF or reset)
+    // after the header read timeout; the read waits at most 20 s.
+    let mut closed = 0;
+    for s in stalled.iter_mut().step_by(100) {
+        s.set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        let mut buf = [0u8; 512];
+        // A 408 answer may come before the close: read until the end.
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => {
+                    closed += 1;
+                    break;
+                }
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                    closed += 1;
+                    break;
+                }
+                Err(e) => panic!("a stalled connection stayed open: {e}"),
+            }
+        }
+    }
+    assert_eq!(closed, 11);
+    let r = client
+        .get(format!("http://{addr}/health"))
+        .send()
+        .expect("health");
+    assert_eq!(r.status(), 200);
+    p.term();
+    assert!(p.wait_exit(Duration::from_secs(20)).success());
+}
