@@ -72,10 +72,13 @@ pub fn router(state: ApiState, webhook_path: Option<&str>, max_body_bytes: usize
             r = r.route(path, post(webhook));
         }
     }
-    let r = r.route_layer(axum::middleware::from_fn_with_state(
-        state.clone(),
-        require_token,
-    ));
+    // Bodies must be JSON; the token is checked first (the outer layer).
+    let r = r
+        .route_layer(axum::middleware::from_fn(require_json))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_token,
+        ));
     open.merge(r)
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint") })
@@ -630,12 +633,8 @@ async fn approve(
     State(s): State<ApiState>,
     Path(id): Path<String>,
     caller: Option<axum::Extension<Caller>>,
-    headers: axum::http::HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Err(m) = json_only(&headers, &body) {
-        return error(StatusCode::UNSUPPORTED_MEDIA_TYPE, m);
-    }
     decide(s, caller, id, ApprovalStatus::Approved, body).await
 }
 
@@ -643,12 +642,8 @@ async fn reject(
     State(s): State<ApiState>,
     Path(id): Path<String>,
     caller: Option<axum::Extension<Caller>>,
-    headers: axum::http::HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Err(m) = json_only(&headers, &body) {
-        return error(StatusCode::UNSUPPORTED_MEDIA_TYPE, m);
-    }
     decide(s, caller, id, ApprovalStatus::Rejected, body).await
 }
 
@@ -701,14 +696,7 @@ async fn best_action(State(s): State<ApiState>, Query(q): Query<CauseQuery>) -> 
     }
 }
 
-async fn webhook(
-    State(s): State<ApiState>,
-    headers: axum::http::HeaderMap,
-    body: Bytes,
-) -> Response {
-    if let Err(m) = json_only(&headers, &body) {
-        return error(StatusCode::UNSUPPORTED_MEDIA_TYPE, m);
-    }
+async fn webhook(State(s): State<ApiState>, body: Bytes) -> Response {
     let payload = match alertmanager::parse(&body) {
         Ok(p) => p,
         Err(e) => {
@@ -753,8 +741,21 @@ struct OperatorBody {
 /// A request body must be JSON: a form or a `text/plain` body (which a
 /// browser may send cross-origin without asking) is refused with 415. An
 /// empty body needs no type.
-fn json_only(headers: &axum::http::HeaderMap, body: &Bytes) -> Result<(), String> {
-    if body.is_empty() {
+async fn require_json(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    if let Err(m) = json_only(req.headers()) {
+        return error(StatusCode::UNSUPPORTED_MEDIA_TYPE, m);
+    }
+    next.run(req).await
+}
+
+fn json_only(headers: &axum::http::HeaderMap) -> Result<(), String> {
+    let empty = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim() == "0")
+        || (!headers.contains_key(header::CONTENT_LENGTH)
+            && !headers.contains_key(header::TRANSFER_ENCODING));
+    if empty {
         return Ok(());
     }
     let ct = headers
@@ -808,12 +809,8 @@ where
 async fn pause(
     State(s): State<ApiState>,
     caller: Option<axum::Extension<Caller>>,
-    headers: axum::http::HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Err(m) = json_only(&headers, &body) {
-        return error(StatusCode::UNSUPPORTED_MEDIA_TYPE, m);
-    }
     let b = match operator_body(&body) {
         Ok(b) => b,
         Err(m) => return error(StatusCode::BAD_REQUEST, m),
@@ -826,12 +823,8 @@ async fn pause(
 async fn resume(
     State(s): State<ApiState>,
     caller: Option<axum::Extension<Caller>>,
-    headers: axum::http::HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Err(m) = json_only(&headers, &body) {
-        return error(StatusCode::UNSUPPORTED_MEDIA_TYPE, m);
-    }
     let b = match operator_body(&body) {
         Ok(b) => b,
         Err(m) => return error(StatusCode::BAD_REQUEST, m),
@@ -852,12 +845,8 @@ async fn clear_component(
     State(s): State<ApiState>,
     Path(name): Path<String>,
     caller: Option<axum::Extension<Caller>>,
-    headers: axum::http::HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Err(m) = json_only(&headers, &body) {
-        return error(StatusCode::UNSUPPORTED_MEDIA_TYPE, m);
-    }
     if let Err(m) = valid_component(&name) {
         return error(StatusCode::BAD_REQUEST, m);
     }
@@ -890,12 +879,8 @@ async fn silence_component(
     State(s): State<ApiState>,
     Path(name): Path<String>,
     caller: Option<axum::Extension<Caller>>,
-    headers: axum::http::HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Err(m) = json_only(&headers, &body) {
-        return error(StatusCode::UNSUPPORTED_MEDIA_TYPE, m);
-    }
     if let Err(m) = valid_component(&name) {
         return error(StatusCode::BAD_REQUEST, m);
     }
@@ -932,13 +917,13 @@ async fn silence_component(
     command(&s, msg).await
 }
 
-async fn safety(State(s): State<ApiState>) -> Response {
-    match tokio::time::timeout(
-        ASK_TIMEOUT,
-        s.handle.planner.send(mapek_actors::messages::GetSafety),
-    )
-    .await
-    {
+/// Asks the Planner for a JSON view, with a timeout (`null`: it failed).
+async fn ask_planner<M>(s: &ApiState, msg: M) -> Response
+where
+    M: actix::Message<Result = Value> + mapek_actors::mailbox::Named + Send + 'static,
+    mapek_actors::planner::Planner: actix::Handler<M>,
+{
+    match tokio::time::timeout(ASK_TIMEOUT, s.handle.planner.send(msg)).await {
         Ok(Ok(Value::Null)) => error(
             StatusCode::SERVICE_UNAVAILABLE,
             "planner failed while answering",
@@ -949,23 +934,12 @@ async fn safety(State(s): State<ApiState>) -> Response {
     }
 }
 
+async fn safety(State(s): State<ApiState>) -> Response {
+    ask_planner(&s, mapek_actors::messages::GetSafety).await
+}
+
 async fn shadow_report(State(s): State<ApiState>) -> Response {
-    match tokio::time::timeout(
-        ASK_TIMEOUT,
-        s.handle
-            .planner
-            .send(mapek_actors::messages::GetShadowReport),
-    )
-    .await
-    {
-        Ok(Ok(Value::Null)) => error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "planner failed while answering",
-        ),
-        Ok(Ok(v)) => Json(v).into_response(),
-        Ok(Err(e)) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
-        Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "planner did not answer"),
-    }
+    ask_planner(&s, mapek_actors::messages::GetShadowReport).await
 }
 
 /// What the learner knows per cause: each remedy's judged episodes,

@@ -23,10 +23,9 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use mapek_actors::clock::{Clock, SharedClock, SystemClock};
+use mapek_actors::clock::{SharedClock, SystemClock};
 use mapek_actors::events::LoopEvent;
 use mapek_actors::messages::Shutdown;
-use mapek_actors::model::Timestamp;
 use serde::Serialize;
 use tokio::time::Instant;
 
@@ -41,21 +40,6 @@ pub const LEARNING_EPISODES: usize = 20;
 /// `safety.recurrence_window_seconds` of the learning scenario; a healed
 /// leak is injected again only after this (a new leak, not a recurrence).
 const LEARNING_RECURRENCE_SECONDS: u64 = 10;
-
-/// A clock running `factor` times faster than the wall clock (the
-/// simulator's, so its slow physics pass quickly).
-struct FastClock {
-    start: Timestamp,
-    real: std::time::Instant,
-    factor: u32,
-}
-
-impl Clock for FastClock {
-    fn now(&self) -> Timestamp {
-        let elapsed = self.real.elapsed() * self.factor;
-        self.start + chrono::Duration::from_std(elapsed).unwrap_or_default()
-    }
-}
 
 /// One episode of the learning scenario: one remedy run for the leak.
 #[derive(Debug, Clone, Serialize)]
@@ -114,11 +98,7 @@ async fn world(
         started: Instant::now(),
         started_wall: chrono::Utc::now(),
     });
-    let sim_clock: SharedClock = Arc::new(FastClock {
-        start: chrono::Utc::now(),
-        real: std::time::Instant::now(),
-        factor,
-    });
+    let sim_clock: SharedClock = Arc::new(sim::FastClock::new(factor));
     let topology = Topology::new(components).map_err(|e| e.to_string())?;
     let simulator = Simulator::with_topology(topology, sim_clock);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")

@@ -79,7 +79,17 @@ fn config(dir: &std::path::Path) -> std::path::PathBuf {
 /// `mapek run` on `config(dir)` with `dir/data` and a free port, once it
 /// serves.
 fn run_daemon(dir: &std::path::Path, env: &[(&str, &str)]) -> (Proc, std::net::SocketAddr) {
-    let cfg = config(dir).display().to_string();
+    run_daemon_on(dir, &config(dir), env)
+}
+
+/// `mapek run` on the config file `cfg` with `dir/data` and a free port,
+/// once it serves.
+fn run_daemon_on(
+    dir: &std::path::Path,
+    cfg: &std::path::Path,
+    env: &[(&str, &str)],
+) -> (Proc, std::net::SocketAddr) {
+    let cfg = cfg.display().to_string();
     let data = dir.join("data").display().to_string();
     let addr = free_addr();
     let listen = addr.to_string();
@@ -679,21 +689,7 @@ fn named_tokens_name_the_caller_and_an_open_api_is_not_exposed() {
         "monitor:\n  interval_seconds: 1\nprometheus:\n  url: http://127.0.0.1:9\n  timeout_seconds: 1\n  retries: 0\napi:\n  tokens:\n    alice: token-of-alice\n    bob: token-of-bob\n",
     )
     .expect("write");
-    let addr = free_addr();
-    let mut p = Proc::start(
-        &[
-            "run",
-            "--config",
-            &cfg.display().to_string(),
-            "--data-dir",
-            &dir.path().join("data").display().to_string(),
-            "--listen",
-            &addr.to_string(),
-        ],
-        &[],
-        dir.path(),
-    );
-    p.wait_for("serving", Duration::from_secs(20));
+    let (mut p, addr) = run_daemon_on(dir.path(), &cfg, &[]);
     let client = support::json_client();
     let r: serde_json::Value = client
         .post(format!("http://{addr}/api/v1/pause"))
@@ -757,21 +753,7 @@ fn a_source_answering_html_is_degraded_and_ready_says_so() {
         ),
     )
     .expect("write");
-    let addr = free_addr();
-    let mut p = Proc::start(
-        &[
-            "run",
-            "--config",
-            &cfg.display().to_string(),
-            "--data-dir",
-            &dir.path().join("data").display().to_string(),
-            "--listen",
-            &addr.to_string(),
-        ],
-        &[],
-        dir.path(),
-    );
-    p.wait_for("serving", Duration::from_secs(20));
+    let (mut p, addr) = run_daemon_on(dir.path(), &cfg, &[]);
     let client = support::json_client();
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     let state = loop {

@@ -8,20 +8,14 @@ mod support;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use mapek::sim::{FaultKind, Simulator, Topology};
+use mapek::sim::{FaultKind, Topology};
 use mapek_actors::clock::SystemClock;
 use serde_json::Value;
+use support::live::{charter_on, get, mapek, wait_until, Charter, Mapek};
 use support::servers::{alertmanager_at, prometheus, wait_http_ok};
 use support::{free_addr, Proc};
-
-/// The simulated Charter on a loopback port, served by its own runtime.
-struct Charter {
-    sim: Simulator,
-    addr: SocketAddr,
-    _rt: tokio::runtime::Runtime,
-}
 
 fn charter() -> Charter {
     charter_with(Topology::default())
@@ -29,84 +23,10 @@ fn charter() -> Charter {
 
 /// The simulated Charter with the components of `topology`.
 fn charter_with(topology: Topology) -> Charter {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let sim = Simulator::with_topology(topology, Arc::new(SystemClock));
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let s = sim.clone();
-    rt.spawn(async move { mapek::sim::serve(listener, s, None, std::future::pending()).await });
-    Charter { sim, addr, _rt: rt }
-}
-
-/// Polls `f` every 200 ms until it returns `Some` (the daemons run in other
-/// processes: their state can only be observed), panicking after `limit`.
-fn wait_until<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let end = Instant::now() + limit;
-    loop {
-        if let Some(t) = f() {
-            return t;
-        }
-        assert!(
-            Instant::now() < end,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-fn get(url: &str) -> Option<Value> {
-    reqwest::blocking::Client::builder()
-        .timeout(Duration::from_secs(3))
-        .build()
-        .ok()?
-        .get(url)
-        .send()
-        .ok()?
-        .json()
-        .ok()
-}
-
-struct Mapek {
-    proc: Proc,
-    addr: SocketAddr,
-    _dir: tempfile::TempDir,
-}
-
-fn mapek(config: &str) -> Mapek {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("mapek.yaml");
-    std::fs::write(&path, config).expect("config");
-    let addr = free_addr();
-    let data = dir.path().join("data");
-    let (p, d, a) = (
-        path.display().to_string(),
-        data.display().to_string(),
-        addr.to_string(),
-    );
-    let mut proc = Proc::start(
-        &["run", "--config", &p, "--data-dir", &d, "--listen", &a],
-        &[("LOG_LEVEL", "info")],
-        dir.path(),
-    );
-    proc.wait_for("serving", Duration::from_secs(30));
-    Mapek {
-        proc,
-        addr,
-        _dir: dir,
-    }
+    charter_on(topology, Arc::new(SystemClock))
 }
 
 impl Mapek {
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
-    }
-
     /// The first execution with a verified outcome.
     fn wait_outcome(&mut self, limit: Duration) -> Value {
         let url = self.url("/api/v1/executions");

@@ -10,117 +10,18 @@ mod support;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use mapek::sim::{FaultKind, Simulator, Topology};
-use mapek_actors::clock::Clock;
-use mapek_actors::model::Timestamp;
+use mapek::sim::{FastClock, FaultKind, Topology};
 use serde_json::Value;
+use support::live::{charter_on, get, mapek, wait_until, Charter, Mapek};
 use support::servers::prometheus;
-use support::{free_addr, Proc};
-
-/// A clock running `factor` times faster than the wall clock.
-struct FastClock {
-    start: Timestamp,
-    real: Instant,
-    factor: u32,
-}
-
-impl Clock for FastClock {
-    fn now(&self) -> Timestamp {
-        let elapsed = self.real.elapsed() * self.factor;
-        self.start + chrono::Duration::from_std(elapsed).unwrap_or_default()
-    }
-}
-
-struct Charter {
-    sim: Simulator,
-    addr: SocketAddr,
-    _rt: tokio::runtime::Runtime,
-}
 
 fn charter() -> Charter {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let clock = FastClock {
-        start: chrono::Utc::now(),
-        real: Instant::now(),
-        factor: 3,
-    };
-    let sim = Simulator::with_topology(Topology::default(), Arc::new(clock));
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let s = sim.clone();
-    rt.spawn(async move { mapek::sim::serve(listener, s, None, std::future::pending()).await });
-    Charter { sim, addr, _rt: rt }
-}
-
-fn wait_until<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let end = Instant::now() + limit;
-    loop {
-        if let Some(t) = f() {
-            return t;
-        }
-        assert!(
-            Instant::now() < end,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(250));
-    }
-}
-
-fn get(url: &str) -> Option<Value> {
-    reqwest::blocking::Client::builder()
-        .timeout(Duration::from_secs(3))
-        .build()
-        .ok()?
-        .get(url)
-        .send()
-        .ok()?
-        .json()
-        .ok()
-}
-
-struct Mapek {
-    proc: Proc,
-    addr: SocketAddr,
-    _dir: tempfile::TempDir,
-}
-
-fn mapek(config: &str) -> Mapek {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("mapek.yaml");
-    std::fs::write(&path, config).expect("config");
-    let addr = free_addr();
-    let data = dir.path().join("data");
-    let (p, d, a) = (
-        path.display().to_string(),
-        data.display().to_string(),
-        addr.to_string(),
-    );
-    let mut proc = Proc::start(
-        &["run", "--config", &p, "--data-dir", &d, "--listen", &a],
-        &[("LOG_LEVEL", "info")],
-        dir.path(),
-    );
-    proc.wait_for("serving", Duration::from_secs(30));
-    Mapek {
-        proc,
-        addr,
-        _dir: dir,
-    }
+    charter_on(Topology::default(), Arc::new(FastClock::new(3)))
 }
 
 impl Mapek {
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
-    }
-
     /// Executions, newest first.
     fn executions(&self) -> Vec<Value> {
         get(&self.url("/api/v1/executions?limit=200"))

@@ -3,12 +3,14 @@
 //! component), a cascade over linked components remedied once upstream,
 //! and duplicates that cost nothing.
 
+mod common;
+
+use common::{paused_system, v};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use actix::prelude::*;
-use chrono::Utc;
 use futures::future::BoxFuture;
 use mapek_actors::clock::SystemClock;
 use mapek_actors::events::LoopEvent;
@@ -16,8 +18,7 @@ use mapek_actors::execute::EffectorRouter;
 use mapek_actors::messages::{DecidePolicy, GetIncidents, Observe, Shutdown};
 use mapek_actors::metrics::Metrics;
 use mapek_actors::model::{
-    ActionType, ApprovalStatus, IncidentState, RemediationAction, RollbackStep, Severity, Signal,
-    Violation,
+    ActionType, ApprovalStatus, IncidentState, RemediationAction, RollbackStep, Signal, Violation,
 };
 use mapek_actors::ports::{Effector, EffectorError, EvidenceProbe, SourceError};
 use mapek_actors::store::KnowledgeStore;
@@ -25,34 +26,6 @@ use mapek_actors::supervisor::{start_loop, LoopHandle, LoopParts, LoopSettings};
 use mapek_actors::testing::ScriptedSource;
 use serde_json::Value;
 use tokio::sync::broadcast::Receiver;
-
-fn paused_system() -> SystemRunner {
-    System::with_tokio_rt(|| {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .start_paused(true)
-            .build()
-            .expect("runtime")
-    })
-}
-
-fn v(fp: &str, component: &str, signal: Signal, onset_offset: i64) -> Violation {
-    let now = Utc::now() + chrono::Duration::seconds(onset_offset);
-    Violation {
-        id: format!("v-{fp}"),
-        fingerprint: fp.into(),
-        rule: format!("rule-{fp}"),
-        severity: Severity::Critical,
-        component: component.into(),
-        metric: format!("metric_{fp}"),
-        value: 2.0,
-        labels: Default::default(),
-        signal,
-        first_seen: now,
-        observed_at: now,
-        source: "scripted".into(),
-    }
-}
 
 /// Counts, per component, the actions running at once (each takes 100 ms
 /// of virtual time), and the overall peak of concurrent actions.

@@ -3,11 +3,13 @@
 //! sled store in a temporary directory, and the test doubles of
 //! `mapek_actors::testing` at the edges.
 
+mod common;
+
+use common::paused_system;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix::prelude::*;
 use chrono::Utc;
 use mapek_actors::clock::SystemClock;
 use mapek_actors::events::LoopEvent;
@@ -26,16 +28,6 @@ use mapek_actors::supervisor::{
 };
 use mapek_actors::testing::{RecordingEffector, ScriptedProbe, ScriptedSource};
 use tokio::sync::broadcast::Receiver;
-
-fn paused_system() -> SystemRunner {
-    System::with_tokio_rt(|| {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .start_paused(true)
-            .build()
-            .expect("runtime")
-    })
-}
 
 fn violation(fp: &str, signal: Signal, severity: Severity) -> Violation {
     let now = Utc::now();

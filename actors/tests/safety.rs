@@ -3,11 +3,12 @@
 //! budget with escalations posted to a sink, flapping, and recurrence
 //! re-classifying an outcome in Knowledge.
 
+mod common;
+
+use common::{paused_system, v};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use actix::prelude::*;
-use chrono::Utc;
 use futures::future::BoxFuture;
 use mapek_actors::clock::SystemClock;
 use mapek_actors::events::LoopEvent;
@@ -15,7 +16,7 @@ use mapek_actors::execute::EffectorRouter;
 use mapek_actors::messages::{GetIncidents, Pause, Resume, Shutdown};
 use mapek_actors::metrics::Metrics;
 use mapek_actors::model::{
-    ActionType, ExecutionStatus, IncidentState, OutcomeType, Severity, Signal, Violation,
+    ActionType, ExecutionStatus, IncidentState, OutcomeType, Signal, Violation,
 };
 use mapek_actors::ports::{Escalation, EscalationKind, EscalationSink, EvidenceProbe, SourceError};
 use mapek_actors::settings::Mode;
@@ -24,34 +25,6 @@ use mapek_actors::supervisor::{start_loop, LoopHandle, LoopParts, LoopSettings};
 use mapek_actors::testing::{RecordingEffector, ScriptedSource};
 use tokio::sync::broadcast::Receiver;
 
-fn paused_system() -> SystemRunner {
-    System::with_tokio_rt(|| {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .start_paused(true)
-            .build()
-            .expect("runtime")
-    })
-}
-
-fn v(fp: &str, component: &str, signal: Signal) -> Violation {
-    let now = Utc::now();
-    Violation {
-        id: format!("v-{fp}"),
-        fingerprint: fp.into(),
-        rule: format!("rule-{fp}"),
-        severity: Severity::Critical,
-        component: component.into(),
-        metric: format!("metric_{fp}"),
-        value: 2.0,
-        labels: Default::default(),
-        signal,
-        first_seen: now,
-        observed_at: now,
-        source: "scripted".into(),
-    }
-}
-
 /// Three failure violations on each of `n` components: one incident each,
 /// diagnosed as a node crash (remedy: RESTART_SERVICE).
 fn burst(n: usize, prefix: &str) -> Vec<Violation> {
@@ -59,7 +32,7 @@ fn burst(n: usize, prefix: &str) -> Vec<Violation> {
     for c in 0..n {
         let comp = format!("{prefix}-{c:02}");
         for i in 0..3 {
-            out.push(v(&format!("{comp}-{i}"), &comp, Signal::Failure));
+            out.push(v(&format!("{comp}-{i}"), &comp, Signal::Failure, 0));
         }
     }
     out
@@ -420,7 +393,7 @@ fn a_flapping_component_is_escalated_and_its_escalation_resolves_when_cleared() 
         // (new violations each time: a new onset, a new incident).
         for round in 0..3 {
             let batch: Vec<Violation> = (0..3)
-                .map(|i| v(&format!("api-{round}-{i}"), "api", Signal::Failure))
+                .map(|i| v(&format!("api-{round}-{i}"), "api", Signal::Failure, 0))
                 .collect();
             source.set(Ok(batch));
             events(&mut rx, 1, |e| {
@@ -498,7 +471,7 @@ fn a_recurrence_reclassifies_the_earlier_success_in_knowledge() {
         tokio::time::sleep(Duration::from_secs(10)).await;
         // The symptoms come back (new violations on the same component).
         let again: Vec<Violation> = (0..3)
-            .map(|i| v(&format!("db-again-{i}"), "db-00", Signal::Failure))
+            .map(|i| v(&format!("db-again-{i}"), "db-00", Signal::Failure, 0))
             .collect();
         source.set(Ok(again));
         let rec = events(&mut rx, 1, |e| matches!(e, LoopEvent::Recurred { .. })).await;

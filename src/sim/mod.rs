@@ -127,6 +127,34 @@ pub use model::{
     RETRY_AMPLIFICATION, SPIKE_FACTOR, UPSTREAM_CALL_FAILURE,
 };
 pub use simulator::{Simulator, MAX_CALLS};
+
+/// A clock running `factor` times faster than the wall clock, for the
+/// simulator: its slow physics (a leak's relief, a flap period) pass
+/// quickly while mapek runs in real time (`mapek demo --scenario`, tests).
+#[derive(Debug, Clone)]
+pub struct FastClock {
+    start: mapek_actors::model::Timestamp,
+    real: std::time::Instant,
+    factor: u32,
+}
+
+impl FastClock {
+    /// Starts now, `factor` times faster than the wall clock.
+    pub fn new(factor: u32) -> Self {
+        FastClock {
+            start: chrono::Utc::now(),
+            real: std::time::Instant::now(),
+            factor,
+        }
+    }
+}
+
+impl mapek_actors::clock::Clock for FastClock {
+    fn now(&self) -> mapek_actors::model::Timestamp {
+        let elapsed = self.real.elapsed() * self.factor;
+        self.start + chrono::Duration::from_std(elapsed).unwrap_or_default()
+    }
+}
 pub use topology::{Topology, TopologyError, DEFAULT_COMPONENT};
 
 /// Why the simulator refused a request.

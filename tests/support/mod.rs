@@ -2,6 +2,7 @@
 //! awaiting what it says.
 #![allow(dead_code)]
 
+pub mod live;
 pub mod servers;
 
 use std::io::{BufRead, BufReader};

@@ -138,6 +138,17 @@ impl EffectorRouter {
             .and_then(|r| r.mode)
     }
 
+    /// The mode `policy` runs in: the stricter of `global` (`safety.mode`)
+    /// and the modes of the routes its actions take.
+    pub fn mode_of(&self, policy: &RemediationPolicy, global: Mode) -> Mode {
+        policy.actions.iter().fold(global, |m, a| {
+            match self.mode_for(a.action_type, &a.target) {
+                Some(r) => m.stricter(r),
+                None => m,
+            }
+        })
+    }
+
     /// Whether some route covers `action` on `component`.
     pub fn covers(&self, action: ActionType, component: &str) -> bool {
         self.get_for(action, component).is_some()
@@ -562,12 +573,7 @@ impl ExecutionEnv {
     /// The mode `policy` runs in: the stricter of `safety.mode` and the
     /// modes of its actions' routes.
     pub fn mode_of(&self, policy: &RemediationPolicy) -> Mode {
-        policy.actions.iter().fold(self.mode, |m, a| {
-            match self.router.mode_for(a.action_type, &a.target) {
-                Some(r) => m.stricter(r),
-                None => m,
-            }
-        })
+        self.router.mode_of(policy, self.mode)
     }
 
     /// A dry run: every call that would have been made is recorded on

@@ -97,6 +97,66 @@ pub struct Planner {
     last_repost: Option<Instant>,
 }
 
+/// The mode a policy runs in: the stricter of `global` and its routes'.
+fn mode_of(router: Option<&EffectorRouter>, p: &RemediationPolicy, global: Mode) -> Mode {
+    router.map_or(global, |r| r.mode_of(p, global))
+}
+
+/// Records `guard`'s `decision` on the policy unless it is already the
+/// policy's last one; whether it was recorded.
+fn note_decision(
+    p: &mut RemediationPolicy,
+    guard: &str,
+    decision: &str,
+    reason: &str,
+    at: chrono::DateTime<chrono::Utc>,
+) -> bool {
+    let same = p
+        .guards
+        .last()
+        .is_some_and(|g| g.guard == guard && g.decision == decision);
+    if !same {
+        p.guards.push(GuardDecision {
+            guard: guard.to_string(),
+            decision: decision.to_string(),
+            reason: reason.to_string(),
+            at,
+        });
+    }
+    !same
+}
+
+/// A guard's decision in metrics, the log and the loop events.
+fn announce_guard(
+    inbox: &Inbox,
+    incident: &str,
+    policy_id: Option<String>,
+    guard: &'static str,
+    decision: &'static str,
+    reason: &str,
+) {
+    inbox
+        .metrics()
+        .guard_decisions
+        .get_or_create(&crate::metrics::GuardLabels { guard, decision })
+        .inc();
+    tracing::info!(
+        incident,
+        policy = policy_id.as_deref().unwrap_or(""),
+        guard,
+        decision,
+        reason,
+        "guard"
+    );
+    inbox.emit(LoopEvent::Guard {
+        incident_id: incident.to_string(),
+        policy_id,
+        guard: guard.to_string(),
+        decision: decision.to_string(),
+        reason: reason.to_string(),
+    });
+}
+
 /// How often the Planner re-checks its guards (breakers half-opening,
 /// silences ending, flapping going quiet) and the queue timeout.
 const SAFETY_TICK: Duration = Duration::from_secs(5);
@@ -260,7 +320,6 @@ impl Planner {
             .seed
             .unwrap_or_else(|| p.clock.now().timestamp_nanos_opt().unwrap_or_default() as u64);
         p.rng = StdRng::seed_from_u64(seed);
-        p.restore_guards(SafetySettings::default());
         // Escalations posted before a restart: kept, so they are re-posted
         // and resolved (not left to lapse).
         let restored: Vec<Escalation> = p
@@ -283,6 +342,15 @@ impl Planner {
         }
         p.refresh_gauges();
         p
+    }
+
+    /// Hands an incident to people until its diagnosis changes, it closes or
+    /// an operator clears its component (a sticky escalation).
+    fn stick(&mut self, id: &str, kind: EscalationKind, why: &str) {
+        if let Some(e) = self.incidents.get_mut(id) {
+            e.sticky = Some((kind, why.to_string()));
+        }
+        self.hand_off(id, Some((kind, why.to_string())));
     }
 
     /// Keeps the lasting hand-off of an incident (sticky escalation or
@@ -367,15 +435,7 @@ impl Planner {
     /// The mode a policy runs in: the stricter of `safety.mode` and the
     /// modes of the effector routes its actions take.
     fn mode_of(&self, p: &RemediationPolicy) -> Mode {
-        let mut m = self.mode;
-        if let Some(r) = &self.router {
-            for a in &p.actions {
-                if let Some(rm) = r.mode_for(a.action_type, &a.target) {
-                    m = m.stricter(rm);
-                }
-            }
-        }
-        m
+        mode_of(self.router.as_ref(), p, self.mode)
     }
 
     /// Records a guard's decision: on the policy (when it differs from the
@@ -388,44 +448,12 @@ impl Planner {
         decision: &'static str,
         reason: &str,
     ) -> bool {
-        self.inbox
-            .metrics()
-            .guard_decisions
-            .get_or_create(&crate::metrics::GuardLabels { guard, decision })
-            .inc();
         let policy_id = policy.as_ref().map(|p| p.id.clone());
-        let mut changed = false;
-        if let Some(p) = policy {
-            let same = p
-                .guards
-                .last()
-                .is_some_and(|g| g.guard == guard && g.decision == decision);
-            if !same {
-                p.guards.push(GuardDecision {
-                    guard: guard.to_string(),
-                    decision: decision.to_string(),
-                    reason: reason.to_string(),
-                    at: self.clock.now(),
-                });
-                changed = true;
-            }
-        }
-        if changed || policy_id.is_none() {
-            tracing::info!(
-                incident,
-                policy = policy_id.as_deref().unwrap_or(""),
-                guard,
-                decision,
-                reason,
-                "guard"
-            );
-            self.inbox.emit(LoopEvent::Guard {
-                incident_id: incident.to_string(),
-                policy_id,
-                guard: guard.to_string(),
-                decision: decision.to_string(),
-                reason: reason.to_string(),
-            });
+        let changed = policy
+            .map(|p| note_decision(p, guard, decision, reason, self.clock.now()))
+            .unwrap_or(true);
+        if changed {
+            announce_guard(&self.inbox, incident, policy_id, guard, decision, reason);
         }
         changed
     }
@@ -789,49 +817,8 @@ impl Planner {
                 e.incident.recurrence_of = Some(last.execution_id.clone());
             }
             // The remedy did not hold: its breakers count a failure.
-            let pseudo = RemediationPolicy {
-                id: format!("recurrence-of-{}", last.execution_id),
-                chain_id: String::new(),
-                analysis_id: String::new(),
-                created_at: now,
-                root_cause: last.cause,
-                root_cause_confidence: 0.0,
-                actions: last
-                    .actions
-                    .iter()
-                    .enumerate()
-                    .map(|(i, a)| crate::model::RemediationAction {
-                        id: format!("a{}", i + 1),
-                        action_type: *a,
-                        target: last.component.clone(),
-                        parameters: Default::default(),
-                        depends_on: Vec::new(),
-                        priority: crate::model::Priority::Medium,
-                        cost: 0.0,
-                        rollback: None,
-                    })
-                    .collect(),
-                expected_impact: String::new(),
-                risk_level: crate::model::RiskLevel::Low,
-                priority: crate::model::Priority::Medium,
-                cost_estimate: 0.0,
-                benefit_estimate: 0.0,
-                score: 0.0,
-                approval_status: ApprovalStatus::Approved,
-                decisions: Vec::new(),
-                violations_at_planning: 0,
-                scope: vec![last.component.clone()],
-                incident_id: last.incident.clone(),
-                attempt: 0,
-                guards: Vec::new(),
-                autonomy: None,
-                candidates: Vec::new(),
-            };
             let what = format!("RECURRED ({} came back as {id})", last.execution_id);
-            for k in
-                self.guards
-                    .record_verdict(&pseudo, crate::safety::Verdict::Failure, &what, now)
-            {
+            for k in self.guards.recurred(&last, &what, now) {
                 self.inbox.emit(LoopEvent::BreakerOpened { key: k });
             }
             self.inbox.emit(LoopEvent::Recurred {
@@ -1315,10 +1302,7 @@ impl Planner {
                 );
                 self.guard_decision(&id, Some(&mut q.policy), "queue_timeout", "escalated", &why);
                 self.supersede(ctx, q.policy, &why);
-                if let Some(e) = self.incidents.get_mut(&id) {
-                    e.sticky = Some((EscalationKind::QueueTimeout, why.clone()));
-                }
-                self.hand_off(&id, Some((EscalationKind::QueueTimeout, why.clone())));
+                self.stick(&id, EscalationKind::QueueTimeout, &why);
                 self.escalate(&id, EscalationKind::QueueTimeout, why);
             }
         }
@@ -1332,17 +1316,7 @@ impl Planner {
             let clock = self.clock.clone();
             let pass = self.admission.admit_with(Instant::now(), |p| {
                 let g = guards.gate(p, wall);
-                let dry = {
-                    let mut m = mode;
-                    if let Some(r) = &router {
-                        for a in &p.actions {
-                            if let Some(rm) = r.mode_for(a.action_type, &a.target) {
-                                m = m.stricter(rm);
-                            }
-                        }
-                    }
-                    m != Mode::Act
-                };
+                let dry = mode_of(router.as_ref(), p, mode) != Mode::Act;
                 let (guard, decision, reason) = match &g {
                     Gate::Admit => {
                         if !dry {
@@ -1361,31 +1335,18 @@ impl Planner {
                     Gate::Hold(guard, why) => (*guard, "held", why.clone()),
                     Gate::Escalate(guard, _, why) => (*guard, "escalated", why.clone()),
                 };
-                let same = p
-                    .guards
-                    .last()
-                    .is_some_and(|x| x.guard == guard && x.decision == decision);
-                if !same {
-                    // Counted once per decision, not per admission pass.
-                    inbox
-                        .metrics()
-                        .guard_decisions
-                        .get_or_create(&crate::metrics::GuardLabels { guard, decision })
-                        .inc();
-                    p.guards.push(GuardDecision {
-                        guard: guard.to_string(),
-                        decision: decision.to_string(),
-                        reason: reason.clone(),
-                        at: clock.now(),
-                    });
+                // Recorded (and counted) once per decision, not per pass.
+                if note_decision(p, guard, decision, &reason, clock.now()) {
                     changed.push(p.clone());
-                    inbox.emit(LoopEvent::Guard {
-                        incident_id: p.incident_id.clone().unwrap_or_default(),
-                        policy_id: Some(p.id.clone()),
-                        guard: guard.to_string(),
-                        decision: decision.to_string(),
-                        reason,
-                    });
+                    let incident = p.incident_id.clone().unwrap_or_default();
+                    announce_guard(
+                        &inbox,
+                        &incident,
+                        Some(p.id.clone()),
+                        guard,
+                        decision,
+                        &reason,
+                    );
                 }
                 g
             });
@@ -1411,10 +1372,7 @@ impl Planner {
             let id = q.policy.incident_id.clone().unwrap_or_default();
             self.supersede(ctx, q.policy, &why);
             if guard == "disruption_budget" || guard == "component_rate_limit" {
-                if let Some(e) = self.incidents.get_mut(&id) {
-                    e.sticky = Some((kind, why.clone()));
-                }
-                self.hand_off(&id, Some((kind, why.clone())));
+                self.stick(&id, kind, &why);
             }
             self.escalate(&id, kind, why);
         }
@@ -1864,7 +1822,14 @@ impl Handler<GetIncident> for Planner {
 type OperatorReply = ResponseActFuture<Planner, Result<serde_json::Value, String>>;
 
 impl Planner {
-    fn durable_reply(&mut self, value: serde_json::Value) -> OperatorReply {
+    /// The reply of an operator command: `value` once the guard state is
+    /// durable (`None`: the handler failed while `what`).
+    fn durable_reply(&mut self, value: Option<serde_json::Value>, what: &str) -> OperatorReply {
+        let Some(value) = value else {
+            return Box::pin(actix::fut::ready(Err(format!(
+                "planner failed while {what}"
+            ))));
+        };
         let write = self.save_guards();
         self.refresh_gauges();
         Box::pin(
@@ -1874,9 +1839,21 @@ impl Planner {
         )
     }
 
+    /// The incidents not closed that involve `component`.
+    fn open_on(&self, component: &str) -> Vec<String> {
+        self.incidents
+            .iter()
+            .filter(|(_, e)| {
+                e.incident.state != IncidentState::Closed
+                    && e.incident.components.iter().any(|c| c == component)
+            })
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
     fn safety_view(&mut self) -> serde_json::Value {
         let now = self.clock.now();
-        let budget = &self.guards.settings().disruption_budget.clone();
+        let budget = self.guards.settings().disruption_budget.clone();
         let rate = self.guards.settings().component_rate_limit.clone();
         let used = self.guards.budget_used(now);
         let queue: Vec<serde_json::Value> = self
@@ -2009,12 +1986,7 @@ impl Handler<crate::messages::Pause> for Planner {
             });
             Ok(serde_json::json!({"paused": true, "by": p.by, "reason": p.reason, "at": p.at}))
         });
-        match r {
-            Some(v) => self.durable_reply(v),
-            None => Box::pin(actix::fut::ready(Err(
-                "planner failed while pausing".to_string()
-            ))),
-        }
+        self.durable_reply(r, "pausing")
     }
 }
 
@@ -2043,12 +2015,7 @@ impl Handler<crate::messages::Resume> for Planner {
                 "was": was,
             }))
         });
-        match r {
-            Some(v) => self.durable_reply(v),
-            None => Box::pin(actix::fut::ready(Err(
-                "planner failed while resuming".to_string()
-            ))),
-        }
+        self.durable_reply(r, "resuming")
     }
 }
 
@@ -2065,15 +2032,7 @@ impl Handler<crate::messages::ClearComponent> for Planner {
             let mut cleared: Vec<&'static str> = act.guards.clear(&msg.component);
             // Sticky escalations of its incidents (queue timeout, budget)
             // end too: they are planned again.
-            let ids: Vec<String> = act
-                .incidents
-                .iter()
-                .filter(|(_, e)| {
-                    e.incident.state != IncidentState::Closed
-                        && e.incident.components.contains(&msg.component)
-                })
-                .map(|(k, _)| k.clone())
-                .collect();
+            let ids = act.open_on(&msg.component);
             for id in &ids {
                 if let Some(e) = act.incidents.get_mut(id) {
                     if e.sticky.take().is_some() && !cleared.contains(&"escalation") {
@@ -2097,12 +2056,7 @@ impl Handler<crate::messages::ClearComponent> for Planner {
                 "incidents": ids,
             }))
         });
-        match r {
-            Some(v) => self.durable_reply(v),
-            None => Box::pin(actix::fut::ready(Err(
-                "planner failed while clearing".to_string()
-            ))),
-        }
+        self.durable_reply(r, "clearing")
     }
 }
 
@@ -2129,15 +2083,7 @@ impl Handler<crate::messages::SilenceComponent> for Planner {
                 },
             );
             tracing::warn!(component = %msg.component, by = %msg.by, reason = %msg.reason, until = %until, "component silenced: observed, not acted on");
-            let ids: Vec<String> = act
-                .incidents
-                .iter()
-                .filter(|(_, e)| {
-                    e.incident.state != IncidentState::Closed
-                        && e.incident.components.contains(&msg.component)
-                })
-                .map(|(k, _)| k.clone())
-                .collect();
+            let ids = act.open_on(&msg.component);
             for id in &ids {
                 act.reconcile(ctx, id);
             }
@@ -2149,12 +2095,7 @@ impl Handler<crate::messages::SilenceComponent> for Planner {
                 "incidents": ids,
             }))
         });
-        match r {
-            Some(v) => self.durable_reply(v),
-            None => Box::pin(actix::fut::ready(Err(
-                "planner failed while silencing".to_string()
-            ))),
-        }
+        self.durable_reply(r, "silencing")
     }
 }
 

@@ -187,6 +187,29 @@ pub fn component_breaker(component: &str) -> String {
     format!("component/{component}")
 }
 
+/// The breakers of a remedy: `cause/ACTION` per distinct action, then
+/// `component/NAME` per target.
+fn breaker_keys(
+    cause: RootCause,
+    actions: impl Iterator<Item = ActionType>,
+    targets: &[String],
+) -> Vec<String> {
+    let mut keys: Vec<String> = actions.map(|a| action_breaker(cause, a)).collect();
+    keys.sort();
+    keys.dedup();
+    keys.extend(targets.iter().map(|c| component_breaker(c)));
+    keys
+}
+
+/// The breakers of a policy.
+fn policy_breakers(policy: &RemediationPolicy) -> Vec<String> {
+    breaker_keys(
+        policy.root_cause,
+        policy.actions.iter().map(|a| a.action_type),
+        &targets(policy),
+    )
+}
+
 /// Targets of a policy's actions (deduplicated).
 fn targets(policy: &RemediationPolicy) -> Vec<String> {
     let mut t: Vec<String> = policy.actions.iter().map(|a| a.target.clone()).collect();
@@ -244,16 +267,19 @@ impl Guards {
         &self.settings
     }
 
+    /// Marks a key to be written to Knowledge ([`Self::take_dirty`]
+    /// deduplicates).
     fn mark(&mut self, key: String) {
-        if !self.dirty.contains(&key) {
-            self.dirty.push(key);
-        }
+        self.dirty.push(key);
     }
 
     /// The keys changed since the last call, with their value (`None`:
     /// deleted), to be written to Knowledge.
     pub fn take_dirty(&mut self) -> Vec<(String, Option<Value>)> {
-        let keys = std::mem::take(&mut self.dirty);
+        let mut keys = std::mem::take(&mut self.dirty);
+        // Some paths mark a key without checking it was marked already.
+        keys.sort();
+        keys.dedup();
         keys.into_iter()
             .map(|k| {
                 let v = self.value_of(&k);
@@ -634,13 +660,7 @@ impl Guards {
                 .push_back(now);
             self.mark(format!("rate/{}", a.target));
         }
-        let mut keys: Vec<String> = policy
-            .actions
-            .iter()
-            .map(|a| action_breaker(policy.root_cause, a.action_type))
-            .collect();
-        keys.extend(targets(policy).iter().map(|c| component_breaker(c)));
-        for k in keys {
+        for k in policy_breakers(policy) {
             if let Some(b) = self.breakers.get_mut(&k) {
                 if b.state != BreakerState::Closed && b.trial.is_none() {
                     b.state = BreakerState::HalfOpen;
@@ -755,20 +775,37 @@ impl Guards {
         what: &str,
         now: Timestamp,
     ) -> Vec<String> {
-        let mut keys: Vec<String> = policy
-            .actions
-            .iter()
-            .map(|a| action_breaker(policy.root_cause, a.action_type))
-            .collect();
-        keys.sort();
-        keys.dedup();
-        keys.extend(targets(policy).iter().map(|c| component_breaker(c)));
+        self.fold(policy_breakers(policy), &policy.id, v, what, now)
+    }
+
+    /// A success that recurred counts as a failure on the breakers of its
+    /// remedy and of the component it succeeded on; returns the breakers
+    /// that opened.
+    pub fn recurred(&mut self, last: &LastSuccess, what: &str, now: Timestamp) -> Vec<String> {
+        let keys = breaker_keys(
+            last.cause,
+            last.actions.iter().copied(),
+            std::slice::from_ref(&last.component),
+        );
+        self.fold(keys, "", Verdict::Failure, what, now)
+    }
+
+    /// Folds one verdict into breakers `keys` (`policy_id`: the policy the
+    /// verdict is about, which may hold a trial).
+    fn fold(
+        &mut self,
+        keys: Vec<String>,
+        policy_id: &str,
+        v: Verdict,
+        what: &str,
+        now: Timestamp,
+    ) -> Vec<String> {
         let mut opened = Vec::new();
         for k in keys {
             match v {
                 Verdict::Nothing => {
                     if let Some(b) = self.breakers.get_mut(&k) {
-                        if b.trial.as_deref() == Some(policy.id.as_str()) {
+                        if b.trial.as_deref() == Some(policy_id) {
                             b.trial = None;
                             self.dirty.push(format!("breaker/{k}"));
                         }
