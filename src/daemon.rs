@@ -10,6 +10,7 @@ use std::time::Duration;
 use actix::System;
 use mapek_actors::clock::{SharedClock, SystemClock};
 use mapek_actors::execute::EffectorRouter;
+use mapek_actors::journal::JournalOptions;
 use mapek_actors::mailbox::FaultInjector;
 use mapek_actors::messages::Shutdown;
 use mapek_actors::metrics::Metrics;
@@ -23,11 +24,18 @@ use crate::http::{self, ApiState};
 use crate::sensors::PrometheusSource;
 
 /// Opens the knowledge store named in the config, failing at once on a
-/// lock and within `open_timeout_seconds` on a corrupt database.
+/// lock and within `open_timeout_seconds` on a corrupt database; the store
+/// is checked against its journal first (see
+/// [`mapek_actors::integrity`]), and salvaged when
+/// `knowledge.repair` (`mapek run --repair`) is set.
 pub fn open_store(cfg: &Config) -> Result<KnowledgeStore, StoreError> {
-    KnowledgeStore::open(
+    KnowledgeStore::open_with(
         Path::new(&cfg.knowledge.data_dir),
         Duration::from_secs(cfg.knowledge.open_timeout_seconds),
+        JournalOptions {
+            salvage: cfg.knowledge.repair,
+            ..JournalOptions::default()
+        },
     )
 }
 

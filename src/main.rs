@@ -47,6 +47,11 @@ enum Command {
         /// Log format (overrides logging.format).
         #[arg(long, value_enum)]
         log_format: Option<LogFormatArg>,
+        /// Start on a damaged knowledge store: salvage every readable
+        /// record, list each dropped one (log and repair-<time>.txt in the
+        /// data directory) and move the damaged files aside.
+        #[arg(long)]
+        repair: bool,
     },
     /// Validate a config file: exit 0 when valid, 2 with every error listed.
     CheckConfig {
@@ -263,6 +268,7 @@ fn main() -> ExitCode {
             listen,
             data_dir,
             log_format,
+            repair,
         } => {
             let mut cfg = match load(config.as_deref()) {
                 Ok(c) => c,
@@ -274,6 +280,7 @@ fn main() -> ExitCode {
             if let Some(d) = data_dir {
                 cfg.knowledge.data_dir = d.display().to_string();
             }
+            cfg.knowledge.repair = repair;
             if let Some(f) = log_format {
                 cfg.logging.format = match f {
                     LogFormatArg::Text => LogFormat::Text,

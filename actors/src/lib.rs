@@ -31,7 +31,7 @@ pub use analyze::actor as analyzer;
 pub use analyze::incident;
 pub use execute::actor as executor;
 pub use knowledge::actor as knowledge_actor;
-pub use knowledge::{journal, store};
+pub use knowledge::{integrity, journal, store};
 pub use plan::actor as planner;
 pub use plan::admission;
 pub use plan::{learn, safety};

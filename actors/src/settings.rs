@@ -651,6 +651,10 @@ pub struct KnowledgeSettings {
     pub insights_every: u32,
     /// Records of each kind kept in the audit trail (oldest pruned first).
     pub max_records: usize,
+    /// Salvage a damaged store at open (`mapek run --repair`; not a config
+    /// key).
+    #[serde(skip)]
+    pub repair: bool,
 }
 
 impl Default for KnowledgeSettings {
@@ -661,6 +665,7 @@ impl Default for KnowledgeSettings {
             confidence_saturation: 30,
             insights_every: 5,
             max_records: 100_000,
+            repair: false,
         }
     }
 }

@@ -165,6 +165,22 @@ pub enum Record {
         /// Key.
         key: String,
     },
+    /// One row of a snapshot: a sled value exactly as stored (JSON text).
+    Raw {
+        /// Tree name.
+        tree: String,
+        /// Key.
+        key: String,
+        /// The stored bytes (JSON, so UTF-8).
+        value: String,
+    },
+    /// The last entry of a complete snapshot.
+    SnapshotEnd {
+        /// Sequence number of the last journal entry the snapshot holds.
+        applied_seq: u64,
+        /// Rows written before this entry.
+        rows: u64,
+    },
 }
 
 impl Record {
@@ -180,6 +196,8 @@ impl Record {
             Record::Put { .. } => "put",
             Record::Delete { .. } => "delete",
             Record::Reclassify { .. } => "reclassify",
+            Record::Raw { .. } => "raw",
+            Record::SnapshotEnd { .. } => "snapshot_end",
         }
     }
 }
@@ -301,7 +319,22 @@ pub enum Damage {
         /// Checksum of the bytes read.
         computed: u32,
     },
-    /// Sequence number not the one expected.
+    /// A snapshot without its end record (never renamed into place by
+    /// mapek, so damaged or cut short).
+    #[error("snapshot incomplete: no end record after {rows} rows")]
+    Incomplete {
+        /// Rows read.
+        rows: u64,
+    },
+    /// An end record whose counts disagree with what was read.
+    #[error("snapshot end record says {expected} rows, {found} were read")]
+    RowCount {
+        /// Rows the end record announces.
+        expected: u64,
+        /// Rows read.
+        found: u64,
+    },
+    /// Sequence number not the one expected (or a gap: a segment missing).
     #[error("sequence {found} out of order (expected {expected})")]
     Sequence {
         /// Expected (or the least acceptable) sequence number.
@@ -339,17 +372,71 @@ impl std::fmt::Display for BadEntry {
     }
 }
 
-/// Result of reading the whole journal ([`verify`], and at open).
+/// A snapshot as read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    /// The snapshot file.
+    pub path: PathBuf,
+    /// Sequence number of the last journal entry it holds.
+    pub applied_seq: u64,
+    /// Rows read.
+    pub rows: u64,
+    /// File size.
+    pub bytes: u64,
+}
+
+/// Bytes skipped by a salvaging read ([`JournalOptions::salvage`]): the
+/// entries there could not be read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skipped {
+    /// The file.
+    pub segment: PathBuf,
+    /// First byte skipped.
+    pub from: u64,
+    /// First byte read again (the file's length when nothing followed).
+    pub to: u64,
+    /// Sequence numbers lost with them: `first..=last` (`last` is
+    /// `u64::MAX` when the count is unknown: bytes up to the end of a
+    /// file; `None` for a snapshot's rows).
+    pub seqs: Option<(u64, u64)>,
+}
+
+impl std::fmt::Display for Skipped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} bytes {}..{}",
+            self.segment.display(),
+            self.from,
+            self.to
+        )?;
+        match self.seqs {
+            Some((a, u64::MAX)) => write!(f, " (entries from seq {a} on, how many is unknown)"),
+            Some((a, b)) if a == b => write!(f, " (entry seq {a})"),
+            Some((a, b)) => write!(f, " (entries seq {a}..={b})"),
+            None => write!(f, " (entries of unknown sequence)"),
+        }
+    }
+}
+
+/// Result of reading the whole journal ([`verify`], [`read_all`], and at
+/// open).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct VerifyReport {
     /// Segment files read.
     pub segments: usize,
-    /// Intact entries.
+    /// Intact entries (in segments, after the snapshot).
     pub entries_ok: u64,
-    /// Highest intact sequence number.
+    /// Highest intact sequence number (or the snapshot's).
     pub last_seq: Option<u64>,
-    /// Every place where reading stopped, in segment order.
+    /// Sequence number of the first entry read after the snapshot.
+    pub first_seq: Option<u64>,
+    /// Every place where reading stopped, in file order.
     pub damage: Vec<BadEntry>,
+    /// The snapshot read, if any.
+    pub snapshot: Option<SnapshotInfo>,
+    /// What a salvaging read skipped.
+    pub skipped: Vec<Skipped>,
 }
 
 impl VerifyReport {
@@ -362,6 +449,15 @@ impl VerifyReport {
     pub fn needs_repair(&self) -> bool {
         self.damage.iter().any(|d| !d.torn_tail)
     }
+
+    /// Whether the journal describes the whole index: it holds a snapshot,
+    /// or its entries start at sequence 1, or it is empty and so is the
+    /// index (`applied_seq` 0).
+    pub fn complete(&self, applied_seq: u64) -> bool {
+        self.snapshot.is_some()
+            || self.first_seq == Some(1)
+            || (self.first_seq.is_none() && applied_seq == 0)
+    }
 }
 
 /// A segment as read.
@@ -369,8 +465,12 @@ impl VerifyReport {
 struct SegmentScan {
     path: PathBuf,
     number: u64,
+    /// The header's first sequence number (`None` for a bad header).
+    first_seq: Option<u64>,
     last_seq: Option<u64>,
     bad: Option<BadEntry>,
+    /// Salvaging reads: ranges skipped to reach the next intact entry.
+    skipped: Vec<Skipped>,
 }
 
 /// CRC-32 (IEEE) of `seq` then `payload`.
@@ -426,13 +526,16 @@ fn scan_bytes(
     number: u64,
     data: &[u8],
     after: Option<u64>,
+    salvage: bool,
     on_entry: &mut OnEntry<'_>,
 ) -> Result<SegmentScan, JournalError> {
     let mut scan = SegmentScan {
         path: path.to_path_buf(),
         number,
+        first_seq: None,
         last_seq: None,
         bad: None,
+        skipped: Vec::new(),
     };
     let bad = |offset: u64, damage: Damage| BadEntry {
         segment: path.to_path_buf(),
@@ -473,6 +576,7 @@ fn scan_bytes(
         return Ok(scan);
     }
     let first_seq = le_u64(data, 16);
+    scan.first_seq = Some(first_seq);
     if let Some(prev) = after {
         if first_seq <= prev {
             scan.bad = Some(bad(
@@ -488,63 +592,115 @@ fn scan_bytes(
     let mut expected = first_seq;
     let mut at = hl;
     while at < data.len() {
-        let rest = &data[at..];
         let offset = at as u64;
-        if rest.iter().all(|b| *b == 0) {
-            scan.bad = Some(bad(offset, Damage::ZeroFilled));
+        let damage = match entry_at(data, at, expected, false) {
+            Ok((seq, payload, total)) => {
+                on_entry(path, seq, payload)?;
+                scan.last_seq = Some(seq);
+                expected = seq + 1;
+                at += total;
+                continue;
+            }
+            Err(damage) => damage,
+        };
+        if salvage && !matches!(damage, Damage::ZeroFilled) {
+            // Look for the next intact entry: a plausible length, a
+            // sequence number not below the expected one, and a checksum
+            // that matches (the cheap checks first).
+            let next = (at + 1..data.len()).find_map(|p| {
+                entry_at(data, p, expected, true)
+                    .ok()
+                    .map(|(seq, _, _)| (p, seq))
+            });
+            if next.is_none() && matches!(damage, Damage::Truncated { .. }) {
+                // Nothing intact follows a cut entry: a torn tail (or, in
+                // a segment that is not the last, a gap the next segment
+                // shows).
+                if scan.bad.is_none() {
+                    scan.bad = Some(bad(offset, damage));
+                }
+                break;
+            }
+            let (to, seqs) = match next {
+                Some((p, seq)) => (p, (seq > expected).then(|| (expected, seq - 1))),
+                // Up to the end of the file: how many entries is unknown.
+                None => (data.len(), Some((expected, u64::MAX))),
+            };
+            scan.skipped.push(Skipped {
+                segment: path.to_path_buf(),
+                from: offset,
+                to: to as u64,
+                seqs,
+            });
+            if scan.bad.is_none() {
+                scan.bad = Some(bad(offset, damage));
+            }
+            if let Some((p, seq)) = next {
+                at = p;
+                expected = seq;
+                continue;
+            }
             break;
         }
-        let ehl = ENTRY_HEADER_LEN as usize;
-        if rest.len() < ehl {
-            scan.bad = Some(bad(
-                offset,
-                Damage::Truncated {
-                    needed: ENTRY_HEADER_LEN,
-                    available: rest.len() as u64,
-                },
-            ));
-            break;
-        }
-        let len = le_u32(rest, 0);
-        if len > MAX_PAYLOAD {
-            scan.bad = Some(bad(offset, Damage::BadLength(len)));
-            break;
-        }
-        let total = ehl + len as usize;
-        if rest.len() < total {
-            scan.bad = Some(bad(
-                offset,
-                Damage::Truncated {
-                    needed: total as u64,
-                    available: rest.len() as u64,
-                },
-            ));
-            break;
-        }
-        let stored = le_u32(rest, 4);
-        let seq = le_u64(rest, 8);
-        let payload = &rest[ehl..total];
-        let computed = entry_crc(seq, payload);
-        if stored != computed {
-            scan.bad = Some(bad(offset, Damage::Checksum { stored, computed }));
-            break;
-        }
-        if seq != expected {
-            scan.bad = Some(bad(
-                offset,
-                Damage::Sequence {
-                    expected,
-                    found: seq,
-                },
-            ));
-            break;
-        }
-        on_entry(path, seq, payload)?;
-        scan.last_seq = Some(seq);
-        expected = seq + 1;
-        at += total;
+        scan.bad = Some(bad(offset, damage));
+        break;
     }
     Ok(scan)
+}
+
+/// Reads the entry at `at`: its sequence number, payload and total size,
+/// or what is wrong with it. `search` (a salvaging read looking for the
+/// next intact entry) accepts a sequence number above `expected` (the
+/// entries in between are lost) and rejects implausible ones before
+/// computing a checksum.
+fn entry_at(
+    data: &[u8],
+    at: usize,
+    expected: u64,
+    search: bool,
+) -> Result<(u64, &[u8], usize), Damage> {
+    let rest = &data[at..];
+    if !search && rest.iter().all(|b| *b == 0) {
+        return Err(Damage::ZeroFilled);
+    }
+    let ehl = ENTRY_HEADER_LEN as usize;
+    if rest.len() < ehl {
+        return Err(Damage::Truncated {
+            needed: ENTRY_HEADER_LEN,
+            available: rest.len() as u64,
+        });
+    }
+    let len = le_u32(rest, 0);
+    if len > MAX_PAYLOAD {
+        return Err(Damage::BadLength(len));
+    }
+    let total = ehl + len as usize;
+    if rest.len() < total {
+        return Err(Damage::Truncated {
+            needed: total as u64,
+            available: rest.len() as u64,
+        });
+    }
+    let seq = le_u64(rest, 8);
+    if search && (seq < expected || seq - expected > 1 << 32) {
+        return Err(Damage::Sequence {
+            expected,
+            found: seq,
+        });
+    }
+    let stored = le_u32(rest, 4);
+    let payload = &rest[ehl..total];
+    let computed = entry_crc(seq, payload);
+    if stored != computed {
+        return Err(Damage::Checksum { stored, computed });
+    }
+    if seq != expected && !(search && seq > expected) {
+        return Err(Damage::Sequence {
+            expected,
+            found: seq,
+        });
+    }
+    Ok((seq, payload, total))
 }
 
 /// Segment files of `dir`, ordered by number.
@@ -578,33 +734,211 @@ pub fn segment_path(dir: &Path, number: u64) -> PathBuf {
     dir.join(format!("{number:08}.log"))
 }
 
-/// Reads every segment of `dir`, calling `on_entry` for each intact
-/// entry in order. Torn tails of the last segment are marked as such.
+/// Prefix and suffix of snapshot files: `snapshot-<seq>.snap`, `seq` the
+/// last journal entry the snapshot holds (20 digits).
+const SNAPSHOT_PREFIX: &str = "snapshot-";
+const SNAPSHOT_SUFFIX: &str = ".snap";
+
+/// Path of the snapshot holding everything up to `applied_seq`.
+pub fn snapshot_path(dir: &Path, applied_seq: u64) -> PathBuf {
+    dir.join(format!(
+        "{SNAPSHOT_PREFIX}{applied_seq:020}{SNAPSHOT_SUFFIX}"
+    ))
+}
+
+/// Snapshot files of `dir`, ordered by the sequence number they hold.
+fn list_snapshots(dir: &Path) -> Result<Vec<(u64, PathBuf)>, JournalError> {
+    let mut out = Vec::new();
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(io_err(dir, "listing snapshots", e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(|e| io_err(dir, "listing snapshots", e))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let Some(seq) = name
+            .strip_prefix(SNAPSHOT_PREFIX)
+            .and_then(|n| n.strip_suffix(SNAPSHOT_SUFFIX))
+        else {
+            continue;
+        };
+        if seq.is_empty() || !seq.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        if let Ok(n) = seq.parse::<u64>() {
+            out.push((n, entry.path()));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Reads a snapshot file, giving each row to `on_row`.
+fn scan_snapshot(
+    dir: &Path,
+    path: &Path,
+    named_seq: u64,
+    salvage: bool,
+    on_row: &mut dyn FnMut(u64, Record) -> Result<(), JournalError>,
+) -> Result<(SnapshotInfo, Option<BadEntry>, Vec<Skipped>), JournalError> {
+    let data = fs::read(path).map_err(|e| io_err(dir, format!("reading {}", path.display()), e))?;
+    let mut rows = 0u64;
+    let mut end: Option<(u64, u64, u64)> = None;
+    let mut decode_failed: Option<BadEntry> = None;
+    let mut on_entry = |p: &Path, seq: u64, payload: &[u8]| {
+        match decode_payload(dir, p, seq, payload) {
+            Ok(Record::SnapshotEnd {
+                applied_seq,
+                rows: n,
+            }) => end = Some((applied_seq, n, seq)),
+            Ok(row) => {
+                rows += 1;
+                on_row(named_seq, row)?;
+            }
+            Err(e) if salvage => {
+                decode_failed.get_or_insert(BadEntry {
+                    segment: p.to_path_buf(),
+                    offset: 0,
+                    damage: Damage::BadHeader(e.to_string()),
+                    torn_tail: false,
+                });
+            }
+            Err(e) => return Err(e),
+        }
+        Ok(())
+    };
+    let scan = scan_bytes(path, 0, &data, None, salvage, &mut on_entry)?;
+    let mut bad = scan.bad.or(decode_failed);
+    let applied_seq = match end {
+        Some((applied, n, _)) => {
+            if n != rows && bad.is_none() {
+                bad = Some(BadEntry {
+                    segment: path.to_path_buf(),
+                    offset: data.len() as u64,
+                    damage: Damage::RowCount {
+                        expected: n,
+                        found: rows,
+                    },
+                    torn_tail: false,
+                });
+            }
+            applied
+        }
+        None => {
+            if bad.is_none() {
+                bad = Some(BadEntry {
+                    segment: path.to_path_buf(),
+                    offset: data.len() as u64,
+                    damage: Damage::Incomplete { rows },
+                    torn_tail: false,
+                });
+            }
+            named_seq
+        }
+    };
+    let info = SnapshotInfo {
+        path: path.to_path_buf(),
+        applied_seq,
+        rows,
+        bytes: data.len() as u64,
+    };
+    Ok((info, bad, scan.skipped))
+}
+
+/// Reads the newest snapshot and every segment of `dir`: snapshot rows
+/// go to `on_row` (with the snapshot's sequence number), then every
+/// intact entry after the snapshot to `on_entry`, in order. Torn tails of
+/// the last segment are marked as such; a gap between segments (a
+/// segment deleted) is damage.
 fn scan_dir(
     dir: &Path,
+    salvage: bool,
+    on_row: &mut dyn FnMut(u64, Record) -> Result<(), JournalError>,
     on_entry: &mut OnEntry<'_>,
 ) -> Result<(VerifyReport, Vec<SegmentScan>), JournalError> {
-    let segments = list_segments(dir)?;
     let mut report = VerifyReport::default();
+    let mut next: Option<u64> = None;
+    let mut after_snapshot = 0u64;
+    if let Some((named, path)) = list_snapshots(dir)?.pop() {
+        let (info, bad, skipped) = scan_snapshot(dir, &path, named, salvage, on_row)?;
+        after_snapshot = info.applied_seq;
+        next = Some(info.applied_seq + 1);
+        report.last_seq = Some(info.applied_seq);
+        report.snapshot = Some(info);
+        report.damage.extend(bad);
+        report.skipped.extend(skipped);
+    }
+    let segments = list_segments(dir)?;
     let mut scans = Vec::with_capacity(segments.len());
     let count = segments.len();
     for (i, (number, path)) in segments.into_iter().enumerate() {
         let data =
             fs::read(&path).map_err(|e| io_err(dir, format!("reading {}", path.display()), e))?;
         let mut n = 0u64;
+        let mut gap: Option<(u64, u64)> = None;
+        let mut first: Option<u64> = None;
         let mut counting = |p: &Path, seq: u64, payload: &[u8]| {
+            if seq <= after_snapshot {
+                // Held by the snapshot (a segment left by a compaction
+                // that did not finish deleting).
+                return Ok(());
+            }
+            if let (Some(expected), None) = (next, first) {
+                // Within a segment, scan_bytes checks the order itself.
+                if seq > expected {
+                    gap = Some((expected, seq));
+                }
+            }
+            first.get_or_insert(seq);
+            next = Some(seq + 1);
             n += 1;
             on_entry(p, seq, payload)
         };
-        let mut scan = scan_bytes(&path, number, &data, report.last_seq, &mut counting)?;
+        let mut scan = scan_bytes(
+            &path,
+            number,
+            &data,
+            report.last_seq,
+            salvage,
+            &mut counting,
+        )?;
         report.segments += 1;
         report.entries_ok += n;
-        if scan.last_seq.is_some() {
-            report.last_seq = scan.last_seq;
+        if report.first_seq.is_none() {
+            report.first_seq = first;
         }
+        if let Some(last) = scan.last_seq {
+            report.last_seq = Some(report.last_seq.map_or(last, |l| l.max(last)));
+        }
+        let open_skip = report
+            .skipped
+            .last_mut()
+            .filter(|s| matches!((s.seqs, gap), (Some((a, u64::MAX)), Some((e, _))) if a == e));
+        if let (Some(skip), Some((expected, found))) = (open_skip, gap) {
+            // The previous segment's unreadable end held these entries.
+            skip.seqs = Some((expected, found - 1));
+        } else if let Some((expected, found)) = gap {
+            // Entries between segments are missing: a segment was lost.
+            report.damage.push(BadEntry {
+                segment: path.clone(),
+                offset: 0,
+                damage: Damage::Sequence { expected, found },
+                torn_tail: false,
+            });
+            report.skipped.push(Skipped {
+                segment: path.clone(),
+                from: 0,
+                to: 0,
+                seqs: Some((expected, found - 1)),
+            });
+        }
+        report.skipped.append(&mut scan.skipped);
         if let Some(bad) = &mut scan.bad {
             bad.torn_tail = i + 1 == count
-                && matches!(bad.damage, Damage::Truncated { .. } | Damage::ZeroFilled);
+                && matches!(bad.damage, Damage::Truncated { .. } | Damage::ZeroFilled)
+                && scan.skipped.is_empty();
             report.damage.push(bad.clone());
         }
         scans.push(scan);
@@ -614,9 +948,30 @@ fn scan_dir(
 
 /// Reads the whole journal in `journal_dir` without changing anything:
 /// intact entries, the highest sequence number, and every place where
-/// reading stopped (segment and offset).
+/// reading stopped (file and offset).
 pub fn verify(journal_dir: &Path) -> Result<VerifyReport, JournalError> {
-    scan_dir(journal_dir, &mut |_, _, _| Ok(())).map(|(r, _)| r)
+    read_all(journal_dir, false, &mut |_, _| Ok(()))
+}
+
+/// Reads the whole journal in `journal_dir`, giving `on_record` every
+/// record in order: the snapshot's rows first (with the snapshot's
+/// sequence number), then each intact entry after it. With `salvage`,
+/// reading goes on past damage at the next intact entry, and what was
+/// skipped is in [`VerifyReport::skipped`]. Changes nothing.
+pub fn read_all(
+    journal_dir: &Path,
+    salvage: bool,
+    on_record: &mut dyn FnMut(u64, Record) -> Result<(), JournalError>,
+) -> Result<VerifyReport, JournalError> {
+    let dir = journal_dir;
+    // The two readers run one after the other, never together.
+    let cell = std::cell::RefCell::new(on_record);
+    let mut rows = |seq: u64, r: Record| (*cell.borrow_mut())(seq, r);
+    let mut entries = |segment: &Path, seq: u64, payload: &[u8]| {
+        let r = decode_payload(dir, segment, seq, payload)?;
+        (*cell.borrow_mut())(seq, r)
+    };
+    scan_dir(dir, salvage, &mut rows, &mut entries).map(|(r, _)| r)
 }
 
 /// Decodes a payload.
@@ -648,6 +1003,13 @@ pub trait Index: Send + 'static {
 
     /// Makes everything applied so far durable.
     fn flush(&mut self) -> Result<(), String>;
+
+    /// Gives every row of the index to `sink` as a record that, applied
+    /// to an empty index, recreates it ([`Record::Raw`] for sled).
+    fn snapshot(
+        &mut self,
+        sink: &mut dyn FnMut(Record) -> Result<(), String>,
+    ) -> Result<(), String>;
 }
 
 /// Options of the journal.
@@ -656,12 +1018,24 @@ pub struct JournalOptions {
     /// A segment is closed at the first group boundary after it reaches
     /// this many bytes.
     pub segment_bytes: u64,
+    /// A snapshot is written (and the segments it holds deleted) when the
+    /// segments since the last one reach this many bytes, or the size of
+    /// the last snapshot if larger: the journal stays within about twice
+    /// the size of the index plus this.
+    pub compact_bytes: u64,
+    /// Read past damage to the next intact entry (`--repair`).
+    pub salvage: bool,
 }
+
+/// Default [`JournalOptions::compact_bytes`].
+pub const DEFAULT_COMPACT_BYTES: u64 = 64 << 20;
 
 impl Default for JournalOptions {
     fn default() -> Self {
         JournalOptions {
             segment_bytes: DEFAULT_SEGMENT_BYTES,
+            compact_bytes: DEFAULT_COMPACT_BYTES,
+            salvage: false,
         }
     }
 }
@@ -677,8 +1051,10 @@ pub struct JournalCounters {
     pub records: Counter,
     /// Bytes appended (entries, without segment headers).
     pub bytes: Counter,
-    /// Segments deleted after being fully applied.
+    /// Segments deleted once a snapshot holds them.
     pub segments_deleted: Counter,
+    /// Snapshots written.
+    pub snapshots: Counter,
     /// Records per group commit.
     pub group_size: Histogram,
 }
@@ -690,13 +1066,14 @@ impl Default for JournalCounters {
             records: Counter::default(),
             bytes: Counter::default(),
             segments_deleted: Counter::default(),
+            snapshots: Counter::default(),
             group_size: Histogram::new(exponential_buckets(1.0, 2.0, 13)),
         }
     }
 }
 
-/// The journal files: the active segment and the closed ones not yet
-/// deleted. Owned by the writer thread.
+/// The journal files: the newest snapshot, the closed segments after it
+/// and the active segment. Owned by the writer thread.
 #[derive(Debug)]
 pub struct Journal {
     dir: PathBuf,
@@ -705,8 +1082,12 @@ pub struct Journal {
     number: u64,
     len: u64,
     next_seq: u64,
-    /// Closed intact segments, deletable once the index is flushed.
+    /// Closed intact segments after the snapshot.
     closed: Vec<PathBuf>,
+    /// Bytes of the closed segments.
+    closed_bytes: u64,
+    /// The newest snapshot and its size.
+    snapshot: Option<(PathBuf, u64)>,
 }
 
 /// What opening the journal found and did.
@@ -716,7 +1097,7 @@ pub struct OpenReport {
     pub verify: VerifyReport,
     /// Records applied to the index by the replay.
     pub replayed: u64,
-    /// Segments deleted after the replay.
+    /// Files deleted at open (older snapshots, unfinished snapshots).
     pub deleted: usize,
     /// Damaged segments kept for `--repair`.
     pub kept: Vec<PathBuf>,
@@ -724,9 +1105,10 @@ pub struct OpenReport {
 
 impl Journal {
     /// Opens the journal in `dir` (created if missing): replays into
-    /// `index` every intact entry after its `applied_seq`, flushes the
-    /// index, deletes the segments it no longer needs and starts a new
-    /// segment.
+    /// `index` what it lacks (the snapshot's rows when the index is
+    /// behind the snapshot, then every intact entry after its
+    /// `applied_seq`), flushes the index, cuts a torn tail off the last
+    /// segment (never acknowledged) and starts a new segment.
     pub fn open<I: Index>(
         dir: &Path,
         options: JournalOptions,
@@ -736,27 +1118,37 @@ impl Journal {
         let applied = index.applied_seq();
         let mut pending: Vec<(u64, Record)> = Vec::new();
         let mut replayed = 0u64;
-        let mut on_entry = |segment: &Path, seq: u64, payload: &[u8]| {
-            if seq <= applied {
-                return Ok(());
-            }
-            pending.push((seq, decode_payload(dir, segment, seq, payload)?));
-            if pending.len() >= MAX_GROUP {
-                index
-                    .apply(&pending)
-                    .map_err(|detail| JournalError::Index {
-                        dir: dir.to_path_buf(),
-                        detail,
-                    })?;
-                replayed += pending.len() as u64;
-                pending.clear();
-            }
-            Ok(())
-        };
-        let (verify, scans) = scan_dir(dir, &mut on_entry)?;
         let index_err = |detail| JournalError::Index {
             dir: dir.to_path_buf(),
             detail,
+        };
+        let (verify, scans) = {
+            let cell = std::cell::RefCell::new((&mut pending, &mut replayed, &mut *index));
+            let push = |seq: u64, record: Record| -> Result<(), JournalError> {
+                let mut guard = cell.borrow_mut();
+                let (pending, replayed, index) = &mut *guard;
+                pending.push((seq, record));
+                if pending.len() >= MAX_GROUP {
+                    index.apply(pending).map_err(index_err)?;
+                    **replayed += pending.len() as u64;
+                    pending.clear();
+                }
+                Ok(())
+            };
+            let mut rows = |seq: u64, row: Record| {
+                if seq > applied {
+                    push(seq, row)
+                } else {
+                    Ok(())
+                }
+            };
+            let mut entries = |segment: &Path, seq: u64, payload: &[u8]| {
+                if seq <= applied {
+                    return Ok(());
+                }
+                push(seq, decode_payload(dir, segment, seq, payload)?)
+            };
+            scan_dir(dir, options.salvage, &mut rows, &mut entries)?
         };
         if !pending.is_empty() {
             index.apply(&pending).map_err(index_err)?;
@@ -768,29 +1160,70 @@ impl Journal {
             replayed,
             ..OpenReport::default()
         };
+        // Older snapshots, and one a crash left unfinished, are superseded.
+        let newest = report.verify.snapshot.as_ref().map(|s| s.path.clone());
+        for (_, path) in list_snapshots(dir)? {
+            if Some(&path) != newest.as_ref() {
+                remove(dir, &path)?;
+                report.deleted += 1;
+            }
+        }
+        if let Ok(entries) = fs::read_dir(dir) {
+            for entry in entries.flatten() {
+                let path = entry.path();
+                if path.extension().is_some_and(|e| e == "tmp") {
+                    remove(dir, &path)?;
+                    report.deleted += 1;
+                }
+            }
+        }
         let mut last_number = 0;
+        let mut closed = Vec::new();
+        let mut closed_bytes = 0;
         for scan in &scans {
             last_number = last_number.max(scan.number);
-            let intact = scan.bad.as_ref().is_none_or(|b| b.torn_tail);
-            if intact {
-                fs::remove_file(&scan.path)
-                    .map_err(|e| io_err(dir, format!("deleting {}", scan.path.display()), e))?;
-                report.deleted += 1;
-            } else {
-                report.kept.push(scan.path.clone());
+            match &scan.bad {
+                Some(bad) if bad.torn_tail => {
+                    // Never acknowledged: cut it off, so that the segment
+                    // reads cleanly once it is no longer the last one.
+                    let f = OpenOptions::new()
+                        .write(true)
+                        .open(&scan.path)
+                        .map_err(|e| io_err(dir, format!("opening {}", scan.path.display()), e))?;
+                    f.set_len(bad.offset.max(SEGMENT_HEADER_LEN))
+                        .and_then(|_| f.sync_all())
+                        .map_err(|e| {
+                            io_err(
+                                dir,
+                                format!("cutting the torn tail of {}", scan.path.display()),
+                                e,
+                            )
+                        })?;
+                    closed_bytes += bad.offset;
+                    closed.push(scan.path.clone());
+                }
+                Some(_) => report.kept.push(scan.path.clone()),
+                None => {
+                    closed_bytes += fs::metadata(&scan.path).map(|m| m.len()).unwrap_or(0);
+                    closed.push(scan.path.clone());
+                }
             }
         }
         for bad in report.verify.damage.iter().filter(|b| !b.torn_tail) {
             tracing::warn!(
                 journal = %dir.display(),
                 damage = %bad,
-                "journal damaged: entries after this point in the segment were not replayed; \
-                 the segment is kept for repair"
+                "journal damaged: entries after this point in the file were not replayed"
             );
         }
         let next_seq = applied.max(report.verify.last_seq.unwrap_or(0)) + 1;
         let number = last_number + 1;
         let file = create_segment(dir, number, next_seq)?;
+        let snapshot = report
+            .verify
+            .snapshot
+            .as_ref()
+            .map(|s| (s.path.clone(), s.bytes));
         Ok((
             Journal {
                 dir: dir.to_path_buf(),
@@ -799,7 +1232,9 @@ impl Journal {
                 number,
                 len: SEGMENT_HEADER_LEN,
                 next_seq,
-                closed: Vec::new(),
+                closed,
+                closed_bytes,
+                snapshot,
             },
             report,
         ))
@@ -827,9 +1262,23 @@ impl Journal {
         Ok(())
     }
 
-    /// Starts a new segment if the active one is over the limit, then
-    /// flushes the index and deletes every closed segment (all their
-    /// records are applied: groups are applied before the next begins).
+    /// Closes the active segment and starts the next one.
+    fn rotate(&mut self) -> Result<(), JournalError> {
+        let number = self.number + 1;
+        let file = create_segment(&self.dir, number, self.next_seq)?;
+        let old = std::mem::replace(&mut self.file, file);
+        drop(old);
+        self.closed.push(segment_path(&self.dir, self.number));
+        self.closed_bytes += self.len;
+        self.number = number;
+        self.len = SEGMENT_HEADER_LEN;
+        Ok(())
+    }
+
+    /// Starts a new segment if the active one is over the limit; writes a
+    /// snapshot when the segments since the last one are large enough
+    /// (every group is applied before the next begins, so the index holds
+    /// everything written so far).
     fn maybe_rotate<I: Index>(
         &mut self,
         index: &mut I,
@@ -838,24 +1287,119 @@ impl Journal {
         if self.len < self.options.segment_bytes {
             return Ok(());
         }
-        let number = self.number + 1;
-        let file = create_segment(&self.dir, number, self.next_seq)?;
-        let old = std::mem::replace(&mut self.file, file);
-        drop(old);
-        self.closed.push(segment_path(&self.dir, self.number));
-        self.number = number;
-        self.len = SEGMENT_HEADER_LEN;
-        index.flush().map_err(|detail| JournalError::Index {
-            dir: self.dir.clone(),
-            detail,
-        })?;
-        for path in self.closed.drain(..) {
-            fs::remove_file(&path)
-                .map_err(|e| io_err(&self.dir, format!("deleting {}", path.display()), e))?;
-            counters.segments_deleted.inc();
+        self.rotate()?;
+        let threshold = self
+            .options
+            .compact_bytes
+            .max(self.snapshot.as_ref().map_or(0, |(_, b)| *b));
+        if self.closed_bytes >= threshold {
+            self.write_snapshot(index, counters)?;
         }
         Ok(())
     }
+
+    /// Writes a snapshot of `index` (which must hold every record written
+    /// so far), then deletes the segments and the snapshot it supersedes.
+    /// The snapshot is written to a temporary file, synced, renamed into
+    /// place and the directory synced: a crash leaves the old state or
+    /// the new one.
+    pub fn write_snapshot<I: Index>(
+        &mut self,
+        index: &mut I,
+        counters: &JournalCounters,
+    ) -> Result<SnapshotInfo, JournalError> {
+        if self.len > SEGMENT_HEADER_LEN {
+            self.rotate()?;
+        }
+        let applied_seq = self.next_seq - 1;
+        let index_err = |detail| JournalError::Index {
+            dir: self.dir.clone(),
+            detail,
+        };
+        index.flush().map_err(index_err)?;
+        let path = snapshot_path(&self.dir, applied_seq);
+        let tmp = path.with_extension("snap.tmp");
+        let op = || format!("writing {}", tmp.display());
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(&tmp)
+            .map_err(|e| io_err(&self.dir, op(), e))?;
+        let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+        out.write_all(&header_bytes(1))
+            .map_err(|e| io_err(&self.dir, op(), e))?;
+        // Rows written, bytes written, the first I/O error.
+        let state = std::cell::RefCell::new((0u64, SEGMENT_HEADER_LEN, None::<std::io::Error>));
+        let mut buf = Vec::new();
+        let mut write = |record: &Record| -> Result<(), String> {
+            let payload = serde_json::to_vec(record).map_err(|e| e.to_string())?;
+            if payload.len() > MAX_PAYLOAD as usize {
+                return Err(format!("a snapshot row of {} bytes", payload.len()));
+            }
+            let mut st = state.borrow_mut();
+            st.0 += 1;
+            buf.clear();
+            encode_entry(&mut buf, st.0, &payload);
+            st.1 += buf.len() as u64;
+            out.write_all(&buf).map_err(|e| {
+                let msg = e.to_string();
+                st.2 = Some(e);
+                msg
+            })
+        };
+        let dir = self.dir.clone();
+        let fail = |detail: String| match state.borrow_mut().2.take() {
+            Some(e) => io_err(&dir, op(), e),
+            None => JournalError::Index {
+                dir: dir.clone(),
+                detail: format!("writing a snapshot: {detail}"),
+            },
+        };
+        index.snapshot(&mut |row| write(&row)).map_err(&fail)?;
+        let rows = state.borrow().0;
+        write(&Record::SnapshotEnd { applied_seq, rows }).map_err(&fail)?;
+        let bytes = state.borrow().1;
+        let file = out
+            .into_inner()
+            .map_err(|e| io_err(&self.dir, op(), e.into_error()))?;
+        file.sync_all().map_err(|e| io_err(&self.dir, op(), e))?;
+        drop(file);
+        fs::rename(&tmp, &path).map_err(|e| io_err(&self.dir, op(), e))?;
+        sync_dir(&self.dir)?;
+        counters.snapshots.inc();
+        for old in self.closed.drain(..) {
+            remove(&self.dir, &old)?;
+            counters.segments_deleted.inc();
+        }
+        self.closed_bytes = 0;
+        if let Some((old, _)) = self.snapshot.replace((path.clone(), bytes)) {
+            if old != path {
+                remove(&self.dir, &old)?;
+            }
+        }
+        tracing::info!(journal = %self.dir.display(), applied_seq, rows, bytes, "journal snapshot written");
+        Ok(SnapshotInfo {
+            path,
+            applied_seq,
+            rows,
+            bytes,
+        })
+    }
+}
+
+fn remove(dir: &Path, path: &Path) -> Result<(), JournalError> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_err(dir, format!("deleting {}", path.display()), e)),
+    }
+}
+
+fn sync_dir(dir: &Path) -> Result<(), JournalError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io_err(dir, "syncing the directory", e))
 }
 
 /// Creates segment `number` with its header, synced, and syncs the
@@ -871,9 +1415,7 @@ fn create_segment(dir: &Path, number: u64, first_seq: u64) -> Result<File, Journ
     file.write_all(&header_bytes(first_seq))
         .map_err(|e| io_err(dir, op(), e))?;
     file.sync_all().map_err(|e| io_err(dir, op(), e))?;
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| io_err(dir, "syncing the directory", e))?;
+    sync_dir(dir)?;
     Ok(file)
 }
 
@@ -1273,6 +1815,14 @@ mod tests {
             m.flushed_seq = m.applied.last().map(|(s, _)| *s).unwrap_or(0);
             Ok(())
         }
+
+        fn snapshot(
+            &mut self,
+            sink: &mut dyn FnMut(Record) -> Result<(), String>,
+        ) -> Result<(), String> {
+            let rows = state(&self.lock().applied);
+            rows.into_iter().try_for_each(sink)
+        }
     }
 
     fn put(i: usize) -> Record {
@@ -1283,9 +1833,6 @@ mod tests {
         }
     }
 
-    fn opts(segment_bytes: u64) -> JournalOptions {
-        JournalOptions { segment_bytes }
-    }
 
     fn start(dir: &Path, o: JournalOptions, index: &MemIndex) -> (Writer<u64>, OpenReport) {
         let mut idx = index.clone();
@@ -1341,11 +1888,13 @@ mod tests {
         let (w, report) = start(&dir, JournalOptions::default(), &fresh);
         assert_eq!(report.replayed, 5);
         assert_eq!(fresh.records(), expected);
-        // The replayed segment is deleted; numbering and seqs go on.
-        assert_eq!(report.deleted, 1);
+        // The replayed segment is kept (no snapshot holds it yet);
+        // numbering and seqs go on in a new one.
+        assert_eq!(report.deleted, 0);
         assert_eq!(w.submit(&put(9)).unwrap().wait().unwrap(), 6);
         drop(w);
-        assert_eq!(list_segments(&dir).unwrap()[0].0, 2);
+        let numbers: Vec<u64> = list_segments(&dir).unwrap().iter().map(|s| s.0).collect();
+        assert_eq!(numbers, vec![1, 2]);
     }
 
     #[test]
@@ -1512,42 +2061,126 @@ mod tests {
         assert_eq!(index.records().len(), 200);
     }
 
+    /// The last record per key, in key order: the state a snapshot of a
+    /// `MemIndex` holds.
+    fn state(records: &[(u64, Record)]) -> Vec<Record> {
+        let mut m = std::collections::BTreeMap::new();
+        for (_, r) in records {
+            if let Record::Put { key, .. } = r {
+                m.insert(key.clone(), r.clone());
+            }
+        }
+        m.into_values().collect()
+    }
+
     #[test]
-    fn rotation_deletes_applied_segments_and_keeps_the_directory_bounded() {
+    fn compaction_snapshots_and_keeps_the_directory_bounded() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join(JOURNAL_DIR);
         let index = MemIndex::default();
-        let limit = 2048;
-        let (w, _) = start(&dir, opts(limit), &index);
-        let mut most_files = 0;
+        let o = JournalOptions {
+            segment_bytes: 2048,
+            compact_bytes: 8192,
+            salvage: false,
+        };
+        let (w, _) = start(&dir, o, &index);
         let mut most_bytes = 0;
-        for i in 0..400 {
-            w.submit(&put(i)).unwrap().wait().unwrap();
-            let segs = list_segments(&dir).unwrap();
-            let bytes: u64 = segs
-                .iter()
-                .map(|(_, p)| fs::metadata(p).unwrap().len())
+        for i in 0..2000 {
+            // 20 keys, each rewritten: the state stays small.
+            w.submit(&put(i % 20)).unwrap().wait().unwrap();
+            let bytes: u64 = fs::read_dir(&dir)
+                .unwrap()
+                .map(|e| e.unwrap().metadata().unwrap().len())
                 .sum();
-            most_files = most_files.max(segs.len());
             most_bytes = most_bytes.max(bytes);
         }
+        let snapshots = w.counters().snapshots.get();
         let deleted = w.counters().segments_deleted.get();
-        eprintln!(
-            "rotation: {deleted} segments deleted, at most {most_files} files, {most_bytes} bytes"
-        );
-        assert!(deleted >= 10, "{deleted}");
-        assert_eq!(most_files, 1);
-        assert!(most_bytes < limit + 200, "{most_bytes}");
-        // The index was flushed before each deletion.
-        assert!(index.lock().flushed_seq > 300);
+        eprintln!("compaction: {snapshots} snapshots, {deleted} segments deleted, at most {most_bytes} bytes");
+        assert!(snapshots >= 5, "{snapshots}");
+        assert!(deleted >= 20, "{deleted}");
+        // Snapshot (20 rows) + one compaction window + a segment.
+        assert!(most_bytes < 8192 + 2 * 2048 + 20 * 200, "{most_bytes}");
+        assert_eq!(list_snapshots(&dir).unwrap().len(), 1);
         drop(w);
-        // Everything is in the index already: nothing to replay, and a
-        // fresh index only sees what the remaining segment holds.
-        let (w, report) = start(&dir, opts(limit), &index);
+        // A fresh index rebuilds the state from the snapshot and the tail.
+        let fresh = MemIndex::default();
+        let (w, report) = start(&dir, o, &fresh);
+        assert!(report.verify.snapshot.is_some());
+        assert!(report.verify.complete(0));
+        assert_eq!(state(&fresh.records()), state(&index.records()));
+        assert_eq!(w.submit(&put(1)).unwrap().wait().unwrap(), 2001);
+        drop(w);
+        // An index already up to date replays nothing.
+        let (_w, report) = start(&dir, o, &fresh);
         assert_eq!(report.replayed, 0);
+    }
+
+    #[test]
+    fn a_missing_segment_or_snapshot_is_damage_and_salvage_reads_past_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join(JOURNAL_DIR);
+        let index = MemIndex::default();
+        let o = JournalOptions {
+            segment_bytes: 1024,
+            compact_bytes: u64::MAX,
+            salvage: false,
+        };
+        let (w, _) = start(&dir, o, &index);
+        for i in 0..60 {
+            w.submit(&put(i)).unwrap().wait().unwrap();
+        }
         drop(w);
+        let segs = list_segments(&dir).unwrap();
+        assert!(segs.len() >= 4, "{segs:?}");
+        // Delete a middle segment: a gap in the sequence.
+        fs::remove_file(&segs[1].1).unwrap();
         let v = verify(&dir).unwrap();
-        assert_eq!((v.entries_ok, v.segments), (0, 1));
+        assert!(v.needs_repair(), "{v:?}");
+        let bad = v.first_bad().unwrap();
+        assert!(matches!(bad.damage, Damage::Sequence { .. }), "{bad}");
+        // A salvaging read goes on and names the lost range.
+        let mut seen = Vec::new();
+        let v = read_all(&dir, true, &mut |seq, _| {
+            seen.push(seq);
+            Ok(())
+        })
+        .unwrap();
+        let lost = v.skipped.iter().find_map(|s| s.seqs).unwrap();
+        assert_eq!(seen.len() as u64 + (lost.1 - lost.0 + 1), 60, "{v:?}");
+        assert!(!seen.contains(&lost.0) && seen.contains(&(lost.1 + 1)));
+    }
+
+    #[test]
+    fn salvage_resynchronises_after_a_garbled_entry() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join(JOURNAL_DIR);
+        let (w, _) = start(&dir, JournalOptions::default(), &MemIndex::default());
+        let seg = only_segment(&dir);
+        let mut ends = Vec::new();
+        for i in 0..10 {
+            w.submit(&put(i)).unwrap().wait().unwrap();
+            ends.push(fs::metadata(&seg).unwrap().len());
+        }
+        drop(w);
+        // Garble the length and checksum of entry seq 4.
+        let mut bytes = fs::read(&seg).unwrap();
+        let at = ends[2] as usize;
+        bytes[at..at + 8].iter_mut().for_each(|b| *b ^= 0x5A);
+        fs::write(&seg, &bytes).unwrap();
+        let strict = verify(&dir).unwrap();
+        assert_eq!(strict.entries_ok, 3);
+        let mut seen = Vec::new();
+        let v = read_all(&dir, true, &mut |seq, _| {
+            seen.push(seq);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(seen, vec![1, 2, 3, 5, 6, 7, 8, 9, 10], "{v:?}");
+        assert_eq!(v.skipped.len(), 1, "{v:?}");
+        assert_eq!(v.skipped[0].seqs, Some((4, 4)));
+        assert_eq!(v.skipped[0].from, ends[2]);
+        assert_eq!(v.skipped[0].to, ends[3]);
     }
 
     #[test]
@@ -1564,6 +2197,12 @@ mod tests {
             }
             fn flush(&mut self) -> Result<(), String> {
                 Ok(())
+            }
+            fn snapshot(
+                &mut self,
+                _: &mut dyn FnMut(Record) -> Result<(), String>,
+            ) -> Result<(), String> {
+                Err("broken".into())
             }
         }
         let tmp = tempfile::tempdir().unwrap();

@@ -3,6 +3,7 @@
 //! and the `Knowledge` actor ([`actor`]).
 
 pub mod actor;
+pub mod integrity;
 pub mod journal;
 pub mod learning;
 pub mod store;
