@@ -207,6 +207,13 @@ impl CharterClient {
         } else {
             req.header("X-API-Key", &self.api_key)
         };
+        // The action's idempotency key, the same on every attempt and
+        // never sent for a different action: the Charter can tell a retry
+        // from a new request.
+        let req = match IDEMPOTENCY.try_with(Clone::clone).ok().flatten() {
+            Some(key) => req.header("Idempotency-Key", key),
+            None => req,
+        };
         exchange(path, req).await
     }
 
@@ -252,6 +259,12 @@ impl CharterEffector {
             scale_plans: std::sync::Mutex::new(HashMap::new()),
         }
     }
+}
+
+tokio::task_local! {
+    /// The idempotency key of the action being applied (sent as the
+    /// `Idempotency-Key` header of its requests).
+    static IDEMPOTENCY: Option<String>;
 }
 
 /// The key the Executor puts on each action (`execution/action`), the same
@@ -435,7 +448,11 @@ impl Effector for CharterEffector {
         &'a self,
         action: &'a RemediationAction,
     ) -> BoxFuture<'a, Result<Value, EffectorError>> {
-        Box::pin(self.run(action.action_type, &action.parameters, &action.target))
+        let key = idempotency_key(&action.parameters).map(str::to_string);
+        Box::pin(IDEMPOTENCY.scope(
+            key,
+            self.run(action.action_type, &action.parameters, &action.target),
+        ))
     }
 
     fn rollback<'a>(

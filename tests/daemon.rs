@@ -277,9 +277,10 @@ fn knowledge_survives_a_restart_of_the_daemon_and_pending_policies_can_be_decide
         .expect("json");
     assert_eq!(execs["executions"][0]["id"], "exe-0001");
     assert_eq!(
-        execs["executions"][0]["status"], "FAILED",
+        execs["executions"][0]["status"], "UNKNOWN",
         "an execution interrupted by a stop is closed: {execs}"
     );
+    assert_eq!(execs["executions"][0]["interrupted"], true, "{execs}");
     assert!(execs["executions"][0]["error"]
         .as_str()
         .unwrap_or("")

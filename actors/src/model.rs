@@ -607,6 +607,9 @@ pub enum ExecutionStatus {
     /// Executed against the recorder (`safety.mode: dry_run`): nothing
     /// left mapek.
     DryRun,
+    /// mapek stopped (crashed, was killed) while this ran: a call that was
+    /// under way may or may not have been applied. Never re-sent.
+    Unknown,
 }
 
 impl ExecutionStatus {
@@ -619,6 +622,7 @@ impl ExecutionStatus {
             ExecutionStatus::Failed => "FAILED",
             ExecutionStatus::RolledBack => "ROLLED_BACK",
             ExecutionStatus::DryRun => "DRY_RUN",
+            ExecutionStatus::Unknown => "UNKNOWN",
         }
     }
 }
@@ -646,6 +650,10 @@ pub struct ActionExecution {
     pub error: Option<String>,
     /// Whether its rollback ran, and how it ended.
     pub rollback: Option<String>,
+    /// What was sent: the action with its parameters, the idempotency
+    /// key among them (journaled before the call).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<serde_json::Value>,
 }
 
 /// Outcome classes of Knowledge.
@@ -759,6 +767,10 @@ pub struct PolicyExecution {
     /// Incident it remedies.
     #[serde(default)]
     pub incident_id: Option<String>,
+    /// mapek stopped while this execution acted: it was re-measured after
+    /// the restart and its outcome is kept out of learning.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub interrupted: bool,
 }
 
 /// Outcome of an execution, as learned by Knowledge.

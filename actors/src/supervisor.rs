@@ -189,7 +189,7 @@ pub fn start_loop(parts: LoopParts) -> LoopHandle {
     let exit = ExitReason::default();
     let state = SharedState::default();
     let now = clock.now();
-    close_interrupted(&store, now);
+    let mut unfinished = close_interrupted(&store);
     state.update(now, |s| {
         s.started_at = Some(now);
         s.is_running = true;
@@ -235,6 +235,16 @@ pub fn start_loop(parts: LoopParts) -> LoopHandle {
         let probe: Arc<dyn EvidenceProbe> =
             probe.unwrap_or_else(|| Arc::new(monitor_probe.clone()));
         let router = effectors.clone();
+        if !unfinished.is_empty() {
+            actix::spawn(recover(
+                std::mem::take(&mut unfinished),
+                store.clone(),
+                probe.clone(),
+                clock.clone(),
+                Duration::from_secs(settings.execute.verification_window_seconds),
+                knowledge.port(),
+            ));
+        }
         let env = ExecutionEnv {
             router: effectors,
             probe,
@@ -385,42 +395,182 @@ pub fn start_loop(parts: LoopParts) -> LoopHandle {
     }
 }
 
-/// Executions left IN_PROGRESS by a previous run (the daemon stopped or
-/// crashed while acting) are closed as FAILED, saying so: their actions may
-/// be partly applied, and an audit trail must not claim they still run.
-fn close_interrupted(store: &KnowledgeStore, now: chrono::DateTime<chrono::Utc>) {
+/// An execution a previous run left unfinished.
+struct Unfinished {
+    exec: crate::model::PolicyExecution,
+    /// Its actions had all completed: only the verification was cut
+    /// short (re-armed); otherwise it was interrupted while acting.
+    verifying: bool,
+}
+
+/// Executions a previous run left unfinished (the daemon stopped or
+/// crashed):
+/// - **interrupted while acting** (IN_PROGRESS): every action on record as
+///   started but not finished becomes UNKNOWN (interrupted), with what was
+///   sent; nothing is re-sent. The execution is UNKNOWN and
+///   `interrupted`; it is re-measured after the verification window and
+///   kept out of learning;
+/// - **verifying** (COMPLETED, no outcome yet): the verification is
+///   re-armed for the rest of its window, then the outcome is recorded as
+///   usual.
+fn close_interrupted(store: &KnowledgeStore) -> Vec<Unfinished> {
+    use crate::model::ExecutionStatus;
     let Ok(recent) = store.list_executions(1000) else {
-        return;
+        return Vec::new();
     };
-    for mut e in recent
-        .into_iter()
-        .filter(|e| e.status == crate::model::ExecutionStatus::InProgress)
-    {
-        tracing::warn!(execution = %e.id, policy = %e.policy_id, "execution was interrupted by a stop of mapek; recording it as FAILED");
-        e.status = crate::model::ExecutionStatus::Failed;
-        e.finished_at = Some(now);
-        e.error = Some(
-            "interrupted: mapek stopped while this execution ran; its actions may be partly applied".into(),
+    let mut out = Vec::new();
+    for mut e in recent {
+        match e.status {
+            ExecutionStatus::InProgress => {}
+            ExecutionStatus::Completed if e.outcome.is_none() => {
+                tracing::warn!(execution = %e.id, policy = %e.policy_id, "mapek stopped while this execution was verifying; the verification is re-armed");
+                link_to_incident(store, &e);
+                out.push(Unfinished {
+                    exec: e,
+                    verifying: true,
+                });
+                continue;
+            }
+            _ => continue,
+        }
+        let mut unknown = 0;
+        for a in e
+            .actions
+            .iter_mut()
+            .filter(|a| a.status == ExecutionStatus::InProgress)
+        {
+            unknown += 1;
+            a.status = ExecutionStatus::Unknown;
+            let key = a
+                .request
+                .as_ref()
+                .and_then(|r| r.pointer("/parameters/idempotency_key"))
+                .and_then(|k| k.as_str())
+                .unwrap_or("unknown")
+                .to_string();
+            a.error = Some(format!(
+                "interrupted: mapek stopped during this call; it may or may not have been \
+                 applied, and it is not sent again (idempotency key {key})"
+            ));
+        }
+        let completed = e
+            .actions
+            .iter()
+            .filter(|a| a.status == ExecutionStatus::Completed)
+            .count();
+        tracing::warn!(
+            execution = %e.id, policy = %e.policy_id, completed, unknown,
+            "execution was interrupted by a stop of mapek; its calls under way are UNKNOWN and not re-sent; it is re-measured after the verification window, outside learning"
         );
+        e.status = ExecutionStatus::Unknown;
+        e.interrupted = true;
+        e.error = Some(format!(
+            "interrupted: mapek stopped while this execution acted ({completed} actions \
+             completed, {unknown} UNKNOWN); re-measured after the restart, outside learning"
+        ));
         if let Err(err) = store.put_execution(&e) {
             tracing::error!(execution = %e.id, error = %err, "cannot close the interrupted execution");
         }
-        // The incident's record lists it with its other executions.
-        if let Some(id) = &e.incident_id {
-            match store.get_record::<crate::model::Incident>(crate::store::INCIDENTS_TREE, id) {
-                Ok(Some(mut inc)) if !inc.executions.contains(&e.id) => {
-                    inc.executions.push(e.id.clone());
-                    if let Err(err) = store.put_incident(&inc) {
-                        tracing::error!(incident = %id, error = %err, "cannot link the interrupted execution");
+        link_to_incident(store, &e);
+        out.push(Unfinished {
+            exec: e,
+            verifying: false,
+        });
+    }
+    out
+}
+
+/// Lists an execution on its incident's record (the Planner did not get
+/// to it before the stop).
+fn link_to_incident(store: &KnowledgeStore, e: &crate::model::PolicyExecution) {
+    let Some(id) = &e.incident_id else { return };
+    match store.get_record::<crate::model::Incident>(crate::store::INCIDENTS_TREE, id) {
+        Ok(Some(mut inc)) if !inc.executions.contains(&e.id) => {
+            inc.executions.push(e.id.clone());
+            if let Err(err) = store.put_incident(&inc) {
+                tracing::error!(incident = %id, error = %err, "cannot link the unfinished execution");
+            }
+        }
+        Ok(_) => {}
+        Err(err) => {
+            tracing::error!(incident = %id, error = %err, "cannot link the unfinished execution")
+        }
+    }
+}
+
+/// Measures each unfinished execution once its verification window is
+/// over: an interrupted one is recorded with its measurement (no outcome
+/// record, so nothing is learned from it); a verifying one goes to
+/// Knowledge as a finished execution (recorded and learned as usual).
+async fn recover(
+    unfinished: Vec<Unfinished>,
+    store: KnowledgeStore,
+    probe: Arc<dyn EvidenceProbe>,
+    clock: SharedClock,
+    window: Duration,
+    knowledge: crate::mailbox::PhasePort<crate::messages::ExecutionFinished>,
+) {
+    let runs = unfinished.into_iter().map(|Unfinished { mut exec, verifying }| {
+        let (store, probe, clock, knowledge) =
+            (store.clone(), probe.clone(), clock.clone(), knowledge.clone());
+        async move {
+            // A verification goes on for the rest of its window, counted
+            // from the last completed action; a re-measure waits a whole
+            // window from the restart.
+            let wait = if verifying {
+                let acted = exec
+                    .actions
+                    .iter()
+                    .filter_map(|a| a.finished_at)
+                    .max()
+                    .unwrap_or(exec.started_at);
+                let spent = (clock.now() - acted).to_std().unwrap_or_default();
+                window.saturating_sub(spent)
+            } else {
+                window
+            };
+            tokio::time::sleep(wait).await;
+            let policy = store.get_policy(&exec.policy_id).ok().flatten();
+            let after = match &policy {
+                Some(p) => match probe.count_violations(&p.scope).await {
+                    Ok(n) => Some(n),
+                    Err(e) => {
+                        tracing::warn!(execution = %exec.id, error = %e, "no evidence for the re-measure; outcome UNKNOWN");
+                        None
+                    }
+                },
+                None => None,
+            };
+            exec.violations_after = after;
+            exec.outcome = Some(crate::knowledge::classify(exec.violations_before, after));
+            exec.finished_at = Some(clock.now());
+            tracing::info!(
+                execution = %exec.id, verifying, before = ?exec.violations_before, after = ?after,
+                outcome = exec.outcome.map(|o| o.as_str()).unwrap_or("none"),
+                "unfinished execution re-measured after the restart"
+            );
+            match (verifying, policy) {
+                (true, Some(policy)) => {
+                    let mut chain = crate::messages::ChainTrace::start(clock.now());
+                    chain.chain_id = exec.chain_id.clone();
+                    let msg = crate::messages::ExecutionFinished {
+                        chain,
+                        execution: exec,
+                        policy,
+                    };
+                    if let Err(e) = knowledge.send(msg).await {
+                        tracing::error!(error = %e, "the re-armed verification could not reach knowledge");
                     }
                 }
-                Ok(_) => {}
-                Err(err) => {
-                    tracing::error!(incident = %id, error = %err, "cannot link the interrupted execution")
+                _ => {
+                    if let Err(e) = store.put_execution_async(&exec).await {
+                        tracing::error!(execution = %exec.id, error = %e, "cannot record the re-measure");
+                    }
                 }
             }
         }
-    }
+    });
+    futures::future::join_all(runs).await;
 }
 
 /// Creates every bounded-label series at zero, so dashboards and alerts

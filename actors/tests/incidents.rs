@@ -952,19 +952,23 @@ fn a_remedy_interrupted_by_a_crash_is_not_repeated_at_once_after_the_restart() {
         })
         .await;
         assert!(list[0].hold_until.is_some());
-        // The interrupted execution is on the incident's record, closed as
-        // FAILED ("interrupted").
+        // The execution that was verifying is on the incident's record,
+        // its verification re-armed: COMPLETED, the outcome follows.
         assert_eq!(list[0].executions.len(), 1, "{:?}", list[0].executions);
-        let interrupted = store
-            .get_execution(&list[0].executions[0])
-            .expect("store")
-            .expect("execution");
-        assert!(interrupted
-            .error
-            .as_deref()
-            .unwrap_or("")
-            .contains("interrupted"));
+        let id = list[0].executions[0].clone();
+        let verifying = store.get_execution(&id).expect("store").expect("execution");
+        assert_eq!(
+            verifying.status,
+            mapek_actors::model::ExecutionStatus::Completed
+        );
+        assert!(!verifying.interrupted);
         tokio::time::sleep(Duration::from_secs(200)).await;
+        let verified = store.get_execution(&id).expect("store").expect("execution");
+        assert!(
+            verified.outcome.is_some() && verified.violations_after.is_some(),
+            "the re-armed verification measured: {verified:?}"
+        );
+        assert!(store.get_outcome(&id).expect("store").is_some());
         assert!(
             effector.inner.lock().expect("lock").applied.is_empty(),
             "the interrupted remedy may have worked: not repeated during the cooldown"

@@ -195,9 +195,13 @@ async fn charter_api(
             }
         }
     };
+    let key = headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .filter(|k| !k.is_empty());
     match app
         .sim
-        .apply_to(component.as_deref(), method.as_str(), &path, &value)
+        .apply_keyed(component.as_deref(), method.as_str(), &path, &value, key)
     {
         Ok(v) => Json(v).into_response(),
         Err(e) => e.into_response(),

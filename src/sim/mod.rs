@@ -233,4 +233,10 @@ pub struct CallRecord {
     pub at: String,
     /// HTTP status answered.
     pub status: u16,
+    /// The request's `Idempotency-Key`, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+    /// A repeated idempotency key: answered as the first time, not applied.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub replayed: bool,
 }

@@ -24,7 +24,15 @@ pub(crate) struct World {
     upstreams: Vec<Vec<usize>>,
     next_policy: u64,
     calls: VecDeque<CallRecord>,
+    /// Answers of applied requests by `Idempotency-Key`: a repeated key is
+    /// answered from here and not applied again (oldest keys dropped
+    /// first beyond `MAX_KEYS`).
+    applied_keys: std::collections::HashMap<String, Value>,
+    key_order: VecDeque<String>,
 }
+
+/// Idempotency keys remembered.
+const MAX_KEYS: usize = 100_000;
 
 impl World {
     fn new(topology: Topology, now: Timestamp) -> Self {
@@ -45,6 +53,8 @@ impl World {
             upstreams,
             next_policy: 1,
             calls: VecDeque::new(),
+            applied_keys: std::collections::HashMap::new(),
+            key_order: VecDeque::new(),
         };
         for name in &names {
             let id = w.new_policy_id();
@@ -442,6 +452,8 @@ impl Simulator {
             component: None,
             at: now.to_rfc3339(),
             status,
+            idempotency_key: None,
+            replayed: false,
         });
     }
 
@@ -503,8 +515,36 @@ impl Simulator {
         path: &str,
         body: &Value,
     ) -> Result<Value, SimError> {
+        self.apply_keyed(component, method, path, body, None)
+    }
+
+    /// [`Self::apply_to`] with the request's `Idempotency-Key`: a key
+    /// already applied is answered as the first time and not applied
+    /// again (the call is recorded with `replayed: true`).
+    pub fn apply_keyed(
+        &self,
+        component: Option<&str>,
+        method: &str,
+        path: &str,
+        body: &Value,
+        key: Option<&str>,
+    ) -> Result<Value, SimError> {
         let now = self.clock.now();
         let mut w = self.lock();
+        let key = key.filter(|_| method != "GET" && method != "HEAD");
+        if let Some(answer) = key.and_then(|k| w.applied_keys.get(k)).cloned() {
+            w.record(CallRecord {
+                method: method.to_string(),
+                path: path.to_string(),
+                body: body.clone(),
+                component: component.map(str::to_string),
+                at: now.to_rfc3339(),
+                status: 200,
+                idempotency_key: key.map(str::to_string),
+                replayed: true,
+            });
+            return Ok(answer);
+        }
         let asked = requested_component(component, body);
         let (named, result) = match asked {
             Err(e) => (component.map(str::to_string), Err(e)),
@@ -531,7 +571,18 @@ impl Simulator {
             component: named,
             at: now.to_rfc3339(),
             status,
+            idempotency_key: key.map(str::to_string),
+            replayed: false,
         });
+        if let (Some(k), Ok(v)) = (key, &result) {
+            if w.key_order.len() >= MAX_KEYS {
+                if let Some(old) = w.key_order.pop_front() {
+                    w.applied_keys.remove(&old);
+                }
+            }
+            w.applied_keys.insert(k.to_string(), v.clone());
+            w.key_order.push_back(k.to_string());
+        }
         result
     }
 }

@@ -176,11 +176,26 @@ impl Handler<PolicyApproved> for Executor {
             // ends at once: its record is the finished one only (an
             // in-progress record arriving late must not replace it).
             if env.mode_of(&policy) == crate::settings::Mode::Act {
-                let knowledge = knowledge.clone();
-                let record = RecordExecution(started_record.clone());
-                tokio::spawn(async move {
-                    let _ = knowledge.execution.send(record).await;
-                });
+                match &env.store {
+                    // Queued now, ahead of the intents and of each action's
+                    // start (journal order = call order), not awaited.
+                    Some(store) => {
+                        let write = store.put_execution_async(&started_record);
+                        let id = started_record.id.clone();
+                        tokio::spawn(async move {
+                            if let Err(e) = write.await {
+                                tracing::error!(execution = %id, error = %e, "cannot record the execution's start");
+                            }
+                        });
+                    }
+                    None => {
+                        let knowledge = knowledge.clone();
+                        let record = RecordExecution(started_record.clone());
+                        tokio::spawn(async move {
+                            let _ = knowledge.execution.send(record).await;
+                        });
+                    }
+                }
             }
             let run = AssertUnwindSafe(env.run_policy_with(
                 &policy,

@@ -498,7 +498,7 @@ impl ExecutionEnv {
             action
                 .parameters
                 .insert(IDEMPOTENCY_KEY.into(), serde_json::Value::String(key));
-            let mut rec = ActionExecution {
+            exec.actions.push(ActionExecution {
                 action_id: action.id.clone(),
                 action_type: action.action_type,
                 effector: eff.name().to_string(),
@@ -509,22 +509,42 @@ impl ExecutionEnv {
                 result: None,
                 error: None,
                 rollback: None,
-            };
+                request: serde_json::to_value(&action).ok(),
+            });
+            let at = exec.actions.len() - 1;
+            // The action is on record as started, with what is sent,
+            // before the call: after a crash it reads UNKNOWN (interrupted)
+            // and is never sent again.
+            if let Err(e) = self.journal(exec, true).await {
+                exec.actions[at].status = ExecutionStatus::Failed;
+                exec.actions[at].error = Some(format!("not journaled, not sent: {e}"));
+                self.roll_back(exec, completed).await;
+                exec.error = Some(format!(
+                    "action {} not journaled, not sent: {e}",
+                    action.action_type
+                ));
+                return;
+            }
             let (e2, a2) = (eff.clone(), action.clone());
+            let mut attempts = 0;
             let res = self
-                .call(eff.name(), deadline, &mut rec.attempts, move || {
+                .call(eff.name(), deadline, &mut attempts, move || {
                     let (e, a) = (e2.clone(), a2.clone());
                     Box::pin(async move { e.apply(&a).await })
                 })
                 .await;
+            let rec = &mut exec.actions[at];
+            rec.attempts = attempts;
             rec.finished_at = Some(self.clock.now());
             match res {
                 Ok(v) => {
                     tracing::info!(policy = %policy.id, action = %action.action_type, effector = eff.name(), "action completed");
                     rec.status = ExecutionStatus::Completed;
                     rec.result = Some(v.clone());
-                    exec.actions.push(rec);
-                    completed.push((exec.actions.len() - 1, action, eff, v));
+                    completed.push((at, action, eff, v));
+                    // Queued in order, not awaited: the next action's
+                    // start (or the verification) does not wait for it.
+                    let _ = self.journal(exec, false);
                 }
                 Err(end) => {
                     let why = match &end {
@@ -534,7 +554,6 @@ impl ExecutionEnv {
                     tracing::warn!(policy = %policy.id, action = %action.action_type, error = %why, "action failed; rolling back completed actions");
                     rec.status = ExecutionStatus::Failed;
                     rec.error = Some(why.clone());
-                    exec.actions.push(rec);
                     if matches!(end, CallEnd::CutOff) {
                         exec.timings.cut_off = true;
                     }
@@ -545,6 +564,9 @@ impl ExecutionEnv {
             }
         }
         exec.status = ExecutionStatus::Completed;
+        // Verifying: a restart re-arms the verification of an execution on
+        // record as COMPLETED without an outcome.
+        let _ = self.journal(exec, false);
         self.executed(exec);
         if let Some(tx) = acted.take() {
             let _ = tx.send(());
@@ -612,6 +634,7 @@ impl ExecutionEnv {
                 })),
                 error: None,
                 rollback: None,
+                request: serde_json::to_value(&action).ok(),
             });
         }
         tracing::info!(policy = %policy.id, actions = exec.actions.len(), "dry run: calls recorded, nothing sent");
@@ -619,6 +642,38 @@ impl ExecutionEnv {
         self.executed(exec);
         if let Some(tx) = acted.take() {
             let _ = tx.send(());
+        }
+    }
+
+    /// Puts the execution on record. With `wait`, resolves once it is
+    /// durable; otherwise it is queued (journal order = call order) and
+    /// a failure is logged.
+    fn journal(
+        &self,
+        exec: &PolicyExecution,
+        wait: bool,
+    ) -> futures::future::BoxFuture<'static, Result<(), String>> {
+        let Some(store) = &self.store else {
+            return Box::pin(async { Ok(()) });
+        };
+        let write = store.put_execution_async(exec);
+        if wait {
+            // Awaited on the blocking pool, as the intents are (a paused
+            // test clock must not race past the deadline meanwhile).
+            Box::pin(async move {
+                tokio::task::spawn_blocking(move || futures::executor::block_on(write))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())
+            })
+        } else {
+            let id = exec.id.clone();
+            tokio::spawn(async move {
+                if let Err(e) = write.await {
+                    tracing::error!(execution = %id, error = %e, "cannot record the execution's progress");
+                }
+            });
+            Box::pin(async { Ok(()) })
         }
     }
 
@@ -721,6 +776,7 @@ pub fn in_progress(
         outcome: None,
         timings: Default::default(),
         incident_id: policy.incident_id.clone(),
+        interrupted: false,
     }
 }
 

@@ -1833,7 +1833,6 @@ mod tests {
         }
     }
 
-
     fn start(dir: &Path, o: JournalOptions, index: &MemIndex) -> (Writer<u64>, OpenReport) {
         let mut idx = index.clone();
         let (journal, report) = Journal::open(dir, o, &mut idx).unwrap();

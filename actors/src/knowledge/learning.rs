@@ -416,6 +416,7 @@ mod tests {
             outcome: None,
             timings: ChainTimings::default(),
             incident_id: None,
+            interrupted: false,
         }
     }
 

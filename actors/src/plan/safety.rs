@@ -150,17 +150,19 @@ pub enum Verdict {
 
 /// How an execution counts for the breakers (and learning).
 pub fn verdict(exec: &PolicyExecution) -> Verdict {
-    if exec
-        .error
-        .as_deref()
-        .is_some_and(|e| e.starts_with("interrupted") || e == crate::execute::HELD_BY_PAUSE)
+    if exec.interrupted
+        || exec
+            .error
+            .as_deref()
+            .is_some_and(|e| e.starts_with("interrupted") || e == crate::execute::HELD_BY_PAUSE)
     {
         return Verdict::Nothing;
     }
     match exec.status {
-        ExecutionStatus::DryRun | ExecutionStatus::Pending | ExecutionStatus::InProgress => {
-            return Verdict::Nothing
-        }
+        ExecutionStatus::DryRun
+        | ExecutionStatus::Pending
+        | ExecutionStatus::InProgress
+        | ExecutionStatus::Unknown => return Verdict::Nothing,
         ExecutionStatus::Failed | ExecutionStatus::RolledBack => {
             // Cut off by the chain deadline before acting: no evidence.
             if exec.actions.is_empty() && exec.timings.cut_off {
