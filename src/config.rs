@@ -547,8 +547,8 @@ pub struct ApiSettings {
     pub allow_unauthenticated: bool,
     /// Most connections open at once. At the cap, a new connection
     /// closes the oldest one that has not sent a complete request head
-    /// (else the oldest idle keep-alive one); when every connection has a
-    /// request in progress, the new one is refused.
+    /// (else the oldest idle keep-alive one, else one busy for more than
+    /// twice `request_timeout_seconds`); otherwise the new one is refused.
     pub max_connections: usize,
     /// Longest time a request may take to produce its response head; a
     /// slower one is answered `503` with a JSON error.

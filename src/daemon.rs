@@ -168,6 +168,7 @@ pub async fn start(
     );
     let sup = handle.supervisor.clone();
     let cfg_max_connections = cfg.api.max_connections;
+    let request_timeout = Duration::from_secs(cfg.api.request_timeout_seconds);
     tokio::spawn(async move {
         let stopped = async move {
             // The server stops when the supervisor (and so the system) does.
@@ -177,6 +178,7 @@ pub async fn start(
         };
         let options = http::ServeOptions {
             max_connections: cfg_max_connections,
+            overdue_after: request_timeout * 2,
             metrics: http_metrics,
         };
         if let Err(e) = http::serve(listener, router, options, stopped).await {

@@ -223,7 +223,11 @@ pub async fn serve(
     use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
     use hyper_util::server::conn::auto::Builder;
     use tower::ServiceExt;
-    let conns = Connections::new(options.max_connections, options.metrics);
+    let conns = Connections::new(
+        options.max_connections,
+        options.overdue_after,
+        options.metrics,
+    );
     let mut builder = Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -302,6 +306,10 @@ pub async fn serve(
 pub struct ServeOptions {
     /// Most connections open at once (`api.max_connections`).
     pub max_connections: usize,
+    /// At the cap, a connection busy with a request (its response being
+    /// written) for longer than this may be closed to admit a new one:
+    /// twice `api.request_timeout_seconds`.
+    pub overdue_after: std::time::Duration,
     /// Where connections and shed connections are counted.
     pub metrics: Arc<HttpMetrics>,
 }
@@ -642,19 +650,15 @@ async fn page(s: &ApiState, listing: pages::Listing, q: PageQuery, extra: &str) 
     .await
 }
 
-fn page_query(q: PageParams) -> Result<PageQuery, Response> {
-    q.map(|Query(q)| q).map_err(|e| {
-        error(
-            StatusCode::BAD_REQUEST,
-            format!("bad query: {}", e.body_text()),
-        )
-    })
+fn page_query(q: PageParams) -> Result<PageQuery, String> {
+    q.map(|Query(q)| q)
+        .map_err(|e| format!("bad query: {}", e.body_text()))
 }
 
 async fn analyses(State(s): State<ApiState>, q: PageParams) -> Response {
     match page_query(q) {
         Ok(q) => page(&s, pages::Listing::Analyses, q, "").await,
-        Err(r) => r,
+        Err(m) => error(StatusCode::BAD_REQUEST, m),
     }
 }
 
@@ -774,7 +778,7 @@ async fn incident(State(s): State<ApiState>, Path(id): Path<String>) -> Response
 async fn policies(State(s): State<ApiState>, q: PageParams) -> Response {
     let q = match page_query(q) {
         Ok(q) => q,
-        Err(r) => return r,
+        Err(m) => return error(StatusCode::BAD_REQUEST, m),
     };
     let status = match q.status.as_deref() {
         None | Some("") | Some("all") => None,
@@ -864,14 +868,14 @@ async fn reject(
 async fn executions(State(s): State<ApiState>, q: PageParams) -> Response {
     match page_query(q) {
         Ok(q) => page(&s, pages::Listing::Executions, q, "").await,
-        Err(r) => r,
+        Err(m) => error(StatusCode::BAD_REQUEST, m),
     }
 }
 
 async fn outcomes(State(s): State<ApiState>, q: PageParams) -> Response {
     match page_query(q) {
         Ok(q) => page(&s, pages::Listing::Outcomes, q, "").await,
-        Err(r) => r,
+        Err(m) => error(StatusCode::BAD_REQUEST, m),
     }
 }
 
@@ -1219,7 +1223,7 @@ mod tests {
         use tower::ServiceExt;
         let timed_out = prometheus_client::metrics::counter::Counter::default();
         let app = Router::new()
-            .route("/slow", get(|| std::future::pending::<&'static str>()))
+            .route("/slow", get(std::future::pending::<&'static str>))
             .route("/fast", get(|| async { "ok" }));
         let app = with_deadline(
             app,

@@ -6,13 +6,16 @@
 //! its handler runs or its response is being written), or it waits idle
 //! between keep-alive requests (`idle`). At the cap, a new connection
 //! closes the oldest connection without a head; if there is none, the
-//! oldest idle one; if every connection is busy, the new one is refused.
-//! The phases are kept in ordered sets by connection number (accept
-//! order), so each step costs O(log n), whatever the number of
+//! oldest idle one; if there is none, the connection busy for the longest
+//! time, if that is longer than `overdue_after` (a response stuck on a
+//! client that does not read it); otherwise the new one is refused.
+//! The phases are kept in ordered sets (by accept order, or by the start
+//! of the busy spell), so each step costs O(log n), whatever the number of
 //! connections.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -24,7 +27,7 @@ use tokio::sync::oneshot;
 /// `{reason}` of a shed connection.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ShedLabels {
-    /// `no_request_head`, `idle` or `refused`.
+    /// `no_request_head`, `idle`, `overdue` or `refused`.
     pub reason: &'static str,
 }
 
@@ -36,15 +39,20 @@ pub enum ShedReason {
     NoRequestHead,
     /// An idle keep-alive connection was closed to admit a new one.
     Idle,
+    /// A connection busy with one request for longer than allowed (such
+    /// as a response its client does not read) was closed to admit a new
+    /// one.
+    Overdue,
     /// The new connection was refused: every open one was busy.
     Refused,
 }
 
 impl ShedReason {
     /// Every reason.
-    pub const ALL: [ShedReason; 3] = [
+    pub const ALL: [ShedReason; 4] = [
         ShedReason::NoRequestHead,
         ShedReason::Idle,
+        ShedReason::Overdue,
         ShedReason::Refused,
     ];
 
@@ -53,6 +61,7 @@ impl ShedReason {
         match self {
             ShedReason::NoRequestHead => "no_request_head",
             ShedReason::Idle => "idle",
+            ShedReason::Overdue => "overdue",
             ShedReason::Refused => "refused",
         }
     }
@@ -113,7 +122,13 @@ impl HttpMetrics {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     NoHead,
-    Busy(u32),
+    /// Requests in progress, since the start of the busy spell (its
+    /// sequence number orders the `busy` set).
+    Busy {
+        requests: u32,
+        seq: u64,
+        since: Instant,
+    },
     Idle,
 }
 
@@ -129,7 +144,10 @@ struct Table {
     conns: HashMap<u64, Conn>,
     no_head: BTreeSet<u64>,
     idle: BTreeSet<u64>,
+    /// `(seq, id)` of the busy connections, oldest busy spell first.
+    busy: BTreeSet<(u64, u64)>,
     next_id: u64,
+    next_seq: u64,
 }
 
 impl Table {
@@ -144,7 +162,9 @@ impl Table {
             Phase::Idle => {
                 self.idle.remove(&id);
             }
-            Phase::Busy(_) => {}
+            Phase::Busy { seq, .. } => {
+                self.busy.remove(&(seq, id));
+            }
         }
         c.phase = phase;
         match phase {
@@ -154,7 +174,9 @@ impl Table {
             Phase::Idle => {
                 self.idle.insert(id);
             }
-            Phase::Busy(_) => {}
+            Phase::Busy { seq, .. } => {
+                self.busy.insert((seq, id));
+            }
         }
     }
 
@@ -162,7 +184,27 @@ impl Table {
         let c = self.conns.remove(&id)?;
         self.no_head.remove(&id);
         self.idle.remove(&id);
+        if let Phase::Busy { seq, .. } = c.phase {
+            self.busy.remove(&(seq, id));
+        }
         Some(c)
+    }
+
+    /// The connection to close at the cap, if any may be.
+    fn victim(&self, overdue_after: Duration) -> Option<(u64, ShedReason)> {
+        if let Some(id) = self.no_head.first() {
+            return Some((*id, ShedReason::NoRequestHead));
+        }
+        if let Some(id) = self.idle.first() {
+            return Some((*id, ShedReason::Idle));
+        }
+        let (_, id) = self.busy.first()?;
+        match self.conns.get(id)?.phase {
+            Phase::Busy { since, .. } if since.elapsed() > overdue_after => {
+                Some((*id, ShedReason::Overdue))
+            }
+            _ => None,
+        }
     }
 }
 
@@ -170,6 +212,7 @@ impl Table {
 #[derive(Debug)]
 pub struct Connections {
     max: usize,
+    overdue_after: Duration,
     table: Mutex<Table>,
     metrics: Arc<HttpMetrics>,
 }
@@ -184,10 +227,13 @@ pub struct Admitted {
 }
 
 impl Connections {
-    /// A table admitting at most `max` connections (at least one).
-    pub fn new(max: usize, metrics: Arc<HttpMetrics>) -> Arc<Connections> {
+    /// A table admitting at most `max` connections (at least one); at the
+    /// cap, a connection busy for longer than `overdue_after` may be
+    /// closed.
+    pub fn new(max: usize, overdue_after: Duration, metrics: Arc<HttpMetrics>) -> Arc<Connections> {
         Arc::new(Connections {
             max: max.max(1),
+            overdue_after,
             table: Mutex::new(Table::default()),
             metrics,
         })
@@ -204,11 +250,7 @@ impl Connections {
     pub fn admit(self: &Arc<Self>) -> Option<Admitted> {
         let mut t = self.lock();
         if t.conns.len() >= self.max {
-            let victim = match t.no_head.first().copied() {
-                Some(id) => Some((id, ShedReason::NoRequestHead)),
-                None => t.idle.first().copied().map(|id| (id, ShedReason::Idle)),
-            };
-            match victim {
+            match t.victim(self.overdue_after) {
                 Some((id, reason)) => {
                     if let Some(c) = t.remove(id) {
                         // The receiver may be gone already (the task is
@@ -250,8 +292,23 @@ impl Connections {
     pub fn request_started(self: &Arc<Self>, id: u64) -> InFlight {
         let mut t = self.lock();
         let phase = match t.conns.get(&id).map(|c| c.phase) {
-            Some(Phase::Busy(n)) => Phase::Busy(n.saturating_add(1)),
-            _ => Phase::Busy(1),
+            Some(Phase::Busy {
+                requests,
+                seq,
+                since,
+            }) => Phase::Busy {
+                requests: requests.saturating_add(1),
+                seq,
+                since,
+            },
+            _ => {
+                t.next_seq += 1;
+                Phase::Busy {
+                    requests: 1,
+                    seq: t.next_seq,
+                    since: Instant::now(),
+                }
+            }
         };
         t.set_phase(id, phase);
         InFlight {
@@ -263,7 +320,15 @@ impl Connections {
     fn request_finished(&self, id: u64) {
         let mut t = self.lock();
         let phase = match t.conns.get(&id).map(|c| c.phase) {
-            Some(Phase::Busy(n)) if n > 1 => Phase::Busy(n - 1),
+            Some(Phase::Busy {
+                requests,
+                seq,
+                since,
+            }) if requests > 1 => Phase::Busy {
+                requests: requests - 1,
+                seq,
+                since,
+            },
             Some(_) => Phase::Idle,
             None => return,
         };
@@ -335,7 +400,7 @@ mod tests {
     #[test]
     fn at_the_cap_the_oldest_without_a_head_goes_first_then_the_oldest_idle_then_the_new_one() {
         let m = Arc::new(HttpMetrics::new());
-        let conns = Connections::new(3, m.clone());
+        let conns = Connections::new(3, Duration::from_secs(3600), m.clone());
         let mut a = conns.admit().expect("a");
         let mut b = conns.admit().expect("b");
         let c = conns.admit().expect("c");
@@ -368,9 +433,27 @@ mod tests {
     }
 
     #[test]
+    fn at_the_cap_a_connection_busy_for_too_long_goes_before_the_new_one_is_refused() {
+        let m = Arc::new(HttpMetrics::new());
+        let conns = Connections::new(2, Duration::ZERO, m.clone());
+        let mut a = conns.admit().expect("a");
+        let b = conns.admit().expect("b");
+        let _busy_a = conns.request_started(a.guard.id());
+        let _busy_b = conns.request_started(b.guard.id());
+        // Both busy for longer than zero (let the monotonic clock move):
+        // the oldest busy spell (a) goes.
+        std::thread::sleep(Duration::from_millis(2));
+        let _c = conns.admit().expect("c closes a (overdue)");
+        assert!(a.close.try_recv().is_ok());
+        assert_eq!(shed(&m, ShedReason::Overdue), 1);
+        assert_eq!(shed(&m, ShedReason::Refused), 0);
+        assert_eq!(conns.len(), 2);
+    }
+
+    #[test]
     fn http2_streams_keep_a_connection_busy_until_the_last_ends() {
         let m = Arc::new(HttpMetrics::new());
-        let conns = Connections::new(1, m.clone());
+        let conns = Connections::new(1, Duration::from_secs(3600), m.clone());
         let a = conns.admit().expect("a");
         let s1 = conns.request_started(a.guard.id());
         let s2 = conns.request_started(a.guard.id());
