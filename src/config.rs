@@ -545,6 +545,14 @@ pub struct ApiSettings {
     /// Listen on a non-loopback address without any token. Off by
     /// default: `mapek run` refuses to expose an open API.
     pub allow_unauthenticated: bool,
+    /// Most connections open at once. At the cap, a new connection
+    /// closes the oldest one that has not sent a complete request head
+    /// (else the oldest idle keep-alive one, else one busy for more than
+    /// twice `request_timeout_seconds`); otherwise the new one is refused.
+    pub max_connections: usize,
+    /// Longest time a request may take to produce its response head; a
+    /// slower one is answered `503` with a JSON error.
+    pub request_timeout_seconds: u64,
 }
 
 impl Default for ApiSettings {
@@ -554,6 +562,8 @@ impl Default for ApiSettings {
             token: String::new(),
             tokens: BTreeMap::new(),
             allow_unauthenticated: false,
+            max_connections: 1024,
+            request_timeout_seconds: 30,
         }
     }
 }
@@ -606,6 +616,8 @@ impl fmt::Debug for ApiSettings {
             .field("token", &token)
             .field("tokens", &names)
             .field("allow_unauthenticated", &self.allow_unauthenticated)
+            .field("max_connections", &self.max_connections)
+            .field("request_timeout_seconds", &self.request_timeout_seconds)
             .finish()
     }
 }
@@ -928,6 +940,12 @@ impl Config {
                 }
                 seen.push(token);
             }
+            i.at_least("max_connections", self.api.max_connections, 1);
+            i.at_least(
+                "request_timeout_seconds",
+                self.api.request_timeout_seconds,
+                1,
+            );
         }
         {
             let mut i = Issues::new("logging", &mut out);
@@ -1864,6 +1882,8 @@ execute:
         c.alertmanager.webhook_path = "alerts".into();
         c.alertmanager.max_body_bytes = 10;
         c.api.listen = "localhost".into();
+        c.api.max_connections = 0;
+        c.api.request_timeout_seconds = 0;
         c.logging.level = "verbose".into();
         let issues = c.validate();
         for p in [
@@ -1872,11 +1892,13 @@ execute:
             "alertmanager.webhook_path",
             "alertmanager.max_body_bytes",
             "api.listen",
+            "api.max_connections",
+            "api.request_timeout_seconds",
             "logging.level",
         ] {
             find(&issues, p);
         }
-        assert_eq!(issues.len(), 6, "{issues:?}");
+        assert_eq!(issues.len(), 8, "{issues:?}");
     }
 
     #[test]

@@ -96,6 +96,9 @@ pub enum CtlCommand {
         /// At most this many policies (1..1000; the daemon's default is 50).
         #[arg(long, value_name = "N")]
         limit: Option<usize>,
+        /// Start after this position (the `next` of a previous page).
+        #[arg(long, value_name = "CURSOR")]
+        cursor: Option<String>,
     },
     /// Approve a pending policy.
     Approve(DecideArgs),
@@ -329,13 +332,20 @@ fn execute(args: &CtlArgs, out: &mut dyn std::io::Write) -> Result<(), CtlError>
             )?;
             render(args.output, &v, incident_detail)
         }
-        CtlCommand::Policies { status, limit } => {
+        CtlCommand::Policies {
+            status,
+            limit,
+            cursor,
+        } => {
             let mut q = Vec::new();
             if let Some(s) = status {
                 q.push(("status", s.as_str().to_string()));
             }
             if let Some(n) = limit {
                 q.push(("limit", n.to_string()));
+            }
+            if let Some(c) = cursor {
+                q.push(("cursor", c.clone()));
             }
             let v = api.call(Method::GET, "/api/v1/policies", &q, None)?;
             render(args.output, &v, policies_table)
@@ -1027,7 +1037,11 @@ fn policies_table(v: &Value) -> String {
             age(&p["created_at"], now),
         ]);
     }
-    t.render("")
+    let mut out = t.render("");
+    if let Some(n) = v.get("next").and_then(Value::as_str) {
+        let _ = writeln!(out, "\nMore: --cursor {n}");
+    }
+    out
 }
 
 fn decided(p: &Value) -> String {

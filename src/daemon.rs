@@ -121,6 +121,8 @@ pub async fn start(
     let mut registry = Registry::default();
     metrics.register(&mut registry);
     Metrics::register_journal(&mut registry, &store.journal_counters());
+    let http_metrics = Arc::new(http::HttpMetrics::new());
+    http_metrics.register(&mut registry);
     let listener = http::bind(listen).await?;
     let addr = listener
         .local_addr()
@@ -162,6 +164,8 @@ pub async fn start(
         handle: handle.clone(),
         registry: Arc::new(registry),
         sources_required,
+        request_timeout: Duration::from_secs(cfg.api.request_timeout_seconds),
+        http_metrics: http_metrics.clone(),
     };
     let router = http::router(
         state,
@@ -171,6 +175,8 @@ pub async fn start(
         cfg.alertmanager.max_body_bytes,
     );
     let sup = handle.supervisor.clone();
+    let cfg_max_connections = cfg.api.max_connections;
+    let request_timeout = Duration::from_secs(cfg.api.request_timeout_seconds);
     tokio::spawn(async move {
         let stopped = async move {
             // The server stops when the supervisor (and so the system) does.
@@ -178,7 +184,12 @@ pub async fn start(
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         };
-        if let Err(e) = http::serve(listener, router, stopped).await {
+        let options = http::ServeOptions {
+            max_connections: cfg_max_connections,
+            overdue_after: request_timeout * 2,
+            metrics: http_metrics,
+        };
+        if let Err(e) = http::serve(listener, router, options, stopped).await {
             tracing::error!(error = %e, "HTTP server failed");
         }
     });

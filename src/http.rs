@@ -22,6 +22,11 @@ use serde_json::{json, Value};
 
 use crate::alertmanager;
 
+mod conns;
+pub mod pages;
+
+pub use conns::{Connections, HttpMetrics, ShedLabels, ShedReason};
+
 /// Shared state of the HTTP handlers.
 #[derive(Clone)]
 pub struct ApiState {
@@ -34,6 +39,11 @@ pub struct ApiState {
     /// Accepted bearer tokens with their callers' names (`api.tokens`,
     /// and `api.token` as `token`); none: the API is open.
     pub tokens: Vec<(String, String)>,
+    /// Longest time a request may take to produce its response head
+    /// (`api.request_timeout_seconds`).
+    pub request_timeout: std::time::Duration,
+    /// Metrics of the HTTP server (registered in `registry`).
+    pub http_metrics: Arc<HttpMetrics>,
 }
 
 /// The routes. The webhook (when `webhook_path` is given, i.e.
@@ -79,7 +89,12 @@ pub fn router(state: ApiState, webhook_path: Option<&str>, max_body_bytes: usize
             state.clone(),
             require_token,
         ));
-    open.merge(r)
+    let deadline = Deadline {
+        limit: state.request_timeout,
+        timed_out: state.http_metrics.requests_timed_out.clone(),
+    };
+    let app = open
+        .merge(r)
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint") })
         .method_not_allowed_fallback(|| async {
@@ -89,6 +104,99 @@ pub fn router(state: ApiState, webhook_path: Option<&str>, max_body_bytes: usize
             )
         })
         .with_state(state)
+        // Every error is JSON, whoever made it (axum's extractors answer
+        // bad queries, paths and bodies in plain text).
+        .layer(axum::middleware::map_response(json_errors))
+        .layer(axum::middleware::from_fn(limit_uri));
+    with_deadline(app, deadline)
+}
+
+/// Longest request target (path and query) accepted, bytes; a longer one
+/// is answered `414` with a JSON error. (hyper itself answers `414` with an
+/// empty body, before any handler, for targets of 64 KiB and more.)
+pub const MAX_URI_BYTES: usize = 8 * 1024;
+
+async fn limit_uri(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let len = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
+    if len > MAX_URI_BYTES {
+        return error(
+            StatusCode::URI_TOO_LONG,
+            format!("the request target is {len} bytes long; at most {MAX_URI_BYTES} are accepted"),
+        );
+    }
+    next.run(req).await
+}
+
+/// Turns an error answer that is not JSON (axum's rejections: a bad query
+/// string, a path segment that is not UTF-8, a body over the size limit)
+/// into the API's JSON error, keeping its status and headers.
+async fn json_errors(resp: Response) -> Response {
+    let status = resp.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return resp;
+    }
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/json"));
+    if is_json {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, 64 * 1024)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    let msg = if text.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_string()
+    } else {
+        text
+    };
+    let mut out = error(status, msg);
+    for (k, v) in &parts.headers {
+        if k != header::CONTENT_TYPE && k != header::CONTENT_LENGTH {
+            out.headers_mut().append(k.clone(), v.clone());
+        }
+    }
+    out
+}
+
+/// The cap on request time.
+#[derive(Debug, Clone)]
+struct Deadline {
+    limit: std::time::Duration,
+    timed_out: prometheus_client::metrics::counter::Counter,
+}
+
+/// Wraps `app` so that a request whose response head takes longer than
+/// the deadline is answered `503` with a JSON error (and counted); its
+/// handler is dropped. A streamed body, once its head is sent, is not cut.
+fn with_deadline(app: Router, deadline: Deadline) -> Router {
+    app.layer(axum::middleware::from_fn_with_state(
+        deadline,
+        run_with_deadline,
+    ))
+}
+
+async fn run_with_deadline(
+    State(d): State<Deadline>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match tokio::time::timeout(d.limit, next.run(req)).await {
+        Ok(r) => r,
+        Err(_) => {
+            d.timed_out.inc();
+            error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "the request took longer than {} s (api.request_timeout_seconds)",
+                    d.limit.as_secs_f64()
+                ),
+            )
+        }
+    }
 }
 
 /// A client must send a whole request head within this time, or its
@@ -100,18 +208,26 @@ pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_s
 const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Serves `router` on `listener` until `shutdown` resolves: HTTP/1 and 2,
-/// with a [`HEADER_READ_TIMEOUT`] on every request head; an accept error
+/// with a [`HEADER_READ_TIMEOUT`] on every request head and at most
+/// [`ServeOptions::max_connections`] connections (see [`Connections`] for
+/// which one goes at the cap); an accept error
 /// (such as running out of file descriptors) is logged and retried after a
 /// short pause, never fatal; at shutdown, requests in flight get
 /// [`DRAIN_TIMEOUT`] to finish.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
+    options: ServeOptions,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
     use hyper_util::server::conn::auto::Builder;
-    use hyper_util::service::TowerToHyperService;
+    use tower::ServiceExt;
+    let conns = Connections::new(
+        options.max_connections,
+        options.overdue_after,
+        options.metrics,
+    );
     let mut builder = Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -135,15 +251,44 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
-        let service = TowerToHyperService::new(router.clone());
+        // At the cap, another connection is closed to admit this one, or
+        // this one is refused (closed at once).
+        let Some(admitted) = conns.admit() else {
+            drop(stream);
+            continue;
+        };
+        let id = admitted.guard.id();
+        let service = {
+            let (conns, router) = (conns.clone(), router.clone());
+            hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                // hyper calls the service once a whole request head is in.
+                let in_flight = conns.request_started(id);
+                let call = router.clone().oneshot(req);
+                async move {
+                    let resp = match call.await {
+                        Ok(r) => r,
+                        Err(never) => match never {},
+                    };
+                    Ok::<_, std::convert::Infallible>(resp.map(|body| Tracked {
+                        inner: body,
+                        in_flight: Some(in_flight),
+                    }))
+                }
+            })
+        };
         let conn = builder
             .serve_connection_with_upgrades(TokioIo::new(stream), service)
             .into_owned();
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "connection ended with an error");
+            let conns::Admitted { guard, close } = admitted;
+            tokio::select! {
+                r = conn => if let Err(e) = r {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                },
+                _ = close => tracing::debug!("connection closed to admit another (api.max_connections)"),
             }
+            drop(guard);
         });
     }
     drop(listener);
@@ -154,6 +299,51 @@ pub async fn serve(
         tracing::warn!("requests still in flight after the drain timeout; closing");
     }
     Ok(())
+}
+
+/// Limits of [`serve`].
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Most connections open at once (`api.max_connections`).
+    pub max_connections: usize,
+    /// At the cap, a connection busy with a request (its response being
+    /// written) for longer than this may be closed to admit a new one:
+    /// twice `api.request_timeout_seconds`.
+    pub overdue_after: std::time::Duration,
+    /// Where connections and shed connections are counted.
+    pub metrics: Arc<HttpMetrics>,
+}
+
+/// A response body that keeps its connection marked busy until it is
+/// written out (or dropped).
+struct Tracked {
+    inner: axum::body::Body,
+    in_flight: Option<conns::InFlight>,
+}
+
+impl hyper::body::Body for Tracked {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, axum::Error>>> {
+        let this = self.get_mut();
+        let r = std::pin::Pin::new(&mut this.inner).poll_frame(cx);
+        if matches!(r, std::task::Poll::Ready(None)) || this.inner.is_end_stream() {
+            this.in_flight = None;
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// Raises this process's soft limit of open files to its hard limit (as Go
@@ -414,18 +604,6 @@ async fn violations(State(s): State<ApiState>) -> Response {
     }
 }
 
-/// `?limit=N` (default 50, at most 1000).
-#[derive(Debug, Deserialize)]
-struct Limit {
-    limit: Option<usize>,
-}
-
-impl Limit {
-    fn get(&self) -> usize {
-        self.limit.unwrap_or(50).clamp(1, 1000)
-    }
-}
-
 fn store_result<T: serde::Serialize>(key: &str, r: Result<T, String>) -> Response {
     match r {
         Ok(v) => Json(json!({ key: v })).into_response(),
@@ -433,9 +611,55 @@ fn store_result<T: serde::Serialize>(key: &str, r: Result<T, String>) -> Respons
     }
 }
 
-async fn analyses(State(s): State<ApiState>, Query(q): Query<Limit>) -> Response {
-    let (st, n) = (s.handle.store.clone(), q.get());
-    store_result("analyses", blocking(move || st.list_analyses(n)).await)
+/// `?limit=N&cursor=C` of the paginated lists (and `status` of policies).
+#[derive(Debug, Deserialize)]
+struct PageQuery {
+    limit: Option<usize>,
+    cursor: Option<String>,
+    status: Option<String>,
+}
+
+type PageParams = Result<Query<PageQuery>, axum::extract::rejection::QueryRejection>;
+
+/// One page of a store list (see [`pages`]); `extra` is the query kept in
+/// the `Link` to the next page (such as `status=pending&`).
+async fn page(s: &ApiState, listing: pages::Listing, q: PageQuery, extra: &str) -> Response {
+    let cursor = match q.cursor.as_deref().filter(|c| !c.is_empty()) {
+        None => None,
+        Some(c) => match pages::parse_cursor(c) {
+            Some(k) => Some(k),
+            None => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("bad cursor `{c}`: pass the `next` of the previous page"),
+                )
+            }
+        },
+    };
+    let limit = q
+        .limit
+        .unwrap_or(pages::DEFAULT_PAGE_ROWS)
+        .clamp(1, pages::MAX_PAGE_ROWS);
+    pages::respond(
+        s.handle.store.clone(),
+        listing,
+        limit,
+        cursor,
+        format!("{extra}limit={limit}&"),
+    )
+    .await
+}
+
+fn page_query(q: PageParams) -> Result<PageQuery, String> {
+    q.map(|Query(q)| q)
+        .map_err(|e| format!("bad query: {}", e.body_text()))
+}
+
+async fn analyses(State(s): State<ApiState>, q: PageParams) -> Response {
+    match page_query(q) {
+        Ok(q) => page(&s, pages::Listing::Analyses, q, "").await,
+        Err(m) => error(StatusCode::BAD_REQUEST, m),
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -551,13 +775,11 @@ async fn incident(State(s): State<ApiState>, Path(id): Path<String>) -> Response
     .into_response()
 }
 
-#[derive(Debug, Deserialize)]
-struct PolicyQuery {
-    status: Option<String>,
-    limit: Option<usize>,
-}
-
-async fn policies(State(s): State<ApiState>, Query(q): Query<PolicyQuery>) -> Response {
+async fn policies(State(s): State<ApiState>, q: PageParams) -> Response {
+    let q = match page_query(q) {
+        Ok(q) => q,
+        Err(m) => return error(StatusCode::BAD_REQUEST, m),
+    };
     let status = match q.status.as_deref() {
         None | Some("") | Some("all") => None,
         Some(x) => match ApprovalStatus::parse(x) {
@@ -570,12 +792,8 @@ async fn policies(State(s): State<ApiState>, Query(q): Query<PolicyQuery>) -> Re
             }
         },
     };
-    let limit = q.limit.unwrap_or(50).clamp(1, 1000);
-    let st = s.handle.store.clone();
-    store_result(
-        "policies",
-        blocking(move || st.list_policies(status, limit)).await,
-    )
+    let extra = status.map_or(String::new(), |st| format!("status={}&", st.as_str()));
+    page(&s, pages::Listing::Policies(status), q, &extra).await
 }
 
 async fn policy(State(s): State<ApiState>, Path(id): Path<String>) -> Response {
@@ -647,14 +865,18 @@ async fn reject(
     decide(s, caller, id, ApprovalStatus::Rejected, body).await
 }
 
-async fn executions(State(s): State<ApiState>, Query(q): Query<Limit>) -> Response {
-    let (st, n) = (s.handle.store.clone(), q.get());
-    store_result("executions", blocking(move || st.list_executions(n)).await)
+async fn executions(State(s): State<ApiState>, q: PageParams) -> Response {
+    match page_query(q) {
+        Ok(q) => page(&s, pages::Listing::Executions, q, "").await,
+        Err(m) => error(StatusCode::BAD_REQUEST, m),
+    }
 }
 
-async fn outcomes(State(s): State<ApiState>, Query(q): Query<Limit>) -> Response {
-    let (st, n) = (s.handle.store.clone(), q.get());
-    store_result("outcomes", blocking(move || st.list_outcomes(n)).await)
+async fn outcomes(State(s): State<ApiState>, q: PageParams) -> Response {
+    match page_query(q) {
+        Ok(q) => page(&s, pages::Listing::Outcomes, q, "").await,
+        Err(m) => error(StatusCode::BAD_REQUEST, m),
+    }
 }
 
 async fn patterns(State(s): State<ApiState>) -> Response {
@@ -992,6 +1214,47 @@ mod tests {
         assert_eq!(bearer_token("BEARER  abc "), Some("abc"));
         assert_eq!(bearer_token("Basic abc"), None);
         assert_eq!(bearer_token("Bearer"), None);
+    }
+
+    /// A handler that never completes is answered 503 (JSON) at the
+    /// deadline, on tokio's paused clock; a fast one is untouched.
+    #[tokio::test(start_paused = true)]
+    async fn a_request_slower_than_the_deadline_gets_a_json_503() {
+        use tower::ServiceExt;
+        let timed_out = prometheus_client::metrics::counter::Counter::default();
+        let app = Router::new()
+            .route("/slow", get(std::future::pending::<&'static str>))
+            .route("/fast", get(|| async { "ok" }));
+        let app = with_deadline(
+            app,
+            Deadline {
+                limit: std::time::Duration::from_secs(30),
+                timed_out: timed_out.clone(),
+            },
+        );
+        let req = |p: &str| {
+            axum::http::Request::get(p)
+                .body(axum::body::Body::empty())
+                .expect("request")
+        };
+        let started = tokio::time::Instant::now();
+        let r = app.clone().oneshot(req("/slow")).await.expect("infallible");
+        assert_eq!(started.elapsed(), std::time::Duration::from_secs(30));
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let body = axum::body::to_bytes(r.into_body(), 4096)
+            .await
+            .expect("body");
+        let v: Value = serde_json::from_slice(&body).expect("json");
+        assert!(
+            v["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("api.request_timeout_seconds")),
+            "{v}"
+        );
+        assert_eq!(timed_out.get(), 1);
+        let r = app.oneshot(req("/fast")).await.expect("infallible");
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(timed_out.get(), 1);
     }
 
     #[test]

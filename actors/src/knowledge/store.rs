@@ -1933,6 +1933,61 @@ impl KnowledgeStore {
         self.inner.barrier()?;
         self.inner.flush().map(|_| ())
     }
+
+    /// Walks one record list newest first (reverse key order, i.e. reverse
+    /// creation order) over the keys between `lower` and `upper`, calling
+    /// `visit(key, stored JSON)` for each record until it returns `false`.
+    /// Nothing is collected: one record at a time is held, so a reader can
+    /// stream a list of any size in bounded memory (the paginated read
+    /// endpoints). Returns how many records were visited.
+    pub fn scan_newest_first(
+        &self,
+        list: RecordList,
+        upper: std::ops::Bound<&[u8]>,
+        lower: std::ops::Bound<&[u8]>,
+        mut visit: impl FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<usize, StoreError> {
+        let inner = self.live()?;
+        let records = match list {
+            RecordList::Policies => &inner.policies,
+            RecordList::Executions => &inner.executions,
+            RecordList::Outcomes => &inner.outcomes,
+            RecordList::Analyses => &inner.analyses,
+        };
+        let empty = match (lower, upper) {
+            (std::ops::Bound::Included(l), std::ops::Bound::Included(u)) => l > u,
+            (std::ops::Bound::Included(l), std::ops::Bound::Excluded(u))
+            | (std::ops::Bound::Excluded(l), std::ops::Bound::Included(u))
+            | (std::ops::Bound::Excluded(l), std::ops::Bound::Excluded(u)) => l >= u,
+            _ => false,
+        };
+        if empty {
+            // sled panics on an inverted range.
+            return Ok(0);
+        }
+        let mut n = 0;
+        for item in records.tree.range::<&[u8], _>((lower, upper)).rev() {
+            let (k, v) = item.map_err(|e| inner.err(e))?;
+            n += 1;
+            if !visit(&k, &v) {
+                break;
+            }
+        }
+        Ok(n)
+    }
+}
+
+/// A record list of the store, for [`KnowledgeStore::scan_newest_first`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordList {
+    /// Remediation policies (JSON of [`RemediationPolicy`]).
+    Policies,
+    /// Executions (JSON of [`PolicyExecution`]).
+    Executions,
+    /// Outcomes, keyed by execution id (JSON of [`PolicyOutcome`]).
+    Outcomes,
+    /// Analyses (JSON of [`AnalysisResult`]).
+    Analyses,
 }
 
 #[cfg(test)]
