@@ -118,6 +118,14 @@ pub async fn start(
         .local_addr()
         .map_err(|e| format!("listen address: {e}"))?;
     let sources_required = !parts.sources.is_empty() && !cfg.alertmanager.enabled;
+    let readiness = Arc::new(crate::readiness::Readiness::from_config(
+        cfg,
+        parts.clock.clone(),
+    )?);
+    registry.register_collector(Box::new(readiness.clone().collector(
+        metrics.clone(),
+        parts.sources.iter().map(|s| s.name().to_string()).collect(),
+    )));
     let clock_for_sink = parts.clock.clone();
     let handle = start_loop(LoopParts {
         settings: loop_settings(cfg),
@@ -154,6 +162,7 @@ pub async fn start(
         handle: handle.clone(),
         registry: Arc::new(registry),
         sources_required,
+        readiness: readiness.clone(),
     };
     let router = http::router(
         state,
@@ -162,6 +171,8 @@ pub async fn start(
             .then_some(cfg.alertmanager.webhook_path.as_str()),
         cfg.alertmanager.max_body_bytes,
     );
+    let sup = handle.supervisor.clone();
+    readiness.spawn(move || sup.connected());
     let sup = handle.supervisor.clone();
     tokio::spawn(async move {
         let stopped = async move {
