@@ -131,11 +131,11 @@ pub fn fingerprint(a: &Alert) -> String {
 }
 
 /// The component an alert is about: its `component`, `service`, `job` or
-/// `instance` label, else `unknown`.
+/// `instance` label (the first one not blank), else `unknown`.
 pub fn component_of(labels: &BTreeMap<String, String>) -> String {
     ["component", "service", "job", "instance"]
         .iter()
-        .find_map(|k| labels.get(*k).cloned())
+        .find_map(|k| labels.get(*k).filter(|v| !v.trim().is_empty()).cloned())
         .unwrap_or_else(|| "unknown".into())
 }
 
