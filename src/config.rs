@@ -1221,7 +1221,7 @@ fn parse_yaml(text: &str, origin: &str) -> Result<(Config, Vec<ConfigIssue>), Co
         safety: section(&mut map, "safety", &mut issues),
     };
     for key in map.keys() {
-        issues.push(unknown_key(key.clone()));
+        issues.push(unknown_key(key_name(key)));
     }
     issues.sort_by(|a, b| a.path.cmp(&b.path));
     Ok((config, issues))
@@ -1265,12 +1265,22 @@ fn render_path(name: &str, segs: &[Seg]) -> String {
         match s {
             Seg::Key(k) => {
                 out.push('.');
-                out.push_str(k);
+                out.push_str(&key_name(k));
             }
             Seg::Index(i) => out.push_str(&format!("[{i}]")),
         }
     }
     out
+}
+
+/// A key as it appears in a path; an empty key is shown as `""`, so no
+/// issue has an empty path.
+fn key_name(k: &str) -> String {
+    if k.is_empty() {
+        "\"\"".to_string()
+    } else {
+        k.to_string()
+    }
 }
 
 /// The path of a `serde_path_to_error` error. A map key that failed to
@@ -1881,6 +1891,14 @@ topology:
         assert!(find(&issues, "monitor.rules[1].severity")
             .reason
             .contains("loud"));
+    }
+
+    #[test]
+    fn an_empty_key_is_named() {
+        // Found by tests/fuzz.rs: an issue with an empty path.
+        let issues = issues_of(Config::from_yaml_str("'': 1\nmonitor:\n  '': 2\n", "t"));
+        let paths: Vec<&str> = issues.iter().map(|i| i.path.as_str()).collect();
+        assert_eq!(paths, ["\"\"", "monitor.\"\""], "{issues:?}");
     }
 
     #[test]
