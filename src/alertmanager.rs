@@ -413,6 +413,7 @@ pub fn to_violations(p: &WebhookPayload, now: Timestamp) -> (Vec<Violation>, Vec
         let name = a
             .labels
             .get("alertname")
+            .filter(|n| !n.trim().is_empty())
             .cloned()
             .unwrap_or_else(|| "unnamed".into());
         let severity = a
@@ -424,6 +425,7 @@ pub fn to_violations(p: &WebhookPayload, now: Timestamp) -> (Vec<Violation>, Vec
         let metric = a
             .labels
             .get("metric")
+            .filter(|m| !m.trim().is_empty())
             .cloned()
             .unwrap_or_else(|| name.clone());
         let signal = a
