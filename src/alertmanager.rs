@@ -131,11 +131,11 @@ pub fn fingerprint(a: &Alert) -> String {
 }
 
 /// The component an alert is about: its `component`, `service`, `job` or
-/// `instance` label, else `unknown`.
+/// `instance` label (the first one not blank), else `unknown`.
 pub fn component_of(labels: &BTreeMap<String, String>) -> String {
     ["component", "service", "job", "instance"]
         .iter()
-        .find_map(|k| labels.get(*k).cloned())
+        .find_map(|k| labels.get(*k).filter(|v| !v.trim().is_empty()).cloned())
         .unwrap_or_else(|| "unknown".into())
 }
 
@@ -413,6 +413,7 @@ pub fn to_violations(p: &WebhookPayload, now: Timestamp) -> (Vec<Violation>, Vec
         let name = a
             .labels
             .get("alertname")
+            .filter(|n| !n.trim().is_empty())
             .cloned()
             .unwrap_or_else(|| "unnamed".into());
         let severity = a
@@ -424,6 +425,7 @@ pub fn to_violations(p: &WebhookPayload, now: Timestamp) -> (Vec<Violation>, Vec
         let metric = a
             .labels
             .get("metric")
+            .filter(|m| !m.trim().is_empty())
             .cloned()
             .unwrap_or_else(|| name.clone());
         let signal = a

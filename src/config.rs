@@ -8,7 +8,8 @@
 //! * unknown keys (`monitor.intervall_seconds: unknown key`), found anywhere,
 //!   including inside list items (`monitor.rules[0].foo: unknown key`);
 //! * values of the wrong type (`plan.min_confidence: invalid type: ...`),
-//!   the first one of each section (that section then keeps its defaults);
+//!   every one of them, in every section (a wrong value is set aside and
+//!   the rest of its section is still read and validated);
 //! * unparseable environment overrides (`env MAPE_K_INTERVAL: ...`);
 //! * values out of range and inconsistent combinations (`validate`).
 //!
@@ -1238,7 +1239,7 @@ fn parse_yaml(text: &str, origin: &str) -> Result<(Config, Vec<ConfigIssue>), Co
         safety: section(&mut map, "safety", &mut issues),
     };
     for key in map.keys() {
-        issues.push(unknown_key(key.clone()));
+        issues.push(unknown_key(key_name(key)));
     }
     issues.sort_by(|a, b| a.path.cmp(&b.path));
     Ok((config, issues))
@@ -1262,64 +1263,239 @@ fn kind_of(v: &Value) -> &'static str {
     }
 }
 
-/// Deserialises section `name` of `map` (removing it), reporting unknown
-/// keys and the first type error with their full paths. A missing or empty
-/// section gives the defaults, as does a section with a type error.
+/// At most this many type errors are listed per section (each one costs a
+/// deserialisation of the section); a section with more says so once.
+const MAX_TYPE_ERRORS_PER_SECTION: usize = 50;
+
+/// One step of a key path inside a section.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Seg {
+    /// A mapping key (or an enum variant).
+    Key(String),
+    /// A list index.
+    Index(usize),
+}
+
+/// The dotted form of a path inside section `name`: `name.a.b[2].c`.
+fn render_path(name: &str, segs: &[Seg]) -> String {
+    let mut out = name.to_string();
+    for s in segs {
+        match s {
+            Seg::Key(k) => {
+                out.push('.');
+                out.push_str(&key_name(k));
+            }
+            Seg::Index(i) => out.push_str(&format!("[{i}]")),
+        }
+    }
+    out
+}
+
+/// A key as it appears in a path; an empty key is shown as `""`, so no
+/// issue has an empty path.
+fn key_name(k: &str) -> String {
+    if k.is_empty() {
+        "\"\"".to_string()
+    } else {
+        k.to_string()
+    }
+}
+
+/// The path of a `serde_path_to_error` error. A map key that failed to
+/// parse (`Unknown`) ends the path there: the reason names the key.
+fn error_segs(path: &serde_path_to_error::Path) -> Vec<Seg> {
+    let mut out = Vec::new();
+    for seg in path {
+        match seg {
+            serde_path_to_error::Segment::Seq { index } => out.push(Seg::Index(*index)),
+            serde_path_to_error::Segment::Map { key } => out.push(Seg::Key(key.clone())),
+            serde_path_to_error::Segment::Enum { variant } => out.push(Seg::Key(variant.clone())),
+            serde_path_to_error::Segment::Unknown => break,
+        }
+    }
+    out
+}
+
+/// The path of a key `serde_ignored` reports.
+fn ignored_segs(p: &serde_ignored::Path<'_>, out: &mut Vec<Seg>) {
+    match p {
+        serde_ignored::Path::Root => {}
+        serde_ignored::Path::Seq { parent, index } => {
+            ignored_segs(parent, out);
+            out.push(Seg::Index(*index));
+        }
+        serde_ignored::Path::Map { parent, key } => {
+            ignored_segs(parent, out);
+            out.push(Seg::Key(key.clone()));
+        }
+        serde_ignored::Path::Some { parent }
+        | serde_ignored::Path::NewtypeStruct { parent }
+        | serde_ignored::Path::NewtypeVariant { parent } => ignored_segs(parent, out),
+    }
+}
+
+fn node<'v>(v: &'v Value, segs: &[Seg]) -> Option<&'v Value> {
+    segs.iter().try_fold(v, |v, s| match (v, s) {
+        (Value::Object(m), Seg::Key(k)) => m.get(k),
+        (Value::Array(a), Seg::Index(i)) => a.get(*i),
+        _ => None,
+    })
+}
+
+fn node_mut<'v>(v: &'v mut Value, segs: &[Seg]) -> Option<&'v mut Value> {
+    segs.iter().try_fold(v, |v, s| match (v, s) {
+        (Value::Object(m), Seg::Key(k)) => m.get_mut(k),
+        (Value::Array(a), Seg::Index(i)) => a.get_mut(*i),
+        _ => None,
+    })
+}
+
+/// Items removed from lists while repairing a section, in order: the
+/// list's path and the index removed, both as they were at the time.
+type Removals = Vec<(Vec<Seg>, usize)>;
+
+/// A path in the repaired value as it is in the file: every list index
+/// behind a removed item moves back up by one, latest removal first.
+fn original_path(segs: &[Seg], removals: &Removals) -> Vec<Seg> {
+    let mut p = segs.to_vec();
+    for (list, removed) in removals.iter().rev() {
+        if p.len() > list.len() && p[..list.len()] == list[..] {
+            if let Seg::Index(i) = &mut p[list.len()] {
+                if *i >= *removed {
+                    *i += 1;
+                }
+            }
+        }
+    }
+    p
+}
+
+/// Takes the value at `segs` (whose type is wrong) out of the way so the
+/// next attempt gets past it: outside lists it becomes the default value
+/// of that key; otherwise (or when that changes nothing) it is removed,
+/// from its mapping or from its list. Falls back to the parent when the
+/// path does not exist. False when nothing can be changed (the section's
+/// root itself is wrong).
+fn repair(
+    value: &mut Value,
+    segs: &[Seg],
+    defaults: Option<&Value>,
+    removals: &mut Removals,
+) -> bool {
+    let mut segs = segs;
+    while let Some((last, parent)) = segs.split_last() {
+        let in_list = segs.iter().any(|s| matches!(s, Seg::Index(_)));
+        if !in_list {
+            if let Some(d) = defaults.and_then(|d| node(d, segs)) {
+                if let Some(slot) = node_mut(value, segs) {
+                    if slot != d {
+                        *slot = d.clone();
+                        return true;
+                    }
+                }
+            }
+        }
+        match (node_mut(value, parent), last) {
+            (Some(Value::Object(m)), Seg::Key(k)) if m.contains_key(k) => {
+                m.remove(k);
+                return true;
+            }
+            (Some(Value::Array(a)), Seg::Index(i)) if *i < a.len() => {
+                a.remove(*i);
+                removals.push((parent.to_vec(), *i));
+                return true;
+            }
+            _ => segs = parent,
+        }
+    }
+    false
+}
+
+/// Deserialises section `name` of `map` (removing it), reporting every
+/// unknown key and every value of the wrong type with their full paths.
+/// A missing or empty section gives the defaults.
 ///
 /// The file's values are laid over the serialised defaults of the section,
 /// so a partly given nested table (`analyze.temporal` with only
 /// `confidence`) keeps the section's defaults for its other keys.
+///
+/// serde stops at the first type error, so after each one the wrong value
+/// is taken out of the way ([`repair`]: replaced by its default, or
+/// removed) and the section is read again, up to
+/// [`MAX_TYPE_ERRORS_PER_SECTION`] times. What then parses is returned,
+/// so `validate` also checks the section's other keys. An error caused
+/// only by an earlier repair (a list item missing the field just removed)
+/// is not listed again.
 fn section<T: DeserializeOwned + Serialize + Default>(
     map: &mut Map<String, Value>,
     name: &str,
     issues: &mut Vec<ConfigIssue>,
 ) -> T {
-    let value = match map.remove(name) {
+    let defaults = serde_json::to_value(T::default()).ok();
+    let mut value = match map.remove(name) {
         None | Some(Value::Null) => return T::default(),
-        Some(user) => match serde_json::to_value(T::default()) {
-            Ok(mut base) => {
+        Some(user) => match defaults.clone() {
+            Some(mut base) => {
                 overlay(&mut base, user);
                 base
             }
-            Err(_) => user,
+            None => user,
         },
     };
-    let mut unknown = Vec::new();
-    let result: Result<T, _> = {
-        let mut record = |p: serde_ignored::Path<'_>| {
-            let mut path = name.to_string();
-            push_ignored_path(&mut path, &p);
-            unknown.push(path);
+    let mut unknown: std::collections::BTreeSet<Vec<Seg>> = Default::default();
+    let mut reported: Vec<Vec<Seg>> = Vec::new();
+    let mut removals = Removals::new();
+    let mut parsed = None;
+    let mut stuck = false;
+    for _ in 0..MAX_TYPE_ERRORS_PER_SECTION {
+        let mut seen = Vec::new();
+        let result: Result<T, _> = {
+            let mut record = |p: serde_ignored::Path<'_>| {
+                let mut segs = Vec::new();
+                ignored_segs(&p, &mut segs);
+                seen.push(segs);
+            };
+            let de = serde_ignored::Deserializer::new(&value, &mut record);
+            serde_path_to_error::deserialize(de)
         };
-        let de = serde_ignored::Deserializer::new(value, &mut record);
-        serde_path_to_error::deserialize(de)
-    };
-    issues.extend(unknown.into_iter().map(unknown_key));
-    match result {
-        Ok(v) => v,
-        Err(e) => {
-            let mut path = name.to_string();
-            for seg in e.path() {
-                match seg {
-                    serde_path_to_error::Segment::Seq { index } => {
-                        path.push_str(&format!("[{index}]"))
-                    }
-                    serde_path_to_error::Segment::Map { key } => {
-                        path.push('.');
-                        path.push_str(key);
-                    }
-                    serde_path_to_error::Segment::Enum { variant } => {
-                        path.push('.');
-                        path.push_str(variant);
-                    }
-                    // A map key that failed to parse: the reason names it.
-                    serde_path_to_error::Segment::Unknown => {}
+        unknown.extend(seen.iter().map(|s| original_path(s, &removals)));
+        match result {
+            Ok(v) => {
+                parsed = Some(v);
+                break;
+            }
+            Err(e) => {
+                let segs = error_segs(e.path());
+                let original = original_path(&segs, &removals);
+                // An error at (or above) a path already listed comes from
+                // its repair, not from the file.
+                if !reported.iter().any(|r| r.starts_with(&original)) {
+                    issues.push(ConfigIssue {
+                        path: render_path(name, &original),
+                        reason: e.inner().to_string(),
+                    });
+                    reported.push(original);
+                }
+                if !repair(&mut value, &segs, defaults.as_ref(), &mut removals) {
+                    stuck = true;
+                    break;
                 }
             }
-            issues.push(ConfigIssue {
-                path,
-                reason: e.inner().to_string(),
-            });
+        }
+    }
+    issues.extend(unknown.iter().map(|s| unknown_key(render_path(name, s))));
+    match parsed {
+        Some(v) => v,
+        None => {
+            if !stuck {
+                issues.push(ConfigIssue {
+                    path: name.to_string(),
+                    reason: format!(
+                        "more values of the wrong type than the {} listed; fix these and check again",
+                        reported.len()
+                    ),
+                });
+            }
             T::default()
         }
     }
@@ -1342,26 +1518,6 @@ fn overlay(base: &mut Value, user: Value) {
         }
         (Value::Object(_), Value::Null) => {}
         (slot, v) => *slot = v,
-    }
-}
-
-/// Appends the readable form of a `serde_ignored` path: `.key` for map
-/// keys, `[i]` for list items.
-fn push_ignored_path(out: &mut String, p: &serde_ignored::Path<'_>) {
-    match p {
-        serde_ignored::Path::Root => {}
-        serde_ignored::Path::Seq { parent, index } => {
-            push_ignored_path(out, parent);
-            out.push_str(&format!("[{index}]"));
-        }
-        serde_ignored::Path::Map { parent, key } => {
-            push_ignored_path(out, parent);
-            out.push('.');
-            out.push_str(key);
-        }
-        serde_ignored::Path::Some { parent }
-        | serde_ignored::Path::NewtypeStruct { parent }
-        | serde_ignored::Path::NewtypeVariant { parent } => push_ignored_path(out, parent),
     }
 }
 
@@ -1674,6 +1830,110 @@ execute:
             .contains("loud"));
         find(&issues, "execute.retries");
         assert_eq!(find(&issues, "execute.nope").reason, "unknown key");
+    }
+
+    #[test]
+    fn every_type_error_is_listed_across_sections() {
+        // Three wrong keys in one section and one in each of two others:
+        // all five are listed (serde alone stops at the first of a
+        // section), and the section's good keys are still validated.
+        let yaml = "\
+safety:
+  breaker:
+    failures: many
+    open_seconds: [1]
+  component_rate_limit:
+    max_actions: {a: 1}
+plan:
+  min_confidence: x
+execute:
+  retries: lots
+monitor:
+  interval_seconds: 0
+";
+        let issues = issues_of(Config::from_yaml_str(yaml, "t"));
+        let type_errors: Vec<&str> = issues
+            .iter()
+            .filter(|i| i.reason.starts_with("invalid type"))
+            .map(|i| i.path.as_str())
+            .collect();
+        assert_eq!(
+            type_errors,
+            [
+                "execute.retries",
+                "plan.min_confidence",
+                "safety.breaker.failures",
+                "safety.breaker.open_seconds",
+                "safety.component_rate_limit.max_actions",
+            ],
+            "{issues:?}"
+        );
+        assert!(find(&issues, "safety.breaker.failures")
+            .reason
+            .contains("expected u32"));
+        // A range error in a section without type errors is there too.
+        find(&issues, "monitor.interval_seconds");
+    }
+
+    #[test]
+    fn type_errors_in_list_items_keep_their_file_index() {
+        // Item 1 is dropped to get past its error; item 3 is still named
+        // by its index in the file, and so is the unknown key of item 4.
+        let yaml = "\
+monitor:
+  interval_seconds: x
+  rules:
+    - {name: a, expr: up == 0, severity: critical, component: db}
+    - {name: b, expr: up == 0, severity: loud, component: db}
+    - {name: c, expr: up == 0, severity: warning, component: db}
+    - {name: d, expr: [1], severity: warning, component: db}
+    - {name: e, expr: up == 0, severity: warning, component: db, foo: 1}
+topology:
+  api: [db, {x: 1}]
+  db: 7
+";
+        let issues = issues_of(Config::from_yaml_str(yaml, "t"));
+        let paths: Vec<&str> = issues.iter().map(|i| i.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "monitor.interval_seconds",
+                "monitor.rules[1].severity",
+                "monitor.rules[3].expr",
+                "monitor.rules[4].foo",
+                "topology.api[1]",
+                "topology.db",
+            ],
+            "{issues:?}"
+        );
+        assert!(find(&issues, "monitor.rules[1].severity")
+            .reason
+            .contains("loud"));
+    }
+
+    #[test]
+    fn an_empty_key_is_named() {
+        // Found by tests/fuzz.rs: an issue with an empty path.
+        let issues = issues_of(Config::from_yaml_str("'': 1\nmonitor:\n  '': 2\n", "t"));
+        let paths: Vec<&str> = issues.iter().map(|i| i.path.as_str()).collect();
+        assert_eq!(paths, ["\"\"", "monitor.\"\""], "{issues:?}");
+    }
+
+    #[test]
+    fn a_flood_of_type_errors_is_capped() {
+        let mut yaml = String::from("topology:\n");
+        for n in 0..(MAX_TYPE_ERRORS_PER_SECTION + 20) {
+            yaml.push_str(&format!("  c{n:03}: {n}\n"));
+        }
+        let issues = issues_of(Config::from_yaml_str(&yaml, "t"));
+        let listed = issues
+            .iter()
+            .filter(|i| i.reason.starts_with("invalid type"))
+            .count();
+        assert_eq!(listed, MAX_TYPE_ERRORS_PER_SECTION, "{issues:?}");
+        assert!(find(&issues, "topology")
+            .reason
+            .contains("more values of the wrong type"));
     }
 
     #[test]

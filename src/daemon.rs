@@ -128,6 +128,14 @@ pub async fn start(
         .local_addr()
         .map_err(|e| format!("listen address: {e}"))?;
     let sources_required = !parts.sources.is_empty() && !cfg.alertmanager.enabled;
+    let readiness = Arc::new(crate::readiness::Readiness::from_config(
+        cfg,
+        parts.clock.clone(),
+    )?);
+    registry.register_collector(Box::new(readiness.clone().collector(
+        metrics.clone(),
+        parts.sources.iter().map(|s| s.name().to_string()).collect(),
+    )));
     let clock_for_sink = parts.clock.clone();
     let handle = start_loop(LoopParts {
         settings: loop_settings(cfg),
@@ -166,6 +174,7 @@ pub async fn start(
         sources_required,
         request_timeout: Duration::from_secs(cfg.api.request_timeout_seconds),
         http_metrics: http_metrics.clone(),
+        readiness: readiness.clone(),
     };
     let router = http::router(
         state,
@@ -177,6 +186,8 @@ pub async fn start(
     let sup = handle.supervisor.clone();
     let cfg_max_connections = cfg.api.max_connections;
     let request_timeout = Duration::from_secs(cfg.api.request_timeout_seconds);
+    readiness.spawn(move || sup.connected());
+    let sup = handle.supervisor.clone();
     tokio::spawn(async move {
         let stopped = async move {
             // The server stops when the supervisor (and so the system) does.

@@ -44,6 +44,9 @@ pub struct ApiState {
     pub request_timeout: std::time::Duration,
     /// Metrics of the HTTP server (registered in `registry`).
     pub http_metrics: Arc<HttpMetrics>,
+    /// The webhook's state and the effectors' cached reachability, for
+    /// `/ready`.
+    pub readiness: Arc<crate::readiness::Readiness>,
 }
 
 /// The routes. The webhook (when `webhook_path` is given, i.e.
@@ -520,10 +523,13 @@ async fn ready(State(s): State<ApiState>) -> Response {
     }
     // Ready stays 200 while the webhook can still deliver evidence, but the
     // body says which source can act, and why each other one cannot.
-    let can_act: serde_json::Map<String, Value> = sources
+    let mut can_act: serde_json::Map<String, Value> = sources
         .iter()
         .map(|h| (h.name.clone(), json!(h.status == SourceStatus::Up)))
         .collect();
+    if s.readiness.webhook_enabled() {
+        can_act.insert(crate::readiness::WEBHOOK.into(), json!(true));
+    }
     let degraded: Vec<Value> = sources
         .iter()
         .filter(|h| h.status != SourceStatus::Up)
@@ -546,6 +552,9 @@ async fn ready(State(s): State<ApiState>) -> Response {
         "phases": phases,
         "knowledge_store": if store_open { "open" } else { "closed" },
         "sources": sources,
+        // Cached by the background probe: never waits on the network,
+        // never makes /ready fail.
+        "effectors": s.readiness.effectors(),
     });
     let code = if reasons.is_empty() {
         StatusCode::OK

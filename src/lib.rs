@@ -8,6 +8,7 @@ pub mod daemon;
 pub mod demo;
 pub mod effectors;
 pub mod http;
+pub mod readiness;
 pub mod retry;
 pub mod scenarios;
 pub mod scrape;

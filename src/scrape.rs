@@ -8,6 +8,20 @@
 //! kept from its own earlier scrapes within the duration (no extrapolation;
 //! a drop of a counter is a reset). Anything else is rejected as
 //! `unsupported`.
+//!
+//! The text exposition is parsed here, strictly ([`parse_exposition`]),
+//! not by a crate: the text-format parsers on crates.io were tried (issue
+//! 9) and each fails on input this source must read or refuse.
+//! `prometheus-parse` 0.2.5 skips every line it cannot read (an HTML page
+//! gives zero samples, no error), splits label values at `,` and `=`, and
+//! drops names with `:`; `prom_text_format_parser` 0.1.0 rejects
+//! OpenMetrics counters (`x_total` samples under `# TYPE x counter`, as
+//! prometheus-client and so the simulator write them), a trailing comma in
+//! a label set and an empty exposition; `openmetrics-parser` 0.5.1 is
+//! LGPL-3.0 and its Prometheus mode rejects plain untyped expositions
+//! (`a 1` then `b 2`: "Invalid Name in metric family") and series of one
+//! name with different label names; `prometheus-exposition-format-rs`
+//! 0.1.2 (nom 5, 2020) is unmaintained.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Mutex, MutexGuard};
@@ -280,7 +294,10 @@ pub fn scrape_rules(increase_window: &str) -> Vec<RuleSpec> {
 /// Parses the Prometheus text exposition format (0.0.4; OpenMetrics text
 /// mostly too): comments and blank lines are skipped, label values may hold
 /// `\\`, `\"` and `\n` escapes, timestamps and exemplars are ignored. The
-/// error names the first bad line (1-based).
+/// error names the first bad line (1-based). Nothing is skipped silently:
+/// an HTML page or any other line that is not a sample is an error, and so
+/// is a text without a single sample (an empty body, comments only),
+/// which would otherwise read as "no violations".
 pub fn parse_exposition(text: &str) -> Result<Vec<Sample>, String> {
     let mut out = Vec::new();
     for (n, line) in text.lines().enumerate() {
@@ -291,6 +308,9 @@ pub fn parse_exposition(text: &str) -> Result<Vec<Sample>, String> {
         let sample = parse_sample(line)
             .map_err(|e| format!("line {}: {e}: `{}`", n + 1, snippet(line, 120)))?;
         out.push(sample);
+    }
+    if out.is_empty() {
+        return Err("no samples: not a metrics exposition (empty, or comments only)".into());
     }
     Ok(out)
 }
@@ -806,6 +826,22 @@ mod tests {
             Some("# not a comment")
         );
         assert_eq!(s[6].value, 4.0);
+    }
+
+    #[test]
+    fn html_json_and_empty_bodies_are_errors_not_zero_samples() {
+        let html = "<!DOCTYPE html>\n<html><head><title>Login</title></head>\n<body>Please log in</body></html>\n";
+        let e = parse_exposition(html).unwrap_err();
+        assert!(e.starts_with("line 1:"), "{e}");
+        let e = parse_exposition("{\"status\":\"success\",\"data\":{}}").unwrap_err();
+        assert!(e.starts_with("line 1:"), "{e}");
+        // Samples first, then a page: still an error, at its line.
+        let e = parse_exposition("up 1\n<html>\n").unwrap_err();
+        assert!(e.starts_with("line 2:"), "{e}");
+        for empty in ["", "\n\n", "# HELP up Up.\n# TYPE up gauge\n# EOF\n"] {
+            let e = parse_exposition(empty).unwrap_err();
+            assert!(e.contains("no samples"), "{empty:?}: {e}");
+        }
     }
 
     #[test]

@@ -778,12 +778,104 @@ fn a_source_answering_html_is_degraded_and_ready_says_so() {
     assert_eq!(r.status(), 200, "the webhook can still deliver evidence");
     let ready: serde_json::Value = r.json().expect("json");
     assert_eq!(ready["can_act"]["prometheus"], false, "{ready}");
+    assert_eq!(ready["can_act"]["webhook"], true, "{ready}");
     assert_eq!(ready["degraded"][0]["source"], "prometheus", "{ready}");
     assert!(
         ready["degraded"][0]["reason"]
             .as_str()
             .is_some_and(|r| r.contains("every rule failed")),
         "{ready}"
+    );
+    p.term();
+    assert!(p.wait_exit(Duration::from_secs(20)).success());
+}
+
+/// A blind loop is visible at once: with the webhook off and Prometheus
+/// unreachable, `mape_k_can_act` has no series at 1 and `/ready` says so;
+/// the effector's reachability (a live Charter here) is in `/ready`'s body
+/// and in `mape_k_effector_reachable`, from the background probe.
+#[test]
+fn a_blind_loop_and_effector_reachability_are_visible() {
+    use std::io::{Read, Write};
+    let charter = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let charter_addr = charter.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for mut conn in charter.incoming().flatten() {
+            let mut buf = [0u8; 4096];
+            let _ = conn.read(&mut buf);
+            let body = r#"{"status":"normal"}"#;
+            let _ = write!(
+                conn,
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = dir.path().join("blind.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "monitor:\n  interval_seconds: 1\nprometheus:\n  url: http://{dead}\n  timeout_seconds: 1\n  retries: 0\nalertmanager:\n  enabled: false\ncharter:\n  url: http://{charter_addr}\n"
+        ),
+    )
+    .expect("write");
+    let (mut p, addr) = run_daemon_on(dir.path(), &cfg, &[]);
+    let client = support::json_client();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let (code, ready) = loop {
+        let r = client
+            .get(format!("http://{addr}/ready"))
+            .send()
+            .expect("ready");
+        let code = r.status();
+        let ready: serde_json::Value = r.json().expect("json");
+        if ready["sources"][0]["status"] != "unknown"
+            && !ready["effectors"][0]["checked_at"].is_null()
+        {
+            break (code, ready);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never polled or probed: {ready}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(code, 503, "no evidence path: {ready}");
+    assert_eq!(
+        ready["can_act"],
+        serde_json::json!({"prometheus": false}),
+        "no webhook entry while it is off: {ready}"
+    );
+    let e = &ready["effectors"][0];
+    assert_eq!(e["name"], "charter", "{ready}");
+    assert_eq!(e["reachable"], true, "{ready}");
+    assert_eq!(
+        e["target"],
+        format!("http://{charter_addr}/health"),
+        "{ready}"
+    );
+    let metrics = client
+        .get(format!("http://{addr}/metrics"))
+        .send()
+        .expect("metrics")
+        .text()
+        .expect("text");
+    assert!(
+        metrics.contains("mape_k_can_act{source=\"prometheus\"} 0\n"),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains("mape_k_can_act{source=\"webhook\"}"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("mape_k_effector_reachable{effector=\"charter\"} 1\n"),
+        "{metrics}"
     );
     p.term();
     assert!(p.wait_exit(Duration::from_secs(20)).success());

@@ -3062,7 +3062,12 @@ mod tests {
             .map(|(p, _)| p.strip_prefix(template.path()).unwrap().to_path_buf())
             .collect();
         assert!(files.iter().any(|f| f.ends_with("db")));
-        assert!(files.iter().any(|f| f.extension().is_some_and(|e| e == "snap")), "{files:?}");
+        assert!(
+            files
+                .iter()
+                .any(|f| f.extension().is_some_and(|e| e == "snap")),
+            "{files:?}"
+        );
         let copy = |to: &Path| {
             for (p, bytes) in files_of(template.path()) {
                 let rel = p.strip_prefix(template.path()).unwrap();
@@ -3086,7 +3091,9 @@ mod tests {
             ("tail garbled", |p| {
                 let mut b = std::fs::read(p).unwrap();
                 let n = b.len();
-                b.iter_mut().skip(n.saturating_sub(64)).for_each(|x| *x ^= 0x5A);
+                b.iter_mut()
+                    .skip(n.saturating_sub(64))
+                    .for_each(|x| *x ^= 0x5A);
                 std::fs::write(p, b).unwrap();
             }),
             ("deleted", |p| std::fs::remove_file(p).unwrap()),
