@@ -515,7 +515,7 @@ impl ExecutionEnv {
             // The action is on record as started, with what is sent,
             // before the call: after a crash it reads UNKNOWN (interrupted)
             // and is never sent again.
-            if let Err(e) = self.journal(exec, true).await {
+            if let Err(e) = self.journal_durable(exec).await {
                 exec.actions[at].status = ExecutionStatus::Failed;
                 exec.actions[at].error = Some(format!("not journaled, not sent: {e}"));
                 self.roll_back(exec, completed).await;
@@ -544,7 +544,7 @@ impl ExecutionEnv {
                     completed.push((at, action, eff, v));
                     // Queued in order, not awaited: the next action's
                     // start (or the verification) does not wait for it.
-                    let _ = self.journal(exec, false);
+                    self.journal_queued(exec);
                 }
                 Err(end) => {
                     let why = match &end {
@@ -566,7 +566,7 @@ impl ExecutionEnv {
         exec.status = ExecutionStatus::Completed;
         // Verifying: a restart re-arms the verification of an execution on
         // record as COMPLETED without an outcome.
-        let _ = self.journal(exec, false);
+        self.journal_queued(exec);
         self.executed(exec);
         if let Some(tx) = acted.take() {
             let _ = tx.send(());
@@ -645,36 +645,36 @@ impl ExecutionEnv {
         }
     }
 
-    /// Puts the execution on record. With `wait`, resolves once it is
-    /// durable; otherwise it is queued (journal order = call order) and
-    /// a failure is logged.
-    fn journal(
+    /// Puts the execution on record; resolves once it is durable.
+    fn journal_durable(
         &self,
         exec: &PolicyExecution,
-        wait: bool,
     ) -> futures::future::BoxFuture<'static, Result<(), String>> {
         let Some(store) = &self.store else {
             return Box::pin(async { Ok(()) });
         };
         let write = store.put_execution_async(exec);
-        if wait {
-            // Awaited on the blocking pool, as the intents are (a paused
-            // test clock must not race past the deadline meanwhile).
-            Box::pin(async move {
-                tokio::task::spawn_blocking(move || futures::executor::block_on(write))
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .map_err(|e| e.to_string())
-            })
-        } else {
-            let id = exec.id.clone();
-            tokio::spawn(async move {
-                if let Err(e) = write.await {
-                    tracing::error!(execution = %id, error = %e, "cannot record the execution's progress");
-                }
-            });
-            Box::pin(async { Ok(()) })
-        }
+        // Awaited on the blocking pool, as the intents are (a paused test
+        // clock must not race past the deadline meanwhile).
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || futures::executor::block_on(write))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())
+        })
+    }
+
+    /// Queues the execution's record (journal order = call order) without
+    /// waiting for it; a failure is logged.
+    fn journal_queued(&self, exec: &PolicyExecution) {
+        let Some(store) = &self.store else { return };
+        let write = store.put_execution_async(exec);
+        let id = exec.id.clone();
+        tokio::spawn(async move {
+            if let Err(e) = write.await {
+                tracing::error!(execution = %id, error = %e, "cannot record the execution's progress");
+            }
+        });
     }
 
     fn executed(&self, exec: &PolicyExecution) {
