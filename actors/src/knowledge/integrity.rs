@@ -323,7 +323,16 @@ pub(crate) fn classify_skipped(
             Some(_) => dropped.push(format!(
                 "{s}: those after seq {applied_seq} are newer than sled"
             )),
-            None => dropped.push(format!("{s}: snapshot rows")),
+            None => {
+                // A snapshot's rows: all as old as the snapshot.
+                match &report.snapshot {
+                    Some(snap) if snap.applied_seq <= applied_seq => covered.push(format!(
+                        "{s}: snapshot rows as of seq {}, which sled has applied",
+                        snap.applied_seq
+                    )),
+                    _ => dropped.push(format!("{s}: snapshot rows")),
+                }
+            }
         }
     }
     (dropped, covered)

@@ -809,7 +809,12 @@ fn scan_snapshot(
         }
         Ok(())
     };
-    let scan = scan_bytes(path, 0, &data, None, salvage, &mut on_entry)?;
+    let mut scan = scan_bytes(path, 0, &data, None, salvage, &mut on_entry)?;
+    // Row numbers are not journal sequence numbers: what a damaged
+    // snapshot lost is "snapshot rows" (seqs `None`).
+    for skip in &mut scan.skipped {
+        skip.seqs = None;
+    }
     let mut bad = scan.bad.or(decode_failed);
     let applied_seq = match end {
         Some((applied, n, _)) => {
@@ -911,6 +916,15 @@ fn scan_dir(
         }
         if let Some(last) = scan.last_seq {
             report.last_seq = Some(report.last_seq.map_or(last, |l| l.max(last)));
+        }
+        if let (None, Some(f), Some(skip)) = (first, scan.first_seq, report.skipped.last_mut()) {
+            // An empty segment after an unreadable end: its header tells
+            // where that end stopped.
+            if let Some((a, u64::MAX)) = skip.seqs {
+                if f >= a {
+                    skip.seqs = Some((a, f.saturating_sub(1).max(a)));
+                }
+            }
         }
         let open_skip = report
             .skipped

@@ -560,6 +560,12 @@ impl Inner {
                         None => " and no entries".to_string(),
                     }
                 ));
+            } else if !sled_lost && report.last_seq.unwrap_or(0) < applied_seq {
+                problems.push(format!(
+                    "the journal ends at seq {} but sled has applied up to seq {applied_seq}: \
+                     the journal lost its last entries (a segment deleted or cut short)",
+                    report.last_seq.unwrap_or(0)
+                ));
             } else if !sled_lost && !report.complete(applied_seq) {
                 problems.push(format!(
                     "the journal's snapshot is missing: its entries start at seq {} while sled \
