@@ -125,8 +125,12 @@ pub(crate) fn read_expected(dir: &Path, applied_seq: u64) -> Result<Expected, St
         .open()
         .map_err(|e| StoreError::from_sled(dir, e))?;
     let mut index = SledIndex::open(dir, db.clone())?;
+    // Large trees' values are kept as digests: the scratch costs keys and
+    // 32 bytes per record, not a second copy of the store.
+    index.digest = true;
     let jdir = dir.join(JOURNAL_DIR);
     let mut group: Vec<(u64, Record)> = Vec::with_capacity(GROUP);
+    let mut group_bytes = 0usize;
     let mut touched = HashSet::new();
     let mut records = 0u64;
     let apply = |index: &mut SledIndex, group: &mut Vec<(u64, Record)>| {
@@ -142,9 +146,11 @@ pub(crate) fn read_expected(dir: &Path, applied_seq: u64) -> Result<Expected, St
             touch(&record, &mut touched);
         }
         records += 1;
+        group_bytes += approx_size(&record);
         group.push((seq, record));
-        if group.len() >= GROUP {
+        if group.len() >= GROUP || group_bytes >= GROUP_BYTES {
             apply(&mut index, &mut group)?;
+            group_bytes = 0;
         }
         Ok(())
     })
@@ -164,6 +170,19 @@ pub(crate) fn read_expected(dir: &Path, applied_seq: u64) -> Result<Expected, St
         touched,
         records,
     })
+}
+
+/// Bytes of records per group applied to the scratch database.
+const GROUP_BYTES: usize = 8 << 20;
+
+/// About how many bytes a record holds (its large strings).
+fn approx_size(record: &Record) -> usize {
+    match record {
+        Record::Raw { value, key, .. } => value.len() + key.len(),
+        // The typed records are bounded by the journal's entry size; count
+        // them at a typical size.
+        _ => 4096,
+    }
 }
 
 /// The sled keys a record writes.
@@ -207,6 +226,9 @@ pub(crate) enum Truth {
 #[derive(Debug, Default)]
 pub(crate) struct Diff {
     pub compared: u64,
+    /// Records per tree once put right (so that opening need not walk
+    /// the trees again to count them).
+    pub counts: std::collections::HashMap<String, usize>,
     pub restored: Vec<String>,
     pub replaced: Vec<String>,
     pub removed: Vec<String>,
@@ -232,11 +254,16 @@ pub(crate) fn reconcile(
     trees.sort();
     trees.dedup();
     let mut diff = Diff::default();
+    // Values to restore into digested trees, fetched from the journal
+    // after the pass (the scratch holds only their digests).
+    let mut wanted: HashSet<(String, Vec<u8>)> = HashSet::new();
     for tree_name in trees {
+        let digested = crate::store::digested_name(&tree_name);
         let have = real.open_tree(&tree_name).map_err(err)?;
         let want = expected.db.open_tree(&tree_name).map_err(err)?;
         let mut batch = sled::Batch::default();
         let mut pending = 0usize;
+        let mut count = 0usize;
         let mut a = have.iter();
         let mut b = want.iter();
         let mut next_a = || a.next().transpose().map_err(err);
@@ -252,7 +279,12 @@ pub(crate) fn reconcile(
             let step = match (&cur_a, &cur_b) {
                 (None, None) => break,
                 (Some((ka, va)), Some((kb, vb))) if ka == kb => {
-                    Step::Both(kb.clone(), va != vb, vb.clone())
+                    let differs = if digested {
+                        crate::store::digest(va) != vb.as_ref()
+                    } else {
+                        va != vb
+                    };
+                    Step::Both(kb.clone(), differs, vb.clone())
                 }
                 (Some((ka, _)), Some((kb, _))) if ka < kb => Step::OnlyReal(ka.clone()),
                 (Some((ka, _)), None) => Step::OnlyReal(ka.clone()),
@@ -262,11 +294,16 @@ pub(crate) fn reconcile(
             diff.compared += 1;
             match step {
                 Step::Both(k, differs, v) => {
+                    count += 1;
                     if differs {
                         if truth == Truth::Journal || touched(&k) {
                             diff.replaced.push(name(&tree_name, &k));
-                            batch.insert(k, v);
-                            pending += 1;
+                            if digested {
+                                wanted.insert((tree_name.clone(), k.to_vec()));
+                            } else {
+                                batch.insert(k, v);
+                                pending += 1;
+                            }
                         } else {
                             diff.kept.push(name(&tree_name, &k));
                         }
@@ -280,15 +317,21 @@ pub(crate) fn reconcile(
                         batch.remove(k);
                         pending += 1;
                     } else {
+                        count += 1;
                         diff.kept.push(name(&tree_name, &k));
                     }
                     cur_a = next_a()?;
                 }
                 Step::OnlyJournal(k, v) => {
+                    count += 1;
                     // sled lacks it: restored whoever is the truth.
                     diff.restored.push(name(&tree_name, &k));
-                    batch.insert(k, v);
-                    pending += 1;
+                    if digested {
+                        wanted.insert((tree_name.clone(), k.to_vec()));
+                    } else {
+                        batch.insert(k, v);
+                        pending += 1;
+                    }
                     cur_b = next_b()?;
                 }
             }
@@ -304,8 +347,52 @@ pub(crate) fn reconcile(
         if pending > 0 && !dry_run {
             have.apply_batch(batch).map_err(err)?;
         }
+        diff.counts.insert(tree_name.clone(), count);
+    }
+    if !dry_run && !wanted.is_empty() {
+        restore_from_journal(dir, real, &wanted)?;
     }
     Ok(diff)
+}
+
+/// Writes into `real` the journal's last value of each wanted key of a
+/// digested tree (one more pass over the journal, keeping only those).
+fn restore_from_journal(
+    dir: &Path,
+    real: &sled::Db,
+    wanted: &HashSet<(String, Vec<u8>)>,
+) -> Result<(), StoreError> {
+    let jdir = dir.join(JOURNAL_DIR);
+    let mut values: std::collections::HashMap<(String, Vec<u8>), Option<Vec<u8>>> =
+        std::collections::HashMap::new();
+    journal::read_all(&jdir, true, &mut |seq, record| {
+        let write =
+            crate::store::plain_write(seq, &record).map_err(|detail| JournalError::Index {
+                dir: jdir.clone(),
+                detail,
+            })?;
+        if let Some(w) = write {
+            let k = (w.tree, w.key);
+            if wanted.contains(&k) {
+                values.insert(k, w.value);
+            }
+        }
+        Ok(())
+    })
+    .map_err(|source| StoreError::Journal {
+        dir: dir.to_path_buf(),
+        source,
+    })?;
+    let err = |e| StoreError::from_sled(dir, e);
+    for ((tree, key), value) in values {
+        let t = real.open_tree(&tree).map_err(err)?;
+        match value {
+            Some(v) => t.insert(key, v).map(|_| ()),
+            None => t.remove(key).map(|_| ()),
+        }
+        .map_err(err)?;
+    }
+    Ok(())
 }
 
 /// Describes unreadable journal ranges: which were newer than sled

@@ -860,6 +860,7 @@ fn scan_snapshot(
 fn scan_dir(
     dir: &Path,
     salvage: bool,
+    skip_snapshot_upto: u64,
     on_row: &mut dyn FnMut(u64, Record) -> Result<(), JournalError>,
     on_entry: &mut OnEntry<'_>,
 ) -> Result<(VerifyReport, Vec<SegmentScan>), JournalError> {
@@ -867,7 +868,22 @@ fn scan_dir(
     let mut next: Option<u64> = None;
     let mut after_snapshot = 0u64;
     if let Some((named, path)) = list_snapshots(dir)?.pop() {
-        let (info, bad, skipped) = scan_snapshot(dir, &path, named, salvage, on_row)?;
+        let (info, bad, skipped) = if named <= skip_snapshot_upto {
+            // The reader already holds everything the snapshot does (and
+            // it was verified when that was checked): not read again.
+            let bytes = fs::metadata(&path)
+                .map_err(|e| io_err(dir, format!("reading {}", path.display()), e))?
+                .len();
+            let info = SnapshotInfo {
+                path: path.clone(),
+                applied_seq: named,
+                rows: 0,
+                bytes,
+            };
+            (info, None, Vec::new())
+        } else {
+            scan_snapshot(dir, &path, named, salvage, on_row)?
+        };
         after_snapshot = info.applied_seq;
         next = Some(info.applied_seq + 1);
         report.last_seq = Some(info.applied_seq);
@@ -985,7 +1001,7 @@ pub fn read_all(
         let r = decode_payload(dir, segment, seq, payload)?;
         (*cell.borrow_mut())(seq, r)
     };
-    scan_dir(dir, salvage, &mut rows, &mut entries).map(|(r, _)| r)
+    scan_dir(dir, salvage, 0, &mut rows, &mut entries).map(|(r, _)| r)
 }
 
 /// Decodes a payload.
@@ -1162,7 +1178,7 @@ impl Journal {
                 }
                 push(seq, decode_payload(dir, segment, seq, payload)?)
             };
-            scan_dir(dir, options.salvage, &mut rows, &mut entries)?
+            scan_dir(dir, options.salvage, applied, &mut rows, &mut entries)?
         };
         if !pending.is_empty() {
             index.apply(&pending).map_err(index_err)?;

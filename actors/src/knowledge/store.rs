@@ -335,9 +335,20 @@ struct Records {
 }
 
 impl Records {
-    fn open(db: &sled::Db, name: &'static str) -> sled::Result<Records> {
+    /// Opens a record tree; its count is `known` or, without one, counted
+    /// by walking the tree (`O(records)`, and sled keeps large pages it
+    /// read resident: the start-up check counts them once instead).
+    fn open(
+        db: &sled::Db,
+        name: &'static str,
+        known: Option<&HashMap<String, usize>>,
+    ) -> sled::Result<Records> {
         let tree = db.open_tree(name)?;
-        let count = Arc::new(AtomicUsize::new(tree.len()));
+        let n = match known.and_then(|k| k.get(name)) {
+            Some(n) => *n,
+            None => tree.len(),
+        };
+        let count = Arc::new(AtomicUsize::new(n));
         Ok(Records { name, tree, count })
     }
 
@@ -390,10 +401,24 @@ impl Drop for Inner {
 }
 
 /// Whether the journal of `dir` is intact and holds every record (a
-/// snapshot, or entries from seq 1), so sled can be rebuilt from it.
-fn journal_can_rebuild(dir: &Path) -> bool {
-    crate::journal::verify(&dir.join(JOURNAL_DIR))
-        .is_ok_and(|r| !r.needs_repair() && (r.snapshot.is_some() || r.first_seq == Some(1)))
+/// snapshot, or entries from seq 1), so sled can be rebuilt from it; if
+/// not, why.
+fn journal_can_rebuild(dir: &Path) -> Result<(), String> {
+    let r = crate::journal::verify(&dir.join(JOURNAL_DIR)).map_err(|e| e.to_string())?;
+    if let Some(bad) = r.damage.iter().find(|d| !d.torn_tail) {
+        return Err(format!("the journal is damaged too: {bad}"));
+    }
+    if r.snapshot.is_some() || r.first_seq == Some(1) {
+        Ok(())
+    } else {
+        Err(format!(
+            "the journal holds no snapshot{}",
+            match r.first_seq {
+                Some(f) => format!(" and starts at seq {f}"),
+                None => " and no entries".to_string(),
+            }
+        ))
+    }
 }
 
 /// Moves sled's own files (`conf`, `db`, `blobs`, `snap.*`) of `dir` into
@@ -433,6 +458,33 @@ fn quiet_sled_panics() {
             }
         }));
     });
+}
+
+/// sled's cache, per store: sled keeps what it read up to this much (it
+/// defaults to 1 GiB).
+const SLED_CACHE_BYTES: u64 = 32 << 20;
+
+fn open_sled(dir: &Path) -> Result<sled::Db, StoreError> {
+    sled::Config::new()
+        .path(dir)
+        .cache_capacity(SLED_CACHE_BYTES)
+        .open()
+        .map_err(|e| StoreError::from_sled_open(dir, e))
+}
+
+/// Opens sled again right after this thread dropped it: sled frees its
+/// file lock from background threads, so a lock still held is waited for
+/// (up to 5 s).
+fn reopen_sled(dir: &Path) -> Result<sled::Db, StoreError> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match open_sled(dir) {
+            Err(StoreError::Locked { .. }) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            other => return other,
+        }
+    }
 }
 
 /// `applied_seq` of a `meta` tree (0 when absent).
@@ -504,10 +556,7 @@ impl Inner {
         let had_journal = std::fs::read_dir(&journal_dir)
             .map(|mut d| d.next().is_some())
             .unwrap_or(false);
-        let db = sled::Config::new()
-            .path(dir)
-            .open()
-            .map_err(|e| StoreError::from_sled_open(dir, e))?;
+        let db = open_sled(dir)?;
         let meta = db.open_tree("meta").map_err(err)?;
         let schema = meta
             .get(SCHEMA_KEY)
@@ -536,6 +585,9 @@ impl Inner {
             ..IntegrityReport::default()
         };
         let mut snapshot_needed = migrating;
+        let mut counts: Option<HashMap<String, usize>> = None;
+        let mut db = db;
+        let mut meta = meta;
         if !migrating {
             // The previous release kept only the journal's tail: its sled
             // is the record and cannot be checked. Every later start
@@ -588,6 +640,7 @@ impl Inner {
             };
             let diff = integrity::reconcile(dir, &db, &expected, truth, false)?;
             integrity.compared = diff.compared;
+            counts = Some(diff.counts.clone());
             let sled_current = applied_seq >= integrity.last_seq;
             let changed =
                 !(diff.restored.is_empty() && diff.replaced.is_empty() && diff.removed.is_empty());
@@ -612,6 +665,12 @@ impl Inner {
             }
             drop(expected);
             db.flush().map_err(err)?;
+            // The check read every record; sled keeps large pages it read
+            // resident whatever its cache size. Reopening lets them go.
+            drop(meta);
+            drop(db);
+            db = reopen_sled(dir)?;
+            meta = db.open_tree("meta").map_err(err)?;
             if integrity.repaired {
                 let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ").to_string();
                 let aside = integrity::move_journal_aside(dir, &stamp)?;
@@ -621,10 +680,11 @@ impl Inner {
             }
             log_integrity(dir, &integrity);
         }
-        let policies = Records::open(&db, "policies").map_err(err)?;
-        let executions = Records::open(&db, "executions").map_err(err)?;
-        let outcomes = Records::open(&db, "outcomes").map_err(err)?;
-        let analyses = Records::open(&db, "analyses").map_err(err)?;
+        let known = counts.as_ref();
+        let policies = Records::open(&db, "policies", known).map_err(err)?;
+        let executions = Records::open(&db, "executions", known).map_err(err)?;
+        let outcomes = Records::open(&db, "outcomes", known).map_err(err)?;
+        let analyses = Records::open(&db, "analyses", known).map_err(err)?;
         let stats = db.open_tree("stats").map_err(err)?;
         let insights = db.open_tree("insights").map_err(err)?;
         let intents = db.open_tree(INTENTS_TREE).map_err(err)?;
@@ -859,13 +919,8 @@ pub struct IntentRecord {
 
 // Indexes of the fixed trees in `SledIndex::trees`.
 const T_META: usize = 0;
-const T_POLICIES: usize = 1;
-const T_EXECUTIONS: usize = 2;
 const T_OUTCOMES: usize = 3;
-const T_ANALYSES: usize = 4;
 const T_STATS: usize = 5;
-const T_INSIGHTS: usize = 6;
-const T_INTENTS: usize = 7;
 const FIXED_TREES: [&str; 8] = [
     "meta",
     "policies",
@@ -913,6 +968,9 @@ pub(crate) struct SledIndex {
     counts: [Arc<AtomicUsize>; 4],
     generic: HashMap<String, sled::Tree>,
     applied_seq: u64,
+    /// Keep only digests of large trees' values (the start-up check's
+    /// scratch index: see [`digested`]).
+    pub(crate) digest: bool,
 }
 
 impl SledIndex {
@@ -925,8 +983,10 @@ impl SledIndex {
             trees.push(db.open_tree(name).map_err(err)?);
         }
         let applied_seq = read_applied_seq(dir, &trees[T_META])?;
-        let count = |i: usize| Arc::new(AtomicUsize::new(trees[i].len()));
-        let counts = [count(1), count(2), count(3), count(4)];
+        // Counts are the store's (see `Records`); an index of its own
+        // starts them at zero.
+        let count = || Arc::new(AtomicUsize::new(0));
+        let counts = [count(), count(), count(), count()];
         Ok(SledIndex {
             dir: dir.to_path_buf(),
             trees,
@@ -934,11 +994,8 @@ impl SledIndex {
             generic: HashMap::new(),
             db,
             applied_seq,
+            digest: false,
         })
-    }
-
-    fn json<T: Serialize>(&self, what: &str, v: &T) -> Result<Vec<u8>, String> {
-        serde_json::to_vec(v).map_err(|e| format!("cannot encode {what}: {e}"))
     }
 
     /// Index of `name` in `trees`, opening a generic tree if needed.
@@ -968,70 +1025,116 @@ impl SledIndex {
         let mut ops = Vec::with_capacity(group.len());
         for (seq, record) in group {
             let op = match record {
-                Record::Policy { policy } => Op::Put {
-                    tree: T_POLICIES,
-                    key: policy.id.as_bytes().to_vec(),
-                    value: self.json("a policy", policy)?,
-                },
-                Record::Execution { execution } => Op::Put {
-                    tree: T_EXECUTIONS,
-                    key: execution.id.as_bytes().to_vec(),
-                    value: self.json("an execution", execution)?,
-                },
-                Record::Analysis { analysis } => Op::Put {
-                    tree: T_ANALYSES,
-                    key: analysis.id.as_bytes().to_vec(),
-                    value: self.json("an analysis", analysis)?,
-                },
-                Record::Insights { insights } => Op::Put {
-                    tree: T_INSIGHTS,
-                    key: INSIGHTS_KEY.to_vec(),
-                    value: self.json("insights", insights)?,
-                },
                 Record::Outcome {
                     outcome,
                     saturation,
                 } => Op::Outcome {
-                    value: self.json("an outcome", outcome)?,
+                    value: serde_json::to_vec(outcome)
+                        .map_err(|e| format!("cannot encode an outcome: {e}"))?,
                     outcome,
                     saturation: *saturation,
-                },
-                Record::Intent { key, request } => Op::Put {
-                    tree: T_INTENTS,
-                    key: key.as_bytes().to_vec(),
-                    value: self.json(
-                        "an intent",
-                        &IntentRecord {
-                            key: key.clone(),
-                            request: request.clone(),
-                            seq: *seq,
-                        },
-                    )?,
-                },
-                Record::Put { tree, key, value } => Op::Put {
-                    tree: self.tree_index(tree, extra)?,
-                    key: key.as_bytes().to_vec(),
-                    value: self.json("a record", value)?,
-                },
-                Record::Delete { tree, key } => Op::Delete {
-                    tree: self.tree_index(tree, extra)?,
-                    key: key.as_bytes().to_vec(),
                 },
                 Record::Reclassify { execution_id, to } => Op::Reclassify {
                     execution_id,
                     to: *to,
                 },
-                Record::Raw { tree, key, value } => Op::Put {
-                    tree: self.tree_index(tree, extra)?,
-                    key: key.as_bytes().to_vec(),
-                    value: value.as_bytes().to_vec(),
-                },
                 Record::SnapshotEnd { .. } => Op::Nothing,
+                plain => match plain_write(*seq, plain)? {
+                    None => Op::Nothing,
+                    Some(PlainWrite { tree, key, value }) => {
+                        let tree = self.tree_index(&tree, extra)?;
+                        match value {
+                            Some(value) if self.digest && digested(tree) => Op::Put {
+                                tree,
+                                key,
+                                value: digest(&value),
+                            },
+                            Some(value) => Op::Put { tree, key, value },
+                            None => Op::Delete { tree, key },
+                        }
+                    }
+                },
             };
             ops.push(op);
         }
         Ok(ops)
     }
+}
+
+/// What a record that is a plain write (no folding) writes: one key of
+/// one tree, set (`Some`) or deleted (`None`); exactly the bytes the index
+/// stores.
+pub(crate) struct PlainWrite {
+    pub tree: String,
+    pub key: Vec<u8>,
+    pub value: Option<Vec<u8>>,
+}
+
+/// The write of a plain record (`None` for the folding ones: outcomes,
+/// re-classifications, a snapshot's end).
+pub(crate) fn plain_write(seq: u64, record: &Record) -> Result<Option<PlainWrite>, String> {
+    fn json<T: Serialize>(what: &str, v: &T) -> Result<Option<Vec<u8>>, String> {
+        serde_json::to_vec(v)
+            .map(Some)
+            .map_err(|e| format!("cannot encode {what}: {e}"))
+    }
+    let w = |tree: &str, key: &[u8], value| PlainWrite {
+        tree: tree.to_string(),
+        key: key.to_vec(),
+        value,
+    };
+    Ok(Some(match record {
+        Record::Policy { policy } => w("policies", policy.id.as_bytes(), json("a policy", policy)?),
+        Record::Execution { execution } => w(
+            "executions",
+            execution.id.as_bytes(),
+            json("an execution", execution)?,
+        ),
+        Record::Analysis { analysis } => w(
+            "analyses",
+            analysis.id.as_bytes(),
+            json("an analysis", analysis)?,
+        ),
+        Record::Insights { insights } => w("insights", INSIGHTS_KEY, json("insights", insights)?),
+        Record::Intent { key, request } => w(
+            INTENTS_TREE,
+            key.as_bytes(),
+            json(
+                "an intent",
+                &IntentRecord {
+                    key: key.clone(),
+                    request: request.clone(),
+                    seq,
+                },
+            )?,
+        ),
+        Record::Put { tree, key, value } => w(tree, key.as_bytes(), json("a record", value)?),
+        Record::Delete { tree, key } => w(tree, key.as_bytes(), None),
+        Record::Raw { tree, key, value } => {
+            w(tree, key.as_bytes(), Some(value.as_bytes().to_vec()))
+        }
+        Record::Outcome { .. } | Record::Reclassify { .. } | Record::SnapshotEnd { .. } => {
+            return Ok(None)
+        }
+    }))
+}
+
+/// Whether a digesting index (the start-up check's scratch) keeps only a
+/// digest of this tree's values: every tree but those the folding records
+/// read (outcomes, statistics) and `meta`.
+fn digested(tree: usize) -> bool {
+    !matches!(tree, T_META | T_OUTCOMES | T_STATS)
+}
+
+/// Whether the tree named `name` is digested (see [`digested`]).
+pub(crate) fn digested_name(name: &str) -> bool {
+    !matches!(name, "meta" | "outcomes" | "stats")
+}
+
+/// SHA-256 of a value (what a digesting index stores for it).
+pub(crate) fn digest(value: &[u8]) -> Vec<u8> {
+    use sha2::Digest;
+    sha2::Sha256::digest(value).to_vec()
 }
 
 impl Index for SledIndex {
@@ -1295,8 +1398,18 @@ impl KnowledgeStore {
                     std::thread::sleep(Duration::from_millis(25));
                 }
                 Err(StoreError::Corrupt { detail, .. })
-                    if moved.is_none() && (options.salvage || journal_can_rebuild(dir)) =>
+                    if moved.is_none() && !options.salvage && journal_can_rebuild(dir).is_err() =>
                 {
+                    let why = journal_can_rebuild(dir).err().unwrap_or_default();
+                    return Err(StoreError::Damaged {
+                        dir: dir.to_path_buf(),
+                        detail: format!(
+                            "sled cannot read its files ({detail}), and they cannot be rebuilt: \
+                             {why}; a repair keeps what the journal holds"
+                        ),
+                    });
+                }
+                Err(StoreError::Corrupt { detail, .. }) if moved.is_none() => {
                     // sled cannot read its files, but the journal holds
                     // every record: move sled's files aside and rebuild.
                     let aside = move_sled_aside(dir)?;
