@@ -73,6 +73,7 @@ pub fn router(state: ApiState, webhook_path: Option<&str>, max_body_bytes: usize
         .route("/api/v1/knowledge/insights", get(insights))
         .route("/api/v1/knowledge/best-action", get(best_action))
         .route("/api/v1/knowledge/learning", get(learning))
+        .route("/api/v1/knowledge/integrity", get(integrity))
         .route("/api/v1/pause", post(pause))
         .route("/api/v1/resume", post(resume))
         .route("/api/v1/components/{name}/clear", post(clear_component))
@@ -1175,6 +1176,12 @@ async fn shadow_report(State(s): State<ApiState>) -> Response {
 
 /// What the learner knows per cause: each remedy's judged episodes,
 /// posterior mean, and the regret so far.
+/// What the start-up check of the knowledge store against its journal
+/// found and did (put right, repaired, migrated; see docs/OPERATIONS.md).
+async fn integrity(State(s): State<ApiState>) -> Response {
+    Json(json!({ "integrity": s.handle.store.integrity() })).into_response()
+}
+
 async fn learning(State(s): State<ApiState>) -> Response {
     let st = s.handle.store.clone();
     match blocking(move || st.stats()).await {
