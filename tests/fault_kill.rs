@@ -157,13 +157,19 @@ fn kill_9_twenty_times_during_a_fault_storm_loses_nothing_and_applies_nothing_tw
                 acknowledged.insert(id.to_string());
             }
         }
-        let in_flight = ch.sim.calls().len();
+        let killed_at = chrono::Utc::now();
         p.child.kill().expect("kill -9");
         p.child.wait().expect("reap");
         kills += 1;
-        // A Charter call answered after the kill: it landed mid-call.
-        std::thread::sleep(CHARTER_LATENCY * 2);
-        if ch.sim.calls().len() > in_flight {
+        // A Charter call applied less than CHARTER_LATENCY before the kill
+        // had not been answered yet: the kill landed mid-call.
+        let latency = chrono::Duration::from_std(CHARTER_LATENCY).expect("latency");
+        let mid_call = ch.sim.calls().iter().any(|c| {
+            c.method == "POST"
+                && chrono::DateTime::parse_from_rfc3339(&c.at)
+                    .is_ok_and(|at| at <= killed_at && killed_at - at.to_utc() < latency)
+        });
+        if mid_call {
             killed_mid_call += 1;
         }
         eprintln!(

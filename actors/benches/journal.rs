@@ -62,7 +62,10 @@ fn journal(c: &mut Criterion) {
 fn open_and_check(c: &mut Criterion) {
     let mut g = c.benchmark_group("open_and_check");
     g.sample_size(10);
-    for (name, records, pad) in [("20000x1KB", 20_000u64, 1_000usize), ("1000x100KB", 1_000, 100_000)] {
+    for (name, records, pad) in [
+        ("20000x1KB", 20_000u64, 1_000usize),
+        ("1000x100KB", 1_000, 100_000),
+    ] {
         let dir = tempfile::tempdir().expect("temp dir");
         {
             let store =
