@@ -182,7 +182,7 @@ impl CharterClient {
     /// `GET path`, JSON answer.
     pub async fn get(&self, path: &str) -> Result<Value, EffectorError> {
         let req = self.http.get(format!("{}{path}", self.base));
-        self.send(path, req).await
+        self.send(path, req, false).await
     }
 
     /// `GET path?query` (the pairs URL-encoded), JSON answer.
@@ -192,16 +192,21 @@ impl CharterClient {
         query: &[(&str, &str)],
     ) -> Result<Value, EffectorError> {
         let req = self.http.get(format!("{}{path}", self.base)).query(query);
-        self.send(path, req).await
+        self.send(path, req, false).await
     }
 
     /// `POST path` with a JSON body, JSON answer.
     pub async fn post(&self, path: &str, body: &Value) -> Result<Value, EffectorError> {
         let req = self.http.post(format!("{}{path}", self.base)).json(body);
-        self.send(path, req).await
+        self.send(path, req, true).await
     }
 
-    async fn send(&self, path: &str, req: reqwest::RequestBuilder) -> Result<Value, EffectorError> {
+    async fn send(
+        &self,
+        path: &str,
+        req: reqwest::RequestBuilder,
+        mutating: bool,
+    ) -> Result<Value, EffectorError> {
         let req = if self.api_key.is_empty() {
             req
         } else {
@@ -210,9 +215,10 @@ impl CharterClient {
         // The action's idempotency key, the same on every attempt and
         // never sent for a different action: the Charter can tell a retry
         // from a new request.
-        let req = match IDEMPOTENCY.try_with(Clone::clone).ok().flatten() {
-            Some(key) => req.header("Idempotency-Key", key),
-            None => req,
+        let key = IDEMPOTENCY.try_with(Clone::clone).ok().flatten();
+        let req = match key {
+            Some(key) if mutating => req.header("Idempotency-Key", key),
+            _ => req,
         };
         exchange(path, req).await
     }

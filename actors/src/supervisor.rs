@@ -189,7 +189,11 @@ pub fn start_loop(parts: LoopParts) -> LoopHandle {
     let exit = ExitReason::default();
     let state = SharedState::default();
     let now = clock.now();
-    let mut unfinished = close_interrupted(&store);
+    let mut unfinished = close_interrupted(
+        &store,
+        now,
+        Duration::from_secs(settings.execute.verification_window_seconds),
+    );
     state.update(now, |s| {
         s.started_at = Some(now);
         s.is_running = true;
@@ -413,7 +417,14 @@ struct Unfinished {
 /// - **verifying** (COMPLETED, no outcome yet): the verification is
 ///   re-armed for the rest of its window, then the outcome is recorded as
 ///   usual.
-fn close_interrupted(store: &KnowledgeStore) -> Vec<Unfinished> {
+fn close_interrupted(
+    store: &KnowledgeStore,
+    now: chrono::DateTime<chrono::Utc>,
+    window: Duration,
+) -> Vec<Unfinished> {
+    // The components stay held until the re-measure (or the re-armed
+    // verification) is over.
+    let hold = now + chrono::Duration::from_std(window).unwrap_or_default();
     use crate::model::ExecutionStatus;
     let Ok(recent) = store.list_executions(1000) else {
         return Vec::new();
@@ -422,9 +433,19 @@ fn close_interrupted(store: &KnowledgeStore) -> Vec<Unfinished> {
     for mut e in recent {
         match e.status {
             ExecutionStatus::InProgress => {}
+            ExecutionStatus::Unknown if e.interrupted && e.outcome.is_none() => {
+                // Closed by an earlier start whose re-measure a second stop
+                // cut short: measured now.
+                link_to_incident(store, &e, hold);
+                out.push(Unfinished {
+                    exec: e,
+                    verifying: false,
+                });
+                continue;
+            }
             ExecutionStatus::Completed if e.outcome.is_none() => {
                 tracing::warn!(execution = %e.id, policy = %e.policy_id, "mapek stopped while this execution was verifying; the verification is re-armed");
-                link_to_incident(store, &e);
+                link_to_incident(store, &e, hold);
                 out.push(Unfinished {
                     exec: e,
                     verifying: true,
@@ -471,7 +492,7 @@ fn close_interrupted(store: &KnowledgeStore) -> Vec<Unfinished> {
         if let Err(err) = store.put_execution(&e) {
             tracing::error!(execution = %e.id, error = %err, "cannot close the interrupted execution");
         }
-        link_to_incident(store, &e);
+        link_to_incident(store, &e, hold);
         out.push(Unfinished {
             exec: e,
             verifying: false,
@@ -481,17 +502,25 @@ fn close_interrupted(store: &KnowledgeStore) -> Vec<Unfinished> {
 }
 
 /// Lists an execution on its incident's record (the Planner did not get
-/// to it before the stop).
-fn link_to_incident(store: &KnowledgeStore, e: &crate::model::PolicyExecution) {
+/// to it before the stop), and holds the incident's components at least
+/// until `hold`.
+fn link_to_incident(
+    store: &KnowledgeStore,
+    e: &crate::model::PolicyExecution,
+    hold: chrono::DateTime<chrono::Utc>,
+) {
     let Some(id) = &e.incident_id else { return };
     match store.get_record::<crate::model::Incident>(crate::store::INCIDENTS_TREE, id) {
-        Ok(Some(mut inc)) if !inc.executions.contains(&e.id) => {
-            inc.executions.push(e.id.clone());
+        Ok(Some(mut inc)) => {
+            if !inc.executions.contains(&e.id) {
+                inc.executions.push(e.id.clone());
+            }
+            inc.hold_until = Some(inc.hold_until.map_or(hold, |h| h.max(hold)));
             if let Err(err) = store.put_incident(&inc) {
                 tracing::error!(incident = %id, error = %err, "cannot link the unfinished execution");
             }
         }
-        Ok(_) => {}
+        Ok(None) => {}
         Err(err) => {
             tracing::error!(incident = %id, error = %err, "cannot link the unfinished execution")
         }

@@ -983,3 +983,92 @@ fn a_remedy_interrupted_by_a_crash_is_not_repeated_at_once_after_the_restart() {
     });
     assert_eq!(sys.run_with_code().expect("run"), 0);
 }
+
+#[test]
+fn an_interrupted_execution_is_re_measured_after_a_second_stop_and_kept_out_of_learning() {
+    use mapek_actors::model::{
+        ExecutionStatus, PolicyExecution, Priority, RemediationPolicy, RiskLevel, RootCause,
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = KnowledgeStore::open(dir.path(), Duration::from_secs(5)).expect("store");
+    let policy = RemediationPolicy {
+        id: "pol-interrupted".into(),
+        chain_id: "chn-x".into(),
+        analysis_id: "ana-x".into(),
+        created_at: chrono::Utc::now(),
+        root_cause: RootCause::InsufficientCapacity,
+        root_cause_confidence: 0.8,
+        actions: Vec::new(),
+        expected_impact: "test".into(),
+        risk_level: RiskLevel::Low,
+        priority: Priority::High,
+        cost_estimate: 0.1,
+        benefit_estimate: 0.8,
+        score: 0.7,
+        approval_status: ApprovalStatus::Approved,
+        decisions: Vec::new(),
+        violations_at_planning: 3,
+        scope: vec!["svc".into()],
+        incident_id: None,
+        attempt: 1,
+        guards: Vec::new(),
+        autonomy: None,
+        candidates: Vec::new(),
+    };
+    store.put_policy(&policy).expect("policy");
+    // Closed as interrupted by a start that stopped again before its
+    // re-measure: UNKNOWN, interrupted, no outcome yet.
+    let exec: PolicyExecution = serde_json::from_value(serde_json::json!({
+        "id": "exe-interrupted", "policy_id": "pol-interrupted", "chain_id": "chn-x",
+        "root_cause": "insufficient_capacity", "status": "UNKNOWN", "interrupted": true,
+        "actions": [{"action_id": "a1", "action_type": "SCALE_UP", "effector": "probe",
+                     "status": "UNKNOWN", "attempts": 1, "started_at": "2026-01-01T00:00:00Z",
+                     "finished_at": null, "result": null, "error": "interrupted", "rollback": null,
+                     "request": {"parameters": {"idempotency_key": "exe-interrupted/a1"}}}],
+        "started_at": "2026-01-01T00:00:00Z", "finished_at": null, "success_rate": 0.0,
+        "error": "interrupted", "violations_before": 3, "violations_after": null, "outcome": null,
+        "timings": {"detection_seconds": 0.0, "analysis_seconds": 0.0, "planning_seconds": 0.0,
+                    "execution_seconds": 0.0, "total_seconds": 0.0, "cut_off": false}
+    }))
+    .expect("execution");
+    store.put_execution(&exec).expect("put");
+    let source = ScriptedSource::new("scripted");
+    source.set(Ok(Vec::new()));
+    let effector = ConcurrencyProbe::default();
+    let sys = paused_system();
+    let s = settings();
+    let window = Duration::from_secs(s.execute.verification_window_seconds);
+    sys.block_on(async {
+        let h = start(&source, &effector, &store, s);
+        tokio::time::sleep(window).await;
+        // The re-measure's record is written by the journal's thread (real
+        // time): awaited with a deadline.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let after = loop {
+            let e = store
+                .get_execution("exe-interrupted")
+                .expect("store")
+                .expect("execution");
+            if e.outcome.is_some() || std::time::Instant::now() > deadline {
+                break e;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert!(after.interrupted);
+        assert_eq!(after.status, ExecutionStatus::Unknown);
+        assert!(
+            after.outcome.is_some() && after.violations_after.is_some(),
+            "re-measured: {after:?}"
+        );
+        assert!(
+            store
+                .get_outcome("exe-interrupted")
+                .expect("store")
+                .is_none(),
+            "an interrupted execution teaches the learner nothing"
+        );
+        assert_eq!(store.stats().expect("stats").outcomes_recorded, 0);
+        h.supervisor.send(Shutdown).await.expect("shutdown");
+    });
+    assert_eq!(sys.run_with_code().expect("run"), 0);
+}

@@ -189,6 +189,9 @@ pub enum SimError {
     /// The request conflicts with the current state (HTTP 409).
     #[error("conflict: {0}")]
     Conflict(String),
+    /// An `Idempotency-Key` reused for a different request (HTTP 422).
+    #[error("unprocessable: {0}")]
+    Unprocessable(String),
 }
 
 impl SimError {
@@ -200,6 +203,7 @@ impl SimError {
             SimError::NotFound(_) | SimError::UnknownComponent { .. } => StatusCode::NOT_FOUND,
             SimError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             SimError::Conflict(_) => StatusCode::CONFLICT,
+            SimError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
         }
     }
 }

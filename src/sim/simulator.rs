@@ -27,7 +27,8 @@ pub(crate) struct World {
     /// Answers of applied requests by `Idempotency-Key`: a repeated key is
     /// answered from here and not applied again (oldest keys dropped
     /// first beyond `MAX_KEYS`).
-    applied_keys: std::collections::HashMap<String, Value>,
+    /// Each key's request (method, path, body) and answer.
+    applied_keys: std::collections::HashMap<String, (String, Value)>,
     key_order: VecDeque<String>,
 }
 
@@ -532,18 +533,29 @@ impl Simulator {
         let now = self.clock.now();
         let mut w = self.lock();
         let key = key.filter(|_| method != "GET" && method != "HEAD");
-        if let Some(answer) = key.and_then(|k| w.applied_keys.get(k)).cloned() {
+        let fingerprint = format!("{method} {path} {body}");
+        if let Some((seen, answer)) = key.and_then(|k| w.applied_keys.get(k)).cloned() {
+            // The same key for a different request is a client's bug: 422,
+            // as an idempotent API answers it.
+            let same = seen == fingerprint;
             w.record(CallRecord {
                 method: method.to_string(),
                 path: path.to_string(),
                 body: body.clone(),
                 component: component.map(str::to_string),
                 at: now.to_rfc3339(),
-                status: 200,
+                status: if same { 200 } else { 422 },
                 idempotency_key: key.map(str::to_string),
-                replayed: true,
+                replayed: same,
             });
-            return Ok(answer);
+            return if same {
+                Ok(answer)
+            } else {
+                Err(SimError::Unprocessable(format!(
+                    "Idempotency-Key {} was used for another request ({seen})",
+                    key.unwrap_or_default()
+                )))
+            };
         }
         let asked = requested_component(component, body);
         let (named, result) = match asked {
@@ -580,7 +592,8 @@ impl Simulator {
                     w.applied_keys.remove(&old);
                 }
             }
-            w.applied_keys.insert(k.to_string(), v.clone());
+            w.applied_keys
+                .insert(k.to_string(), (fingerprint.clone(), v.clone()));
             w.key_order.push_back(k.to_string());
         }
         result

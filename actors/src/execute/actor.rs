@@ -210,7 +210,22 @@ impl Handler<PolicyApproved> for Executor {
                 Ok(e) => (e, None),
                 Err(p) => {
                     let why = panic_message(&p);
-                    let mut e = started_record;
+                    // The record as journaled so far lists the actions sent
+                    // (with their requests): kept, the call under way
+                    // UNKNOWN.
+                    let mut e = env
+                        .store
+                        .as_ref()
+                        .and_then(|s| s.get_execution(&started_record.id).ok().flatten())
+                        .unwrap_or(started_record);
+                    for a in e
+                        .actions
+                        .iter_mut()
+                        .filter(|a| a.status == ExecutionStatus::InProgress)
+                    {
+                        a.status = ExecutionStatus::Unknown;
+                        a.error = Some(format!("the executor panicked during this call: {why}"));
+                    }
                     e.status = ExecutionStatus::Failed;
                     e.error = Some(format!("executor panicked: {why}"));
                     e.finished_at = Some(env.clock.now());

@@ -124,9 +124,14 @@ impl Knowledge {
         self.writes_since_prune += 1;
         if self.writes_since_prune >= 1000 {
             self.writes_since_prune = 0;
-            if let Err(e) = self.store.prune(self.settings.max_records) {
-                tracing::warn!(error = %e, "pruning the audit trail failed");
-            }
+            // Pruning waits for its deletes to be durable: off the actor's
+            // thread, which never waits for an fsync.
+            let (store, max) = (self.store.clone(), self.settings.max_records);
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = store.prune(max) {
+                    tracing::warn!(error = %e, "pruning the audit trail failed");
+                }
+            });
         }
     }
 }

@@ -363,19 +363,25 @@ fn restore_from_journal(
     wanted: &HashSet<(String, Vec<u8>)>,
 ) -> Result<(), StoreError> {
     let jdir = dir.join(JOURNAL_DIR);
-    let mut values: std::collections::HashMap<(String, Vec<u8>), Option<Vec<u8>>> =
-        std::collections::HashMap::new();
+    // Applied in journal order as read (the last write wins, a delete
+    // removes): nothing but the current record is held in memory.
+    let mut failed: Option<sled::Error> = None;
     journal::read_all(&jdir, true, &mut |seq, record| {
         let write =
             crate::store::plain_write(seq, &record).map_err(|detail| JournalError::Index {
                 dir: jdir.clone(),
                 detail,
             })?;
-        if let Some(w) = write {
-            let k = (w.tree, w.key);
-            if wanted.contains(&k) {
-                values.insert(k, w.value);
-            }
+        let Some(w) = write else { return Ok(()) };
+        if failed.is_some() || !wanted.contains(&(w.tree.clone(), w.key.clone())) {
+            return Ok(());
+        }
+        let res = real.open_tree(&w.tree).and_then(|t| match w.value {
+            Some(v) => t.insert(w.key, v).map(|_| ()),
+            None => t.remove(w.key).map(|_| ()),
+        });
+        if let Err(e) = res {
+            failed = Some(e);
         }
         Ok(())
     })
@@ -383,14 +389,8 @@ fn restore_from_journal(
         dir: dir.to_path_buf(),
         source,
     })?;
-    let err = |e| StoreError::from_sled(dir, e);
-    for ((tree, key), value) in values {
-        let t = real.open_tree(&tree).map_err(err)?;
-        match value {
-            Some(v) => t.insert(key, v).map(|_| ()),
-            None => t.remove(key).map(|_| ()),
-        }
-        .map_err(err)?;
+    if let Some(e) = failed {
+        return Err(StoreError::from_sled(dir, e));
     }
     Ok(())
 }

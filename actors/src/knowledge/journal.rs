@@ -30,41 +30,48 @@
 //! by `kind` (`policy`, `execution`, `outcome`, `analysis`, `insights`,
 //! `intent`, `put`, `delete`), enough to rebuild every sled tree.
 //!
-//! # Rotation and retention
+//! # Snapshots, rotation and compaction
 //!
 //! The active segment is closed at the first group boundary after it
 //! reaches the size limit ([`JournalOptions::segment_bytes`]); a new one is
-//! created (header written and synced, directory synced). At rotation the
-//! index is flushed, after which every closed segment holds only records
-//! the index has durably applied, and those segments are deleted: the
-//! directory holds the active segment, plus damaged segments kept for
-//! `--repair`. Opening always starts a new segment (it never appends after
-//! a possibly torn tail).
+//! created (header written and synced, directory synced). When the closed
+//! segments reach [`JournalOptions::compact_bytes`] or the size of the last
+//! snapshot, whichever is larger, the index is flushed and a **snapshot**
+//! of it is written: `snapshot-<seq>.snap` (20-digit `seq`: the last entry
+//! it holds), the same framing as a segment (header with `first_seq` 1,
+//! then one [`Record::Raw`] row per stored value, then
+//! [`Record::SnapshotEnd`] with the row count). It is written to a `.tmp`
+//! file, synced, renamed into place and the directory synced; then the
+//! segments and the snapshot it supersedes are deleted. The journal is
+//! always the newest snapshot plus the segments after it: it describes
+//! every record, so the index can be checked and rebuilt from it
+//! ([`crate::integrity`]). A failed compaction is logged and retried at the
+//! next rotation; it never stops the writer. Opening always starts a new
+//! segment (it never appends after a possibly torn tail) and deletes the
+//! segments that hold nothing, those a snapshot holds (a compaction that
+//! did not finish deleting), older snapshots and `.tmp` files.
 //!
 //! # Replay rule
 //!
 //! The index stores the sequence number of the last record it applied
 //! (`applied_seq`, written in the same sled transaction as the group). At
-//! open, every intact entry with `seq > applied_seq` is applied again in
-//! order, so a crash between the fsync and the sled apply loses nothing,
-//! and a sled that lost its unflushed tail is brought forward again. Then
-//! the index is flushed and fully applied segments are deleted.
+//! open, an index behind the snapshot gets the snapshot's rows, then every
+//! intact entry with `seq > applied_seq` is applied again in order, so a
+//! crash between the fsync and the sled apply loses nothing.
 //!
-//! # Damage, and what `--repair` will do
+//! # Damage
 //!
-//! [`verify`] reads every segment and stops reading a segment at its first
-//! bad entry ([`Damage`]: truncated, zero-filled, implausible length,
-//! checksum mismatch, sequence out of order, bad header), reporting the
-//! segment and byte offset. A truncated or zero-filled entry at the end of
-//! the **last** segment is a torn write from a crash: it was never
-//! acknowledged (the ack follows the fsync), so it is ignored and the
-//! segment is deleted once replayed. Any other damage is reported (a
-//! warning at open, [`VerifyReport::damage`]) and its segment is kept; the
-//! entries after the damage in that segment are not replayed. A later
-//! `--repair` will truncate such a segment at the reported offset (the
-//! entries before it are intact by their checksums) and delete nothing
-//! else; the start-up verification will refuse to run on unrepaired
-//! damage.
+//! [`verify`] and [`read_all`] read the snapshot and every segment and stop
+//! reading a file at its first bad entry ([`Damage`]: truncated,
+//! zero-filled, implausible length, checksum mismatch, sequence out of
+//! order, a gap between segments, bad header, a snapshot without its end),
+//! reporting the file and byte offset. A truncated or zero-filled entry at
+//! the end of the **last** segment is a torn write from a crash: it was
+//! never acknowledged (the ack follows the fsync), so it is ignored and cut
+//! off at open. Any other damage makes the store refuse to open (see
+//! [`crate::integrity`]); a **salvaging** read ([`read_all`] with
+//! `salvage`, used by `--repair`) resumes at the next intact entry and
+//! reports what it skipped ([`Skipped`]: bytes and sequence numbers).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -775,6 +782,110 @@ fn list_snapshots(dir: &Path) -> Result<Vec<(u64, PathBuf)>, JournalError> {
     Ok(out)
 }
 
+/// Reads a file of entries (a snapshot) one entry at a time, as
+/// [`scan_bytes`] does without salvage, holding one entry in memory.
+fn stream_entries(
+    dir: &Path,
+    path: &Path,
+    on_entry: &mut OnEntry<'_>,
+) -> Result<SegmentScan, JournalError> {
+    use std::io::Read;
+    let ioe = |e| io_err(dir, format!("reading {}", path.display()), e);
+    let file = File::open(path).map_err(ioe)?;
+    let len = file.metadata().map_err(ioe)?.len();
+    let mut r = std::io::BufReader::with_capacity(1 << 20, file);
+    let mut scan = SegmentScan {
+        path: path.to_path_buf(),
+        number: 0,
+        first_seq: None,
+        last_seq: None,
+        bad: None,
+        skipped: Vec::new(),
+    };
+    let bad = |offset: u64, damage: Damage| BadEntry {
+        segment: path.to_path_buf(),
+        offset,
+        damage,
+        torn_tail: false,
+    };
+    let mut header = [0u8; SEGMENT_HEADER_LEN as usize];
+    if len < SEGMENT_HEADER_LEN {
+        scan.bad = Some(bad(
+            0,
+            Damage::Truncated {
+                needed: SEGMENT_HEADER_LEN,
+                available: len,
+            },
+        ));
+        return Ok(scan);
+    }
+    r.read_exact(&mut header).map_err(ioe)?;
+    let first_seq = le_u64(&header, 16);
+    if header[..8] != SEGMENT_MAGIC || header != header_bytes(first_seq) {
+        scan.bad = Some(bad(0, Damage::BadHeader("bad snapshot header".into())));
+        return Ok(scan);
+    }
+    scan.first_seq = Some(first_seq);
+    let mut expected = first_seq;
+    let mut offset = SEGMENT_HEADER_LEN;
+    let mut head = [0u8; ENTRY_HEADER_LEN as usize];
+    let mut payload = Vec::new();
+    while offset < len {
+        let left = len - offset;
+        if left < ENTRY_HEADER_LEN {
+            scan.bad = Some(bad(
+                offset,
+                Damage::Truncated {
+                    needed: ENTRY_HEADER_LEN,
+                    available: left,
+                },
+            ));
+            break;
+        }
+        r.read_exact(&mut head).map_err(ioe)?;
+        let plen = le_u32(&head, 0);
+        if plen > MAX_PAYLOAD {
+            scan.bad = Some(bad(offset, Damage::BadLength(plen)));
+            break;
+        }
+        let total = ENTRY_HEADER_LEN + u64::from(plen);
+        if left < total {
+            scan.bad = Some(bad(
+                offset,
+                Damage::Truncated {
+                    needed: total,
+                    available: left,
+                },
+            ));
+            break;
+        }
+        payload.resize(plen as usize, 0);
+        r.read_exact(&mut payload).map_err(ioe)?;
+        let stored = le_u32(&head, 4);
+        let seq = le_u64(&head, 8);
+        let computed = entry_crc(seq, &payload);
+        if stored != computed {
+            scan.bad = Some(bad(offset, Damage::Checksum { stored, computed }));
+            break;
+        }
+        if seq != expected {
+            scan.bad = Some(bad(
+                offset,
+                Damage::Sequence {
+                    expected,
+                    found: seq,
+                },
+            ));
+            break;
+        }
+        on_entry(path, seq, &payload)?;
+        scan.last_seq = Some(seq);
+        expected = seq + 1;
+        offset += total;
+    }
+    Ok(scan)
+}
+
 /// Reads a snapshot file, giving each row to `on_row`.
 fn scan_snapshot(
     dir: &Path,
@@ -783,11 +894,20 @@ fn scan_snapshot(
     salvage: bool,
     on_row: &mut dyn FnMut(u64, Record) -> Result<(), JournalError>,
 ) -> Result<(SnapshotInfo, Option<BadEntry>, Vec<Skipped>), JournalError> {
-    let data = fs::read(path).map_err(|e| io_err(dir, format!("reading {}", path.display()), e))?;
+    let file_len = fs::metadata(path)
+        .map_err(|e| io_err(dir, format!("reading {}", path.display()), e))?
+        .len();
     let mut rows = 0u64;
     let mut end: Option<(u64, u64, u64)> = None;
     let mut decode_failed: Option<BadEntry> = None;
+    // Rows handed on so far (the streaming read, then a salvaging re-read
+    // after damage resumes past them).
+    let mut delivered = 0u64;
     let mut on_entry = |p: &Path, seq: u64, payload: &[u8]| {
+        if seq <= delivered {
+            return Ok(());
+        }
+        delivered = seq;
         match decode_payload(dir, p, seq, payload) {
             Ok(Record::SnapshotEnd {
                 applied_seq,
@@ -809,7 +929,14 @@ fn scan_snapshot(
         }
         Ok(())
     };
-    let mut scan = scan_bytes(path, 0, &data, None, salvage, &mut on_entry)?;
+    // Streamed entry by entry (a snapshot is as large as the store); only a
+    // salvaging read of a damaged one reads the whole file.
+    let mut scan = stream_entries(dir, path, &mut on_entry)?;
+    if salvage && scan.bad.is_some() {
+        let data =
+            fs::read(path).map_err(|e| io_err(dir, format!("reading {}", path.display()), e))?;
+        scan = scan_bytes(path, 0, &data, None, true, &mut on_entry)?;
+    }
     // Row numbers are not journal sequence numbers: what a damaged
     // snapshot lost is "snapshot rows" (seqs `None`).
     for skip in &mut scan.skipped {
@@ -821,7 +948,7 @@ fn scan_snapshot(
             if n != rows && bad.is_none() {
                 bad = Some(BadEntry {
                     segment: path.to_path_buf(),
-                    offset: data.len() as u64,
+                    offset: file_len,
                     damage: Damage::RowCount {
                         expected: n,
                         found: rows,
@@ -835,7 +962,7 @@ fn scan_snapshot(
             if bad.is_none() {
                 bad = Some(BadEntry {
                     segment: path.to_path_buf(),
-                    offset: data.len() as u64,
+                    offset: file_len,
                     damage: Damage::Incomplete { rows },
                     torn_tail: false,
                 });
@@ -847,7 +974,7 @@ fn scan_snapshot(
         path: path.to_path_buf(),
         applied_seq,
         rows,
-        bytes: data.len() as u64,
+        bytes: file_len,
     };
     Ok((info, bad, scan.skipped))
 }
@@ -894,6 +1021,7 @@ fn scan_dir(
     let segments = list_segments(dir)?;
     let mut scans = Vec::with_capacity(segments.len());
     let count = segments.len();
+    let mut previous_segment_last: Option<u64> = None;
     for (i, (number, path)) in segments.into_iter().enumerate() {
         let data =
             fs::read(&path).map_err(|e| io_err(dir, format!("reading {}", path.display()), e))?;
@@ -917,14 +1045,20 @@ fn scan_dir(
             n += 1;
             on_entry(p, seq, payload)
         };
+        // Segments are checked against the previous segment, not the
+        // snapshot: one a compaction did not get to delete starts below the
+        // snapshot and is superseded, not damaged.
         let mut scan = scan_bytes(
             &path,
             number,
             &data,
-            report.last_seq,
+            previous_segment_last,
             salvage,
             &mut counting,
         )?;
+        if scan.last_seq.is_some() {
+            previous_segment_last = scan.last_seq;
+        }
         report.segments += 1;
         report.entries_ok += n;
         if report.first_seq.is_none() {
@@ -1210,9 +1344,31 @@ impl Journal {
         let mut last_number = 0;
         let mut closed = Vec::new();
         let mut closed_bytes = 0;
+        let superseded_upto = report.verify.snapshot.as_ref().map(|s| s.applied_seq);
         for scan in &scans {
             last_number = last_number.max(scan.number);
+            let superseded = scan.bad.is_none()
+                && match (scan.last_seq, superseded_upto) {
+                    // Held by the snapshot (left by a compaction that did
+                    // not finish deleting).
+                    (Some(last), Some(upto)) => last <= upto,
+                    // Holds no entry (a segment every start begins).
+                    (None, _) => true,
+                    _ => false,
+                };
+            if superseded {
+                remove(dir, &scan.path)?;
+                report.deleted += 1;
+                continue;
+            }
             match &scan.bad {
+                Some(bad) if bad.torn_tail && bad.offset <= SEGMENT_HEADER_LEN => {
+                    // Cut before its first entry (a crash while it was
+                    // created): it holds nothing.
+                    remove(dir, &scan.path)?;
+                    sync_dir(dir)?;
+                    report.deleted += 1;
+                }
                 Some(bad) if bad.torn_tail => {
                     // Never acknowledged: cut it off, so that the segment
                     // reads cleanly once it is no longer the last one.
@@ -1323,7 +1479,19 @@ impl Journal {
             .compact_bytes
             .max(self.snapshot.as_ref().map_or(0, |(_, b)| *b));
         if self.closed_bytes >= threshold {
-            self.write_snapshot(index, counters)?;
+            // A failed compaction (a full disk) must not stop the journal:
+            // the segments are intact; it is tried again at the next
+            // rotation.
+            if let Err(e) = self.write_snapshot(index, counters) {
+                tracing::error!(journal = %self.dir.display(), error = %e, "journal compaction failed; the segments are kept and it is retried at the next rotation");
+                if let Ok(entries) = fs::read_dir(&self.dir) {
+                    for entry in entries.flatten() {
+                        if entry.path().extension().is_some_and(|e| e == "tmp") {
+                            let _ = fs::remove_file(entry.path());
+                        }
+                    }
+                }
+            }
         }
         Ok(())
     }

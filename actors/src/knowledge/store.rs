@@ -180,8 +180,10 @@ pub enum StoreError {
     /// Opening did not finish within the timeout; sled hangs on some
     /// corrupted files, so the database is probably corrupt.
     #[error(
-        "knowledge store {} did not open within {seconds} s: the database is probably corrupt \
-         (move the directory aside to start with empty knowledge)",
+        "knowledge store {}: sled did not open within {seconds} s (sled hangs on some damaged \
+         files; or the disk is very slow): check the disk, raise \
+         knowledge.open_timeout_seconds, or start with --repair to move sled's files aside and \
+         rebuild them from the journal",
         dir.display()
     )]
     Timeout {
@@ -452,7 +454,7 @@ fn quiet_sled_panics() {
         panic::set_hook(Box::new(move |info| {
             let quiet = std::thread::current()
                 .name()
-                .is_some_and(|n| n == "mapek-sled-open");
+                .is_some_and(|n| n == "mapek-sled-open" || n == "mapek-store-check");
             if !quiet {
                 previous(info);
             }
@@ -547,7 +549,9 @@ fn log_integrity(dir: &Path, r: &IntegrityReport) {
 }
 
 impl Inner {
-    fn open(dir: &Path, options: JournalOptions) -> Result<Inner, StoreError> {
+    /// Checks sled (just opened) against the journal, puts it right or
+    /// refuses, and starts the journal's writer.
+    fn open_on(dir: &Path, db: sled::Db, options: JournalOptions) -> Result<Inner, StoreError> {
         let started = std::time::Instant::now();
         let err = |e| StoreError::from_sled(dir, e);
         let marker = dir.join(MARKER_FILE);
@@ -556,7 +560,6 @@ impl Inner {
         let had_journal = std::fs::read_dir(&journal_dir)
             .map(|mut d| d.next().is_some())
             .unwrap_or(false);
-        let db = open_sled(dir)?;
         let meta = db.open_tree("meta").map_err(err)?;
         let schema = meta
             .get(SCHEMA_KEY)
@@ -586,6 +589,31 @@ impl Inner {
         };
         let mut snapshot_needed = migrating;
         let mut counts: Option<HashMap<String, usize>> = None;
+        if migrating {
+            // The previous release kept damaged segments for a repair: they
+            // are not migrated silently.
+            let v = crate::journal::verify(&journal_dir).map_err(|source| StoreError::Journal {
+                dir: dir.to_path_buf(),
+                source,
+            })?;
+            let damage: Vec<String> = v
+                .damage
+                .iter()
+                .filter(|d| !d.torn_tail)
+                .map(|d| format!("journal damaged: {d}"))
+                .collect();
+            if !damage.is_empty() && !options.salvage {
+                return Err(StoreError::Damaged {
+                    dir: dir.to_path_buf(),
+                    detail: format!(
+                        "{} (a data directory of the previous release, not migrated); entries \
+                         after the damage that sled had not applied would be lost",
+                        damage.join("; ")
+                    ),
+                });
+            }
+            integrity.damage = damage;
+        }
         let mut db = db;
         let mut meta = meta;
         if !migrating {
@@ -722,6 +750,24 @@ impl Inner {
             let snap = journal
                 .write_snapshot(&mut index, &counters)
                 .map_err(journal_err)?;
+            if migrating && !report.kept.is_empty() {
+                // `--repair` on a previous-release directory: its damaged
+                // segments are superseded by the snapshot; kept aside.
+                let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ").to_string();
+                let aside = journal_dir.join(format!("damaged-{stamp}"));
+                let io = |source| StoreError::Io {
+                    dir: dir.to_path_buf(),
+                    source,
+                };
+                std::fs::create_dir_all(&aside).map_err(io)?;
+                for path in &report.kept {
+                    if let Some(name) = path.file_name() {
+                        std::fs::rename(path, aside.join(name)).map_err(io)?;
+                    }
+                }
+                integrity.repaired = true;
+                integrity.moved_aside = Some(aside);
+            }
             if migrating {
                 tracing::info!(
                     dir = %dir.display(),
@@ -1409,6 +1455,17 @@ impl KnowledgeStore {
                         ),
                     });
                 }
+                Err(StoreError::Timeout { seconds, .. }) if moved.is_none() && options.salvage => {
+                    let aside = move_sled_aside(dir)?;
+                    tracing::warn!(
+                        dir = %dir.display(),
+                        seconds,
+                        moved_to = %aside.display(),
+                        "sled did not open in time; with --repair its files were moved aside and \
+                         sled is rebuilt from the journal"
+                    );
+                    moved = Some(aside);
+                }
                 Err(StoreError::Corrupt { detail, .. }) if moved.is_none() => {
                     // sled cannot read its files, but the journal holds
                     // every record: move sled's files aside and rebuild.
@@ -1454,12 +1511,15 @@ impl KnowledgeStore {
         timeout: Duration,
         options: JournalOptions,
     ) -> Result<KnowledgeStore, StoreError> {
+        // Only sled's own open is timed (it hangs on some damaged files);
+        // the check against the journal that follows takes as long as the
+        // store is large.
         let (tx, rx) = mpsc::sync_channel(1);
         let path = dir.to_path_buf();
         let spawned = std::thread::Builder::new()
             .name("mapek-sled-open".into())
             .spawn(move || {
-                let res = panic::catch_unwind(AssertUnwindSafe(|| Inner::open(&path, options)));
+                let res = panic::catch_unwind(AssertUnwindSafe(|| open_sled(&path)));
                 // The receiver is gone after a timeout: the late database is
                 // dropped here, releasing its lock.
                 let _ = tx.send(res);
@@ -1470,7 +1530,42 @@ impl KnowledgeStore {
                 source,
             });
         }
-        match rx.recv_timeout(timeout) {
+        let db = match rx.recv_timeout(timeout) {
+            Ok(Ok(Ok(db))) => db,
+            Ok(Ok(Err(e))) => return Err(e),
+            Ok(Err(payload)) => {
+                return Err(StoreError::Corrupt {
+                    dir: dir.to_path_buf(),
+                    detail: format!("sled panicked while opening: {}", panic_message(&*payload)),
+                })
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                return Err(StoreError::Timeout {
+                    dir: dir.to_path_buf(),
+                    seconds: timeout.as_secs_f64(),
+                })
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(StoreError::Corrupt {
+                    dir: dir.to_path_buf(),
+                    detail: "the opening thread ended without an answer".to_string(),
+                })
+            }
+        };
+        // The check runs on a thread of its own: sled can panic on a page
+        // it cannot read; that is reported, not printed.
+        let path = dir.to_path_buf();
+        let checked = std::thread::Builder::new()
+            .name("mapek-store-check".into())
+            .spawn(move || {
+                panic::catch_unwind(AssertUnwindSafe(|| Inner::open_on(&path, db, options)))
+            })
+            .map_err(|source| StoreError::Io {
+                dir: dir.to_path_buf(),
+                source,
+            })?
+            .join();
+        match checked {
             Ok(Ok(Ok(inner))) => {
                 tracing::info!(
                     dir = %dir.display(),
@@ -1485,17 +1580,12 @@ impl KnowledgeStore {
                 })
             }
             Ok(Ok(Err(e))) => Err(e),
-            Ok(Err(payload)) => Err(StoreError::Corrupt {
+            Ok(Err(payload)) | Err(payload) => Err(StoreError::Damaged {
                 dir: dir.to_path_buf(),
-                detail: format!("sled panicked while opening: {}", panic_message(&*payload)),
-            }),
-            Err(mpsc::RecvTimeoutError::Timeout) => Err(StoreError::Timeout {
-                dir: dir.to_path_buf(),
-                seconds: timeout.as_secs_f64(),
-            }),
-            Err(mpsc::RecvTimeoutError::Disconnected) => Err(StoreError::Corrupt {
-                dir: dir.to_path_buf(),
-                detail: "the opening thread ended without an answer".to_string(),
+                detail: format!(
+                    "the start-up check stopped on a record it could not read ({})",
+                    panic_message(&*payload)
+                ),
             }),
         }
     }
@@ -3286,6 +3376,72 @@ mod tests {
     }
 
     #[test]
+    fn a_compaction_cut_short_or_a_segment_cut_at_creation_is_not_damage() {
+        let tmp = tempfile::tempdir().unwrap();
+        let jdir = tmp.path().join(JOURNAL_DIR);
+        let no_compaction = JournalOptions {
+            segment_bytes: 4096,
+            compact_bytes: u64::MAX,
+            salvage: false,
+        };
+        let (ids, before) = {
+            let store = KnowledgeStore::open_with(tmp.path(), OPEN, no_compaction).unwrap();
+            let mut ids = Vec::new();
+            for _ in 0..60 {
+                let p = policy(ApprovalStatus::Pending);
+                store.put_policy(&p).unwrap();
+                ids.push(p.id);
+            }
+            store.close().unwrap();
+            (ids, files_of(&jdir))
+        };
+        // Compaction runs and deletes those segments...
+        {
+            let compacting = JournalOptions {
+                compact_bytes: 8192,
+                ..no_compaction
+            };
+            let store = KnowledgeStore::open_with(tmp.path(), OPEN, compacting).unwrap();
+            for _ in 0..30 {
+                store.put_policy(&policy(ApprovalStatus::Pending)).unwrap();
+            }
+            assert!(store.journal_counters().snapshots.get() > 0);
+            store.close().unwrap();
+        }
+        // ...but the process died before they were all gone: put them back.
+        for (path, bytes) in &before {
+            if !path.exists() {
+                std::fs::write(path, bytes).unwrap();
+            }
+        }
+        // And a segment the next start began was cut before its header.
+        let mut segs: Vec<PathBuf> = std::fs::read_dir(&jdir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "log"))
+            .collect();
+        segs.sort();
+        let last = segs.last().unwrap().clone();
+        let n: u64 = last.file_stem().unwrap().to_str().unwrap().parse().unwrap();
+        std::fs::write(crate::journal::segment_path(&jdir, n + 1), b"").unwrap();
+        for round in 0..2 {
+            let store = KnowledgeStore::open_with(tmp.path(), OPEN, no_compaction)
+                .unwrap_or_else(|e| panic!("start {round}: {e}"));
+            let r = store.integrity();
+            assert!(r.damage.is_empty() && !r.changed(), "start {round}: {r:?}");
+            assert_eq!(store.counts().unwrap().policies, 90);
+            for id in &ids {
+                assert!(store.get_policy(id).unwrap().is_some());
+            }
+            store.close().unwrap();
+        }
+        // The superseded segments were deleted.
+        for (path, _) in &before {
+            assert!(!path.exists(), "{} is superseded", path.display());
+        }
+    }
+
+    #[test]
     fn hanging_open_times_out() {
         // A FIFO as `conf` makes sled's open block in open(2), like the
         // hangs seen on corrupted files.
@@ -3303,7 +3459,7 @@ mod tests {
         eprintln!("hanging open: {err} after {took:?}");
         assert!(matches!(err, StoreError::Timeout { .. }), "{err:?}");
         assert!(took >= timeout && took < timeout + Duration::from_secs(1));
-        assert!(err.to_string().contains("probably corrupt"));
+        assert!(err.to_string().contains("did not open within"));
         // Unblock the abandoned thread (it gets EOF and finishes; its late
         // database is dropped, releasing the lock).
         drop(std::fs::OpenOptions::new().write(true).open(&conf).unwrap());
@@ -3335,7 +3491,7 @@ mod tests {
         }
         .to_string();
         assert!(
-            t.starts_with("knowledge store /x did not open within 2.5 s"),
+            t.starts_with("knowledge store /x: sled did not open within 2.5 s"),
             "{t}"
         );
     }

@@ -197,6 +197,19 @@ impl Planner {
         let mut closed: Vec<(chrono::DateTime<chrono::Utc>, String)> = Vec::new();
         let mut holds: Vec<(String, Instant)> = Vec::new();
         for mut inc in store.all_incidents().unwrap_or_default() {
+            // The attempt number is part of every idempotency key
+            // (`incident/attempt/action`); the incident record is soft state
+            // and may have lost its last update in a crash, the intents
+            // (journaled before any call) have not: a key is never reused.
+            if let Ok(intents) = store.intents_for(&format!("{}/", inc.id)) {
+                let highest = intents
+                    .iter()
+                    .filter_map(|i| i.key.split('/').nth(1)?.parse().ok())
+                    .max();
+                if let Some(h) = highest {
+                    inc.attempts = inc.attempts.max(h);
+                }
+            }
             // A restart interrupts what was running: the incident is
             // planned again from fresh evidence. A remedy that was acting or
             // verifying may have taken effect: its components rest for a
@@ -205,7 +218,10 @@ impl Planner {
                 let rest = chrono::Duration::seconds(
                     i64::try_from(settings.cooldown_seconds).unwrap_or(i64::MAX / 2),
                 );
-                inc.hold_until = Some(clock.now() + rest);
+                // At least the cooldown; longer if the restart asked for
+                // it (an interrupted execution is re-measured first).
+                let until = clock.now() + rest;
+                inc.hold_until = Some(inc.hold_until.map_or(until, |h| h.max(until)));
                 inc.state = IncidentState::CoolingDown;
             } else if inc.state == IncidentState::Queued {
                 inc.state = IncidentState::Open;
