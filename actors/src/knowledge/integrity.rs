@@ -552,9 +552,13 @@ pub(crate) fn write_repair_report(
         "records whose sled version was kept (the journal disagreed)",
         &report.kept_from_sled,
     );
-    std::fs::write(&path, text).map_err(|source| StoreError::Io {
+    // Durable before the repair changes anything.
+    let io = |source| StoreError::Io {
         dir: dir.to_path_buf(),
         source,
-    })?;
+    };
+    let mut f = std::fs::File::create(&path).map_err(io)?;
+    std::io::Write::write_all(&mut f, text.as_bytes()).map_err(io)?;
+    f.sync_all().map_err(io)?;
     Ok(path)
 }

@@ -666,6 +666,25 @@ impl Inner {
                     detail: integrity::describe(report, applied_seq, &problems, &diff),
                 });
             };
+            let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ").to_string();
+            if truth == integrity::Truth::Salvage {
+                // What the repair will do is on disk before anything
+                // changes: a crash in the middle of it loses no listing.
+                let plan = integrity::reconcile(dir, &db, &expected, truth, true)?;
+                let (dropped, covered) = integrity::classify_skipped(report, applied_seq);
+                let planned = IntegrityReport {
+                    restored: plan.restored,
+                    replaced: plan.replaced,
+                    removed: plan.removed,
+                    kept_from_sled: plan.kept,
+                    dropped,
+                    covered_by_sled: covered,
+                    repaired: true,
+                    ..integrity.clone()
+                };
+                integrity.repair_report =
+                    Some(integrity::write_repair_report(dir, &stamp, &planned)?);
+            }
             let diff = integrity::reconcile(dir, &db, &expected, truth, false)?;
             integrity.compared = diff.compared;
             counts = Some(diff.counts.clone());
@@ -700,11 +719,8 @@ impl Inner {
             db = reopen_sled(dir)?;
             meta = db.open_tree("meta").map_err(err)?;
             if integrity.repaired {
-                let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ").to_string();
                 let aside = integrity::move_journal_aside(dir, &stamp)?;
                 integrity.moved_aside.get_or_insert(aside);
-                integrity.repair_report =
-                    Some(integrity::write_repair_report(dir, &stamp, &integrity)?);
             }
             log_integrity(dir, &integrity);
         }
