@@ -425,10 +425,22 @@ fn ready_is_503_naming_a_crash_looping_actor_and_a_closed_store() {
             None,
         )
         .await;
-        let ok = reqwest::get(format!("http://{}/ready", r.addr))
-            .await
-            .expect("ready");
-        assert_eq!(ok.status(), 200, "{:?}", ok.text().await);
+        // The actors report themselves up as they start: awaited.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let ok = reqwest::get(format!("http://{}/ready", r.addr))
+                .await
+                .expect("ready");
+            if ok.status() == 200 {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "never ready: {:?}",
+                ok.text().await
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         r.handle.store.close().expect("close");
         let resp = reqwest::get(format!("http://{}/ready", r.addr))
             .await

@@ -963,7 +963,20 @@ fn a_remedy_interrupted_by_a_crash_is_not_repeated_at_once_after_the_restart() {
         );
         assert!(!verifying.interrupted);
         tokio::time::sleep(Duration::from_secs(200)).await;
-        let verified = store.get_execution(&id).expect("store").expect("execution");
+        // Recorded through Knowledge and the journal's thread (real time):
+        // awaited with a deadline.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let verified = loop {
+            let e = store.get_execution(&id).expect("store").expect("execution");
+            let recorded = store.get_outcome(&id).expect("store").is_some();
+            if (e.outcome.is_some() && recorded) || std::time::Instant::now() > deadline {
+                break e;
+            }
+            // Real time for the writer thread, without moving the paused
+            // clock (the cooldown is asserted below).
+            tokio::task::yield_now().await;
+            std::thread::sleep(Duration::from_millis(2));
+        };
         assert!(
             verified.outcome.is_some() && verified.violations_after.is_some(),
             "the re-armed verification measured: {verified:?}"
@@ -1052,7 +1065,8 @@ fn an_interrupted_execution_is_re_measured_after_a_second_stop_and_kept_out_of_l
             if e.outcome.is_some() || std::time::Instant::now() > deadline {
                 break e;
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::task::yield_now().await;
+            std::thread::sleep(Duration::from_millis(2));
         };
         assert!(after.interrupted);
         assert_eq!(after.status, ExecutionStatus::Unknown);

@@ -709,6 +709,16 @@ impl ExecutionEnv {
                 exec.actions[idx].rollback = Some("not reversible".into());
                 continue;
             };
+            // On record as under way before the call: after a crash the
+            // undo reads as sent, perhaps applied.
+            exec.actions[idx].rollback = Some(
+                "rollback under way (if this stays, mapek stopped during it: it may or may \
+                 not have been applied)"
+                    .into(),
+            );
+            if let Err(e) = self.journal_durable(exec).await {
+                tracing::error!(execution = %exec.id, error = %e, "cannot record the rollback's start; rolling back anyway");
+            }
             let (e2, a2, s2, v2) = (eff.clone(), action.clone(), step, applied);
             let mut attempts = 0;
             let res = self
@@ -737,6 +747,7 @@ impl ExecutionEnv {
         } else {
             ExecutionStatus::Failed
         };
+        self.journal_queued(exec);
     }
 }
 
