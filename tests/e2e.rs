@@ -575,7 +575,7 @@ fn two_faults_on_two_components_are_two_incidents_remedied_concurrently() {
         Some(am.addr),
     );
     wait_until(
-        Duration::from_secs(30),
+        Duration::from_secs(90),
         "prometheus scraping both components",
         || {
             let r = get(&format!(
