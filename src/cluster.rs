@@ -986,12 +986,17 @@ impl Inner {
             let mut seen = lock(&self.seen);
             seen.members.clear();
             let now = Instant::now();
-            for s in seen.shards.values_mut() {
-                if s.holder.is_some() {
-                    s.vacant_since = now;
+            for s in 0..self.shards {
+                let e = seen.shards.entry(s).or_insert(ShardSeen {
+                    holder: None,
+                    rev: 0,
+                    vacant_since: now,
+                });
+                if e.holder.is_some() {
+                    e.vacant_since = now;
                 }
-                s.holder = None;
-                s.rev = 0;
+                e.holder = None;
+                e.rev = 0;
             }
         }
         let mut stale = Vec::new();
