@@ -329,3 +329,132 @@ async fn a_dead_etcd_is_reported_never_waited_for() {
     println!("etcd error: {:?}", a.view().etcd_error);
     a.shutdown().await;
 }
+
+/// GET `url` as JSON (status, body).
+fn get_json(url: &str) -> (u16, serde_json::Value) {
+    let client = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .expect("client");
+    match client.get(url).send() {
+        Ok(r) => {
+            let status = r.status().as_u16();
+            (status, r.json().unwrap_or(serde_json::Value::Null))
+        }
+        Err(_) => (0, serde_json::Value::Null),
+    }
+}
+
+/// `mapek run` as replica `name` of the cluster on `etcd`.
+fn replica(
+    dir: &std::path::Path,
+    etcd: &str,
+    name: &str,
+    lease: u64,
+) -> (support::Proc, std::net::SocketAddr) {
+    let cfg = dir.join(format!("{name}.yaml"));
+    std::fs::write(
+        &cfg,
+        format!(
+            "prometheus:\n  enabled: false\ncluster:\n  etcd_endpoints: [\"{etcd}\"]\n  name: {name}\n  lease_seconds: {lease}\n  prefix: /procs\n"
+        ),
+    )
+    .expect("config");
+    let data = dir.join(format!("data-{name}")).display().to_string();
+    let addr = support::free_addr();
+    let listen = addr.to_string();
+    let cfg = cfg.display().to_string();
+    let mut p = support::Proc::start(
+        &[
+            "run",
+            "--config",
+            &cfg,
+            "--data-dir",
+            &data,
+            "--listen",
+            &listen,
+        ],
+        &[],
+        dir,
+    );
+    p.wait_for("serving", Duration::from_secs(20));
+    (p, addr)
+}
+
+/// Two `mapek run` processes: one leads, the standby is ready and says it
+/// does not lead; kill -9 the leader and the standby leads within
+/// `lease_seconds` + 2 s.
+#[test]
+fn two_daemons_kill_the_leader_and_the_standby_leads() {
+    let etcd = support::servers::etcd();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let lease = 2;
+    let (pa, aa) = replica(dir.path(), &etcd.url(), "a", lease);
+    let (pb, ab) = replica(dir.path(), &etcd.url(), "b", lease);
+    let cluster = |addr: std::net::SocketAddr| get_json(&format!("http://{addr}/api/v1/cluster")).1;
+    let t0 = Instant::now();
+    let (leader, standby) = loop {
+        let (ca, cb) = (cluster(aa), cluster(ab));
+        let both = |c: &serde_json::Value| c["members"].as_array().map(Vec::len) == Some(2);
+        if both(&ca) && both(&cb) && ca["leader"] == cb["leader"] && ca["leader"].is_string() {
+            assert_ne!(ca["leading"], cb["leading"], "exactly one leads: {ca} {cb}");
+            break if ca["leading"] == true {
+                ("a", "b")
+            } else {
+                ("b", "a")
+            };
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "no leader: {ca} {cb}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let (mut lp, _sp, laddr, saddr) = if leader == "a" {
+        (pa, pb, aa, ab)
+    } else {
+        (pb, pa, ab, aa)
+    };
+    let c = cluster(saddr);
+    assert_eq!(c["name"], standby);
+    assert_eq!(c["leader"], leader);
+    assert_eq!(c["shards"]["0"], leader);
+    assert_eq!(c["etcd"], "reachable");
+    // Both are ready; the standby's /ready says it does not lead.
+    let (code, ready) = get_json(&format!("http://{saddr}/ready"));
+    assert_eq!(code, 200, "{ready}");
+    assert_eq!(ready["cluster"]["leading"], false, "{ready}");
+    let (code, ready) = get_json(&format!("http://{laddr}/ready"));
+    assert_eq!(code, 200, "{ready}");
+    assert_eq!(ready["cluster"]["leading"], true, "{ready}");
+    let metrics = reqwest::blocking::get(format!("http://{laddr}/metrics"))
+        .and_then(|r| r.text())
+        .expect("metrics");
+    assert!(
+        metrics.contains("mape_k_cluster_leader{shard=\"0\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("mape_k_cluster_leadership_transitions_total{shard=\"0\"} 1"));
+
+    // kill -9 the leader.
+    lp.child.kill().expect("kill -9");
+    let _ = lp.child.wait();
+    let t0 = Instant::now();
+    let limit = Duration::from_secs(lease + 2);
+    loop {
+        let c = cluster(saddr);
+        if c["leading"] == true {
+            break;
+        }
+        assert!(t0.elapsed() < limit, "no takeover within {limit:?}: {c}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    println!(
+        "daemon {standby} took over from the killed {leader} in {:?} (lease {lease} s)",
+        t0.elapsed()
+    );
+    let metrics = reqwest::blocking::get(format!("http://{saddr}/metrics"))
+        .and_then(|r| r.text())
+        .expect("metrics");
+    assert!(metrics.contains("mape_k_cluster_leader{shard=\"0\"} 1"));
+}
