@@ -76,6 +76,154 @@ pub struct Config {
     /// Safety guards: mode (act, dry_run, shadow), disruption budget,
     /// rate limits, circuit breakers, flapping, recurrence (docs/SAFETY.md).
     pub safety: SafetySettings,
+    /// Cluster mode on etcd (docs/OPERATIONS.md, "Cluster mode"): replicas
+    /// elect a leader per shard. Absent: one process, no outside service.
+    /// Needs a build with the `cluster` feature.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterSettings>,
+}
+
+/// Cluster mode: replicas coordinate through etcd (v3 API).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ClusterSettings {
+    /// etcd client URLs (`http://host:port`). Environment override:
+    /// `MAPEK_ETCD_ENDPOINTS`, comma-separated (which also turns cluster
+    /// mode on when the file has no `cluster` section).
+    pub etcd_endpoints: Vec<String>,
+    /// This replica's name, unique in the cluster (1 to 64 characters of
+    /// `A-Z a-z 0-9 . _ -`); empty: the host name.
+    pub name: String,
+    /// TTL of the leases (membership and each shard's leadership), seconds
+    /// (at least 2): a dead leader's shards are taken over within about
+    /// this time. A leader renews its leases every third of it and stops
+    /// leading before a lease it could not renew can have expired.
+    pub lease_seconds: u64,
+    /// Number of shards (at least 1): components map to shards by
+    /// rendezvous hashing of their names; each shard has its own leader.
+    pub shards: u32,
+    /// Prefix of every etcd key of this cluster (starts with `/`, does not
+    /// end with `/`): two clusters on one etcd need different prefixes.
+    pub prefix: String,
+}
+
+impl Default for ClusterSettings {
+    fn default() -> Self {
+        ClusterSettings {
+            etcd_endpoints: Vec::new(),
+            name: String::new(),
+            lease_seconds: 10,
+            shards: 1,
+            prefix: "/mapek".into(),
+        }
+    }
+}
+
+/// The reason given for a `cluster` section in a build without the
+/// `cluster` feature.
+pub const NO_CLUSTER_SUPPORT: &str = "built without cluster support; build with --features cluster";
+
+/// Largest `cluster.shards`.
+pub const MAX_SHARDS: u32 = 1024;
+
+impl ClusterSettings {
+    /// The replica's name: `name`, or the host name when it is empty
+    /// (`mapek` when even that cannot be read).
+    pub fn effective_name(&self) -> String {
+        if !self.name.trim().is_empty() {
+            return self.name.trim().to_string();
+        }
+        host_name().unwrap_or_else(|| "mapek".to_string())
+    }
+
+    fn validate(&self, out: &mut Vec<ConfigIssue>) {
+        if !cfg!(feature = "cluster") {
+            // Everything else would be moot: say the one thing to do.
+            return Issues::new("", out).push("cluster", NO_CLUSTER_SUPPORT);
+        }
+        let mut i = Issues::new("cluster", out);
+        if self.etcd_endpoints.is_empty() {
+            i.push(
+                "etcd_endpoints",
+                "must list at least one etcd URL such as http://127.0.0.1:2379 (or set MAPEK_ETCD_ENDPOINTS)",
+            );
+        }
+        for (n, e) in self.etcd_endpoints.iter().enumerate() {
+            let key = format!("etcd_endpoints[{n}]");
+            if e.starts_with("https://") {
+                i.push(
+                    &key,
+                    format!("TLS to etcd is not supported yet: use http:// (got {e:?})"),
+                );
+                continue;
+            }
+            if !e.starts_with("http://") {
+                i.push(&key, format!("must start with http:// (got {e:?})"));
+                continue;
+            }
+            match ::url::Url::parse(e) {
+                Err(err) => i.push(&key, format!("is not a valid URL: {err} (got {e:?})")),
+                Ok(u) if u.host_str().is_none_or(str::is_empty) => {
+                    i.push(&key, format!("has no host (got {e:?})"))
+                }
+                Ok(u) if u.path() != "/" || u.query().is_some() => {
+                    i.push(&key, format!("must be a bare http://host:port (got {e:?})"))
+                }
+                Ok(_) => {}
+            }
+        }
+        let name = self.effective_name();
+        let ok_name = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+        if !ok_name {
+            let what = if self.name.trim().is_empty() {
+                format!("the host name {name:?} is not a valid replica name: set cluster.name")
+            } else {
+                format!("must be 1 to 64 characters of A-Z a-z 0-9 . _ - (got {name:?})")
+            };
+            i.push("name", what);
+        }
+        i.at_least("lease_seconds", self.lease_seconds, 2);
+        if self.lease_seconds > 3600 {
+            i.push(
+                "lease_seconds",
+                format!("must be at most 3600 (got {})", self.lease_seconds),
+            );
+        }
+        i.at_least("shards", self.shards, 1);
+        if self.shards > MAX_SHARDS {
+            i.push(
+                "shards",
+                format!("must be at most {MAX_SHARDS} (got {})", self.shards),
+            );
+        }
+        let p = &self.prefix;
+        if !p.starts_with('/') || p.len() < 2 || p.ends_with('/') || p.contains(char::is_whitespace)
+        {
+            i.push(
+                "prefix",
+                format!("must start with `/`, not end with `/` and have no spaces, such as /mapek (got {p:?})"),
+            );
+        }
+    }
+}
+
+/// The host name (`/proc/sys/kernel/hostname`, else `$HOSTNAME`, else
+/// `/etc/hostname`).
+pub fn host_name() -> Option<String> {
+    let read = |p: &str| std::fs::read_to_string(p).ok();
+    [
+        read("/proc/sys/kernel/hostname"),
+        std::env::var("HOSTNAME").ok(),
+        read("/etc/hostname"),
+    ]
+    .into_iter()
+    .flatten()
+    .map(|s| s.trim().to_string())
+    .find(|s| !s.is_empty())
 }
 
 /// Prometheus server queried by the Monitor.
@@ -771,6 +919,7 @@ impl Config {
     /// | `MAPE_K_THRESHOLD`    | `plan.plan_threshold`       |
     /// | `MAPE_K_AUTO_APPROVE` | `plan.auto_approve`         |
     /// | `LOG_LEVEL`           | `logging.level`             |
+    /// | `MAPEK_ETCD_ENDPOINTS`| `cluster.etcd_endpoints` (comma-separated; turns cluster mode on) |
     ///
     /// Variables that are unset or empty are ignored. Values that cannot be
     /// parsed leave the key unchanged and are returned as issues with the
@@ -843,6 +992,16 @@ impl Config {
         if let Some(v) = lookup("LOG_LEVEL") {
             self.logging.level = v.to_ascii_lowercase();
         }
+        if let Some(v) = lookup("MAPEK_ETCD_ENDPOINTS") {
+            let endpoints: Vec<String> = v
+                .split(',')
+                .map(|e| e.trim().to_string())
+                .filter(|e| !e.is_empty())
+                .collect();
+            self.cluster
+                .get_or_insert_with(ClusterSettings::default)
+                .etcd_endpoints = endpoints;
+        }
         issues
     }
 
@@ -857,6 +1016,9 @@ impl Config {
         self.execute.validate(&mut out);
         self.knowledge.validate(&mut out);
         self.safety.validate(&mut out);
+        if let Some(c) = &self.cluster {
+            c.validate(&mut out);
+        }
 
         {
             let mut i = Issues::new("prometheus", &mut out);
@@ -1237,6 +1399,12 @@ fn parse_yaml(text: &str, origin: &str) -> Result<(Config, Vec<ConfigIssue>), Co
         logging: section(&mut map, "logging", &mut issues),
         topology: section(&mut map, "topology", &mut issues),
         safety: section(&mut map, "safety", &mut issues),
+        // Present (even empty) means cluster mode; absent means one process.
+        cluster: if map.contains_key("cluster") {
+            Some(section(&mut map, "cluster", &mut issues))
+        } else {
+            None
+        },
     };
     for key in map.keys() {
         issues.push(unknown_key(key_name(key)));
@@ -2401,5 +2569,87 @@ effectors:
         let v = serde_json::to_value(&c).unwrap();
         let back: Config = serde_json::from_value(v).unwrap();
         assert_eq!(back, c);
+    }
+
+    #[test]
+    fn no_cluster_section_is_one_process() {
+        let c = Config::from_yaml_str("api:\n  listen: 127.0.0.1:8001\n", "t").unwrap();
+        assert_eq!(c.cluster, None);
+        let c = Config::load_with_env(None, &env(&[])).unwrap();
+        assert_eq!(c.cluster, None);
+    }
+
+    #[cfg(not(feature = "cluster"))]
+    #[test]
+    fn a_cluster_section_needs_the_feature() {
+        let issues = issues_of(Config::from_yaml_str(
+            "cluster:\n  etcd_endpoints: [\"http://127.0.0.1:2379\"]\n",
+            "t",
+        ));
+        assert_eq!(find(&issues, "cluster").reason, NO_CLUSTER_SUPPORT);
+        let issues = issues_of(Config::load_with_env(
+            None,
+            &env(&[("MAPEK_ETCD_ENDPOINTS", "http://127.0.0.1:2379")]),
+        ));
+        assert_eq!(find(&issues, "cluster").reason, NO_CLUSTER_SUPPORT);
+    }
+
+    #[cfg(feature = "cluster")]
+    #[test]
+    fn cluster_section_defaults_and_env() {
+        let c = Config::from_yaml_str(
+            "cluster:\n  etcd_endpoints: [\"http://127.0.0.1:2379\"]\n  name: a\n",
+            "t",
+        )
+        .unwrap();
+        let cl = c.cluster.unwrap();
+        assert_eq!(cl.lease_seconds, 10);
+        assert_eq!(cl.shards, 1);
+        assert_eq!(cl.prefix, "/mapek");
+        assert_eq!(cl.effective_name(), "a");
+        // The host name by default.
+        let d = ClusterSettings::default();
+        assert!(!d.effective_name().is_empty());
+
+        // The environment turns cluster mode on and replaces the list.
+        let c = Config::load_with_env(
+            None,
+            &env(&[(
+                "MAPEK_ETCD_ENDPOINTS",
+                " http://10.0.0.1:2379, http://10.0.0.2:2379 ,",
+            )]),
+        )
+        .unwrap();
+        assert_eq!(
+            c.cluster.unwrap().etcd_endpoints,
+            vec!["http://10.0.0.1:2379", "http://10.0.0.2:2379"]
+        );
+    }
+
+    #[cfg(feature = "cluster")]
+    #[test]
+    fn cluster_section_errors_have_paths() {
+        let issues = issues_of(Config::from_yaml_str(
+            "cluster:\n  etcd_endpoints: [\"127.0.0.1:2379\", \"https://e:2379\", \"http://e:2379/x\"]\n  name: \"a/b\"\n  lease_seconds: 1\n  shards: 0\n  prefix: \"mapek/\"\n  bogus: 1\n",
+            "t",
+        ));
+        for p in [
+            "cluster.etcd_endpoints[0]",
+            "cluster.etcd_endpoints[1]",
+            "cluster.etcd_endpoints[2]",
+            "cluster.name",
+            "cluster.lease_seconds",
+            "cluster.shards",
+            "cluster.prefix",
+            "cluster.bogus",
+        ] {
+            find(&issues, p);
+        }
+        let issues = issues_of(Config::from_yaml_str("cluster: {}\n", "t"));
+        assert!(find(&issues, "cluster.etcd_endpoints")
+            .reason
+            .contains("MAPEK_ETCD_ENDPOINTS"));
+        let issues = issues_of(Config::from_yaml_str("cluster:\n  shards: many\n", "t"));
+        find(&issues, "cluster.shards");
     }
 }

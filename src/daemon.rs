@@ -19,6 +19,8 @@ use mapek_actors::store::{KnowledgeStore, StoreError};
 use mapek_actors::supervisor::{start_loop, LoopHandle, LoopParts, LoopSettings};
 use prometheus_client::registry::Registry;
 
+use mapek_actors::leadership::{Leadership, Solo};
+
 use crate::config::Config;
 use crate::http::{self, ApiState};
 use crate::sensors::PrometheusSource;
@@ -108,6 +110,36 @@ pub struct Running {
     pub handle: LoopHandle,
     /// Address the HTTP server listens on.
     pub addr: SocketAddr,
+    /// Leadership: the etcd cluster in cluster mode, else [`Solo`].
+    pub leadership: Arc<dyn Leadership>,
+    /// The cluster replica, in cluster mode.
+    #[cfg(feature = "cluster")]
+    pub cluster: Option<crate::cluster::Cluster>,
+}
+
+/// Joins the cluster when `cfg` has a `cluster` section (registering its
+/// metrics), else a single process that leads.
+#[cfg(feature = "cluster")]
+async fn leadership(
+    cfg: &Config,
+    addr: SocketAddr,
+    registry: &mut Registry,
+) -> Result<(Arc<dyn Leadership>, Option<crate::cluster::Cluster>), String> {
+    match &cfg.cluster {
+        Some(c) => {
+            let cluster = crate::cluster::Cluster::start(c, addr)
+                .await
+                .map_err(|e| e.to_string())?;
+            cluster.register(registry);
+            Ok((Arc::new(cluster.clone()), Some(cluster)))
+        }
+        None => Ok((Arc::new(solo()), None)),
+    }
+}
+
+/// A single process that leads, named after the host.
+fn solo() -> Solo {
+    Solo::new(crate::config::host_name().unwrap_or_else(|| "mapek".into()))
 }
 
 /// Starts the loop and the HTTP server. Must run inside an actix system.
@@ -136,6 +168,14 @@ pub async fn start(
         metrics.clone(),
         parts.sources.iter().map(|s| s.name().to_string()).collect(),
     )));
+    #[cfg(feature = "cluster")]
+    let (leadership, cluster) = leadership(cfg, addr, &mut registry).await?;
+    #[cfg(not(feature = "cluster"))]
+    let leadership: Arc<dyn Leadership> = match &cfg.cluster {
+        // Config validation refuses this already; stay clear if bypassed.
+        Some(_) => return Err(crate::config::NO_CLUSTER_SUPPORT.to_string()),
+        None => Arc::new(solo()),
+    };
     let clock_for_sink = parts.clock.clone();
     let handle = start_loop(LoopParts {
         settings: loop_settings(cfg),
@@ -175,6 +215,7 @@ pub async fn start(
         request_timeout: Duration::from_secs(cfg.api.request_timeout_seconds),
         http_metrics: http_metrics.clone(),
         readiness: readiness.clone(),
+        leadership: leadership.clone(),
     };
     let router = http::router(
         state,
@@ -205,11 +246,26 @@ pub async fn start(
         }
     });
     tracing::info!(%addr, "serving /health, /ready, /metrics, the webhook and the API");
-    Ok(Running { handle, addr })
+    Ok(Running {
+        handle,
+        addr,
+        leadership,
+        #[cfg(feature = "cluster")]
+        cluster,
+    })
 }
 
 /// Waits for SIGTERM or SIGINT, then asks the supervisor to shut down.
 pub async fn shutdown_on_signal(handle: LoopHandle) {
+    shutdown_on_signal_then(handle, async {}).await
+}
+
+/// Waits for SIGTERM or SIGINT, runs `first` (leaving the cluster), then
+/// asks the supervisor to shut down.
+pub async fn shutdown_on_signal_then(
+    handle: LoopHandle,
+    first: impl std::future::Future<Output = ()>,
+) {
     #[cfg(unix)]
     let term = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -230,6 +286,7 @@ pub async fn shutdown_on_signal(handle: LoopHandle) {
             if r.is_ok() { tracing::info!("SIGINT received") }
         }
     }
+    first.await;
     if handle.supervisor.send(Shutdown).await.is_err() {
         System::current().stop_with_code(0);
     }
@@ -268,6 +325,22 @@ pub fn run(cfg: Config, listen: SocketAddr) -> anyhow::Result<i32> {
         if cfg.prometheus.enabled {
             tracing::info!(url = %cfg.prometheus.url, rules = cfg.monitor.rules.len(), interval_seconds = cfg.monitor.interval_seconds, "polling Prometheus");
         }
+        #[cfg(feature = "cluster")]
+        {
+            let handle = running.handle.clone();
+            let cluster = running.cluster.clone();
+            actix::spawn(async move {
+                shutdown_on_signal_then(handle, async move {
+                    // Hand the shards over at once rather than at lease
+                    // expiry.
+                    if let Some(c) = cluster {
+                        c.shutdown().await;
+                    }
+                })
+                .await
+            });
+        }
+        #[cfg(not(feature = "cluster"))]
         actix::spawn(shutdown_on_signal(running.handle.clone()));
         Ok::<Running, String>(running)
     });

@@ -47,6 +47,9 @@ pub struct ApiState {
     /// The webhook's state and the effectors' cached reachability, for
     /// `/ready`.
     pub readiness: Arc<crate::readiness::Readiness>,
+    /// Leadership: the etcd cluster in cluster mode, else a single
+    /// process that leads ([`mapek_actors::leadership::Solo`]).
+    pub leadership: Arc<dyn mapek_actors::leadership::Leadership>,
 }
 
 /// The routes. The webhook (when `webhook_path` is given, i.e.
@@ -79,6 +82,7 @@ pub fn router(state: ApiState, webhook_path: Option<&str>, max_body_bytes: usize
         .route("/api/v1/components/{name}/clear", post(clear_component))
         .route("/api/v1/components/{name}/silence", post(silence_component))
         .route("/api/v1/safety", get(safety))
+        .route("/api/v1/cluster", get(cluster))
         .route("/api/v1/shadow/report", get(shadow_report));
     if let Some(path) = webhook_path {
         r = r.route("/webhooks/alerts", post(webhook));
@@ -517,6 +521,12 @@ async fn ready(State(s): State<ApiState>) -> Response {
     if !store_open {
         reasons.push("knowledge store is closed".into());
     }
+    // A healthy standby is ready (it ingests and keeps its analysis warm);
+    // a replica that cannot reach etcd is not.
+    let view = s.leadership.view();
+    if let Some(e) = view.etcd_error.as_ref().filter(|_| view.clustered) {
+        reasons.push(format!("etcd unreachable: {e}"));
+    }
     let sources = ask(&s, GetSources).await.unwrap_or_default();
     let any_evidence = sources.iter().any(|h| h.status == SourceStatus::Up);
     if s.sources_required && !sources.is_empty() && !any_evidence {
@@ -545,7 +555,7 @@ async fn ready(State(s): State<ApiState>) -> Response {
             })
         })
         .collect();
-    let body = json!({
+    let mut body = json!({
         "ready": reasons.is_empty(),
         "reasons": reasons,
         "can_act": can_act,
@@ -557,12 +567,42 @@ async fn ready(State(s): State<ApiState>) -> Response {
         // never makes /ready fail.
         "effectors": s.readiness.effectors(),
     });
+    if view.clustered {
+        body["cluster"] = cluster_json(&view);
+    }
     let code = if reasons.is_empty() {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (code, Json(body)).into_response()
+}
+
+/// The cluster as the API shows it (`GET /api/v1/cluster`, and the
+/// `cluster` of `/ready`).
+fn cluster_json(v: &mapek_actors::leadership::LeadershipView) -> Value {
+    let shards: serde_json::Map<String, Value> = v
+        .leaders
+        .iter()
+        .map(|(s, l)| (s.to_string(), json!(l)))
+        .collect();
+    json!({
+        "name": v.name,
+        "clustered": v.clustered,
+        "leading": v.leading_any(),
+        "leading_shards": v.leading,
+        "leader": v.leader_of(0),
+        "members": v.members,
+        "shards": shards,
+        "etcd": match &v.etcd_error {
+            None => "reachable".to_string(),
+            Some(e) => format!("unreachable: {e}"),
+        },
+    })
+}
+
+async fn cluster(State(s): State<ApiState>) -> Response {
+    Json(cluster_json(&s.leadership.view())).into_response()
 }
 
 async fn metrics(State(s): State<ApiState>) -> Response {

@@ -2,6 +2,8 @@
 //! HTTP API and Alertmanager webhook, Prometheus sensor, effectors, logging.
 
 pub mod alertmanager;
+#[cfg(feature = "cluster")]
+pub mod cluster;
 pub mod config;
 pub mod ctl;
 pub mod daemon;

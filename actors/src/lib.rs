@@ -14,6 +14,7 @@ pub mod clock;
 pub mod events;
 pub mod execute;
 pub mod knowledge;
+pub mod leadership;
 pub mod mailbox;
 pub mod messages;
 pub mod metrics;

@@ -8,6 +8,9 @@ use serde_json::Value;
 use crate::model::{RemediationAction, RemediationPolicy, RollbackStep, Violation};
 use crate::settings::RuleSpec;
 
+// Leadership and fencing (cluster mode) are a port too.
+pub use crate::leadership::{Fence, FenceError, FencedWrite, Leadership, LeadershipView, Solo};
+
 /// Why a metric source gave no evidence.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum SourceError {

@@ -20,8 +20,8 @@ fn find(names: &[&str]) -> PathBuf {
         }
     }
     panic!(
-        "none of {names:?} is installed: the end-to-end tests need Debian's prometheus and \
-         prometheus-alertmanager (run `bash tests/run.sh`, which installs them)"
+        "none of {names:?} is installed: the end-to-end tests need Debian's prometheus, \
+         prometheus-alertmanager and etcd-server (run `bash tests/run.sh`, which installs them)"
     );
 }
 
@@ -196,6 +196,37 @@ pub fn alertmanager_at(webhook: &str, addr: std::net::SocketAddr) -> Server {
         &format!("{}/-/ready", s.url()),
         Duration::from_secs(60),
         "alertmanager",
+    );
+    s
+}
+
+/// Starts a single-member etcd (Debian's `etcd-server`, binary `etcd`) on
+/// free loopback client and peer ports with a temporary data directory,
+/// and waits until it answers `/health`. Killed on drop; `url()` is the
+/// client URL.
+pub fn etcd() -> Server {
+    let bin = find(&["etcd"]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let addr = free_addr();
+    let peer = free_addr();
+    let args = vec![
+        "--name=test".to_string(),
+        format!("--data-dir={}", dir.path().join("data").display()),
+        format!("--listen-client-urls=http://{addr}"),
+        format!("--advertise-client-urls=http://{addr}"),
+        format!("--listen-peer-urls=http://{peer}"),
+        format!("--initial-advertise-peer-urls=http://{peer}"),
+        format!("--initial-cluster=test=http://{peer}"),
+        "--initial-cluster-state=new".into(),
+        "--logger=zap".into(),
+        "--log-level=warn".into(),
+    ];
+    let log = dir.path().join("etcd.log");
+    let s = Server::spawn(bin, args, dir, addr, log);
+    wait_http_ok(
+        &format!("{}/health", s.url()),
+        Duration::from_secs(60),
+        "etcd",
     );
     s
 }

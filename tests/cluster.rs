@@ -1,0 +1,460 @@
+//! Cluster mode against a real etcd (Debian's etcd-server, started by the
+//! test on loopback ports; its absence fails the test): election,
+//! takeover after a crash, fencing, spreading shards.
+#![cfg(feature = "cluster")]
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use mapek::cluster::Cluster;
+use mapek::config::ClusterSettings;
+use mapek_actors::leadership::FenceError;
+
+fn settings(
+    etcd: &str,
+    name: &str,
+    lease_seconds: u64,
+    shards: u32,
+    prefix: &str,
+) -> ClusterSettings {
+    ClusterSettings {
+        etcd_endpoints: vec![etcd.to_string()],
+        name: name.into(),
+        lease_seconds,
+        shards,
+        prefix: prefix.into(),
+    }
+}
+
+/// A fresh etcd (started off the runtime: its readiness check blocks).
+async fn etcd() -> support::servers::Server {
+    tokio::task::spawn_blocking(support::servers::etcd)
+        .await
+        .expect("etcd starts")
+}
+
+async fn start(s: &ClusterSettings) -> Cluster {
+    Cluster::start(s, "127.0.0.1:1".parse().expect("addr"))
+        .await
+        .expect("cluster starts")
+}
+
+/// Polls `cond` every 20 ms until it holds; panics with `what` after
+/// `limit`. Returns how long it took.
+async fn until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) -> Duration {
+    let t0 = Instant::now();
+    loop {
+        if cond() {
+            return t0.elapsed();
+        }
+        assert!(t0.elapsed() < limit, "{what}: not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// How many of `replicas` lead `shard` now.
+fn leaders_of(replicas: &[&Cluster], shard: u32) -> usize {
+    replicas.iter().filter(|c| c.is_leader(shard)).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_of_two_leads_and_the_other_takes_over_after_a_crash() {
+    let etcd = etcd().await;
+    let lease = 2;
+    let a = start(&settings(&etcd.url(), "a", lease, 1, "/t1")).await;
+    let b = start(&settings(&etcd.url(), "b", lease, 1, "/t1")).await;
+    until(Duration::from_secs(10), "one leader", || {
+        leaders_of(&[&a, &b], 0) == 1
+    })
+    .await;
+    // Both see each other and the same leader.
+    until(Duration::from_secs(5), "both see both", || {
+        a.view().members.len() == 2 && b.view().members.len() == 2
+    })
+    .await;
+    let (leader, standby) = if a.is_leader(0) { (a, b) } else { (b, a) };
+    let first = leader.fence(0).expect("fence");
+    until(
+        Duration::from_secs(5),
+        "the standby sees the leader",
+        || standby.view().leader_of(0) == Some(leader.name()),
+    )
+    .await;
+    assert!(!standby.view().leading_any());
+    // The standby's view changes are delivered through subscribe().
+    let mut rx = standby.subscribe();
+    rx.borrow_and_update();
+
+    // Crash: every task of the leader stops, nothing is released.
+    let name = leader.name().to_string();
+    drop(leader);
+    let t0 = Instant::now();
+    let limit = Duration::from_secs(lease + 2);
+    loop {
+        if standby.is_leader(0) {
+            break;
+        }
+        let left = limit.saturating_sub(t0.elapsed());
+        assert!(!left.is_zero(), "no takeover within {limit:?}");
+        let _ = tokio::time::timeout(left, rx.changed()).await;
+    }
+    let took = t0.elapsed();
+    println!("takeover after the crash of {name} (lease {lease} s): {took:?}");
+    assert!(took <= limit);
+    let second = standby.fence(0).expect("fence");
+    assert!(
+        second.revision > first.revision,
+        "the fencing token grows: {first:?} then {second:?}"
+    );
+    assert_eq!(standby.view().leader_of(0), Some(standby.name()));
+    // The crashed member's registration expires too.
+    until(
+        Duration::from_secs(lease + 3),
+        "the dead member leaves",
+        || standby.view().members == vec![standby.name().to_string()],
+    )
+    .await;
+    standby.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deposed_leader_cannot_write() {
+    let etcd = etcd().await;
+    let lease = 10;
+    let a = start(&settings(&etcd.url(), "a", lease, 1, "/t2")).await;
+    until(Duration::from_secs(10), "a leads", || a.is_leader(0)).await;
+    let b = start(&settings(&etcd.url(), "b", lease, 1, "/t2")).await;
+    until(Duration::from_secs(5), "b sees a lead", || {
+        b.view().leader_of(0) == Some("a")
+    })
+    .await;
+
+    // The leader writes under its fence; the standby cannot.
+    let w = a
+        .fenced_put(0, "intents/inc-1/1/restart", b"a".to_vec())
+        .await
+        .expect("the leader writes");
+    assert_eq!(w.fence, a.fence(0).expect("fence"));
+    assert_eq!(
+        b.read("intents/inc-1/1/restart").await.expect("read"),
+        Some(b"a".to_vec())
+    );
+    assert_eq!(
+        b.fenced_put(0, "intents/inc-1/1/restart", b"b".to_vec())
+            .await,
+        Err(FenceError::NotLeader { shard: 0 })
+    );
+    assert!(matches!(
+        a.fenced_put(0, "shards/0/leader", b"x".to_vec()).await,
+        Err(FenceError::InvalidKey { .. })
+    ));
+    assert!(matches!(
+        a.fenced_put(1, "intents/x", b"x".to_vec()).await,
+        Err(FenceError::NoSuchShard { .. })
+    ));
+
+    // Freeze a (like SIGSTOP: it still believes it leads, its lease is
+    // valid for seconds), and take the key away from it: an operator
+    // deletes the leader key; b takes over at once.
+    a.halt();
+    let mut etcdc = etcd_client::Client::connect([etcd.url()], None)
+        .await
+        .expect("etcd client");
+    etcdc
+        .delete("/t2/shards/0/leader", None)
+        .await
+        .expect("delete");
+    until(Duration::from_secs(5), "b leads", || b.is_leader(0)).await;
+    assert!(a.is_leader(0), "a's local deadline has not passed yet");
+    // a's fenced write is refused by etcd, and a steps down.
+    let r = a
+        .fenced_put(0, "intents/inc-1/2/restart", b"a".to_vec())
+        .await;
+    assert_eq!(
+        r,
+        Err(FenceError::Deposed {
+            shard: 0,
+            holder: Some("b".into())
+        })
+    );
+    assert!(!a.is_leader(0));
+    assert_eq!(
+        a.fenced_put(0, "intents/inc-1/2/restart", b"a".to_vec())
+            .await,
+        Err(FenceError::NotLeader { shard: 0 })
+    );
+    assert_eq!(b.read("intents/inc-1/2/restart").await.expect("read"), None);
+    b.fenced_put(0, "intents/inc-1/2/restart", b"b".to_vec())
+        .await
+        .expect("the new leader writes");
+
+    // A live leader whose lease is revoked from outside steps down at once
+    // (the watch shows its key deleted), without waiting for its deadline.
+    let lease_b = b.fence(0).expect("fence").lease_id;
+    etcdc.lease_revoke(lease_b).await.expect("revoke");
+    let took = until(Duration::from_secs(3), "b steps down", || !b.is_leader(0)).await;
+    println!("step-down after the lease was revoked: {took:?}");
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twelve_shards_spread_over_three_replicas_and_survive_one() {
+    let etcd = etcd().await;
+    let lease = 3;
+    let shards = 12;
+    let a = start(&settings(&etcd.url(), "a", lease, shards, "/t3")).await;
+    let b = start(&settings(&etcd.url(), "b", lease, shards, "/t3")).await;
+    let c = start(&settings(&etcd.url(), "c", lease, shards, "/t3")).await;
+    let mut samples = 0usize;
+    let mut check = |rs: &[&Cluster]| {
+        samples += 1;
+        for s in 0..shards {
+            let n = leaders_of(rs, s);
+            assert!(n <= 1, "shard {s} has {n} leaders at one sampled moment");
+        }
+    };
+    let counts = |rs: &[&Cluster]| -> Vec<usize> {
+        rs.iter()
+            .map(|c| (0..shards).filter(|s| c.is_leader(*s)).count())
+            .collect()
+    };
+    let t0 = Instant::now();
+    loop {
+        check(&[&a, &b, &c]);
+        if counts(&[&a, &b, &c]) == vec![4, 4, 4] {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "no 4/4/4 spread within 20 s: {:?}",
+            counts(&[&a, &b, &c])
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    println!("4/4/4 after {:?}", t0.elapsed());
+    // It stays so, and every replica's view agrees.
+    let settled = Instant::now();
+    while settled.elapsed() < Duration::from_secs(2) {
+        check(&[&a, &b, &c]);
+        assert_eq!(counts(&[&a, &b, &c]), vec![4, 4, 4]);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    until(Duration::from_secs(3), "views agree", || {
+        let va = a.view();
+        va.leaders == b.view().leaders
+            && va.leaders == c.view().leaders
+            && va.leaders.values().all(|l| l.is_some())
+    })
+    .await;
+
+    // Kill c: its shards are led by a and b within lease + 2 s.
+    let c_shards: Vec<u32> = (0..shards).filter(|s| c.is_leader(*s)).collect();
+    drop(c);
+    let t0 = Instant::now();
+    let limit = Duration::from_secs(lease + 2);
+    loop {
+        check(&[&a, &b]);
+        if c_shards.iter().all(|s| leaders_of(&[&a, &b], *s) == 1) {
+            break;
+        }
+        assert!(
+            t0.elapsed() < limit,
+            "c's shards {c_shards:?} not taken over within {limit:?}: {:?}",
+            counts(&[&a, &b])
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    println!(
+        "c's shards {c_shards:?} taken over in {:?} (lease {lease} s)",
+        t0.elapsed()
+    );
+    // Then 6/6 once c's membership has expired.
+    let t1 = Instant::now();
+    loop {
+        check(&[&a, &b]);
+        if counts(&[&a, &b]) == vec![6, 6] {
+            break;
+        }
+        assert!(
+            t1.elapsed() < Duration::from_secs(lease * 3),
+            "no 6/6 spread: {:?}",
+            counts(&[&a, &b])
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    println!(
+        "6/6 after {:?}; {samples} samples with at most one leader per shard",
+        t0.elapsed()
+    );
+    let by_name: BTreeMap<u32, Option<String>> = a.view().leaders;
+    assert!(by_name
+        .values()
+        .all(|l| matches!(l.as_deref(), Some("a" | "b"))));
+    a.shutdown().await;
+    // A graceful leave hands the shards over at once.
+    let t2 = Instant::now();
+    until(Duration::from_secs(2), "b leads everything", || {
+        (0..shards).all(|s| b.is_leader(s))
+    })
+    .await;
+    println!("graceful hand-over of a's shards: {:?}", t2.elapsed());
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_etcd_is_reported_never_waited_for() {
+    // A port nobody listens on.
+    let dead = format!("http://{}", support::free_addr());
+    let t0 = Instant::now();
+    let a = start(&settings(&dead, "a", 2, 1, "/t4")).await;
+    assert!(
+        t0.elapsed() < Duration::from_secs(3),
+        "start waited for etcd"
+    );
+    until(Duration::from_secs(5), "the error is reported", || {
+        a.view()
+            .etcd_error
+            .is_some_and(|e| e.contains("lease grant"))
+    })
+    .await;
+    let t1 = Instant::now();
+    assert_eq!(
+        a.fenced_put(0, "intents/x", b"x".to_vec()).await,
+        Err(FenceError::NotLeader { shard: 0 })
+    );
+    assert!(!a.is_leader(0));
+    assert!(t1.elapsed() < Duration::from_secs(1));
+    println!("etcd error: {:?}", a.view().etcd_error);
+    a.shutdown().await;
+}
+
+/// GET `url` as JSON (status, body).
+fn get_json(url: &str) -> (u16, serde_json::Value) {
+    let client = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .expect("client");
+    match client.get(url).send() {
+        Ok(r) => {
+            let status = r.status().as_u16();
+            (status, r.json().unwrap_or(serde_json::Value::Null))
+        }
+        Err(_) => (0, serde_json::Value::Null),
+    }
+}
+
+/// `mapek run` as replica `name` of the cluster on `etcd`.
+fn replica(
+    dir: &std::path::Path,
+    etcd: &str,
+    name: &str,
+    lease: u64,
+) -> (support::Proc, std::net::SocketAddr) {
+    let cfg = dir.join(format!("{name}.yaml"));
+    std::fs::write(
+        &cfg,
+        format!(
+            "prometheus:\n  enabled: false\ncluster:\n  etcd_endpoints: [\"{etcd}\"]\n  name: {name}\n  lease_seconds: {lease}\n  prefix: /procs\n"
+        ),
+    )
+    .expect("config");
+    let data = dir.join(format!("data-{name}")).display().to_string();
+    let addr = support::free_addr();
+    let listen = addr.to_string();
+    let cfg = cfg.display().to_string();
+    let mut p = support::Proc::start(
+        &[
+            "run",
+            "--config",
+            &cfg,
+            "--data-dir",
+            &data,
+            "--listen",
+            &listen,
+        ],
+        &[],
+        dir,
+    );
+    p.wait_for("serving", Duration::from_secs(20));
+    (p, addr)
+}
+
+/// Two `mapek run` processes: one leads, the standby is ready and says it
+/// does not lead; kill -9 the leader and the standby leads within
+/// `lease_seconds` + 2 s.
+#[test]
+fn two_daemons_kill_the_leader_and_the_standby_leads() {
+    let etcd = support::servers::etcd();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let lease = 2;
+    let (pa, aa) = replica(dir.path(), &etcd.url(), "a", lease);
+    let (pb, ab) = replica(dir.path(), &etcd.url(), "b", lease);
+    let cluster = |addr: std::net::SocketAddr| get_json(&format!("http://{addr}/api/v1/cluster")).1;
+    let t0 = Instant::now();
+    let (leader, standby) = loop {
+        let (ca, cb) = (cluster(aa), cluster(ab));
+        let both = |c: &serde_json::Value| c["members"].as_array().map(Vec::len) == Some(2);
+        if both(&ca) && both(&cb) && ca["leader"] == cb["leader"] && ca["leader"].is_string() {
+            assert_ne!(ca["leading"], cb["leading"], "exactly one leads: {ca} {cb}");
+            break if ca["leading"] == true {
+                ("a", "b")
+            } else {
+                ("b", "a")
+            };
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "no leader: {ca} {cb}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let (mut lp, _sp, laddr, saddr) = if leader == "a" {
+        (pa, pb, aa, ab)
+    } else {
+        (pb, pa, ab, aa)
+    };
+    let c = cluster(saddr);
+    assert_eq!(c["name"], standby);
+    assert_eq!(c["leader"], leader);
+    assert_eq!(c["shards"]["0"], leader);
+    assert_eq!(c["etcd"], "reachable");
+    // Both are ready; the standby's /ready says it does not lead.
+    let (code, ready) = get_json(&format!("http://{saddr}/ready"));
+    assert_eq!(code, 200, "{ready}");
+    assert_eq!(ready["cluster"]["leading"], false, "{ready}");
+    let (code, ready) = get_json(&format!("http://{laddr}/ready"));
+    assert_eq!(code, 200, "{ready}");
+    assert_eq!(ready["cluster"]["leading"], true, "{ready}");
+    let metrics = reqwest::blocking::get(format!("http://{laddr}/metrics"))
+        .and_then(|r| r.text())
+        .expect("metrics");
+    assert!(
+        metrics.contains("mape_k_cluster_leader{shard=\"0\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("mape_k_cluster_leadership_transitions_total{shard=\"0\"} 1"));
+
+    // kill -9 the leader.
+    lp.child.kill().expect("kill -9");
+    let _ = lp.child.wait();
+    let t0 = Instant::now();
+    let limit = Duration::from_secs(lease + 2);
+    loop {
+        let c = cluster(saddr);
+        if c["leading"] == true {
+            break;
+        }
+        assert!(t0.elapsed() < limit, "no takeover within {limit:?}: {c}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    println!(
+        "daemon {standby} took over from the killed {leader} in {:?} (lease {lease} s)",
+        t0.elapsed()
+    );
+    let metrics = reqwest::blocking::get(format!("http://{saddr}/metrics"))
+        .and_then(|r| r.text())
+        .expect("metrics");
+    assert!(metrics.contains("mape_k_cluster_leader{shard=\"0\"} 1"));
+}
