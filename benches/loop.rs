@@ -523,6 +523,7 @@ impl ReactionRig {
                 events: None,
                 alert_state: None,
                 escalations: None,
+                leadership: None,
             })
         });
         let events = handle.events.subscribe();

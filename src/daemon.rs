@@ -206,6 +206,8 @@ pub async fn start(
         } else {
             None
         },
+        // A single process leads everything: no fence to take.
+        leadership: cfg.cluster.as_ref().map(|_| leadership.clone()),
     });
     let state = ApiState {
         tokens: cfg.api.credentials(),

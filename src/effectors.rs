@@ -215,10 +215,16 @@ impl CharterClient {
         // The action's idempotency key, the same on every attempt and
         // never sent for a different action: the Charter can tell a retry
         // from a new request.
-        let key = IDEMPOTENCY.try_with(Clone::clone).ok().flatten();
-        let req = match key {
-            Some(key) if mutating => req.header("Idempotency-Key", key),
+        let marks = MARKS.try_with(Clone::clone).unwrap_or_default();
+        let req = match (marks.idempotency_key, mutating) {
+            (Some(key), true) => req.header("Idempotency-Key", key),
             _ => req,
+        };
+        // The fencing token goes on every request of the action: a Charter
+        // that saw a newer leader's token refuses this one.
+        let req = match marks.fencing_token {
+            Some(token) => req.header("X-Fencing-Token", token.to_string()),
+            None => req,
         };
         exchange(path, req).await
     }
@@ -267,10 +273,19 @@ impl CharterEffector {
     }
 }
 
+/// What goes with the requests of the action being applied.
+#[derive(Clone, Default)]
+struct CallMarks {
+    /// Sent as `Idempotency-Key`.
+    idempotency_key: Option<String>,
+    /// Sent as `X-Fencing-Token` (cluster mode).
+    fencing_token: Option<i64>,
+}
+
 tokio::task_local! {
-    /// The idempotency key of the action being applied (sent as the
-    /// `Idempotency-Key` header of its requests).
-    static IDEMPOTENCY: Option<String>;
+    /// The marks of the action being applied (headers of its mutating
+    /// requests).
+    static MARKS: CallMarks;
 }
 
 /// The key the Executor puts on each action (`execution/action`), the same
@@ -454,9 +469,15 @@ impl Effector for CharterEffector {
         &'a self,
         action: &'a RemediationAction,
     ) -> BoxFuture<'a, Result<Value, EffectorError>> {
-        let key = idempotency_key(&action.parameters).map(str::to_string);
-        Box::pin(IDEMPOTENCY.scope(
-            key,
+        let marks = CallMarks {
+            idempotency_key: idempotency_key(&action.parameters).map(str::to_string),
+            fencing_token: action
+                .parameters
+                .get(mapek_actors::execute::FENCING_TOKEN)
+                .and_then(Value::as_i64),
+        };
+        Box::pin(MARKS.scope(
+            marks,
             self.run(action.action_type, &action.parameters, &action.target),
         ))
     }

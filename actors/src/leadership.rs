@@ -178,6 +178,19 @@ pub trait Leadership: Send + Sync + 'static {
     }
 }
 
+/// The component that decides a policy's shard: its incident's first
+/// component (the root, where a cascade is remedied), else its first
+/// action's target. The Planner (which holds policies of shards it does
+/// not lead) and the Executor (which fences each call) agree on it.
+pub fn policy_component(policy: &crate::model::RemediationPolicy) -> &str {
+    policy
+        .scope
+        .first()
+        .map(String::as_str)
+        .or_else(|| policy.actions.first().map(|a| a.target.as_str()))
+        .unwrap_or("")
+}
+
 /// The shard of `component` among `shards`, by rendezvous (highest random
 /// weight) hashing: every shard gets a weight `mix(fnv1a(component) ^
 /// mix(shard))` and the highest wins. It depends only on the name and the

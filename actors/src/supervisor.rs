@@ -87,6 +87,10 @@ pub struct LoopParts {
     pub alert_state: Option<Arc<dyn AlertState>>,
     /// Where escalations go so that they reach people (Alertmanager).
     pub escalations: Option<Arc<dyn crate::ports::EscalationSink>>,
+    /// Leadership of shards (cluster mode): the Planner holds the policies
+    /// of shards this replica does not lead, the Executor fences each call.
+    /// `None`: one process, which leads everything.
+    pub leadership: Option<Arc<dyn crate::leadership::Leadership>>,
 }
 
 /// Why the loop stopped on its own, if it did.
@@ -184,6 +188,7 @@ pub fn start_loop(parts: LoopParts) -> LoopHandle {
         events,
         alert_state,
         escalations,
+        leadership,
     } = parts;
     let events = events.unwrap_or_else(|| crate::events::bus(1024));
     let exit = ExitReason::default();
@@ -259,6 +264,7 @@ pub fn start_loop(parts: LoopParts) -> LoopHandle {
             store: Some(store.clone()),
             mode: settings.safety.mode,
             state: Some(state.clone()),
+            leadership: leadership.clone(),
         };
         let e_inbox = inbox(ActorKind::Executor);
         let (ei, ek, ep, est, er) = (
@@ -289,6 +295,7 @@ pub fn start_loop(parts: LoopParts) -> LoopHandle {
 
         let p_inbox = inbox(ActorKind::Planner);
         let (max_concurrent, prouter) = (settings.execute.max_concurrent, router.clone());
+        let pleader = leadership.clone();
         let (psafety, psink, precl) = (
             settings.safety.clone(),
             escalations.clone(),
@@ -321,6 +328,7 @@ pub fn start_loop(parts: LoopParts) -> LoopHandle {
                     lease,
                 )
                 .with_safety(psafety.clone(), psink.clone(), Some(precl.clone()))
+                .with_leadership(pleader.clone())
             }),
             p_inbox,
         );
@@ -641,6 +649,7 @@ const HANDLED: [(ActorKind, &[&str]); 5] = [
             "SilenceComponent",
             "GetSafety",
             "GetShadowReport",
+            "LeadershipChanged",
         ],
     ),
     (ActorKind::Executor, &["PolicyApproved", "Drain"]),

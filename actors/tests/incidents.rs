@@ -135,6 +135,7 @@ fn start(
         events: None,
         alert_state: None,
         escalations: None,
+        leadership: None,
     })
 }
 
@@ -735,6 +736,7 @@ fn start_with(
         events: None,
         alert_state: None,
         escalations: None,
+        leadership: None,
     })
 }
 

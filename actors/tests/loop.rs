@@ -109,6 +109,7 @@ fn start(rig: &Rig, settings: LoopSettings, chaos: Option<Arc<dyn FaultInjector>
         events: None,
         alert_state: None,
         escalations: None,
+        leadership: None,
     })
 }
 

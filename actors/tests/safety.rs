@@ -117,6 +117,7 @@ fn start(
         events: None,
         alert_state: None,
         escalations: sink.map(|s| Arc::new(s) as Arc<dyn EscalationSink>),
+        leadership: None,
     })
 }
 

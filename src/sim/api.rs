@@ -199,10 +199,18 @@ async fn charter_api(
         .get("idempotency-key")
         .and_then(|v| v.to_str().ok())
         .filter(|k| !k.is_empty());
-    match app
-        .sim
-        .apply_keyed(component.as_deref(), method.as_str(), &path, &value, key)
-    {
+    let fencing = headers
+        .get("x-fencing-token")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i64>().ok());
+    match app.sim.apply_keyed(
+        component.as_deref(),
+        method.as_str(),
+        &path,
+        &value,
+        key,
+        fencing,
+    ) {
         Ok(v) => Json(v).into_response(),
         Err(e) => e.into_response(),
     }

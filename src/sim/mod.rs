@@ -243,4 +243,7 @@ pub struct CallRecord {
     /// A repeated idempotency key: answered as the first time, not applied.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub replayed: bool,
+    /// The request's `X-Fencing-Token`, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fencing_token: Option<i64>,
 }

@@ -30,6 +30,8 @@ pub(crate) struct World {
     /// Each key's request (method, path, body) and answer.
     applied_keys: std::collections::HashMap<String, (String, Value)>,
     key_order: VecDeque<String>,
+    /// The highest `X-Fencing-Token` seen: a lower one is refused.
+    highest_token: Option<i64>,
 }
 
 /// Idempotency keys remembered.
@@ -56,6 +58,7 @@ impl World {
             calls: VecDeque::new(),
             applied_keys: std::collections::HashMap::new(),
             key_order: VecDeque::new(),
+            highest_token: None,
         };
         for name in &names {
             let id = w.new_policy_id();
@@ -455,6 +458,7 @@ impl Simulator {
             status,
             idempotency_key: None,
             replayed: false,
+            fencing_token: None,
         });
     }
 
@@ -516,7 +520,7 @@ impl Simulator {
         path: &str,
         body: &Value,
     ) -> Result<Value, SimError> {
-        self.apply_keyed(component, method, path, body, None)
+        self.apply_keyed(component, method, path, body, None, None)
     }
 
     /// [`Self::apply_to`] with the request's `Idempotency-Key`: a key
@@ -529,9 +533,31 @@ impl Simulator {
         path: &str,
         body: &Value,
         key: Option<&str>,
+        fencing: Option<i64>,
     ) -> Result<Value, SimError> {
         let now = self.clock.now();
         let mut w = self.lock();
+        if let Some(token) = fencing {
+            // Fencing end to end: a request from a leader older than one
+            // already seen is refused, even one already in flight.
+            if let Some(highest) = w.highest_token.filter(|h| token < *h) {
+                w.record(CallRecord {
+                    method: method.to_string(),
+                    path: path.to_string(),
+                    body: body.clone(),
+                    component: component.map(str::to_string),
+                    at: now.to_rfc3339(),
+                    status: 409,
+                    idempotency_key: key.map(str::to_string),
+                    replayed: false,
+                    fencing_token: Some(token),
+                });
+                return Err(SimError::Conflict(format!(
+                    "stale fencing token {token} (a newer leader's {highest} was seen)"
+                )));
+            }
+            w.highest_token = Some(token);
+        }
         let key = key.filter(|_| method != "GET" && method != "HEAD");
         let fingerprint = format!("{method} {path} {body}");
         if let Some((seen, answer)) = key.and_then(|k| w.applied_keys.get(k)).cloned() {
@@ -547,6 +573,7 @@ impl Simulator {
                 status: if same { 200 } else { 422 },
                 idempotency_key: key.map(str::to_string),
                 replayed: same,
+                fencing_token: fencing,
             });
             return if same {
                 Ok(answer)
@@ -585,6 +612,7 @@ impl Simulator {
             status,
             idempotency_key: key.map(str::to_string),
             replayed: false,
+            fencing_token: fencing,
         });
         if let (Some(k), Ok(v)) = (key, &result) {
             if w.key_order.len() >= MAX_KEYS {

@@ -241,10 +241,29 @@ pub struct ExecutionEnv {
     /// The loop's state: a policy that reaches the Executor while mapek is
     /// paused (admitted just before the pause) sends nothing.
     pub state: Option<crate::state::SharedState>,
+    /// Cluster mode: before each call, the intent is written to the
+    /// coordination service under the shard's fence (only the leader can),
+    /// and the fence's revision goes with the call as its fencing token.
+    pub leadership: Option<Arc<dyn crate::leadership::Leadership>>,
 }
+
+/// Parameter carrying an action's fencing token (cluster mode) to its
+/// effector, which sends it as `X-Fencing-Token`.
+pub const FENCING_TOKEN: &str = "fencing_token";
 
 /// Error of an execution that the pause stopped before it acted.
 pub const HELD_BY_PAUSE: &str = "held by the pause before acting: nothing was sent";
+
+/// What the fence said about one action (cluster mode).
+enum Fenced {
+    /// Recorded under the fence: call, with this fencing token.
+    Go(i64),
+    /// Already recorded by a leader before (who): not sent again.
+    AlreadyRecorded(String),
+    /// Not recorded (not the leader, deposed, the service unreachable):
+    /// nothing is sent.
+    Refused(String),
+}
 
 /// Why a call ended without success.
 #[derive(Debug)]
@@ -493,11 +512,61 @@ impl ExecutionEnv {
             }
         };
         let mut completed: Vec<(usize, RemediationAction, Arc<dyn Effector>, Value)> = Vec::new();
+        let fencing = self.leadership.as_ref().map(|l| {
+            let shard = l.shard_of(crate::leadership::policy_component(policy));
+            (l.clone(), shard)
+        });
         for (mut action, eff) in routed {
             let key = idempotency_key(policy, exec, &action);
-            action
-                .parameters
-                .insert(IDEMPOTENCY_KEY.into(), serde_json::Value::String(key));
+            action.parameters.insert(
+                IDEMPOTENCY_KEY.into(),
+                serde_json::Value::String(key.clone()),
+            );
+            if let Some((l, shard)) = &fencing {
+                // Cluster: the coordination service first (only the shard's
+                // leader can record the intent), then the journal, then the
+                // call.
+                match self.fence(l.as_ref(), *shard, &key, &action, exec).await {
+                    Fenced::Go(token) => {
+                        action
+                            .parameters
+                            .insert(FENCING_TOKEN.into(), serde_json::json!(token));
+                    }
+                    Fenced::AlreadyRecorded(by) => {
+                        // A previous leader recorded (and perhaps applied)
+                        // it: never sent again; the verification tells.
+                        let now = self.clock.now();
+                        exec.actions.push(ActionExecution {
+                            action_id: action.id.clone(),
+                            action_type: action.action_type,
+                            effector: eff.name().to_string(),
+                            status: ExecutionStatus::Unknown,
+                            attempts: 0,
+                            started_at: Some(now),
+                            finished_at: Some(now),
+                            result: None,
+                            error: Some(format!(
+                                "recorded by a previous leader ({by}): it may have been applied; \
+                                 not sent again, verified with the others"
+                            )),
+                            rollback: None,
+                            request: serde_json::to_value(&action).ok(),
+                        });
+                        self.journal_queued(exec);
+                        continue;
+                    }
+                    Fenced::Refused(why) => {
+                        tracing::warn!(policy = %policy.id, action = %action.action_type, reason = %why, "not the leader: nothing sent");
+                        self.roll_back(exec, completed).await;
+                        exec.interrupted = true;
+                        exec.error = Some(format!(
+                            "interrupted: {why}; action {} and the ones after it were not sent",
+                            action.action_type
+                        ));
+                        return;
+                    }
+                }
+            }
             exec.actions.push(ActionExecution {
                 action_id: action.id.clone(),
                 action_type: action.action_type,
@@ -642,6 +711,46 @@ impl ExecutionEnv {
         self.executed(exec);
         if let Some(tx) = acted.take() {
             let _ = tx.send(());
+        }
+    }
+
+    /// Records the intent of `action` under the shard's fence.
+    async fn fence(
+        &self,
+        l: &dyn crate::leadership::Leadership,
+        shard: u32,
+        key: &str,
+        action: &RemediationAction,
+        exec: &PolicyExecution,
+    ) -> Fenced {
+        let path = format!("intents/{key}");
+        match l.read(&path).await {
+            Ok(Some(previous)) => {
+                let by = serde_json::from_slice::<Value>(&previous)
+                    .ok()
+                    .and_then(|v| v["by"].as_str().map(str::to_string))
+                    .unwrap_or_else(|| "another replica".into());
+                return Fenced::AlreadyRecorded(by);
+            }
+            Ok(None) => {}
+            Err(e) => return Fenced::Refused(format!("the intent could not be checked: {e}")),
+        }
+        let intent = serde_json::json!({
+            "by": l.name(),
+            "execution": exec.id,
+            "policy": exec.policy_id,
+            "request": action,
+        });
+        match l
+            .fenced_put(
+                shard,
+                &path,
+                serde_json::to_vec(&intent).unwrap_or_default(),
+            )
+            .await
+        {
+            Ok(w) => Fenced::Go(w.fence.revision),
+            Err(e) => Fenced::Refused(format!("not the leader of shard {shard}: {e}")),
         }
     }
 
@@ -956,6 +1065,7 @@ mod pause_tests {
             store: None,
             mode: Mode::Act,
             state: Some(state),
+            leadership: None,
         }
     }
 

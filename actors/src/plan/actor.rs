@@ -95,6 +95,12 @@ pub struct Planner {
     reclassify: Option<PhasePort<crate::messages::ReclassifyOutcome>>,
     ticking: bool,
     last_repost: Option<Instant>,
+    /// Leadership of shards (cluster mode): policies of a shard this
+    /// replica does not lead are held (standby), and admitted as soon as it
+    /// leads.
+    leadership: Option<Arc<dyn crate::leadership::Leadership>>,
+    /// Whether the leadership watch is armed (re-armed after a restart).
+    watching: bool,
 }
 
 /// The mode a policy runs in: the stricter of `global` and its routes'.
@@ -325,6 +331,8 @@ impl Planner {
             mode: Mode::Act,
             sink: None,
             escalations: HashMap::new(),
+            leadership: None,
+            watching: false,
             rng: StdRng::seed_from_u64(0),
             reclassify: None,
             ticking: false,
@@ -384,6 +392,23 @@ impl Planner {
     /// The safety guards' settings, where escalations go, and where
     /// re-classified outcomes go (Knowledge); the guards' state is rebuilt
     /// from Knowledge.
+    /// Cluster mode: hold the policies of shards this replica does not
+    /// lead (see [`crate::leadership`]).
+    pub fn with_leadership(
+        mut self,
+        leadership: Option<Arc<dyn crate::leadership::Leadership>>,
+    ) -> Self {
+        self.leadership = leadership;
+        self
+    }
+
+    /// Whether this replica may act on `policy` now (always, alone).
+    fn leads(&self, policy: &RemediationPolicy) -> bool {
+        self.leadership
+            .as_ref()
+            .is_none_or(|l| l.is_leader(l.shard_of(crate::leadership::policy_component(policy))))
+    }
+
     pub fn with_safety(
         mut self,
         settings: SafetySettings,
@@ -1305,6 +1330,17 @@ impl Planner {
             let timeout = Duration::from_secs(self.guards.settings().queue_timeout_seconds);
             for mut q in self.admission.overdue(Instant::now(), timeout) {
                 let id = q.policy.incident_id.clone().unwrap_or_default();
+                if !self.leads(&q.policy) {
+                    // A standby's waiting is not a remedy stuck in the
+                    // queue: the shard's leader acts (or escalates) on it.
+                    let severity = self
+                        .incidents
+                        .get(&id)
+                        .and_then(|e| e.incident.severity)
+                        .unwrap_or(Severity::Warning);
+                    self.admission.enqueue(q.policy, q.chain, severity);
+                    continue;
+                }
                 let last = q
                     .policy
                     .guards
@@ -1330,8 +1366,22 @@ impl Planner {
             let mut changed: Vec<RemediationPolicy> = Vec::new();
             let inbox = self.inbox.clone();
             let clock = self.clock.clone();
+            let leadership = self.leadership.clone();
             let pass = self.admission.admit_with(Instant::now(), |p| {
-                let g = guards.gate(p, wall);
+                let standby = leadership.as_ref().and_then(|l| {
+                    let shard = l.shard_of(crate::leadership::policy_component(p));
+                    (!l.is_leader(shard)).then(|| {
+                        let view = l.view();
+                        format!(
+                            "standby: shard {shard} is led by {}",
+                            view.leader_of(shard).unwrap_or("nobody yet")
+                        )
+                    })
+                });
+                let g = match standby {
+                    Some(why) => Gate::Hold("leadership", why),
+                    None => guards.gate(p, wall),
+                };
                 let dry = mode_of(router.as_ref(), p, mode) != Mode::Act;
                 let (guard, decision, reason) = match &g {
                     Gate::Admit => {
@@ -1550,6 +1600,16 @@ impl Actor for Planner {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         self.inbox.started();
+        if let (Some(l), false) = (&self.leadership, self.watching) {
+            // Every change of leadership: the held policies of a shard just
+            // won are admitted at once.
+            self.watching = true;
+            let rx = l.subscribe();
+            let changes = futures::stream::unfold(rx, |mut rx| async move {
+                rx.changed().await.ok().map(|_| ((), rx))
+            });
+            ctx.add_stream(changes);
+        }
         if !self.ticking {
             self.ticking = true;
             ctx.run_interval(SAFETY_TICK, |act, ctx| {
@@ -1564,10 +1624,25 @@ impl Actor for Planner {
     }
 }
 
+impl StreamHandler<()> for Planner {
+    fn handle(&mut self, _: (), ctx: &mut Context<Self>) {
+        let inbox = self.inbox.clone();
+        inbox.guard_internal(self, ctx, "LeadershipChanged", |act, ctx| {
+            act.admit(ctx);
+            Ok(())
+        });
+    }
+
+    fn finished(&mut self, _ctx: &mut Context<Self>) {
+        // The leadership's sender is gone (shutdown): nothing to watch.
+    }
+}
+
 impl Supervised for Planner {
     fn restarting(&mut self, _ctx: &mut Context<Self>) {
         // A restart drops the context's timers: they are armed again.
         self.ticking = false;
+        self.watching = false;
         self.wakeup = None;
         for e in self.incidents.values_mut() {
             e.state_timer = None;

@@ -1,0 +1,275 @@
+//! Cluster mode end to end: two `mapek run` replicas on a REAL etcd, a REAL
+//! Prometheus scraping the simulated Charter, faults healed by whoever
+//! leads. Every action is applied at most once (counted at the Charter by
+//! `Idempotency-Key`), and a deposed leader calls nothing (fencing tokens,
+//! counted at the Charter). etcd or Prometheus missing fails the tests.
+#![cfg(feature = "cluster")]
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mapek::sim::{FaultKind, Simulator, Topology};
+use mapek_actors::clock::SystemClock;
+use serde_json::Value;
+use support::live::{get, wait_until};
+use support::servers::{etcd, prometheus};
+use support::{free_addr, Proc};
+
+const LEASE: u64 = 3;
+
+/// The simulated Charter on loopback; applied POSTs answer 300 ms late (a
+/// kill lands while remedies are under way).
+struct Charter {
+    sim: Simulator,
+    addr: SocketAddr,
+    _rt: tokio::runtime::Runtime,
+}
+
+fn charter() -> Charter {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let sim = Simulator::with_topology(Topology::default(), Arc::new(SystemClock));
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let router = mapek::sim::router(sim.clone(), None).layer(axum::middleware::from_fn(
+        |req: axum::extract::Request, next: axum::middleware::Next| async move {
+            let slow =
+                req.method() == axum::http::Method::POST && req.uri().path().starts_with("/api/");
+            let res = next.run(req).await;
+            if slow {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            res
+        },
+    ));
+    rt.spawn(async move { axum::serve(listener, router).await });
+    Charter { sim, addr, _rt: rt }
+}
+
+fn replica(
+    dir: &std::path::Path,
+    etcd: &str,
+    prometheus: &str,
+    charter: SocketAddr,
+    name: &str,
+) -> (Proc, SocketAddr) {
+    let cfg = dir.join(format!("{name}.yaml"));
+    std::fs::write(
+        &cfg,
+        format!(
+            "monitor:\n  interval_seconds: 1\n\
+             prometheus:\n  url: {prometheus}\n  timeout_seconds: 2\n  retries: 0\n\
+             alertmanager:\n  enabled: false\n\
+             charter:\n  url: http://{charter}\n\
+             execute:\n  verification_window_seconds: 3\n  call_timeout_seconds: 5\n  retries: 0\n  preflight_validate: false\n\
+             plan:\n  cooldown_seconds: 1\n\
+             safety:\n  breaker:\n    failures: 100\n  flapping:\n    relapses: 100\n\
+             cluster:\n  etcd_endpoints: [\"{etcd}\"]\n  name: {name}\n  lease_seconds: {LEASE}\n  prefix: /heal\n"
+        ),
+    )
+    .expect("config");
+    let data = dir.join(format!("data-{name}")).display().to_string();
+    let addr = free_addr();
+    let (c, a) = (cfg.display().to_string(), addr.to_string());
+    let mut p = Proc::start(
+        &["run", "--config", &c, "--data-dir", &data, "--listen", &a],
+        &[("LOG_LEVEL", "info")],
+        dir,
+    );
+    p.wait_for("serving", Duration::from_secs(30));
+    (p, addr)
+}
+
+fn cluster(addr: SocketAddr) -> Value {
+    get(&format!("http://{addr}/api/v1/cluster")).unwrap_or(Value::Null)
+}
+
+/// Waits until exactly one of `a`, `b` leads; (leader, standby) indexes.
+fn leader_of(addrs: [SocketAddr; 2]) -> (usize, usize) {
+    wait_until(Duration::from_secs(20), "one leader of two", || {
+        let (ca, cb) = (cluster(addrs[0]), cluster(addrs[1]));
+        match (ca["leading"].as_bool(), cb["leading"].as_bool()) {
+            (Some(true), Some(false)) => Some((0, 1)),
+            (Some(false), Some(true)) => Some((1, 0)),
+            _ => None,
+        }
+    })
+}
+
+/// Applications per idempotency key at the Charter (not replays).
+fn applied_per_key(sim: &Simulator) -> std::collections::BTreeMap<String, usize> {
+    let mut m = std::collections::BTreeMap::new();
+    for c in sim.calls() {
+        if c.method == "POST" && c.status == 200 && !c.replayed {
+            if let Some(k) = c.idempotency_key {
+                *m.entry(k).or_insert(0) += 1;
+            }
+        }
+    }
+    m
+}
+
+#[test]
+fn kill_9_the_leader_mid_incident_the_standby_heals_it_and_nothing_runs_twice() {
+    let ch = charter();
+    let prom = prometheus(&[("charter", ch.addr)], None, None);
+    let etcd = etcd();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (pa, aa) = replica(dir.path(), &etcd.url(), &prom.url(), ch.addr, "a");
+    let (pb, ab) = replica(dir.path(), &etcd.url(), &prom.url(), ch.addr, "b");
+    let addrs = [aa, ab];
+    let mut procs = [Some(pa), Some(pb)];
+    let (l, s) = leader_of(addrs);
+    ch.sim.inject(FaultKind::NodeCrash).expect("inject");
+    // The leader acts: its first call reaches the Charter; then it dies.
+    wait_until(Duration::from_secs(60), "the leader's first call", || {
+        ch.sim
+            .calls()
+            .iter()
+            .any(|c| c.method == "POST" && c.fencing_token.is_some())
+            .then_some(())
+    });
+    let mut leader = procs[l].take().expect("leader");
+    leader.child.kill().expect("kill -9");
+    let _ = leader.child.wait();
+    let killed = Instant::now();
+    wait_until(
+        Duration::from_secs(LEASE + 2),
+        "the standby leads within lease_seconds + 2 s",
+        || (cluster(addrs[s])["leading"] == true).then_some(()),
+    );
+    let takeover = killed.elapsed();
+    // Whatever the first leader had not finished, and new work: the new
+    // leader carries on.
+    ch.sim.inject(FaultKind::BadPolicy).expect("inject");
+    let healed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wait_until(Duration::from_secs(90), "the fault healed", || {
+            ch.sim.active_faults().is_empty().then_some(())
+        })
+    }));
+    let standby = procs[s].as_mut().expect("standby");
+    if healed.is_err() {
+        panic!("not healed; the standby said:\n{}", standby.output());
+    }
+    let healed_after = killed.elapsed();
+    let applied = applied_per_key(&ch.sim);
+    let twice: Vec<_> = applied.iter().filter(|(_, n)| **n > 1).collect();
+    let tokens: std::collections::BTreeSet<i64> = ch
+        .sim
+        .calls()
+        .iter()
+        .filter_map(|c| c.fencing_token)
+        .collect();
+    let untokened = ch
+        .sim
+        .calls()
+        .iter()
+        .filter(|c| c.method == "POST" && c.fencing_token.is_none())
+        .count();
+    eprintln!(
+        "cluster heal: takeover {takeover:?} (lease {LEASE} s), healed {healed_after:?} after the \
+         kill; {} keys applied, {} applied twice; fencing tokens seen {tokens:?}; {untokened} \
+         calls without a token",
+        applied.len(),
+        twice.len()
+    );
+    assert!(twice.is_empty(), "applied twice: {twice:?}");
+    assert_eq!(
+        untokened, 0,
+        "every call carries its leader's fencing token"
+    );
+    assert!(tokens.len() >= 2, "both leaders acted: {tokens:?}");
+    assert!(!standby.output().contains("panicked"));
+}
+
+#[test]
+fn a_paused_leader_resumed_after_a_takeover_makes_no_call() {
+    let ch = charter();
+    let prom = prometheus(&[("charter", ch.addr)], None, None);
+    let etcd = etcd();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (pa, aa) = replica(dir.path(), &etcd.url(), &prom.url(), ch.addr, "a");
+    let (pb, ab) = replica(dir.path(), &etcd.url(), &prom.url(), ch.addr, "b");
+    let addrs = [aa, ab];
+    let procs = [pa, pb];
+    let (l, s) = leader_of(addrs);
+    let pid = procs[l].child.id().to_string();
+    let signal = |sig: &str| {
+        let ok = std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .expect("kill");
+        assert!(ok.success());
+    };
+    // Pause the leader past its lease: the standby takes over.
+    signal("-STOP");
+    let stopped = Instant::now();
+    wait_until(
+        Duration::from_secs(LEASE + 2),
+        "the standby leads while the leader is paused",
+        || (cluster(addrs[s])["leading"] == true).then_some(()),
+    );
+    let takeover = stopped.elapsed();
+    // Work arrives; the new leader heals it.
+    ch.sim.inject(FaultKind::NodeCrash).expect("inject");
+    wait_until(Duration::from_secs(90), "the new leader's call", || {
+        ch.sim
+            .calls()
+            .iter()
+            .any(|c| c.method == "POST" && c.status == 200)
+            .then_some(())
+    });
+    let new_tokens: std::collections::BTreeSet<i64> = ch
+        .sim
+        .calls()
+        .iter()
+        .filter_map(|c| c.fencing_token)
+        .collect();
+    let new_leader_token = *new_tokens.iter().min().expect("a token");
+    // Resume the old leader: it sees it no longer leads, and calls nothing,
+    // though it sees the new fault as well as the new leader does.
+    signal("-CONT");
+    let resumed = chrono::Utc::now();
+    ch.sim.inject(FaultKind::BadPolicy).expect("inject");
+    wait_until(
+        Duration::from_secs(20),
+        "the old leader knows it no longer leads",
+        || {
+            let c = cluster(addrs[l]);
+            (c["leading"] == false && c["shards"]["0"] != c["name"]).then_some(())
+        },
+    );
+    // It keeps observing the fault while the new leader heals it.
+    wait_until(Duration::from_secs(90), "the fault healed", || {
+        ch.sim.active_faults().is_empty().then_some(())
+    });
+    let calls = ch.sim.calls();
+    let from_old: Vec<_> = calls
+        .iter()
+        .filter(|c| {
+            chrono::DateTime::parse_from_rfc3339(&c.at).is_ok_and(|at| at >= resumed)
+                && c.fencing_token.is_none_or(|t| t < new_leader_token)
+        })
+        .collect();
+    eprintln!(
+        "paused leader: takeover {takeover:?} (lease {LEASE} s); {} calls after the resume, {} \
+         from the old leader",
+        calls
+            .iter()
+            .filter(|c| chrono::DateTime::parse_from_rfc3339(&c.at).is_ok_and(|at| at >= resumed))
+            .count(),
+        from_old.len()
+    );
+    assert!(from_old.is_empty(), "the old leader called: {from_old:?}");
+    let applied = applied_per_key(&ch.sim);
+    assert!(applied.values().all(|n| *n == 1), "{applied:?}");
+    drop(procs);
+}
