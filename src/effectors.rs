@@ -226,6 +226,10 @@ impl CharterClient {
             Some(token) => req.header("X-Fencing-Token", token.to_string()),
             None => req,
         };
+        let req = match marks.fencing_domain {
+            Some(domain) => req.header("X-Fencing-Domain", domain),
+            None => req,
+        };
         exchange(path, req).await
     }
 
@@ -280,6 +284,8 @@ struct CallMarks {
     idempotency_key: Option<String>,
     /// Sent as `X-Fencing-Token` (cluster mode).
     fencing_token: Option<i64>,
+    /// Sent as `X-Fencing-Domain`: what the token fences (its shard).
+    fencing_domain: Option<String>,
 }
 
 tokio::task_local! {
@@ -475,6 +481,11 @@ impl Effector for CharterEffector {
                 .parameters
                 .get(mapek_actors::execute::FENCING_TOKEN)
                 .and_then(Value::as_i64),
+            fencing_domain: action
+                .parameters
+                .get(mapek_actors::execute::FENCING_DOMAIN)
+                .and_then(Value::as_str)
+                .map(str::to_string),
         };
         Box::pin(MARKS.scope(
             marks,

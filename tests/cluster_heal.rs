@@ -273,3 +273,197 @@ fn a_paused_leader_resumed_after_a_takeover_makes_no_call() {
     assert!(applied.values().all(|n| *n == 1), "{applied:?}");
     drop(procs);
 }
+
+/// Three replicas, 12 shards, 30 components each with a fault: every
+/// incident is healed by the leader of its shard; at no sampled moment does
+/// a shard have two leaders; after one replica is killed its shards are led
+/// by the others within `lease_seconds` + 2 s, and the faults that follow
+/// are healed too.
+#[test]
+fn three_replicas_twelve_shards_thirty_components_all_healed() {
+    let names: Vec<String> = (0..30).map(|i| format!("svc{i:02}")).collect();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let sim = Simulator::with_topology(
+        Topology::new(&names).expect("topology"),
+        Arc::new(SystemClock),
+    );
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind");
+    let charter = listener.local_addr().expect("addr");
+    let router = mapek::sim::router(sim.clone(), None);
+    rt.spawn(async move { axum::serve(listener, router).await });
+    let prom = prometheus(&[("charter", charter)], None, None);
+    let etcd = etcd();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let shards = 12;
+    let start = |name: &str| {
+        let cfg = dir.path().join(format!("{name}.yaml"));
+        std::fs::write(
+            &cfg,
+            format!(
+                "monitor:\n  interval_seconds: 1\n\
+                 prometheus:\n  url: {}\n  timeout_seconds: 2\n  retries: 0\n\
+                 alertmanager:\n  enabled: false\n\
+                 charter:\n  url: http://{charter}\n\
+                 execute:\n  verification_window_seconds: 3\n  call_timeout_seconds: 5\n  preflight_validate: false\n  max_concurrent: 16\n\
+                 plan:\n  cooldown_seconds: 1\n\
+                 safety:\n  disruption_budget:\n    max_actions: 1000\n  component_rate_limit:\n    max_actions: 1000\n  breaker:\n    failures: 100\n  flapping:\n    relapses: 100\n\
+                 cluster:\n  etcd_endpoints: [\"{}\"]\n  name: {name}\n  lease_seconds: {LEASE}\n  shards: {shards}\n  prefix: /three\n",
+                prom.url(),
+                etcd.url()
+            ),
+        )
+        .expect("config");
+        let data = dir
+            .path()
+            .join(format!("data-{name}"))
+            .display()
+            .to_string();
+        let addr = free_addr();
+        let (c, a) = (cfg.display().to_string(), addr.to_string());
+        let mut p = Proc::start(
+            &["run", "--config", &c, "--data-dir", &data, "--listen", &a],
+            &[("LOG_LEVEL", "info")],
+            dir.path(),
+        );
+        p.wait_for("serving", Duration::from_secs(30));
+        (p, addr)
+    };
+    let mut replicas: Vec<(String, Option<Proc>, SocketAddr)> = ["a", "b", "c"]
+        .iter()
+        .map(|n| {
+            let (p, a) = start(n);
+            (n.to_string(), Some(p), a)
+        })
+        .collect();
+    // Shard leaders as each live replica claims them: never two at once.
+    let sample = |replicas: &[(String, Option<Proc>, SocketAddr)]| -> Vec<(u32, String)> {
+        let mut claims = Vec::new();
+        for (name, p, addr) in replicas {
+            if p.is_none() {
+                continue;
+            }
+            let c = cluster(*addr);
+            for s in c["leading_shards"].as_array().into_iter().flatten() {
+                if let Some(s) = s.as_u64() {
+                    claims.push((s as u32, name.clone()));
+                }
+            }
+        }
+        claims
+    };
+    let mut samples = 0;
+    let mut check = |replicas: &[(String, Option<Proc>, SocketAddr)]| -> usize {
+        let claims = sample(replicas);
+        let mut seen = std::collections::BTreeSet::new();
+        for (s, who) in &claims {
+            assert!(
+                seen.insert(*s),
+                "shard {s} has two leaders ({who} and another): {claims:?}"
+            );
+        }
+        samples += 1;
+        claims.len()
+    };
+    wait_until(Duration::from_secs(30), "12 shards led", || {
+        (check(&replicas) == shards as usize).then_some(())
+    });
+    let kinds = [
+        FaultKind::NodeCrash,
+        FaultKind::BadPolicy,
+        FaultKind::LoadSpike,
+    ];
+    for (i, n) in names.iter().enumerate() {
+        sim.inject_at(n, kinds[i % kinds.len()]).expect("inject");
+    }
+    let all_healthy = |sim: &Simulator| {
+        let st = sim.state();
+        names.iter().all(|n| {
+            st["components"][n]["active_faults"]
+                .as_array()
+                .is_some_and(|a| a.is_empty())
+        })
+    };
+    let healed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wait_until(Duration::from_secs(300), "30 components healed", || {
+            check(&replicas);
+            all_healthy(&sim).then_some(())
+        })
+    }));
+    if healed.is_err() {
+        let out: Vec<String> = replicas
+            .iter_mut()
+            .filter_map(|(_, p, _)| p.as_mut().map(|p| p.output()))
+            .collect();
+        panic!("not healed:\n{}", out.join("\n----\n"));
+    }
+    // Kill one replica: its shards are taken over.
+    let victim = 0;
+    let theirs: Vec<u32> = cluster(replicas[victim].2)["leading_shards"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| s.as_u64().map(|s| s as u32))
+        .collect();
+    let mut p = replicas[victim].1.take().expect("victim");
+    p.child.kill().expect("kill -9");
+    let _ = p.child.wait();
+    let killed = Instant::now();
+    wait_until(
+        Duration::from_secs(LEASE + 2),
+        "the dead replica's shards led by the others",
+        || (check(&replicas) == shards as usize).then_some(()),
+    );
+    let takeover = killed.elapsed();
+    for (i, n) in names.iter().enumerate() {
+        sim.inject_at(n, kinds[(i + 1) % kinds.len()])
+            .expect("inject");
+    }
+    let again = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wait_until(
+            Duration::from_secs(300),
+            "30 components healed again",
+            || {
+                check(&replicas);
+                all_healthy(&sim).then_some(())
+            },
+        )
+    }));
+    if again.is_err() {
+        let st = sim.state();
+        let left: Vec<&String> = names
+            .iter()
+            .filter(|n| {
+                st["components"][n.as_str()]["active_faults"]
+                    .as_array()
+                    .is_some_and(|a| !a.is_empty())
+            })
+            .collect();
+        let views: Vec<String> = replicas
+            .iter()
+            .filter(|(_, p, _)| p.is_some())
+            .map(|(n, _, a)| {
+                let incidents =
+                    get(&format!("http://{a}/api/v1/incidents?limit=100")).unwrap_or(Value::Null);
+                format!("{n}: cluster {} incidents {incidents}", cluster(*a))
+            })
+            .collect();
+        panic!("not healed again: {left:?}\n{}", views.join("\n"));
+    }
+    let applied = applied_per_key(&sim);
+    let twice: Vec<_> = applied.iter().filter(|(_, n)| **n > 1).collect();
+    eprintln!(
+        "three replicas: {} shards of the killed replica taken over in {takeover:?} (lease {LEASE} \
+         s); {samples} samples, never two leaders of a shard; {} keys applied, {} twice",
+        theirs.len(),
+        applied.len(),
+        twice.len()
+    );
+    assert!(twice.is_empty(), "applied twice: {twice:?}");
+    assert!(!theirs.is_empty(), "the killed replica led shards");
+}

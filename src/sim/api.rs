@@ -199,10 +199,17 @@ async fn charter_api(
         .get("idempotency-key")
         .and_then(|v| v.to_str().ok())
         .filter(|k| !k.is_empty());
+    // Tokens compare within their domain (a shard): one per fenced lock.
+    let domain = headers
+        .get("x-fencing-domain")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
     let fencing = headers
         .get("x-fencing-token")
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<i64>().ok());
+        .and_then(|v| v.parse::<i64>().ok())
+        .map(|t| (domain, t));
     match app.sim.apply_keyed(
         component.as_deref(),
         method.as_str(),

@@ -30,8 +30,9 @@ pub(crate) struct World {
     /// Each key's request (method, path, body) and answer.
     applied_keys: std::collections::HashMap<String, (String, Value)>,
     key_order: VecDeque<String>,
-    /// The highest `X-Fencing-Token` seen: a lower one is refused.
-    highest_token: Option<i64>,
+    /// The highest `X-Fencing-Token` seen per `X-Fencing-Domain`: a lower
+    /// one in the same domain is refused.
+    highest_token: std::collections::HashMap<String, i64>,
 }
 
 /// Idempotency keys remembered.
@@ -58,7 +59,7 @@ impl World {
             calls: VecDeque::new(),
             applied_keys: std::collections::HashMap::new(),
             key_order: VecDeque::new(),
-            highest_token: None,
+            highest_token: std::collections::HashMap::new(),
         };
         for name in &names {
             let id = w.new_policy_id();
@@ -533,14 +534,17 @@ impl Simulator {
         path: &str,
         body: &Value,
         key: Option<&str>,
-        fencing: Option<i64>,
+        fencing: Option<(String, i64)>,
     ) -> Result<Value, SimError> {
         let now = self.clock.now();
         let mut w = self.lock();
-        if let Some(token) = fencing {
+        let token_seen = fencing.as_ref().map(|(_, t)| *t);
+        if let Some((domain, token)) = fencing {
             // Fencing end to end: a request from a leader older than one
-            // already seen is refused, even one already in flight.
-            if let Some(highest) = w.highest_token.filter(|h| token < *h) {
+            // already seen (for the same domain) is refused, even one
+            // already in flight.
+            let highest = w.highest_token.get(&domain).copied();
+            if let Some(highest) = highest.filter(|h| token < *h) {
                 w.record(CallRecord {
                     method: method.to_string(),
                     path: path.to_string(),
@@ -553,10 +557,11 @@ impl Simulator {
                     fencing_token: Some(token),
                 });
                 return Err(SimError::Conflict(format!(
-                    "stale fencing token {token} (a newer leader's {highest} was seen)"
+                    "stale fencing token {token} for {domain:?} (a newer leader's {highest} was \
+                     seen)"
                 )));
             }
-            w.highest_token = Some(token);
+            w.highest_token.insert(domain, token);
         }
         let key = key.filter(|_| method != "GET" && method != "HEAD");
         let fingerprint = format!("{method} {path} {body}");
@@ -573,7 +578,7 @@ impl Simulator {
                 status: if same { 200 } else { 422 },
                 idempotency_key: key.map(str::to_string),
                 replayed: same,
-                fencing_token: fencing,
+                fencing_token: token_seen,
             });
             return if same {
                 Ok(answer)
@@ -612,7 +617,7 @@ impl Simulator {
             status,
             idempotency_key: key.map(str::to_string),
             replayed: false,
-            fencing_token: fencing,
+            fencing_token: token_seen,
         });
         if let (Some(k), Ok(v)) = (key, &result) {
             if w.key_order.len() >= MAX_KEYS {

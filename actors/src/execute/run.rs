@@ -250,6 +250,9 @@ pub struct ExecutionEnv {
 /// Parameter carrying an action's fencing token (cluster mode) to its
 /// effector, which sends it as `X-Fencing-Token`.
 pub const FENCING_TOKEN: &str = "fencing_token";
+/// Parameter naming what the token fences (`shard-N`: tokens of different
+/// shards are not comparable), sent as `X-Fencing-Domain`.
+pub const FENCING_DOMAIN: &str = "fencing_domain";
 
 /// Error of an execution that the pause stopped before it acted.
 pub const HELD_BY_PAUSE: &str = "held by the pause before acting: nothing was sent";
@@ -531,6 +534,10 @@ impl ExecutionEnv {
                         action
                             .parameters
                             .insert(FENCING_TOKEN.into(), serde_json::json!(token));
+                        action.parameters.insert(
+                            FENCING_DOMAIN.into(),
+                            serde_json::json!(format!("shard-{shard}")),
+                        );
                     }
                     Fenced::AlreadyRecorded(by) => {
                         // A previous leader recorded (and perhaps applied)
