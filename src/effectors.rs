@@ -499,7 +499,22 @@ impl Effector for CharterEffector {
         step: &'a RollbackStep,
         applied: &'a Value,
     ) -> BoxFuture<'a, Result<Value, EffectorError>> {
-        Box::pin(async move {
+        // The undo carries the action's fencing token (a deposed leader's
+        // undo is refused like its actions), not its idempotency key (it is
+        // another request).
+        let marks = CallMarks {
+            idempotency_key: None,
+            fencing_token: action
+                .parameters
+                .get(mapek_actors::execute::FENCING_TOKEN)
+                .and_then(Value::as_i64),
+            fencing_domain: action
+                .parameters
+                .get(mapek_actors::execute::FENCING_DOMAIN)
+                .and_then(Value::as_str)
+                .map(str::to_string),
+        };
+        Box::pin(MARKS.scope(marks, async move {
             match step.action_type {
                 // Scaling back restores the replica count seen before.
                 ActionType::ScaleDown | ActionType::ScaleUp
@@ -535,7 +550,7 @@ impl Effector for CharterEffector {
                 }
                 other => self.run(other, &step.parameters, &action.target).await,
             }
-        })
+        }))
     }
 }
 

@@ -191,6 +191,24 @@ pub fn policy_component(policy: &crate::model::RemediationPolicy) -> &str {
         .unwrap_or("")
 }
 
+/// The components whose shards a policy acts in: its actions' targets
+/// (each action is fenced on its own target's shard), or the policy's
+/// component when no action names one.
+pub fn policy_components(policy: &crate::model::RemediationPolicy) -> Vec<&str> {
+    let mut out: Vec<&str> = policy
+        .actions
+        .iter()
+        .map(|a| a.target.as_str())
+        .filter(|t| !t.is_empty())
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    if out.is_empty() {
+        out.push(policy_component(policy));
+    }
+    out
+}
+
 /// The shard of `component` among `shards`, by rendezvous (highest random
 /// weight) hashing: every shard gets a weight `mix(fnv1a(component) ^
 /// mix(shard))` and the highest wins. It depends only on the name and the

@@ -250,6 +250,9 @@ pub struct ExecutionEnv {
 /// Parameter carrying an action's fencing token (cluster mode) to its
 /// effector, which sends it as `X-Fencing-Token`.
 pub const FENCING_TOKEN: &str = "fencing_token";
+/// How an attempt refused because this replica no longer leads reads.
+const DEPOSED: &str = "no longer the leader of the action's shard";
+
 /// Parameter naming what the token fences (`shard-N`: tokens of different
 /// shards are not comparable), sent as `X-Fencing-Domain`.
 pub const FENCING_DOMAIN: &str = "fencing_domain";
@@ -515,11 +518,18 @@ impl ExecutionEnv {
             }
         };
         let mut completed: Vec<(usize, RemediationAction, Arc<dyn Effector>, Value)> = Vec::new();
-        let fencing = self.leadership.as_ref().map(|l| {
-            let shard = l.shard_of(crate::leadership::policy_component(policy));
-            (l.clone(), shard)
-        });
+        let fallback = crate::leadership::policy_component(policy).to_string();
         for (mut action, eff) in routed {
+            // Each action is fenced on the shard of the component it
+            // changes.
+            let fencing = self.leadership.as_ref().map(|l| {
+                let component = if action.target.is_empty() {
+                    fallback.as_str()
+                } else {
+                    action.target.as_str()
+                };
+                (l.clone(), l.shard_of(component))
+            });
             let key = idempotency_key(policy, exec, &action);
             action.parameters.insert(
                 IDEMPOTENCY_KEY.into(),
@@ -563,8 +573,10 @@ impl ExecutionEnv {
                         continue;
                     }
                     Fenced::Refused(why) => {
+                        // No rollback either: a replica that does not lead
+                        // changes nothing; the leader carries on.
                         tracing::warn!(policy = %policy.id, action = %action.action_type, reason = %why, "not the leader: nothing sent");
-                        self.roll_back(exec, completed).await;
+                        exec.status = ExecutionStatus::Unknown;
                         exec.interrupted = true;
                         exec.error = Some(format!(
                             "interrupted: {why}; action {} and the ones after it were not sent",
@@ -602,11 +614,24 @@ impl ExecutionEnv {
                 return;
             }
             let (e2, a2) = (eff.clone(), action.clone());
+            let still = fencing.clone();
             let mut attempts = 0;
             let res = self
                 .call(eff.name(), deadline, &mut attempts, move || {
                     let (e, a) = (e2.clone(), a2.clone());
-                    Box::pin(async move { e.apply(&a).await })
+                    // Every attempt (a retry comes later) only while this
+                    // replica still leads the shard.
+                    let deposed = still
+                        .as_ref()
+                        .is_some_and(|(l, shard)| !l.is_leader(*shard));
+                    Box::pin(async move {
+                        if deposed {
+                            return Err(EffectorError::Rejected(format!(
+                                "{DEPOSED}: nothing sent"
+                            )));
+                        }
+                        e.apply(&a).await
+                    })
                 })
                 .await;
             let rec = &mut exec.actions[at];
@@ -627,6 +652,20 @@ impl ExecutionEnv {
                         CallEnd::Failed(e) => e.to_string(),
                         CallEnd::CutOff => "cut off: the chain reached max_cycle_time".to_string(),
                     };
+                    if fencing.is_some()
+                        && (why.contains(DEPOSED) || why.contains("stale fencing token"))
+                    {
+                        // Deposed while acting: this replica changes
+                        // nothing more (no rollback); the new leader
+                        // verifies and carries on.
+                        tracing::warn!(policy = %policy.id, action = %action.action_type, error = %why, "no longer the leader: stopping without a rollback");
+                        rec.status = ExecutionStatus::Unknown;
+                        rec.error = Some(why.clone());
+                        exec.status = ExecutionStatus::Unknown;
+                        exec.interrupted = true;
+                        exec.error = Some(format!("interrupted: {why}"));
+                        return;
+                    }
                     tracing::warn!(policy = %policy.id, action = %action.action_type, error = %why, "action failed; rolling back completed actions");
                     rec.status = ExecutionStatus::Failed;
                     rec.error = Some(why.clone());

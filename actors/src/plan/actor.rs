@@ -402,11 +402,14 @@ impl Planner {
         self
     }
 
-    /// Whether this replica may act on `policy` now (always, alone).
+    /// Whether this replica may act on `policy` now (always, alone): it
+    /// leads the shard of every component the policy acts on.
     fn leads(&self, policy: &RemediationPolicy) -> bool {
-        self.leadership
-            .as_ref()
-            .is_none_or(|l| l.is_leader(l.shard_of(crate::leadership::policy_component(policy))))
+        self.leadership.as_ref().is_none_or(|l| {
+            crate::leadership::policy_components(policy)
+                .into_iter()
+                .all(|c| l.is_leader(l.shard_of(c)))
+        })
     }
 
     pub fn with_safety(
@@ -1369,8 +1372,11 @@ impl Planner {
             let leadership = self.leadership.clone();
             let pass = self.admission.admit_with(Instant::now(), |p| {
                 let standby = leadership.as_ref().and_then(|l| {
-                    let shard = l.shard_of(crate::leadership::policy_component(p));
-                    (!l.is_leader(shard)).then(|| {
+                    let shard = crate::leadership::policy_components(p)
+                        .into_iter()
+                        .map(|c| l.shard_of(c))
+                        .find(|s| !l.is_leader(*s))?;
+                    Some(()).map(|_| {
                         let view = l.view();
                         format!(
                             "standby: shard {shard} is led by {}",
