@@ -551,8 +551,12 @@ impl ExecutionEnv {
                     }
                     Fenced::AlreadyRecorded(by) => {
                         // A previous leader recorded (and perhaps applied)
-                        // it: never sent again; the verification tells.
+                        // it: never sent again, and nothing after it runs
+                        // (it may depend on it); the policy is only
+                        // verified, outside learning and breakers (this
+                        // replica did not act).
                         let now = self.clock.now();
+                        exec.interrupted = true;
                         exec.actions.push(ActionExecution {
                             action_id: action.id.clone(),
                             action_type: action.action_type,
@@ -564,13 +568,13 @@ impl ExecutionEnv {
                             result: None,
                             error: Some(format!(
                                 "recorded by a previous leader ({by}): it may have been applied; \
-                                 not sent again, verified with the others"
+                                 not sent again; the actions after it are not run; verified"
                             )),
                             rollback: None,
                             request: serde_json::to_value(&action).ok(),
                         });
                         self.journal_queued(exec);
-                        continue;
+                        break;
                     }
                     Fenced::Refused(why) => {
                         // No rollback either: a replica that does not lead

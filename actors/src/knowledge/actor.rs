@@ -217,7 +217,10 @@ impl Handler<ExecutionFinished> for Knowledge {
             // Queued in this order: the journal holds the execution before
             // its outcome.
             let execution = act.store.put_execution_async(exec);
-            let outcome = exec.outcome.is_some().then(|| {
+            // An interrupted execution (stopped by a crash or a lost
+            // leadership, or only verifying a previous leader's action) is
+            // recorded, but teaches the learner nothing.
+            let outcome = (exec.outcome.is_some() && !exec.interrupted).then(|| {
                 let actions = msg.policy.actions.iter().map(|a| a.action_type).collect();
                 let outcome = outcome_of(exec, actions, act.clock.now());
                 let kind = outcome.outcome_type.as_str();
