@@ -177,9 +177,28 @@ pub async fn start(
         None => Arc::new(solo()),
     };
     let clock_for_sink = parts.clock.clone();
+    // In cluster mode polled violations carry the onset the replicas
+    // agreed in etcd, so incident ids (and idempotency keys) match.
+    #[cfg(feature = "cluster")]
+    let sources: Vec<Arc<dyn MetricSource>> = match &cluster {
+        Some(c) => {
+            let book = crate::cluster::onsets::OnsetBook::new(c.clone());
+            parts
+                .sources
+                .into_iter()
+                .map(|s| {
+                    Arc::new(crate::cluster::onsets::AgreedOnsets::new(s, book.clone()))
+                        as Arc<dyn MetricSource>
+                })
+                .collect()
+        }
+        None => parts.sources,
+    };
+    #[cfg(not(feature = "cluster"))]
+    let sources = parts.sources;
     let handle = start_loop(LoopParts {
         settings: loop_settings(cfg),
-        sources: parts.sources,
+        sources,
         effectors: parts.effectors,
         probe: parts.probe,
         store,

@@ -458,3 +458,133 @@ fn two_daemons_kill_the_leader_and_the_standby_leads() {
         .expect("metrics");
     assert!(metrics.contains("mape_k_cluster_leader{shard=\"0\"} 1"));
 }
+
+fn polled(fingerprint: &str, onset_s: i64) -> mapek_actors::model::Violation {
+    use chrono::TimeZone;
+    let t = chrono::Utc
+        .timestamp_opt(1_800_000_000 + onset_s, 0)
+        .single()
+        .expect("time");
+    mapek_actors::model::Violation {
+        id: format!("v-{fingerprint}-{onset_s}"),
+        fingerprint: fingerprint.into(),
+        rule: "r".into(),
+        severity: mapek_actors::model::Severity::Critical,
+        component: "api".into(),
+        metric: "m".into(),
+        value: 1.0,
+        labels: Default::default(),
+        signal: mapek_actors::model::Signal::Latency,
+        first_seen: t,
+        observed_at: t,
+        source: "prometheus".into(),
+    }
+}
+
+/// Polled sources see a violation at different moments on each replica;
+/// in cluster mode the first replica's onset is everyone's, so the
+/// incident ids (and the idempotency keys derived from them) match. The
+/// leader of shard 0 removes the onsets of violations gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_agree_on_onsets_so_incident_ids_match() {
+    use mapek::cluster::onsets::{AgreedOnsets, OnsetBook};
+    use mapek_actors::ports::MetricSource;
+    use mapek_actors::testing::ScriptedSource;
+    use std::sync::Arc;
+    let etcd = etcd().await;
+    let a = start(&settings(&etcd.url(), "a", 2, 1, "/on")).await;
+    let b = start(&settings(&etcd.url(), "b", 2, 1, "/on")).await;
+    until(Duration::from_secs(10), "one leader", || {
+        leaders_of(&[&a, &b], 0) == 1
+    })
+    .await;
+    let (src_a, src_b) = (
+        ScriptedSource::new("prometheus"),
+        ScriptedSource::new("prometheus"),
+    );
+    let (book_a, book_b) = (OnsetBook::new(a.clone()), OnsetBook::new(b.clone()));
+    let pa = AgreedOnsets::new(Arc::new(src_a.clone()), book_a.clone());
+    let pb = AgreedOnsets::new(Arc::new(src_b.clone()), book_b.clone());
+    // a sees x at 10 s; b sees it 7 s later (its own first poll), and y
+    // first.
+    src_a.set(Ok(vec![polled("x", 10)]));
+    src_b.set(Ok(vec![polled("x", 17), polled("y", 20)]));
+    let va = pa.poll(&[]).await.expect("poll a");
+    let vb = pb.poll(&[]).await.expect("poll b");
+    assert_eq!(va[0].first_seen, polled("x", 10).first_seen);
+    let bx = vb.iter().find(|v| v.fingerprint == "x").expect("x");
+    assert_eq!(
+        bx.first_seen,
+        polled("x", 10).first_seen,
+        "b takes a's onset"
+    );
+    let id = |v: &mapek_actors::model::Violation| {
+        mapek_actors::model::incident_id(&v.fingerprint, v.first_seen)
+    };
+    assert_eq!(id(&va[0]), id(bx));
+    // a sees y later: b's onset.
+    src_a.set(Ok(vec![polled("x", 11), polled("y", 25)]));
+    let va = pa.poll(&[]).await.expect("poll a");
+    let ay = va.iter().find(|v| v.fingerprint == "y").expect("y");
+    assert_eq!(ay.first_seen, polled("y", 20).first_seen);
+    // Cached: a later poll keeps the agreed onset even if etcd's key goes.
+    let mut c = a.client();
+    c.delete(book_a.key_of("x"), None).await.expect("delete");
+    let va = pa.poll(&[]).await.expect("poll a");
+    assert_eq!(va[0].first_seen, polled("x", 10).first_seen);
+    // Garbage: x and y gone from both; the leader of shard 0 removes their
+    // keys once they have been absent long enough (zero here), never a
+    // live one.
+    src_a.set(Ok(vec![polled("y", 30)]));
+    src_b.set(Ok(vec![polled("y", 30)]));
+    pa.poll(&[]).await.expect("poll a");
+    pb.poll(&[]).await.expect("poll b");
+    let (leader_book, leader_src, leader) = if a.is_leader(0) {
+        (&book_a, &pa, &src_a)
+    } else {
+        (&book_b, &pb, &src_b)
+    };
+    let count = |prefix: &str| {
+        let mut c = a.client();
+        let key = a.key(prefix);
+        async move {
+            c.get(
+                key,
+                Some(
+                    etcd_client::GetOptions::new()
+                        .with_prefix()
+                        .with_count_only(),
+                ),
+            )
+            .await
+            .expect("count")
+            .count()
+        }
+    };
+    c.put(
+        book_a.key_of("z"),
+        r#"{"fingerprint":"z","onset_ms":1,"by":"gone"}"#,
+        None,
+    )
+    .await
+    .expect("put z");
+    assert_eq!(count("incident-onsets/").await, 2, "y and z");
+    // z has been absent "long enough" (zero) at once; y is live.
+    assert_eq!(leader_book.collect_garbage(Duration::ZERO).await, Ok(1));
+    assert_eq!(count("incident-onsets/").await, 1, "y stays: it is live");
+    leader.set(Ok(Vec::new()));
+    leader_src.poll(&[]).await.expect("poll");
+    assert_eq!(leader_book.collect_garbage(Duration::ZERO).await, Ok(1));
+    assert_eq!(count("incident-onsets/").await, 0);
+    // The standby never removes anything.
+    let standby_book = if a.is_leader(0) { &book_b } else { &book_a };
+    c.put(
+        book_a.key_of("w"),
+        r#"{"fingerprint":"w","onset_ms":1,"by":"gone"}"#,
+        None,
+    )
+    .await
+    .expect("put w");
+    assert_eq!(standby_book.collect_garbage(Duration::ZERO).await, Ok(0));
+    assert_eq!(count("incident-onsets/").await, 1);
+}

@@ -147,6 +147,36 @@ fn kill_9_the_leader_mid_incident_the_standby_heals_it_and_nothing_runs_twice() 
         || (cluster(addrs[s])["leading"] == true).then_some(()),
     );
     let takeover = killed.elapsed();
+    let old_token = ch
+        .sim
+        .calls()
+        .iter()
+        .filter_map(|c| c.fencing_token)
+        .min()
+        .expect("the first leader's token");
+    // The first fault healed (by the old leader's call, or by the new
+    // leader): whatever the new leader sent for it used the old leader's
+    // name of the incident (its claim), so a recorded action is never
+    // sent again under another key.
+    wait_until(Duration::from_secs(90), "the first fault healed", || {
+        ch.sim.active_faults().is_empty().then_some(())
+    });
+    let incident_of = |k: &str| k.split('/').next().unwrap_or_default().to_string();
+    let calls = ch.sim.calls();
+    let old_names: std::collections::BTreeSet<String> = calls
+        .iter()
+        .filter(|c| c.fencing_token == Some(old_token))
+        .filter_map(|c| c.idempotency_key.as_deref().map(incident_of))
+        .collect();
+    let new_names: std::collections::BTreeSet<String> = calls
+        .iter()
+        .filter(|c| c.fencing_token.is_some_and(|t| t != old_token))
+        .filter_map(|c| c.idempotency_key.as_deref().map(incident_of))
+        .collect();
+    assert!(
+        new_names.is_subset(&old_names),
+        "the new leader acted on the first incident under its own name: {new_names:?} vs {old_names:?}"
+    );
     // Whatever the first leader had not finished, and new work: the new
     // leader carries on.
     ch.sim.inject(FaultKind::BadPolicy).expect("inject");
@@ -175,8 +205,8 @@ fn kill_9_the_leader_mid_incident_the_standby_heals_it_and_nothing_runs_twice() 
         .filter(|c| c.method == "POST" && c.fencing_token.is_none())
         .count();
     eprintln!(
-        "cluster heal: takeover {takeover:?} (lease {LEASE} s), healed {healed_after:?} after the \
-         kill; {} keys applied, {} applied twice; fencing tokens seen {tokens:?}; {untokened} \
+        "cluster heal: first incident named {old_names:?} by the old leader, {new_names:?} by the \
+         new one; takeover {takeover:?} (lease {LEASE} s), healed {healed_after:?} after the kill; {} keys applied, {} applied twice; fencing tokens seen {tokens:?}; {untokened} \
          calls without a token",
         applied.len(),
         twice.len()
@@ -188,6 +218,78 @@ fn kill_9_the_leader_mid_incident_the_standby_heals_it_and_nothing_runs_twice() 
     );
     assert!(tokens.len() >= 2, "both leaders acted: {tokens:?}");
     assert!(!standby.output().contains("panicked"));
+}
+
+/// A leader that dies after recording an action leaves the incident's
+/// claim (its name and attempt) in etcd. The next leader names the
+/// incident itself, yet acts under the claimed name: the recorded action
+/// is verified, never sent again, and the next attempt goes past it.
+#[test]
+fn a_new_leader_acts_under_the_name_the_previous_leader_gave_the_incident() {
+    let ch = charter();
+    let prom = prometheus(&[("charter", ch.addr)], None, None);
+    let etcd = etcd();
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let mut c = etcd_client::Client::connect([etcd.url()], None)
+            .await
+            .expect("etcd");
+        let mut roots = ch.sim.components();
+        roots.push("charter".into());
+        for root in roots {
+            let claim = serde_json::json!({
+                "root": root, "incident": "inc-previous", "attempt": 1, "by": "gone",
+                "local": "inc-gone", "offset": 0, "updated_ms": 0,
+            });
+            c.put(
+                format!("/heal/{}", mapek_actors::execute::run::claim_key(&root)),
+                claim.to_string(),
+                None,
+            )
+            .await
+            .expect("claim");
+        }
+        c.put(
+            "/heal/intents/inc-previous/1/a1",
+            r#"{"by":"gone","request":{}}"#,
+            None,
+        )
+        .await
+        .expect("intent");
+    });
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut p, addr) = replica(dir.path(), &etcd.url(), &prom.url(), ch.addr, "a");
+    wait_until(Duration::from_secs(20), "a leads", || {
+        (cluster(addr)["leading"] == true).then_some(())
+    });
+    ch.sim.inject(FaultKind::NodeCrash).expect("inject");
+    let healed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wait_until(Duration::from_secs(90), "the fault healed", || {
+            ch.sim.active_faults().is_empty().then_some(())
+        })
+    }));
+    if healed.is_err() {
+        panic!("not healed; mapek said:\n{}", p.output());
+    }
+    let applied: Vec<String> = applied_per_key(&ch.sim).into_keys().collect();
+    assert!(!applied.is_empty(), "something was applied");
+    for k in &applied {
+        assert!(
+            k.starts_with("inc-previous/") && !k.starts_with("inc-previous/1/"),
+            "applied {k}: expected the claimed name, past the recorded attempt ({applied:?})"
+        );
+    }
+    let execs = get(&format!("http://{addr}/api/v1/executions")).expect("executions");
+    let verified_only = execs["executions"]
+        .as_array()
+        .expect("executions")
+        .iter()
+        .any(|e| e["acted_as"] == "inc-previous/1" && e["interrupted"] == true);
+    assert!(
+        verified_only,
+        "the recorded attempt was only verified: {execs}"
+    );
+    eprintln!("claimed name: applied {applied:?}");
 }
 
 #[test]

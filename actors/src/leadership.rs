@@ -230,6 +230,12 @@ pub fn shard_of(component: &str, shards: u32) -> u32 {
     best.1
 }
 
+/// A stable 64-bit hash of a name (FNV-1a), for etcd keys derived from
+/// component names (which may hold any character).
+pub fn name_hash(name: &str) -> u64 {
+    fnv1a(name.as_bytes())
+}
+
 fn fnv1a(bytes: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in bytes {

@@ -771,6 +771,11 @@ pub struct PolicyExecution {
     /// the restart and its outcome is kept out of learning.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub interrupted: bool,
+    /// Cluster mode: the `incident/attempt` its idempotency keys use when
+    /// they differ from its own (a previous leader named the incident
+    /// first, see `incident-claims/` in the cluster documentation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acted_as: Option<String>,
 }
 
 /// Outcome of an execution, as learned by Knowledge.

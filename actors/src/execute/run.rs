@@ -432,6 +432,17 @@ impl ExecutionEnv {
             exec.error = Some(HELD_BY_PAUSE.into());
             return;
         }
+        // Cluster: the name the incident's keys use (a previous leader may
+        // have named it first).
+        if let Some(why) = self.claim(policy, exec).await {
+            tracing::warn!(policy = %policy.id, reason = %why, "not the leader: nothing sent");
+            exec.status = ExecutionStatus::Unknown;
+            exec.interrupted = true;
+            exec.error = Some(format!(
+                "interrupted before acting: {why}; nothing was sent"
+            ));
+            return;
+        }
         // The intent of every action is journaled before the first one is
         // sent (queued now, made durable in one group commit while the
         // pre-flight validation runs): a restart or another replica
@@ -764,6 +775,49 @@ impl ExecutionEnv {
         }
     }
 
+    /// Cluster mode: finds the incident's claim, adopts its name and
+    /// attempt (see [`claimed_keys`]) into `exec.acted_as`, and records
+    /// the claim under the fence of the root component's shard. `Some`:
+    /// why nothing may be sent.
+    async fn claim(
+        &self,
+        policy: &RemediationPolicy,
+        exec: &mut PolicyExecution,
+    ) -> Option<String> {
+        let (Some(l), Some(local)) = (&self.leadership, policy.incident_id.as_deref()) else {
+            return None;
+        };
+        let root = crate::leadership::policy_component(policy);
+        let shard = l.shard_of(root);
+        let key = claim_key(root);
+        let found = match l.read(&key).await {
+            Ok(v) => v
+                .and_then(|b| serde_json::from_slice::<IncidentClaim>(&b).ok())
+                .filter(|c| c.root == root),
+            Err(e) => return Some(format!("the incident's claim could not be read: {e}")),
+        };
+        let (incident, attempt, offset) =
+            claimed_keys(found.as_ref(), l.name(), local, policy.attempt);
+        if incident != local || attempt != policy.attempt {
+            tracing::info!(policy = %policy.id, local, incident = %incident, attempt, "cluster: acting under the incident's name given by a previous leader");
+            exec.acted_as = Some(format!("{incident}/{attempt}"));
+        }
+        let claim = IncidentClaim {
+            root: root.to_string(),
+            incident,
+            attempt,
+            by: l.name().to_string(),
+            local: local.to_string(),
+            offset,
+            updated_ms: self.clock.now().timestamp_millis(),
+        };
+        let bytes = serde_json::to_vec(&claim).unwrap_or_default();
+        match l.fenced_put(shard, &key, bytes).await {
+            Ok(_) => None,
+            Err(e) => Some(format!("not the leader of shard {shard}: {e}")),
+        }
+    }
+
     /// Records the intent of `action` under the shard's fence.
     async fn fence(
         &self,
@@ -917,10 +971,64 @@ pub fn idempotency_key(
     exec: &PolicyExecution,
     action: &RemediationAction,
 ) -> String {
-    match &policy.incident_id {
-        Some(incident) => format!("{incident}/{}/{}", policy.attempt, action.id),
-        None => format!("{}/{}", exec.id, action.id),
+    match (&exec.acted_as, &policy.incident_id) {
+        (Some(prefix), _) => format!("{prefix}/{}", action.id),
+        (None, Some(incident)) => format!("{incident}/{}/{}", policy.attempt, action.id),
+        (None, None) => format!("{}/{}", exec.id, action.id),
     }
+}
+
+/// What a leader records of an incident it acts on, under
+/// `incident-claims/<hash of its root component>` (cluster mode): the
+/// name and attempt its keys use, so that the next leader, which named
+/// the incident itself, acts under the same keys.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct IncidentClaim {
+    /// The root component.
+    pub root: String,
+    /// The incident's name in the keys.
+    pub incident: String,
+    /// The attempt of the last execution under this claim.
+    pub attempt: u32,
+    /// The replica that wrote it.
+    pub by: String,
+    /// That replica's own id of the incident.
+    pub local: String,
+    /// `attempt − local attempt` on that replica.
+    pub offset: u32,
+    /// When written (ms since the epoch).
+    pub updated_ms: i64,
+}
+
+/// The `incident/attempt` a policy's keys use, given the claim found
+/// (cluster mode). A claim by another name is adopted: the first
+/// execution re-uses its last attempt (whatever the previous leader
+/// recorded there is verified, never sent again), later ones go past it.
+pub fn claimed_keys(
+    claim: Option<&IncidentClaim>,
+    me: &str,
+    local: &str,
+    attempt: u32,
+) -> (String, u32, u32) {
+    match claim {
+        Some(c) if c.incident != local => {
+            let offset = if c.by == me && c.local == local {
+                c.offset
+            } else {
+                c.attempt.saturating_sub(attempt)
+            };
+            (c.incident.clone(), attempt.saturating_add(offset), offset)
+        }
+        _ => (local.to_string(), attempt, 0),
+    }
+}
+
+/// The key of an incident claim, relative to the cluster prefix.
+pub fn claim_key(root: &str) -> String {
+    format!(
+        "incident-claims/{:016x}",
+        crate::leadership::name_hash(root)
+    )
 }
 
 /// A fresh IN_PROGRESS record of an execution of `policy`.
@@ -947,6 +1055,7 @@ pub fn in_progress(
         timings: Default::default(),
         incident_id: policy.incident_id.clone(),
         interrupted: false,
+        acted_as: None,
     }
 }
 
@@ -1014,6 +1123,55 @@ mod router_tests {
 
 #[cfg(test)]
 mod tests {
+    use super::{claimed_keys, IncidentClaim};
+
+    fn claim(incident: &str, attempt: u32, by: &str, local: &str, offset: u32) -> IncidentClaim {
+        IncidentClaim {
+            root: "api".into(),
+            incident: incident.into(),
+            attempt,
+            by: by.into(),
+            local: local.into(),
+            offset,
+            updated_ms: 0,
+        }
+    }
+
+    #[test]
+    fn claimed_keys_adopt_the_previous_leaders_name_and_go_past_its_attempt() {
+        // No claim, or one by the same name: our own keys.
+        assert_eq!(claimed_keys(None, "b", "inc-b", 1), ("inc-b".into(), 1, 0));
+        let same = claim("inc-b", 3, "a", "inc-a", 0);
+        assert_eq!(
+            claimed_keys(Some(&same), "b", "inc-b", 1),
+            ("inc-b".into(), 1, 0)
+        );
+        // Another leader's name at attempt 3: our first execution re-uses
+        // attempt 3 (verified, not re-sent), the next goes to 4.
+        let theirs = claim("inc-a", 3, "a", "inc-a", 0);
+        assert_eq!(
+            claimed_keys(Some(&theirs), "b", "inc-b", 1),
+            ("inc-a".into(), 3, 2)
+        );
+        let ours = claim("inc-a", 3, "b", "inc-b", 2);
+        assert_eq!(
+            claimed_keys(Some(&ours), "b", "inc-b", 2),
+            ("inc-a".into(), 4, 2)
+        );
+        // Our local count already past theirs: no offset.
+        assert_eq!(
+            claimed_keys(Some(&theirs), "b", "inc-b", 5),
+            ("inc-a".into(), 5, 0)
+        );
+        // Our claim for another local incident (restarted since): adopted
+        // anew from its attempt.
+        let stale = claim("inc-a", 4, "b", "inc-old", 2);
+        assert_eq!(
+            claimed_keys(Some(&stale), "b", "inc-b", 1),
+            ("inc-a".into(), 4, 3)
+        );
+    }
+
     use super::*;
     use crate::model::Priority;
 

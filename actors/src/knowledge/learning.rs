@@ -417,6 +417,7 @@ mod tests {
             timings: ChainTimings::default(),
             incident_id: None,
             interrupted: false,
+            acted_as: None,
         }
     }
 

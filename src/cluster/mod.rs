@@ -68,6 +68,8 @@ use tokio::time::Instant;
 
 use crate::config::ClusterSettings;
 
+pub mod onsets;
+
 /// How long a shard's leader key must have been gone before a replica
 /// that already leads its share campaigns for it anyway.
 pub const TAKEOVER_GRACE: Duration = Duration::from_millis(500);
@@ -974,11 +976,18 @@ impl Inner {
         healthy: &mut bool,
     ) -> Result<(), String> {
         let mut c = self.client.clone();
-        let root = format!("{}/", self.prefix);
+        // Only the election's keys: `members/` up to and with `shards/`
+        // (the replicated knowledge, intents and onsets sort before
+        // `members/` and never reach this watch).
+        let root = format!("{}/members/", self.prefix);
+        let end = format!("{}/shards0", self.prefix);
         let resp = rpc(
             self.rpc_timeout,
             "get",
-            c.get(root.clone(), Some(GetOptions::new().with_prefix())),
+            c.get(
+                root.clone(),
+                Some(GetOptions::new().with_range(end.clone())),
+            ),
         )
         .await?;
         let rev = resp.header().map(|h| h.revision()).unwrap_or_default();
@@ -1046,7 +1055,7 @@ impl Inner {
                 root,
                 Some(
                     WatchOptions::new()
-                        .with_prefix()
+                        .with_range(end)
                         .with_start_revision(rev + 1),
                 ),
             ),
