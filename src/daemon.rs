@@ -182,6 +182,9 @@ pub async fn start(
     #[cfg(feature = "cluster")]
     let sources: Vec<Arc<dyn MetricSource>> = match &cluster {
         Some(c) => {
+            // Knowledge: what this replica learns is published while it
+            // leads; what the others publish is applied here.
+            crate::cluster::replication::start(c, &store);
             let book = crate::cluster::onsets::OnsetBook::new(c.clone());
             parts
                 .sources

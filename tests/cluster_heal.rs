@@ -292,6 +292,115 @@ fn a_new_leader_acts_under_the_name_the_previous_leader_gave_the_incident() {
     eprintln!("claimed name: applied {applied:?}");
 }
 
+fn ids_of(addr: SocketAddr, what: &str) -> std::collections::BTreeSet<String> {
+    let field = if what == "outcomes" {
+        "execution_id"
+    } else {
+        "id"
+    };
+    get(&format!("http://{addr}/api/v1/{what}"))
+        .and_then(|v| {
+            v[what].as_array().map(|xs| {
+                xs.iter()
+                    .filter_map(|x| x[field].as_str().map(String::from))
+                    .collect()
+            })
+        })
+        .unwrap_or_default()
+}
+
+/// What the leader learns reaches the standby's own Knowledge (its API
+/// shows the same executions and outcomes), and a new leader works with
+/// the old one's guard state: a pause set on the old leader holds on the
+/// new one.
+#[test]
+fn the_standby_learns_what_the_leader_learns_and_keeps_its_pause() {
+    let ch = charter();
+    let prom = prometheus(&[("charter", ch.addr)], None, None);
+    let etcd = etcd();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (pa, aa) = replica(dir.path(), &etcd.url(), &prom.url(), ch.addr, "a");
+    let (pb, ab) = replica(dir.path(), &etcd.url(), &prom.url(), ch.addr, "b");
+    let addrs = [aa, ab];
+    let mut procs = [Some(pa), Some(pb)];
+    let (l, s) = leader_of(addrs);
+    ch.sim.inject(FaultKind::NodeCrash).expect("inject");
+    wait_until(Duration::from_secs(90), "the fault healed", || {
+        ch.sim.active_faults().is_empty().then_some(())
+    });
+    // The leader records the outcome after its verification window.
+    let outcomes = wait_until(Duration::from_secs(30), "an outcome on the leader", || {
+        let o = ids_of(addrs[l], "outcomes");
+        (!o.is_empty()).then_some(o)
+    });
+    let executions = ids_of(addrs[l], "executions");
+    wait_until(
+        Duration::from_secs(15),
+        "the leader's executions and outcomes on the standby",
+        || {
+            (executions.is_subset(&ids_of(addrs[s], "executions"))
+                && outcomes.is_subset(&ids_of(addrs[s], "outcomes")))
+            .then_some(())
+        },
+    );
+    // Pause the leader; then it dies.
+    let r = reqwest::blocking::Client::new()
+        .post(format!("http://{}/api/v1/pause", addrs[l]))
+        .json(&serde_json::json!({"by": "sre", "reason": "change freeze"}))
+        .send()
+        .expect("pause");
+    assert!(r.status().is_success(), "pause: {}", r.status());
+    // The pause is published as guard state.
+    wait_until(Duration::from_secs(10), "the pause replicated", || {
+        let c = etcd_client_get(&etcd.url(), "/heal/knowledge/guards/");
+        c.contains("change freeze").then_some(())
+    });
+    let learned = get(&format!("http://{}/api/v1/knowledge/learning", addrs[l])).expect("learning");
+    let mut leader = procs[l].take().expect("leader");
+    leader.child.kill().expect("kill -9");
+    let _ = leader.child.wait();
+    wait_until(Duration::from_secs(LEASE + 2), "the standby leads", || {
+        (cluster(addrs[s])["leading"] == true).then_some(())
+    });
+    let safety = wait_until(Duration::from_secs(5), "the new leader paused", || {
+        let v = get(&format!("http://{}/api/v1/safety", addrs[s]))?;
+        (v["paused"] == true).then_some(v)
+    });
+    assert!(safety.to_string().contains("change freeze"), "{safety}");
+    // Its learned statistics are the old leader's (the outcome folded
+    // once, here too).
+    let learning =
+        get(&format!("http://{}/api/v1/knowledge/learning", addrs[s])).expect("learning");
+    assert!(learned.to_string().contains("successes"), "{learned}");
+    assert_eq!(learning, learned, "the same learned statistics");
+    eprintln!(
+        "knowledge followed: {} executions, {} outcomes on the standby; the new leader is paused",
+        executions.len(),
+        outcomes.len()
+    );
+}
+
+/// The values under `prefix` in etcd, concatenated (empty when etcd does
+/// not answer).
+fn etcd_client_get(url: &str, prefix: &str) -> String {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let Ok(mut c) = etcd_client::Client::connect([url], None).await else {
+            return String::new();
+        };
+        c.get(prefix, Some(etcd_client::GetOptions::new().with_prefix()))
+            .await
+            .map(|r| {
+                r.kvs()
+                    .iter()
+                    .map(|kv| String::from_utf8_lossy(kv.value()).into_owned())
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })
+            .unwrap_or_default()
+    })
+}
+
 #[test]
 fn a_paused_leader_resumed_after_a_takeover_makes_no_call() {
     let ch = charter();

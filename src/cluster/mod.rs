@@ -69,6 +69,7 @@ use tokio::time::Instant;
 use crate::config::ClusterSettings;
 
 pub mod onsets;
+pub mod replication;
 
 /// How long a shard's leader key must have been gone before a replica
 /// that already leads its share campaigns for it anyway.
@@ -719,6 +720,45 @@ impl Inner {
             true,
         );
         Err(FenceError::Deposed { shard, holder })
+    }
+
+    /// Puts (`Some`) or deletes (`None`) each key (relative to the
+    /// prefix) in one transaction that succeeds only while this replica
+    /// holds `shard`'s leader key (as [`Inner::fenced_put`]).
+    async fn fenced_ops(
+        self: &Arc<Self>,
+        shard: u32,
+        ops: &[(String, Option<Vec<u8>>)],
+    ) -> Result<(), String> {
+        let (fence, _) = self
+            .fence(shard)
+            .ok_or_else(|| format!("not the leader of shard {shard}"))?;
+        let lk = fence.leader_key.clone();
+        let txn = Txn::new()
+            .when([
+                Compare::create_revision(lk.clone(), CompareOp::Equal, fence.revision),
+                Compare::lease(lk, CompareOp::Equal, fence.lease_id),
+            ])
+            .and_then(
+                ops.iter()
+                    .map(|(k, v)| {
+                        let key = format!("{}/{k}", self.prefix);
+                        match v {
+                            Some(v) => TxnOp::put(key, v.clone(), None),
+                            None => TxnOp::delete(key, None),
+                        }
+                    })
+                    .collect::<Vec<_>>(),
+            );
+        let mut c = self.client.clone();
+        let resp = rpc(self.rpc_timeout, "fenced publish", c.txn(txn)).await?;
+        if resp.succeeded() {
+            Ok(())
+        } else {
+            Err(format!(
+                "deposed as leader of shard {shard}: nothing published"
+            ))
+        }
     }
 
     /// Tries to become the leader of `shard`. `Ok(false)`: someone else

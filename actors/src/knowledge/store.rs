@@ -381,6 +381,47 @@ struct Inner {
     writer: Writer<Applied>,
     journal: OpenReport,
     integrity: IntegrityReport,
+    /// Cluster mode: where the records this replica originates are copied
+    /// for publication (see [`KnowledgeStore::tap`]).
+    tap: std::sync::OnceLock<TapCell>,
+}
+
+struct TapCell(Tap);
+
+impl std::fmt::Debug for TapCell {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Tap")
+    }
+}
+
+/// The receiver of replicable records ([`KnowledgeStore::tap`]): called
+/// in submission order, must not block.
+pub type Tap = Arc<dyn Fn(&Record) + Send + Sync>;
+
+/// Trees of generic records that are replicated in cluster mode (guard
+/// state, incident records); the others stay local.
+pub const REPLICATED_TREES: [&str; 2] = [crate::safety::GUARDS_TREE, INCIDENTS_TREE];
+
+/// Whether a record is knowledge other replicas need (cluster mode):
+/// policies, executions, outcomes and their re-classification, insights,
+/// and the generic records of [`REPLICATED_TREES`]. Analyses (each replica
+/// diagnoses for itself), intents (in etcd already), pushed violations
+/// and snapshot rows are not.
+pub fn replicable(record: &Record) -> bool {
+    match record {
+        Record::Policy { .. }
+        | Record::Execution { .. }
+        | Record::Outcome { .. }
+        | Record::Reclassify { .. }
+        | Record::Insights { .. } => true,
+        Record::Put { tree, .. } | Record::Delete { tree, .. } => {
+            REPLICATED_TREES.contains(&tree.as_str())
+        }
+        Record::Analysis { .. }
+        | Record::Intent { .. }
+        | Record::Raw { .. }
+        | Record::SnapshotEnd { .. } => false,
+    }
 }
 
 /// Data directories whose store this process dropped, and when: sled frees
@@ -827,6 +868,7 @@ impl Inner {
             writer,
             journal: report,
             integrity,
+            tap: std::sync::OnceLock::new(),
         })
     }
 
@@ -1634,6 +1676,33 @@ impl KnowledgeStore {
         &self,
         record: &Record,
     ) -> impl Future<Output = Result<Applied, StoreError>> + Send + 'static {
+        self.tapped(record);
+        self.submit_replica(record)
+    }
+
+    /// Cluster mode: from now on every [`replicable`] record this replica
+    /// submits is also handed to `tap` (in submission order), for the
+    /// leader to publish. Records applied from other replicas
+    /// ([`submit_replica`](Self::submit_replica)) are not. Set once;
+    /// `false` when a tap was set already.
+    pub fn tap(&self, tap: Tap) -> bool {
+        self.inner.tap.set(TapCell(tap)).is_ok()
+    }
+
+    fn tapped(&self, record: &Record) {
+        if let Some(tap) = self.inner.tap.get() {
+            if replicable(record) {
+                (tap.0)(record);
+            }
+        }
+    }
+
+    /// [`submit`](Self::submit) without the tap: for records received
+    /// from another replica (never published again).
+    pub fn submit_replica(
+        &self,
+        record: &Record,
+    ) -> impl Future<Output = Result<Applied, StoreError>> + Send + 'static {
         let dir = self.inner.dir.clone();
         let ack = self.live().and_then(|inner| {
             inner
@@ -1651,6 +1720,7 @@ impl KnowledgeStore {
     /// is logged by the writer). Never blocks.
     pub fn submit_detached(&self, record: &Record) -> Result<(), StoreError> {
         let inner = self.live()?;
+        self.tapped(record);
         inner
             .writer
             .submit_detached(record)

@@ -99,6 +99,8 @@ pub struct Planner {
     /// replica does not lead are held (standby), and admitted as soon as it
     /// leads.
     leadership: Option<Arc<dyn crate::leadership::Leadership>>,
+    /// The shards this replica led at the last leadership change.
+    led: std::collections::BTreeSet<u32>,
     /// Whether the leadership watch is armed (re-armed after a restart).
     watching: bool,
 }
@@ -332,6 +334,7 @@ impl Planner {
             sink: None,
             escalations: HashMap::new(),
             leadership: None,
+            led: std::collections::BTreeSet::new(),
             watching: false,
             rng: StdRng::seed_from_u64(0),
             reclassify: None,
@@ -400,6 +403,41 @@ impl Planner {
     ) -> Self {
         self.leadership = leadership;
         self
+    }
+
+    /// Cluster mode: when this replica starts leading a shard, what the
+    /// previous leaders published (and this replica applied to its
+    /// Knowledge meanwhile) becomes its working state: learned
+    /// statistics, guard state (pause, silences, breakers, flapping,
+    /// budget and rate windows) and pending approvals.
+    fn took_over(&mut self) {
+        let Some(l) = &self.leadership else { return };
+        let leading = l.view().leading;
+        let gained = leading.iter().any(|s| !self.led.contains(s));
+        self.led = leading;
+        if !gained {
+            return;
+        }
+        if let Ok(stats) = self.store.stats() {
+            self.learned = stats;
+        }
+        let settings = self.guards.settings().clone();
+        self.restore_guards(settings);
+        let mut adopted = 0usize;
+        for p in self
+            .store
+            .list_policies(Some(ApprovalStatus::Pending), 1000)
+            .unwrap_or_default()
+        {
+            if !self.pending.contains_key(&p.id) {
+                let mut chain = ChainTrace::start(self.clock.now());
+                chain.chain_id = p.chain_id.clone();
+                self.pending.insert(p.id.clone(), (p, chain));
+                adopted += 1;
+            }
+        }
+        self.refresh_gauges();
+        tracing::info!(shards = ?self.led, adopted_pending = adopted, "leading: learned statistics, guard state and pending approvals taken from Knowledge");
     }
 
     /// Whether this replica may act on `policy` now (always, alone): it
@@ -1634,6 +1672,7 @@ impl StreamHandler<()> for Planner {
     fn handle(&mut self, _: (), ctx: &mut Context<Self>) {
         let inbox = self.inbox.clone();
         inbox.guard_internal(self, ctx, "LeadershipChanged", |act, ctx| {
+            act.took_over();
             act.admit(ctx);
             Ok(())
         });
