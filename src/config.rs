@@ -105,6 +105,12 @@ pub struct ClusterSettings {
     /// Prefix of every etcd key of this cluster (starts with `/`, does not
     /// end with `/`): two clusters on one etcd need different prefixes.
     pub prefix: String,
+    /// `host:port` at which the other replicas reach this one's API (a
+    /// mutating call that reaches a replica not leading its shard is
+    /// forwarded there). Empty: the listen address, with the host name in
+    /// place of an unspecified IP (`0.0.0.0`). Environment override:
+    /// `MAPEK_ADVERTISE_ADDRESS` (in Kubernetes, the pod IP and port).
+    pub advertise: String,
 }
 
 impl Default for ClusterSettings {
@@ -115,6 +121,7 @@ impl Default for ClusterSettings {
             lease_seconds: 10,
             shards: 1,
             prefix: "/mapek".into(),
+            advertise: String::new(),
         }
     }
 }
@@ -920,6 +927,7 @@ impl Config {
     /// | `MAPE_K_AUTO_APPROVE` | `plan.auto_approve`         |
     /// | `LOG_LEVEL`           | `logging.level`             |
     /// | `MAPEK_ETCD_ENDPOINTS`| `cluster.etcd_endpoints` (comma-separated; turns cluster mode on) |
+    /// | `MAPEK_ADVERTISE_ADDRESS` | `cluster.advertise` (with a `cluster` section) |
     ///
     /// Variables that are unset or empty are ignored. Values that cannot be
     /// parsed leave the key unchanged and are returned as issues with the
@@ -1001,6 +1009,11 @@ impl Config {
             self.cluster
                 .get_or_insert_with(ClusterSettings::default)
                 .etcd_endpoints = endpoints;
+        }
+        if let Some(v) = lookup("MAPEK_ADVERTISE_ADDRESS") {
+            if let Some(c) = self.cluster.as_mut() {
+                c.advertise = v.trim().to_string();
+            }
         }
         issues
     }

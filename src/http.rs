@@ -23,6 +23,7 @@ use serde_json::{json, Value};
 use crate::alertmanager;
 
 mod conns;
+pub mod forward;
 pub mod pages;
 
 pub use conns::{Connections, HttpMetrics, ShedLabels, ShedReason};
@@ -90,8 +91,13 @@ pub fn router(state: ApiState, webhook_path: Option<&str>, max_body_bytes: usize
             r = r.route(path, post(webhook));
         }
     }
-    // Bodies must be JSON; the token is checked first (the outer layer).
+    // Bodies must be JSON; the token is checked first (the outer layer);
+    // then, in cluster mode, a mutating call goes to its shard's leader.
     let r = r
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            forward::to_leader,
+        ))
         .route_layer(axum::middleware::from_fn(require_json))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),

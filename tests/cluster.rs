@@ -25,6 +25,7 @@ fn settings(
         lease_seconds,
         shards,
         prefix: prefix.into(),
+        advertise: String::new(),
     }
 }
 

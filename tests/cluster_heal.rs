@@ -343,13 +343,33 @@ fn the_standby_learns_what_the_leader_learns_and_keeps_its_pause() {
             .then_some(())
         },
     );
-    // Pause the leader; then it dies.
+    // Pause, asking the standby: it forwards the call to the leader.
     let r = reqwest::blocking::Client::new()
-        .post(format!("http://{}/api/v1/pause", addrs[l]))
+        .post(format!("http://{}/api/v1/pause", addrs[s]))
         .json(&serde_json::json!({"by": "sre", "reason": "change freeze"}))
         .send()
         .expect("pause");
     assert!(r.status().is_success(), "pause: {}", r.status());
+    let leader_name = if l == 0 { "a" } else { "b" };
+    assert_eq!(
+        r.headers()
+            .get("x-mapek-applied-by")
+            .and_then(|v| v.to_str().ok()),
+        Some(leader_name),
+        "applied by the leader"
+    );
+    let on_leader = get(&format!("http://{}/api/v1/safety", addrs[l])).expect("safety");
+    assert_eq!(on_leader["paused"], true, "{on_leader}");
+    // Approving an unknown policy on the standby: answered there (404).
+    let r = reqwest::blocking::Client::new()
+        .post(format!(
+            "http://{}/api/v1/policies/pol-nope/approve",
+            addrs[s]
+        ))
+        .json(&serde_json::json!({}))
+        .send()
+        .expect("approve");
+    assert_eq!(r.status().as_u16(), 404);
     // The pause is published as guard state.
     wait_until(Duration::from_secs(10), "the pause replicated", || {
         let c = etcd_client_get(&etcd.url(), "/heal/knowledge/guards/");

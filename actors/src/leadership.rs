@@ -176,6 +176,12 @@ pub trait Leadership: Send + Sync + 'static {
     fn view(&self) -> LeadershipView {
         self.subscribe().borrow().clone()
     }
+
+    /// The `host:port` of a member's API, as it published it (`None`
+    /// when unknown, and always alone).
+    fn address_of(&self, _member: &str) -> Option<String> {
+        None
+    }
 }
 
 /// The component that decides a policy's shard: its incident's first

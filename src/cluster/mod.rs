@@ -276,9 +276,20 @@ impl Cluster {
                 )))
             }
         };
+        let advertised = if !settings.advertise.trim().is_empty() {
+            settings.advertise.trim().to_string()
+        } else if api.ip().is_unspecified() {
+            format!(
+                "{}:{}",
+                crate::config::host_name().unwrap_or_else(|| "localhost".into()),
+                api.port()
+            )
+        } else {
+            api.to_string()
+        };
         let record = MemberRecord {
             name: name.clone(),
-            api: api.to_string(),
+            api: advertised,
             started_at: chrono::Utc::now().to_rfc3339(),
         };
         let view = LeadershipView {
@@ -1233,6 +1244,13 @@ impl Leadership for Cluster {
 
     fn fence(&self, shard: u32) -> Option<Fence> {
         Cluster::fence(self, shard)
+    }
+
+    fn address_of(&self, member: &str) -> Option<String> {
+        lock(&self.inner.seen)
+            .members
+            .get(member)
+            .map(|m| m.api.clone())
     }
 
     fn fenced_put<'a>(
