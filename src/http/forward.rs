@@ -36,6 +36,9 @@ pub const APPLIED_BY: &str = "x-mapek-applied-by";
 /// Largest body forwarded (the API's bodies are small JSON documents).
 const MAX_BODY: usize = 1024 * 1024;
 
+/// A forwarded call's answer: status and body, or why there is none.
+type Answer = Result<(StatusCode, Bytes), String>;
+
 enum Target {
     All,
     Component(String),
@@ -131,11 +134,8 @@ pub async fn to_leader(State(s): State<ApiState>, req: Request, next: Next) -> R
     let mut leaders: Vec<String> = Vec::new();
     for sh in &shards {
         match view.leader_of(*sh) {
-            Some(name) => {
-                if !leaders.iter().any(|x| x == name) {
-                    leaders.push(name.to_string());
-                }
-            }
+            Some(name) if !leaders.iter().any(|x| x == name) => leaders.push(name.to_string()),
+            Some(_) => {}
             None if !matches!(target, Target::All) => {
                 return unavailable(
                     format!(
@@ -167,7 +167,7 @@ pub async fn to_leader(State(s): State<ApiState>, req: Request, next: Next) -> R
         .filter_map(|h| parts.headers.get(h).map(|v| (h, v.as_bytes().to_vec())))
         .collect();
     let mut local: Option<Response> = None;
-    let mut remote: Vec<(String, Result<(StatusCode, Bytes), String>)> = Vec::new();
+    let mut remote: Vec<(String, Answer)> = Vec::new();
     let mut calls = Vec::new();
     for leader in &leaders {
         if *leader == me {
@@ -296,7 +296,7 @@ async fn forward(
     body: Bytes,
     me: String,
     timeout: Duration,
-) -> (String, Result<(StatusCode, Bytes), String>) {
+) -> (String, Answer) {
     let mut rb = client()
         .post(format!("http://{addr}{pq}"))
         .timeout(timeout)
