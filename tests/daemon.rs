@@ -482,6 +482,23 @@ fn shipped_deployment_files_match_the_binary_and_the_config_schema() {
         .collect::<Vec<_>>()
         .join("\n");
     mapek::config::Config::from_yaml_str(&embedded, "configmap").unwrap_or_else(|e| panic!("{e}"));
+    // So is the three-replica one's (with cluster support built in).
+    let k8s = std::fs::read_to_string(repo().join("config/kubernetes/mapek-cluster.yaml"))
+        .expect("k8s cluster");
+    let start = k8s.find("mapek.yaml: |").expect("configmap entry") + "mapek.yaml: |".len();
+    let end = start + k8s[start..].find("\n---").expect("end of document");
+    let embedded: String = k8s[start..end]
+        .lines()
+        .map(|l| l.strip_prefix("    ").unwrap_or(l))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let parsed = mapek::config::Config::from_yaml_str(&embedded, "configmap");
+    if cfg!(feature = "cluster") {
+        let cfg = parsed.unwrap_or_else(|e| panic!("{e}"));
+        let c = cfg.cluster.expect("a cluster section");
+        assert_eq!((c.etcd_endpoints.len(), c.shards), (3, 12));
+        assert!(k8s.contains("replicas: 3") && k8s.contains("MAPEK_ADVERTISE_ADDRESS"));
+    }
     // The flags the unit and the manifest pass exist.
     let help = std::process::Command::new(bin())
         .args(["run", "--help"])
