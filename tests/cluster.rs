@@ -589,3 +589,49 @@ async fn replicas_agree_on_onsets_so_incident_ids_match() {
     assert_eq!(standby_book.collect_garbage(Duration::ZERO).await, Ok(0));
     assert_eq!(count("incident-onsets/").await, 1);
 }
+
+/// The replicated history in etcd is trimmed to the newest `keep` keys
+/// per kind (oldest first); current-state keys are never trimmed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicated_history_is_trimmed_oldest_first() {
+    let etcd = etcd().await;
+    let a = start(&settings(&etcd.url(), "a", 2, 1, "/tr")).await;
+    until(Duration::from_secs(10), "a leads", || a.is_leader(0)).await;
+    let mut c = a.client();
+    for i in 0..5 {
+        c.put(a.key(&format!("knowledge/executions/e{i}")), "{}", None)
+            .await
+            .expect("put");
+    }
+    c.put(a.key("knowledge/guards/pause"), "{}", None)
+        .await
+        .expect("put");
+    let (removed, _) = mapek::cluster::replication::trim_once(&a, 2)
+        .await
+        .expect("trim");
+    assert_eq!(removed, 3);
+    let left = c
+        .get(
+            a.key("knowledge/"),
+            Some(
+                etcd_client::GetOptions::new()
+                    .with_prefix()
+                    .with_keys_only(),
+            ),
+        )
+        .await
+        .expect("get");
+    let keys: Vec<String> = left
+        .kvs()
+        .iter()
+        .map(|kv| kv.key_str().expect("utf8").to_string())
+        .collect();
+    assert_eq!(
+        keys,
+        vec![
+            "/tr/knowledge/executions/e3",
+            "/tr/knowledge/executions/e4",
+            "/tr/knowledge/guards/pause"
+        ]
+    );
+}
