@@ -239,7 +239,8 @@ fn a_new_leader_acts_under_the_name_the_previous_leader_gave_the_incident() {
         for root in roots {
             let claim = serde_json::json!({
                 "root": root, "incident": "inc-previous", "attempt": 1, "by": "gone",
-                "local": "inc-gone", "offset": 0, "updated_ms": 0,
+                "local": "inc-gone", "offset": 0,
+                "updated_ms": chrono::Utc::now().timestamp_millis(),
             });
             c.put(
                 format!("/heal/{}", mapek_actors::execute::run::claim_key(&root)),

@@ -167,6 +167,18 @@ async fn publish(
         let mut ops: Vec<(String, Option<Vec<u8>>)> = Vec::with_capacity(batch.len());
         let mut at: HashMap<String, usize> = HashMap::new();
         for r in batch {
+            // Only finished executions: one acting or verifying is the
+            // acting replica's own business (another replica restarting
+            // must not close or re-verify it).
+            if let Record::Execution { execution } = &r {
+                use mapek_actors::model::ExecutionStatus;
+                let open = matches!(execution.status, ExecutionStatus::InProgress)
+                    || (matches!(execution.status, ExecutionStatus::Completed)
+                        && execution.outcome.is_none());
+                if open {
+                    continue;
+                }
+            }
             if let Record::Policy { policy } = &r {
                 let c = mapek_actors::leadership::policy_component(policy);
                 if !view.leads(Leadership::shard_of(&cluster, c)) {

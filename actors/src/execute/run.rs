@@ -796,8 +796,9 @@ impl ExecutionEnv {
                 .filter(|c| c.root == root),
             Err(e) => return Some(format!("the incident's claim could not be read: {e}")),
         };
+        let now_ms = self.clock.now().timestamp_millis();
         let (incident, attempt, offset) =
-            claimed_keys(found.as_ref(), l.name(), local, policy.attempt);
+            claimed_keys(found.as_ref(), l.name(), local, policy.attempt, now_ms);
         if incident != local || attempt != policy.attempt {
             tracing::info!(policy = %policy.id, local, incident = %incident, attempt, "cluster: acting under the incident's name given by a previous leader");
             exec.acted_as = Some(format!("{incident}/{attempt}"));
@@ -1009,8 +1010,17 @@ pub fn claimed_keys(
     me: &str,
     local: &str,
     attempt: u32,
+    now_ms: i64,
 ) -> (String, u32, u32) {
     match claim {
+        // Our own claim for another incident of ours: that one is over
+        // (one incident per component at a time here), this is new.
+        Some(c) if c.by == me && c.local != local => (local.to_string(), attempt, 0),
+        // Another replica's claim not renewed for longer than an action
+        // and its verification can take: nothing of it is in flight.
+        Some(c) if c.by != me && now_ms.saturating_sub(c.updated_ms) > CLAIM_ADOPT_MS => {
+            (local.to_string(), attempt, 0)
+        }
         Some(c) if c.incident != local => {
             let offset = if c.by == me && c.local == local {
                 c.offset
@@ -1022,6 +1032,10 @@ pub fn claimed_keys(
         _ => (local.to_string(), attempt, 0),
     }
 }
+
+/// How recent another replica's claim must be to be adopted (ms): longer
+/// than an execution and its verification window take.
+pub const CLAIM_ADOPT_MS: i64 = 10 * 60 * 1000;
 
 /// The key of an incident claim, relative to the cluster prefix.
 pub fn claim_key(root: &str) -> String {
@@ -1140,35 +1154,43 @@ mod tests {
     #[test]
     fn claimed_keys_adopt_the_previous_leaders_name_and_go_past_its_attempt() {
         // No claim, or one by the same name: our own keys.
-        assert_eq!(claimed_keys(None, "b", "inc-b", 1), ("inc-b".into(), 1, 0));
+        assert_eq!(
+            claimed_keys(None, "b", "inc-b", 1, 0),
+            ("inc-b".into(), 1, 0)
+        );
         let same = claim("inc-b", 3, "a", "inc-a", 0);
         assert_eq!(
-            claimed_keys(Some(&same), "b", "inc-b", 1),
+            claimed_keys(Some(&same), "b", "inc-b", 1, 0),
             ("inc-b".into(), 1, 0)
         );
         // Another leader's name at attempt 3: our first execution re-uses
         // attempt 3 (verified, not re-sent), the next goes to 4.
         let theirs = claim("inc-a", 3, "a", "inc-a", 0);
         assert_eq!(
-            claimed_keys(Some(&theirs), "b", "inc-b", 1),
+            claimed_keys(Some(&theirs), "b", "inc-b", 1, 0),
             ("inc-a".into(), 3, 2)
         );
         let ours = claim("inc-a", 3, "b", "inc-b", 2);
         assert_eq!(
-            claimed_keys(Some(&ours), "b", "inc-b", 2),
+            claimed_keys(Some(&ours), "b", "inc-b", 2, 0),
             ("inc-a".into(), 4, 2)
         );
         // Our local count already past theirs: no offset.
         assert_eq!(
-            claimed_keys(Some(&theirs), "b", "inc-b", 5),
+            claimed_keys(Some(&theirs), "b", "inc-b", 5, 0),
             ("inc-a".into(), 5, 0)
         );
-        // Our claim for another local incident (restarted since): adopted
-        // anew from its attempt.
-        let stale = claim("inc-a", 4, "b", "inc-old", 2);
+        // Our own claim for an earlier incident: this one is new.
+        let earlier = claim("inc-a", 4, "b", "inc-old", 2);
         assert_eq!(
-            claimed_keys(Some(&stale), "b", "inc-b", 1),
-            ("inc-a".into(), 4, 3)
+            claimed_keys(Some(&earlier), "b", "inc-b", 1, 0),
+            ("inc-b".into(), 1, 0)
+        );
+        // Another replica's claim idle past the adoption window: new too.
+        let idle = super::CLAIM_ADOPT_MS + 1;
+        assert_eq!(
+            claimed_keys(Some(&theirs), "b", "inc-b", 1, idle),
+            ("inc-b".into(), 1, 0)
         );
     }
 
