@@ -240,7 +240,8 @@ fn a_new_leader_acts_under_the_name_the_previous_leader_gave_the_incident() {
             let claim = serde_json::json!({
                 "root": root, "incident": "inc-previous", "attempt": 1, "by": "gone",
                 "local": "inc-gone", "offset": 0,
-                "updated_ms": chrono::Utc::now().timestamp_millis(),
+                // Its last execution: after the incident opened.
+                "updated_ms": chrono::Utc::now().timestamp_millis() + 60_000,
             });
             c.put(
                 format!("/heal/{}", mapek_actors::execute::run::claim_key(&root)),

@@ -25,7 +25,10 @@
 //! The keys are removed by the leader of shard 0 once no source of its own
 //! has seen the fingerprint for [`FORGET_AFTER`] (checked every
 //! [`GC_EVERY`]), so the keyspace is bounded by the active violations. A
-//! violation that comes back after that is a new one, with a new onset.
+//! violation that comes back is a new one with a new onset: a replica
+//! that saw it end replaces the old onset (compare-and-swap on the key's
+//! revision); a replica that did not (a blip between its polls) keeps the
+//! old one, and the incident claims settle the names before anyone acts.
 //!
 //! While etcd cannot be asked, a replica uses its own onset (and says so
 //! in the log); ids agree again for violations first seen after etcd
@@ -69,13 +72,25 @@ struct OnsetRecord {
     by: String,
 }
 
+/// (source name, fingerprint).
+type SourceFingerprint = (String, String);
+
 /// The onsets this replica agreed, shared by all its polled sources.
 pub struct OnsetBook {
     cluster: Cluster,
     /// (source, fingerprint) → agreed onset (ms).
-    known: Mutex<HashMap<(String, String), i64>>,
+    /// Value: (agreed onset, rule, when last seen breaching), in ms.
+    known: Mutex<HashMap<SourceFingerprint, (i64, String, i64)>>,
     /// Onset keys found without a local violation, and since when (GC).
     absent: Mutex<HashMap<String, Instant>>,
+    /// (source, fingerprint) → when this replica last saw it breach,
+    /// after it stopped: a violation that comes back is a new one, with a
+    /// new onset, even if the old onset key is still in etcd. Entries
+    /// older than [`FORGET_AFTER`] are dropped (the key is gone by then).
+    ended: Mutex<HashMap<(String, String), i64>>,
+    /// (source, fingerprint) → the earliest onset this replica saw while
+    /// it could not agree one (etcd unreachable): proposed once it can.
+    own: Mutex<HashMap<(String, String), i64>>,
 }
 
 impl OnsetBook {
@@ -86,6 +101,8 @@ impl OnsetBook {
             cluster,
             known: Mutex::new(HashMap::new()),
             absent: Mutex::new(HashMap::new()),
+            ended: Mutex::new(HashMap::new()),
+            own: Mutex::new(HashMap::new()),
         });
         let weak = Arc::downgrade(&book);
         let task = tokio::spawn(async move {
@@ -110,18 +127,31 @@ impl OnsetBook {
     }
 
     /// Puts the agreed onset on every violation polled from `source`, and
-    /// forgets the fingerprints it no longer reports.
-    pub async fn agree(&self, source: &str, violations: &mut [Violation]) {
-        let mut need: Vec<(String, i64)> = Vec::new();
+    /// forgets the fingerprints it no longer reports (except those of the
+    /// rules in `failed`, which gave no evidence this time).
+    pub async fn agree(&self, source: &str, violations: &mut [Violation], failed: &[String]) {
+        let mut need: Vec<(String, i64, Option<i64>)> = Vec::new();
         {
-            let known = lock(&self.known);
+            let mut known = lock(&self.known);
+            let ended = lock(&self.ended);
+            let mut own = lock(&self.own);
             let mut asked = HashSet::new();
             for v in violations.iter_mut() {
-                match known.get(&(source.to_string(), v.fingerprint.clone())) {
-                    Some(ms) => set_onset(v, *ms),
+                let k = (source.to_string(), v.fingerprint.clone());
+                match known.get_mut(&k) {
+                    Some((ms, _, last)) => {
+                        *last = (*last).max(v.observed_at.timestamp_millis());
+                        set_onset(v, *ms);
+                    }
                     None => {
+                        // Until agreed: the earliest this replica saw.
+                        let mine = own
+                            .entry(k.clone())
+                            .and_modify(|o| *o = (*o).min(v.first_seen.timestamp_millis()))
+                            .or_insert(v.first_seen.timestamp_millis());
+                        set_onset(v, *mine);
                         if asked.insert(v.fingerprint.clone()) {
-                            need.push((v.fingerprint.clone(), v.first_seen.timestamp_millis()));
+                            need.push((v.fingerprint.clone(), *mine, ended.get(&k).copied()));
                         }
                     }
                 }
@@ -137,8 +167,8 @@ impl OnsetBook {
                 );
             } else {
                 let results: Vec<(String, Result<i64, String>)> = futures::stream::iter(need)
-                    .map(|(fp, ms)| async move {
-                        let r = self.agree_one(&fp, ms).await;
+                    .map(|(fp, ms, ended)| async move {
+                        let r = self.agree_one(&fp, ms, ended).await;
                         (fp, r)
                     })
                     .buffer_unordered(PARALLEL)
@@ -163,19 +193,50 @@ impl OnsetBook {
             }
         }
         let mut known = lock(&self.known);
+        let mut own = lock(&self.own);
         for v in violations.iter_mut() {
             if let Some(ms) = agreed.get(&v.fingerprint) {
                 set_onset(v, *ms);
-                known.insert((source.to_string(), v.fingerprint.clone()), *ms);
+                let k = (source.to_string(), v.fingerprint.clone());
+                own.remove(&k);
+                known.insert(k, (*ms, v.rule.clone(), v.observed_at.timestamp_millis()));
             }
         }
         let current: HashSet<&str> = violations.iter().map(|v| v.fingerprint.as_str()).collect();
-        known.retain(|(s, fp), _| s != source || current.contains(fp.as_str()));
+        let mut ended = lock(&self.ended);
+        known.retain(|(s, fp), (_, rule, last)| {
+            // A rule that failed this time says nothing about its series.
+            let keep =
+                s != source || current.contains(fp.as_str()) || failed.iter().any(|f| f == rule);
+            if !keep {
+                // In the source's time, as onsets are.
+                ended.insert((s.clone(), fp.clone()), *last);
+            }
+            keep
+        });
+        for fp in &current {
+            ended.remove(&(source.to_string(), fp.to_string()));
+        }
+        let now_ms = violations
+            .iter()
+            .map(|v| v.observed_at.timestamp_millis())
+            .max()
+            .unwrap_or_else(|| Utc::now().timestamp_millis());
+        own.retain(|(s, fp), _| s != source || current.contains(fp.as_str()));
+        let horizon = now_ms - FORGET_AFTER.as_millis() as i64 * 2;
+        ended.retain(|_, at| *at > horizon);
     }
 
     /// Agrees the onset of one fingerprint: ours if we are first, else
-    /// the one recorded.
-    async fn agree_one(&self, fingerprint: &str, onset_ms: i64) -> Result<i64, String> {
+    /// the one recorded, unless that one is from an episode this replica
+    /// saw end (`ended`: when it last saw it breach before): then ours
+    /// replaces it, if nobody replaced it first.
+    async fn agree_one(
+        &self,
+        fingerprint: &str,
+        onset_ms: i64,
+        ended: Option<i64>,
+    ) -> Result<i64, String> {
         let key = self.key_of(fingerprint);
         let mine = OnsetRecord {
             fingerprint: fingerprint.to_string(),
@@ -198,6 +259,30 @@ impl OnsetBook {
                     return match serde_json::from_slice::<OnsetRecord>(kv.value()) {
                         // A hash collision (another fingerprint): keep ours.
                         Ok(r) if r.fingerprint != fingerprint => Ok(onset_ms),
+                        // The episode we saw end: this is a new one.
+                        Ok(r) if ended.is_some_and(|e| r.onset_ms <= e) => {
+                            let txn = Txn::new()
+                                .when([Compare::mod_revision(
+                                    key.clone(),
+                                    CompareOp::Equal,
+                                    kv.mod_revision(),
+                                )])
+                                .and_then([TxnOp::put(
+                                    key.clone(),
+                                    serde_json::to_vec(&mine).map_err(|e| e.to_string())?,
+                                    None,
+                                )]);
+                            let mut c = self.cluster.client();
+                            let done = rpc(self.cluster.inner.rpc_timeout, "onset", c.txn(txn))
+                                .await?
+                                .succeeded();
+                            if done {
+                                Ok(onset_ms)
+                            } else {
+                                // Someone replaced it first: theirs, next poll.
+                                Err(format!("{key} changed while it was replaced"))
+                            }
+                        }
                         Ok(r) => Ok(r.onset_ms),
                         Err(e) => Err(format!("{key} holds no onset record: {e}")),
                     };
@@ -357,8 +442,9 @@ impl MetricSource for AgreedOnsets {
     ) -> BoxFuture<'a, Result<Polled, SourceError>> {
         Box::pin(async move {
             let mut polled = self.inner.poll_rules(rules).await?;
+            let failed: Vec<String> = polled.failed.iter().map(|f| f.rule.clone()).collect();
             self.book
-                .agree(self.inner.name(), &mut polled.violations)
+                .agree(self.inner.name(), &mut polled.violations, &failed)
                 .await;
             Ok(polled)
         })

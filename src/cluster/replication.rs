@@ -20,30 +20,43 @@
 //! | `knowledge/reclassified/{execution}` | an outcome re-classified | the newest [`HISTORY_KEPT`] |
 //! | `knowledge/insights` | the latest insights | current state |
 //! | `knowledge/guards/{key}` | guard state: pause, silences, flapping, breakers, budget and rate windows | current state |
-//! | `knowledge/incidents/{id}` | incident records (holds, cooldowns, attempts) | current state |
 //!
 //! Each value is `{"origin": replica, "record": <journal record>}`.
-//! Publication is **fenced**: the batch is one transaction that succeeds
-//! only while this replica holds the leader key of a shard it leads, so a
-//! deposed leader publishes nothing. A replica that leads no shard
-//! publishes nothing (a standby's held policies are its own business),
-//! and neither are policies of shards it does not lead.
+//! Publication is **fenced** by the record's shard: a policy's (its
+//! component's), an execution's and an outcome's (their policy's), a
+//! per-component guard key's (`rate/`, `flap/`, `success/`, `silence/`);
+//! what belongs to no component (insights, pause, budget, breakers) goes
+//! under the lowest shard this replica leads. Each batch is one
+//! transaction per shard that succeeds only while this replica holds that
+//! shard's leader key, so a deposed leader publishes nothing, and a
+//! record of a shard this replica does not lead (a standby's held
+//! policies, its own closing of what a restart interrupted) is never
+//! published. Executions still acting or verifying are not published
+//! either: only the acting replica may close or re-verify them.
+//! Incident records are not replicated: each replica names its incidents
+//! from its own analysis, and the claims in etcd reconcile the names
+//! before anyone acts.
 //!
 //! # Applying
 //!
-//! Every replica reads `knowledge/` once and then watches it from the
-//! revision read (list and watch, as a Kubernetes informer does). A record
-//! from another replica is submitted to the local journal as is (outcomes
-//! fold into the local statistics once per execution). Deletions of
-//! current-state keys are applied; deletions of history keys (the trimming
-//! below) are not: older history lives on in sled only. A watch that falls
-//! behind a compaction lists again.
+//! Every replica reads `knowledge/` once (in pages, at one revision) and
+//! then watches it from that revision (list and watch, as a Kubernetes
+//! informer does). A record from another replica is submitted to the
+//! local journal as is (outcomes fold into the local statistics once per
+//! execution); one of its own only when its store lacks it (it came back
+//! with an empty data directory). Deletions of current-state keys by
+//! another replica are applied; its own are not (they could undo a later
+//! write of its own), nor deletions of history keys (the trimming below):
+//! older history lives on in sled only. A watch that falls behind a
+//! compaction lists again.
 //!
 //! # Bounded
 //!
 //! The leader of shard 0 trims each history kind to its newest
-//! [`HISTORY_KEPT`] keys every [`TRIM_EVERY`], and compacts etcd's
-//! revision history to what it was one trim earlier.
+//! [`HISTORY_KEPT`] keys every [`TRIM_EVERY`]. Compaction of etcd's
+//! revision history is etcd's own (`--auto-compaction-mode`,
+//! `--auto-compaction-retention`): it spans the whole keyspace, which
+//! other clusters may share. A watch that falls behind it lists again.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -68,6 +81,9 @@ pub const TRIM_EVERY: Duration = Duration::from_secs(60);
 /// Records waiting for publication; more are dropped (and counted).
 const QUEUE: usize = 65_536;
 
+/// Keys per page when listing the knowledge.
+const PAGE: i64 = 500;
+
 /// Records published in one transaction (etcd allows 128 operations).
 const BATCH: usize = 64;
 
@@ -88,6 +104,9 @@ pub struct ReplicationCounters {
     pub published: AtomicU64,
     /// Records not published: the queue was full, or publishing failed.
     pub dropped: AtomicU64,
+    /// Records not published because this replica does not lead their
+    /// shard (a standby's own records).
+    pub skipped: AtomicU64,
     /// Records of other replicas applied here.
     pub applied: AtomicU64,
 }
@@ -134,7 +153,12 @@ pub fn start(cluster: &Cluster, store: &KnowledgeStore) -> Arc<ReplicationCounte
         return counters;
     }
     let inner = &cluster.inner;
-    let h = tokio::spawn(publish(cluster.clone(), rx, counters.clone()));
+    let h = tokio::spawn(publish(
+        cluster.clone(),
+        store.clone(),
+        rx,
+        counters.clone(),
+    ));
     inner.track(h.abort_handle());
     let h = tokio::spawn(apply(cluster.clone(), store.clone(), counters.clone()));
     inner.track(h.abort_handle());
@@ -143,48 +167,100 @@ pub fn start(cluster: &Cluster, store: &KnowledgeStore) -> Arc<ReplicationCounte
     counters
 }
 
+/// The shard a record belongs to: `Some(shard)`, or `None` for what is
+/// not about one component (insights, the pause, the budget, breakers).
+fn shard_of_record(cluster: &Cluster, store: &KnowledgeStore, r: &Record) -> Option<u32> {
+    let of_policy = |id: &str| -> Option<u32> {
+        let p = store.get_policy(id).ok().flatten()?;
+        Some(Leadership::shard_of(
+            cluster,
+            mapek_actors::leadership::policy_component(&p),
+        ))
+    };
+    match r {
+        Record::Policy { policy } => Some(Leadership::shard_of(
+            cluster,
+            mapek_actors::leadership::policy_component(policy),
+        )),
+        Record::Execution { execution } => of_policy(&execution.policy_id),
+        Record::Outcome { outcome, .. } => of_policy(&outcome.policy_id),
+        Record::Reclassify { execution_id, .. } => store
+            .get_outcome(execution_id)
+            .ok()
+            .flatten()
+            .and_then(|o| of_policy(&o.policy_id)),
+        Record::Put { key, .. } | Record::Delete { key, .. } => {
+            let (kind, component) = key.split_once('/')?;
+            matches!(kind, "rate" | "flap" | "success" | "silence")
+                .then(|| Leadership::shard_of(cluster, component))
+        }
+        _ => None,
+    }
+}
+
+/// Whether an execution is still under way (acting, or verifying without
+/// an outcome): the acting replica's own business, not published (a
+/// replica restarting must not close or re-verify another's).
+fn under_way(r: &Record) -> bool {
+    use mapek_actors::model::ExecutionStatus;
+    match r {
+        Record::Execution { execution } => {
+            matches!(execution.status, ExecutionStatus::InProgress)
+                || (matches!(execution.status, ExecutionStatus::Completed)
+                    && execution.outcome.is_none())
+        }
+        _ => false,
+    }
+}
+
+/// Writes to publish under one shard's fence: the shard, the ops in
+/// order (`None`: delete), and each key's index among them.
+type Group = (u32, Vec<(String, Option<Vec<u8>>)>, HashMap<String, usize>);
+
+/// Largest transaction published, bytes (etcd refuses requests above
+/// 1.5 MiB by default).
+const MAX_TXN_BYTES: usize = 1024 * 1024;
+
 async fn publish(
     cluster: Cluster,
+    store: KnowledgeStore,
     mut rx: mpsc::Receiver<Record>,
     counters: Arc<ReplicationCounters>,
 ) {
     let mut warned_at: Option<tokio::time::Instant> = None;
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
-        while batch.len() < BATCH {
+        while batch.len() < BATCH * 4 {
             match rx.try_recv() {
                 Ok(r) => batch.push(r),
                 Err(_) => break,
             }
         }
         let view = cluster.view();
-        let Some(&shard) = view.leading.first() else {
-            // A standby's records (closing what a restart interrupted,
-            // held policies) stay its own.
-            continue;
-        };
-        // The last write of each key wins; order is kept otherwise.
-        let mut ops: Vec<(String, Option<Vec<u8>>)> = Vec::with_capacity(batch.len());
-        let mut at: HashMap<String, usize> = HashMap::new();
+        // Per fence (the shard it is published under): ops in order, the
+        // last write of each key winning.
+        let mut groups: Vec<Group> = Vec::new();
         for r in batch {
-            // Only finished executions: one acting or verifying is the
-            // acting replica's own business (another replica restarting
-            // must not close or re-verify it).
-            if let Record::Execution { execution } = &r {
-                use mapek_actors::model::ExecutionStatus;
-                let open = matches!(execution.status, ExecutionStatus::InProgress)
-                    || (matches!(execution.status, ExecutionStatus::Completed)
-                        && execution.outcome.is_none());
-                if open {
+            if under_way(&r) {
+                continue;
+            }
+            // Only what this replica leads: a standby's records (held
+            // policies, its own closing of what a restart interrupted)
+            // and other shards' stay its own.
+            let fence = match shard_of_record(&cluster, &store, &r) {
+                Some(shard) if view.leads(shard) => shard,
+                Some(_) => {
+                    counters.skipped.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
-            }
-            if let Record::Policy { policy } = &r {
-                let c = mapek_actors::leadership::policy_component(policy);
-                if !view.leads(Leadership::shard_of(&cluster, c)) {
-                    continue;
-                }
-            }
+                None => match view.leading.first() {
+                    Some(&s) => s,
+                    None => {
+                        counters.skipped.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                },
+            };
             let Some((key, delete)) = key_of(&r) else {
                 continue;
             };
@@ -203,6 +279,14 @@ async fn publish(
                     }
                 }
             };
+            let g = match groups.iter().position(|(s, _, _)| *s == fence) {
+                Some(g) => g,
+                None => {
+                    groups.push((fence, Vec::new(), HashMap::new()));
+                    groups.len() - 1
+                }
+            };
+            let (_, ops, at) = &mut groups[g];
             match at.get(&key) {
                 Some(&i) => ops[i].1 = value,
                 None => {
@@ -211,28 +295,46 @@ async fn publish(
                 }
             }
         }
-        if ops.is_empty() {
-            continue;
-        }
-        let n = ops.len() as u64;
-        let mut result = Err(String::new());
-        for attempt in 0..3u32 {
-            result = cluster.inner.fenced_ops(shard, &ops).await;
-            if result.is_ok() || !cluster.is_leader(shard) {
-                break;
+        for (shard, ops, _) in groups {
+            // Chunks within etcd's limits on operations and bytes.
+            let mut chunk: Vec<(String, Option<Vec<u8>>)> = Vec::new();
+            let mut bytes = 0usize;
+            let mut chunks = Vec::new();
+            for op in ops {
+                let size = op.0.len() + op.1.as_ref().map_or(0, Vec::len);
+                if !chunk.is_empty() && (chunk.len() >= BATCH || bytes + size > MAX_TXN_BYTES) {
+                    chunks.push(std::mem::take(&mut chunk));
+                    bytes = 0;
+                }
+                bytes += size;
+                chunk.push(op);
             }
-            tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
-        }
-        match result {
-            Ok(()) => {
-                counters.published.fetch_add(n, Ordering::Relaxed);
+            if !chunk.is_empty() {
+                chunks.push(chunk);
             }
-            Err(e) => {
-                counters.dropped.fetch_add(n, Ordering::Relaxed);
-                let now = tokio::time::Instant::now();
-                if warned_at.is_none_or(|t| now.duration_since(t) > Duration::from_secs(10)) {
-                    warned_at = Some(now);
-                    tracing::warn!(error = %e, records = n, "cluster: knowledge not published (the other replicas will not see these records)");
+            for ops in chunks {
+                let n = ops.len() as u64;
+                let mut result = Err(String::new());
+                for attempt in 0..5u32 {
+                    result = cluster.inner.fenced_ops(shard, &ops).await;
+                    if result.is_ok() || !cluster.is_leader(shard) {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+                }
+                match result {
+                    Ok(()) => {
+                        counters.published.fetch_add(n, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        counters.dropped.fetch_add(n, Ordering::Relaxed);
+                        let now = tokio::time::Instant::now();
+                        if warned_at.is_none_or(|t| now.duration_since(t) > Duration::from_secs(10))
+                        {
+                            warned_at = Some(now);
+                            tracing::warn!(error = %e, records = n, shard, "cluster: knowledge not published (the other replicas will not see these records)");
+                        }
+                    }
                 }
             }
         }
@@ -256,29 +358,38 @@ async fn follow(
     counters: &ReplicationCounters,
 ) -> Result<(), String> {
     let prefix = cluster.key("knowledge/");
+    // Everything under the prefix: up to `knowledge0` ('0' follows '/').
+    let end = format!("{}0", prefix.trim_end_matches('/'));
     let limit = cluster.inner.rpc_timeout * 4;
     let mut c = cluster.client();
-    let resp = rpc(
-        limit,
-        "list knowledge",
-        c.get(
-            prefix.clone(),
-            Some(
-                GetOptions::new()
-                    .with_prefix()
-                    .with_sort(SortTarget::Mod, SortOrder::Ascend),
-            ),
-        ),
-    )
-    .await?;
-    let rev = resp.header().map(|h| h.revision()).unwrap_or_default();
-    let mut pending = Vec::new();
-    for kv in resp.kvs() {
-        if let Some(f) = apply_put(cluster, store, kv.value(), counters) {
-            pending.push(f);
+    // Listed in pages at one revision (a whole history would exceed the
+    // client's 4 MiB message limit).
+    let mut from = prefix.clone().into_bytes();
+    let mut rev = 0i64;
+    loop {
+        let mut opts = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
+        if rev > 0 {
+            opts = opts.with_revision(rev);
+        }
+        let resp = rpc(limit, "list knowledge", c.get(from.clone(), Some(opts))).await?;
+        if rev == 0 {
+            rev = resp.header().map(|h| h.revision()).unwrap_or_default();
+        }
+        let mut pending = Vec::new();
+        for kv in resp.kvs() {
+            if let Some(f) = apply_listed(cluster, store, kv.value(), counters) {
+                pending.push(f);
+            }
+        }
+        settle(pending).await?;
+        match resp.kvs().last() {
+            Some(last) if resp.more() => {
+                from = last.key().to_vec();
+                from.push(0);
+            }
+            _ => break,
         }
     }
-    settle(pending).await?;
     let mut stream = rpc(
         cluster.inner.rpc_timeout,
         "watch knowledge",
@@ -287,6 +398,7 @@ async fn follow(
             Some(
                 WatchOptions::new()
                     .with_prefix()
+                    .with_prev_key()
                     .with_start_revision(rev + 1),
             ),
         ),
@@ -321,6 +433,15 @@ async fn follow(
                     };
                     if HISTORY.contains(&tree) || !REPLICATED_TREES.contains(&tree) {
                         // Trimmed history stays in sled.
+                        continue;
+                    }
+                    // Our own deletion (already done here): not again,
+                    // it could undo a later write of ours.
+                    let ours = ev
+                        .prev_kv()
+                        .and_then(|p| serde_json::from_slice::<Envelope>(p.value()).ok())
+                        .is_some_and(|e| e.origin == cluster.name());
+                    if ours {
                         continue;
                     }
                     let record = Record::Delete {
@@ -365,6 +486,40 @@ fn apply_put(
     Some(Box::pin(store.submit_replica(&env.record)))
 }
 
+/// Like [`apply_put`], for a listed record: one of our own is applied
+/// too when this replica's store lacks it (it came back with an empty
+/// data directory).
+fn apply_listed(
+    cluster: &Cluster,
+    store: &KnowledgeStore,
+    value: &[u8],
+    counters: &ReplicationCounters,
+) -> Option<Pending> {
+    let env: Envelope = serde_json::from_slice(value).ok()?;
+    if env.origin != cluster.name() {
+        return apply_put(cluster, store, value, counters);
+    }
+    let missing = match &env.record {
+        Record::Policy { policy } => matches!(store.get_policy(&policy.id), Ok(None)),
+        Record::Execution { execution } => {
+            matches!(store.get_execution(&execution.id), Ok(None))
+        }
+        Record::Outcome { outcome, .. } => {
+            matches!(store.get_outcome(&outcome.execution_id), Ok(None))
+        }
+        Record::Put { tree, key, .. } if tree == mapek_actors::safety::GUARDS_TREE => matches!(
+            store.get_record::<serde_json::Value>(mapek_actors::safety::GUARDS_TREE, key),
+            Ok(None)
+        ),
+        _ => false,
+    };
+    if !missing {
+        return None;
+    }
+    counters.applied.fetch_add(1, Ordering::Relaxed);
+    Some(Box::pin(store.submit_replica(&env.record)))
+}
+
 async fn settle(pending: Vec<Pending>) -> Result<(), String> {
     for r in futures::future::join_all(pending).await {
         if let Err(e) = r {
@@ -375,34 +530,22 @@ async fn settle(pending: Vec<Pending>) -> Result<(), String> {
 }
 
 /// On the leader of shard 0: keeps each history kind to its newest
-/// [`HISTORY_KEPT`] keys and compacts etcd to the revision of the
-/// previous round.
+/// [`HISTORY_KEPT`] keys. (Compacting etcd's revision history is left to
+/// etcd's `--auto-compaction-*`: it applies to the whole keyspace, which
+/// other clusters and applications may share.)
 async fn trim(cluster: Cluster) {
     let mut tick = tokio::time::interval(TRIM_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut previous: Option<i64> = None;
     loop {
         tick.tick().await;
         if !cluster.is_leader(0) {
-            previous = None;
             continue;
         }
         match trim_once(&cluster, HISTORY_KEPT).await {
-            Ok((removed, rev)) => {
+            Ok((removed, _)) => {
                 if removed > 0 {
                     tracing::debug!(removed, "cluster: old knowledge history trimmed from etcd");
                 }
-                if let Some(r) = previous {
-                    let mut c = cluster.client();
-                    if let Err(e) =
-                        rpc(cluster.inner.rpc_timeout, "compact", c.compact(r, None)).await
-                    {
-                        if !e.contains("compacted") {
-                            tracing::warn!(error = %e, "cluster: etcd compaction failed");
-                        }
-                    }
-                }
-                previous = Some(rev);
             }
             Err(e) => tracing::warn!(error = %e, "cluster: trimming the knowledge history failed"),
         }

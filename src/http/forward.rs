@@ -36,8 +36,20 @@ pub const APPLIED_BY: &str = "x-mapek-applied-by";
 /// Largest body forwarded (the API's bodies are small JSON documents).
 const MAX_BODY: usize = 1024 * 1024;
 
-/// A forwarded call's answer: status and body, or why there is none.
-type Answer = Result<(StatusCode, Bytes), String>;
+/// A forwarded call's answer: status, the headers passed back, and body;
+/// or why there is none.
+type Answer = Result<(StatusCode, Vec<(&'static str, HeaderValue)>, Bytes), String>;
+
+/// Headers of a leader's answer passed back to the caller.
+const PASSED_BACK: [&str; 4] = ["content-type", "retry-after", "www-authenticate", "allow"];
+
+fn answer(status: StatusCode, headers: Vec<(&'static str, HeaderValue)>, body: Bytes) -> Response {
+    let mut r = (status, body).into_response();
+    for (h, v) in headers {
+        r.headers_mut().insert(h, v);
+    }
+    r
+}
 
 enum Target {
     All,
@@ -154,7 +166,20 @@ pub async fn to_leader(State(s): State<ApiState>, req: Request, next: Next) -> R
     let body = match axum::body::to_bytes(body, MAX_BODY).await {
         Ok(b) => b,
         Err(e) => {
-            return super::error(StatusCode::BAD_REQUEST, format!("unreadable body: {e}"));
+            let mut chain: Option<&dyn std::error::Error> = Some(&e);
+            let mut too_large = false;
+            while let Some(err) = chain {
+                too_large |= err.to_string().contains("length limit");
+                chain = err.source();
+            }
+            return if too_large {
+                super::error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("the body is larger than {MAX_BODY} bytes"),
+                )
+            } else {
+                super::error(StatusCode::BAD_REQUEST, format!("unreadable body: {e}"))
+            };
         }
     };
     let pq = parts
@@ -194,7 +219,9 @@ pub async fn to_leader(State(s): State<ApiState>, req: Request, next: Next) -> R
             headers.clone(),
             body.clone(),
             me.clone(),
-            s.request_timeout,
+            // Shorter than this request's own deadline, so that a slow
+            // leader is reported as such (502), not as a timeout here.
+            s.request_timeout.mul_f64(0.8),
         ));
     }
     if leaders.contains(&me) {
@@ -214,10 +241,8 @@ pub async fn to_leader(State(s): State<ApiState>, req: Request, next: Next) -> R
             return unavailable("no leader to ask".into(), None);
         };
         return match res {
-            Ok((status, bytes)) => {
-                let mut r = (status, bytes).into_response();
-                r.headers_mut()
-                    .insert("content-type", HeaderValue::from_static("application/json"));
+            Ok((status, headers, bytes)) => {
+                let mut r = answer(status, headers, bytes);
                 if status.is_success() {
                     applied_by(&mut r, &[leader]);
                 }
@@ -241,8 +266,8 @@ pub async fn to_leader(State(s): State<ApiState>, req: Request, next: Next) -> R
     }
     for (leader, res) in &remote {
         match res {
-            Ok((st, _)) if st.is_success() => done.push(leader.clone()),
-            Ok((st, b)) => failed.push(format!(
+            Ok((st, _, _)) if st.is_success() => done.push(leader.clone()),
+            Ok((st, _, b)) => failed.push(format!(
                 "{leader}: HTTP {} {}",
                 st.as_u16(),
                 String::from_utf8_lossy(b)
@@ -269,12 +294,7 @@ pub async fn to_leader(State(s): State<ApiState>, req: Request, next: Next) -> R
     let mut r = match local {
         Some(r) => r,
         None => match remote.into_iter().next() {
-            Some((_, Ok((st, b)))) => {
-                let mut r = (st, b).into_response();
-                r.headers_mut()
-                    .insert("content-type", HeaderValue::from_static("application/json"));
-                r
-            }
+            Some((_, Ok((st, h, b)))) => answer(st, h, b),
             _ => return unavailable("no leader answered".into(), None),
         },
     };
@@ -309,8 +329,15 @@ async fn forward(
         let resp = rb.send().await.map_err(|e| e.to_string())?;
         let status =
             StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+        let headers: Vec<(&'static str, HeaderValue)> = PASSED_BACK
+            .into_iter()
+            .filter_map(|h| {
+                let v = resp.headers().get(h)?;
+                Some((h, HeaderValue::from_bytes(v.as_bytes()).ok()?))
+            })
+            .collect();
         let bytes = resp.bytes().await.map_err(|e| e.to_string())?;
-        Ok((status, bytes))
+        Ok((status, headers, bytes))
     }
     .await;
     (leader, res)

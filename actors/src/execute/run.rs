@@ -797,8 +797,21 @@ impl ExecutionEnv {
             Err(e) => return Some(format!("the incident's claim could not be read: {e}")),
         };
         let now_ms = self.clock.now().timestamp_millis();
-        let (incident, attempt, offset) =
-            claimed_keys(found.as_ref(), l.name(), local, policy.attempt, now_ms);
+        // When our incident opened (its first violation's agreed onset).
+        let opened_ms = self.store.as_ref().and_then(|st| {
+            st.get_record::<crate::model::Incident>(crate::store::INCIDENTS_TREE, local)
+                .ok()
+                .flatten()
+                .map(|i| i.opened_at.timestamp_millis())
+        });
+        let (incident, attempt, offset) = claimed_keys(
+            found.as_ref(),
+            l.name(),
+            local,
+            policy.attempt,
+            now_ms,
+            opened_ms,
+        );
         if incident != local || attempt != policy.attempt {
             tracing::info!(policy = %policy.id, local, incident = %incident, attempt, "cluster: acting under the incident's name given by a previous leader");
             exec.acted_as = Some(format!("{incident}/{attempt}"));
@@ -1011,8 +1024,14 @@ pub fn claimed_keys(
     local: &str,
     attempt: u32,
     now_ms: i64,
+    opened_ms: Option<i64>,
 ) -> (String, u32, u32) {
     match claim {
+        // Another replica's claim from before our incident opened: it was
+        // about an earlier incident of the component.
+        Some(c) if c.by != me && opened_ms.is_some_and(|o| o > c.updated_ms) => {
+            (local.to_string(), attempt, 0)
+        }
         // Our own claim for another incident of ours: that one is over
         // (one incident per component at a time here), this is new.
         Some(c) if c.by == me && c.local != local => (local.to_string(), attempt, 0),
@@ -1155,41 +1174,56 @@ mod tests {
     fn claimed_keys_adopt_the_previous_leaders_name_and_go_past_its_attempt() {
         // No claim, or one by the same name: our own keys.
         assert_eq!(
-            claimed_keys(None, "b", "inc-b", 1, 0),
+            claimed_keys(None, "b", "inc-b", 1, 0, None),
             ("inc-b".into(), 1, 0)
         );
         let same = claim("inc-b", 3, "a", "inc-a", 0);
         assert_eq!(
-            claimed_keys(Some(&same), "b", "inc-b", 1, 0),
+            claimed_keys(Some(&same), "b", "inc-b", 1, 0, None),
             ("inc-b".into(), 1, 0)
         );
         // Another leader's name at attempt 3: our first execution re-uses
         // attempt 3 (verified, not re-sent), the next goes to 4.
         let theirs = claim("inc-a", 3, "a", "inc-a", 0);
         assert_eq!(
-            claimed_keys(Some(&theirs), "b", "inc-b", 1, 0),
+            claimed_keys(Some(&theirs), "b", "inc-b", 1, 0, None),
             ("inc-a".into(), 3, 2)
         );
         let ours = claim("inc-a", 3, "b", "inc-b", 2);
         assert_eq!(
-            claimed_keys(Some(&ours), "b", "inc-b", 2, 0),
+            claimed_keys(Some(&ours), "b", "inc-b", 2, 0, None),
             ("inc-a".into(), 4, 2)
         );
         // Our local count already past theirs: no offset.
         assert_eq!(
-            claimed_keys(Some(&theirs), "b", "inc-b", 5, 0),
+            claimed_keys(Some(&theirs), "b", "inc-b", 5, 0, None),
             ("inc-a".into(), 5, 0)
         );
         // Our own claim for an earlier incident: this one is new.
         let earlier = claim("inc-a", 4, "b", "inc-old", 2);
         assert_eq!(
-            claimed_keys(Some(&earlier), "b", "inc-b", 1, 0),
+            claimed_keys(Some(&earlier), "b", "inc-b", 1, 0, None),
             ("inc-b".into(), 1, 0)
+        );
+        // Another replica's claim from before our incident opened: new.
+        assert_eq!(
+            claimed_keys(Some(&theirs), "b", "inc-b", 1, 5, Some(1)),
+            ("inc-b".into(), 1, 0)
+        );
+        // From after it opened: adopted.
+        let recent = claim("inc-a", 3, "a", "inc-a", 0);
+        let recent = IncidentClaim {
+            updated_ms: 10,
+            ..recent
+        };
+        assert_eq!(
+            claimed_keys(Some(&recent), "b", "inc-b", 1, 20, Some(5)),
+            ("inc-a".into(), 3, 2)
         );
         // Another replica's claim idle past the adoption window: new too.
         let idle = super::CLAIM_ADOPT_MS + 1;
         assert_eq!(
-            claimed_keys(Some(&theirs), "b", "inc-b", 1, idle),
+            claimed_keys(Some(&theirs), "b", "inc-b", 1, idle, None),
             ("inc-b".into(), 1, 0)
         );
     }

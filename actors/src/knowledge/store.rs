@@ -386,7 +386,12 @@ struct Inner {
     tap: std::sync::OnceLock<TapCell>,
 }
 
-struct TapCell(Tap);
+/// The tap and the lock that keeps its calls in journal order.
+struct TapCell(Tap, Mutex<()>);
+
+fn lock_tap(m: &Mutex<()>) -> std::sync::MutexGuard<'_, ()> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 impl std::fmt::Debug for TapCell {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -399,8 +404,10 @@ impl std::fmt::Debug for TapCell {
 pub type Tap = Arc<dyn Fn(&Record) + Send + Sync>;
 
 /// Trees of generic records that are replicated in cluster mode (guard
-/// state, incident records); the others stay local.
-pub const REPLICATED_TREES: [&str; 2] = [crate::safety::GUARDS_TREE, INCIDENTS_TREE];
+/// state); the others stay local. (Incident records are each replica's
+/// own view: every replica keeps its analysis warm and names incidents
+/// itself; the claims in etcd reconcile the names before acting.)
+pub const REPLICATED_TREES: [&str; 1] = [crate::safety::GUARDS_TREE];
 
 /// Whether a record is knowledge other replicas need (cluster mode):
 /// policies, executions, outcomes and their re-classification, insights,
@@ -1676,8 +1683,21 @@ impl KnowledgeStore {
         &self,
         record: &Record,
     ) -> impl Future<Output = Result<Applied, StoreError>> + Send + 'static {
-        self.tapped(record);
-        self.submit_replica(record)
+        let dir = self.inner.dir.clone();
+        let ack = self.live().and_then(|inner| {
+            // The tap sees records in journal order, and only those queued.
+            let _order = inner.tap.get().map(|t| lock_tap(&t.1));
+            let ack = inner
+                .writer
+                .submit(record)
+                .map_err(|e| inner.journal_err(e))?;
+            self.tapped(record);
+            Ok(ack)
+        });
+        async move {
+            ack?.await
+                .map_err(|source| StoreError::Journal { dir, source })
+        }
     }
 
     /// Cluster mode: from now on every [`replicable`] record this replica
@@ -1686,7 +1706,7 @@ impl KnowledgeStore {
     /// ([`submit_replica`](Self::submit_replica)) are not. Set once;
     /// `false` when a tap was set already.
     pub fn tap(&self, tap: Tap) -> bool {
-        self.inner.tap.set(TapCell(tap)).is_ok()
+        self.inner.tap.set(TapCell(tap, Mutex::new(()))).is_ok()
     }
 
     fn tapped(&self, record: &Record) {
@@ -1720,11 +1740,13 @@ impl KnowledgeStore {
     /// is logged by the writer). Never blocks.
     pub fn submit_detached(&self, record: &Record) -> Result<(), StoreError> {
         let inner = self.live()?;
-        self.tapped(record);
+        let _order = inner.tap.get().map(|t| lock_tap(&t.1));
         inner
             .writer
             .submit_detached(record)
-            .map_err(|e| inner.journal_err(e))
+            .map_err(|e| inner.journal_err(e))?;
+        self.tapped(record);
+        Ok(())
     }
 
     /// Waits for an async write on the calling thread.

@@ -413,23 +413,38 @@ impl Planner {
     fn took_over(&mut self) {
         let Some(l) = &self.leadership else { return };
         let leading = l.view().leading;
-        let gained = leading.iter().any(|s| !self.led.contains(s));
+        let gained: std::collections::BTreeSet<u32> =
+            leading.difference(&self.led).copied().collect();
         self.led = leading;
-        if !gained {
+        if gained.is_empty() {
             return;
         }
+        let l = l.clone();
         if let Ok(stats) = self.store.stats() {
             self.learned = stats;
         }
         let settings = self.guards.settings().clone();
         self.restore_guards(settings);
+        // Approvals decided elsewhere meanwhile are no longer pending here.
+        let decided: Vec<String> = self
+            .pending
+            .keys()
+            .filter(|id| {
+                matches!(self.store.get_policy(id), Ok(Some(p)) if p.approval_status != ApprovalStatus::Pending)
+            })
+            .cloned()
+            .collect();
+        for id in &decided {
+            self.pending.remove(id);
+        }
         let mut adopted = 0usize;
         for p in self
             .store
             .list_policies(Some(ApprovalStatus::Pending), 1000)
             .unwrap_or_default()
         {
-            if !self.pending.contains_key(&p.id) {
+            let shard = l.shard_of(crate::leadership::policy_component(&p));
+            if gained.contains(&shard) && !self.pending.contains_key(&p.id) {
                 let mut chain = ChainTrace::start(self.clock.now());
                 chain.chain_id = p.chain_id.clone();
                 self.pending.insert(p.id.clone(), (p, chain));
@@ -437,7 +452,7 @@ impl Planner {
             }
         }
         self.refresh_gauges();
-        tracing::info!(shards = ?self.led, adopted_pending = adopted, "leading: learned statistics, guard state and pending approvals taken from Knowledge");
+        tracing::info!(shards = ?self.led, adopted_pending = adopted, decided_elsewhere = decided.len(), "leading: learned statistics, guard state and pending approvals taken from Knowledge");
     }
 
     /// Whether this replica may act on `policy` now (always, alone): it
