@@ -61,6 +61,17 @@ fn replica(
     charter: SocketAddr,
     name: &str,
 ) -> (Proc, SocketAddr) {
+    replica_with_shards(dir, etcd, prometheus, charter, name, 1)
+}
+
+fn replica_with_shards(
+    dir: &std::path::Path,
+    etcd: &str,
+    prometheus: &str,
+    charter: SocketAddr,
+    name: &str,
+    shards: u32,
+) -> (Proc, SocketAddr) {
     let cfg = dir.join(format!("{name}.yaml"));
     std::fs::write(
         &cfg,
@@ -72,7 +83,7 @@ fn replica(
              execute:\n  verification_window_seconds: 3\n  call_timeout_seconds: 5\n  retries: 0\n  preflight_validate: false\n\
              plan:\n  cooldown_seconds: 1\n\
              safety:\n  breaker:\n    failures: 100\n  flapping:\n    relapses: 100\n\
-             cluster:\n  etcd_endpoints: [\"{etcd}\"]\n  name: {name}\n  lease_seconds: {LEASE}\n  prefix: /heal\n"
+             cluster:\n  etcd_endpoints: [\"{etcd}\"]\n  name: {name}\n  lease_seconds: {LEASE}\n  prefix: /heal\n  shards: {shards}\n"
         ),
     )
     .expect("config");
@@ -421,6 +432,49 @@ fn etcd_client_get(url: &str, prefix: &str) -> String {
             })
             .unwrap_or_default()
     })
+}
+
+/// With two shards led by two replicas, a pause asked of either is
+/// applied by both leaders (fanned out), and so is the resume.
+#[test]
+fn pause_and_resume_reach_every_leader() {
+    let ch = charter();
+    let prom = prometheus(&[("charter", ch.addr)], None, None);
+    let etcd = etcd();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_pa, aa) = replica_with_shards(dir.path(), &etcd.url(), &prom.url(), ch.addr, "a", 2);
+    let (_pb, ab) = replica_with_shards(dir.path(), &etcd.url(), &prom.url(), ch.addr, "b", 2);
+    wait_until(Duration::from_secs(20), "one shard each", || {
+        let (x, y) = (cluster(aa), cluster(ab));
+        (x["leading_shards"].as_array().map(Vec::len) == Some(1)
+            && y["leading_shards"].as_array().map(Vec::len) == Some(1))
+        .then_some(())
+    });
+    let post = |addr: SocketAddr, what: &str| {
+        reqwest::blocking::Client::new()
+            .post(format!("http://{addr}/api/v1/{what}"))
+            .json(&serde_json::json!({"by": "sre", "reason": "drill"}))
+            .send()
+            .expect("post")
+    };
+    let paused = |addr: SocketAddr| {
+        get(&format!("http://{addr}/api/v1/safety")).map(|v| v["paused"] == true)
+    };
+    let r = post(aa, "pause");
+    assert!(r.status().is_success(), "{}", r.status());
+    let by = r
+        .headers()
+        .get("x-mapek-applied-by")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let mut names: Vec<&str> = by.split(',').collect();
+    names.sort_unstable();
+    assert_eq!(names, ["a", "b"], "applied by both leaders");
+    assert_eq!((paused(aa), paused(ab)), (Some(true), Some(true)));
+    let r = post(ab, "resume");
+    assert!(r.status().is_success(), "{}", r.status());
+    assert_eq!((paused(aa), paused(ab)), (Some(false), Some(false)));
 }
 
 #[test]
