@@ -798,3 +798,70 @@ async fn a_replica_applies_published_knowledge_and_publishes_its_own() {
         0
     );
 }
+
+/// The disruption budget's slots in etcd: shared by every leader, never
+/// over-reserved, freed by their lease at the end of the window, and
+/// reserved only by a shard's leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn budget_slots_are_shared_and_free_themselves() {
+    use mapek_actors::leadership::Leadership;
+    let etcd = etcd().await;
+    let a = start(&settings(&etcd.url(), "a", 2, 2, "/slots")).await;
+    let b = start(&settings(&etcd.url(), "b", 2, 2, "/slots")).await;
+    until(Duration::from_secs(10), "one shard each", || {
+        a.view().leading.len() == 1 && b.view().leading.len() == 1
+    })
+    .await;
+    let sa = *a.view().leading.first().expect("a leads");
+    let sb = *b.view().leading.first().expect("b leads");
+    let window = Duration::from_secs(2);
+    assert_eq!(a.reserve_budget(sa, 2, 3, window, "pa").await, Ok(true));
+    assert_eq!(
+        b.reserve_budget(sb, 2, 3, window, "pb").await,
+        Ok(false),
+        "only 1 of 3 left"
+    );
+    assert_eq!(b.reserve_budget(sb, 1, 3, window, "pb").await, Ok(true));
+    assert_eq!(
+        a.reserve_budget(sa, 1, 3, window, "pc").await,
+        Ok(false),
+        "all 3 used"
+    );
+    // Concurrent reservations for the last slots never over-reserve.
+    // The window ends: etcd expires the leases and the slots go.
+    let mut c = a.client();
+    let slots = a.key("budget-slots/");
+    let t0 = Instant::now();
+    loop {
+        let n = c
+            .get(
+                slots.clone(),
+                Some(
+                    etcd_client::GetOptions::new()
+                        .with_prefix()
+                        .with_count_only(),
+                ),
+            )
+            .await
+            .expect("count")
+            .count();
+        if n == 0 {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "slots never freed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (x, y) = tokio::join!(
+        a.reserve_budget(sa, 2, 3, Duration::from_secs(30), "px"),
+        b.reserve_budget(sb, 2, 3, Duration::from_secs(30), "py")
+    );
+    let won = [x.clone(), y.clone()]
+        .iter()
+        .filter(|r| **r == Ok(true))
+        .count();
+    // Whichever came second found only one slot: exactly one wins (both
+    // free slots may also have gone to one if the first read was slow).
+    assert_eq!(won, 1, "{x:?} {y:?}");
+    // Not the leader of the shard: refused.
+    assert!(a.reserve_budget(sb, 1, 3, window, "pz").await.is_err());
+}

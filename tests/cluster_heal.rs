@@ -477,6 +477,136 @@ fn pause_and_resume_reach_every_leader() {
     assert_eq!((paused(aa), paused(ab)), (Some(false), Some(false)));
 }
 
+/// The disruption budget is the cluster's: two replicas each leading one
+/// of two shards, a budget of two disruptive actions, four components
+/// (two per shard) crashing at once: two restarts in all, never more, and
+/// the rest held by the budget.
+#[test]
+fn the_disruption_budget_is_shared_by_every_leader() {
+    use mapek_actors::leadership::shard_of;
+    let mut by_shard: [Vec<String>; 2] = [Vec::new(), Vec::new()];
+    for i in 0..64 {
+        let n = format!("node{i:02}");
+        let s = shard_of(&n, 2) as usize;
+        if by_shard[s].len() < 2 {
+            by_shard[s].push(n);
+        }
+    }
+    let names: Vec<String> = by_shard.concat();
+    assert_eq!(names.len(), 4);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let sim = Simulator::with_topology(
+        Topology::new(&names).expect("topology"),
+        Arc::new(SystemClock),
+    );
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind");
+    let charter = listener.local_addr().expect("addr");
+    let router = mapek::sim::router(sim.clone(), None);
+    rt.spawn(async move { axum::serve(listener, router).await });
+    let prom = prometheus(&[("charter", charter)], None, None);
+    let etcd = etcd();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let start = |name: &str| {
+        let cfg = dir.path().join(format!("{name}.yaml"));
+        std::fs::write(
+            &cfg,
+            format!(
+                "monitor:\n  interval_seconds: 1\n\
+                 prometheus:\n  url: {}\n  timeout_seconds: 2\n  retries: 0\n\
+                 alertmanager:\n  enabled: false\n\
+                 charter:\n  url: http://{charter}\n\
+                 execute:\n  verification_window_seconds: 2\n  call_timeout_seconds: 5\n  preflight_validate: false\n\
+                 plan:\n  cooldown_seconds: 1\n\
+                 safety:\n  disruption_budget:\n    max_actions: 2\n    window_seconds: 600\n  breaker:\n    failures: 100\n  flapping:\n    relapses: 100\n\
+                 cluster:\n  etcd_endpoints: [\"{}\"]\n  name: {name}\n  lease_seconds: {LEASE}\n  shards: 2\n  prefix: /budget\n",
+                prom.url(),
+                etcd.url()
+            ),
+        )
+        .expect("config");
+        let data = dir
+            .path()
+            .join(format!("data-{name}"))
+            .display()
+            .to_string();
+        let addr = free_addr();
+        let (c, a) = (cfg.display().to_string(), addr.to_string());
+        let mut p = Proc::start(
+            &["run", "--config", &c, "--data-dir", &data, "--listen", &a],
+            &[("LOG_LEVEL", "info")],
+            dir.path(),
+        );
+        p.wait_for("serving", Duration::from_secs(30));
+        (p, addr)
+    };
+    let (_pa, aa) = start("a");
+    let (_pb, ab) = start("b");
+    wait_until(Duration::from_secs(20), "one shard each", || {
+        let (x, y) = (cluster(aa), cluster(ab));
+        (x["leading_shards"].as_array().map(Vec::len) == Some(1)
+            && y["leading_shards"].as_array().map(Vec::len) == Some(1))
+        .then_some(())
+    });
+    for n in &names {
+        sim.inject_at(n, FaultKind::NodeCrash).expect("inject");
+    }
+    let active = || -> usize {
+        names
+            .iter()
+            .map(|n| sim.active_faults_at(n).map(|f| f.len()).unwrap_or(0))
+            .sum()
+    };
+    let applied = || {
+        sim.calls()
+            .iter()
+            .filter(|c| c.method == "POST" && c.status == 200 && !c.replayed)
+            .count()
+    };
+    let held_by_budget = |addr: SocketAddr| -> bool {
+        get(&format!("http://{addr}/api/v1/policies"))
+            .map(|v| v.to_string().contains("disruption budget"))
+            .unwrap_or(false)
+    };
+    let settled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wait_until(
+            Duration::from_secs(60),
+            "two faults healed, the others held by the budget",
+            || {
+                (active() == 2 && (held_by_budget(aa) || held_by_budget(ab)) && applied() == 2)
+                    .then_some(())
+            },
+        )
+    }));
+    if settled.is_err() {
+        panic!(
+            "not settled: {} faults active, {} applied; policies on a: {}\non b: {}",
+            active(),
+            applied(),
+            get(&format!("http://{aa}/api/v1/policies")).unwrap_or_default(),
+            get(&format!("http://{ab}/api/v1/policies")).unwrap_or_default()
+        );
+    }
+    let a_policies = get(&format!("http://{aa}/api/v1/policies")).unwrap_or_default();
+    let b_policies = get(&format!("http://{ab}/api/v1/policies")).unwrap_or_default();
+    eprintln!(
+        "shared budget: {} actions applied for 4 crashes with a budget of 2; held on a: {}, on b: {}",
+        applied(),
+        held_by_budget(aa),
+        held_by_budget(ab)
+    );
+    assert_eq!(applied(), 2, "a: {a_policies}\nb: {b_policies}");
+    // Each applied action holds one of the two slots in etcd (until the
+    // window's lease ends).
+    let slots = etcd_client_get(&etcd.url(), "/budget/budget-slots/");
+    assert_eq!(slots.lines().count(), 2, "slots: {slots:?}");
+}
+
 #[test]
 fn a_paused_leader_resumed_after_a_takeover_makes_no_call() {
     let ch = charter();

@@ -177,6 +177,23 @@ pub trait Leadership: Send + Sync + 'static {
         self.subscribe().borrow().clone()
     }
 
+    /// Reserves `n` of the cluster's `max` disruption-budget slots for
+    /// `window` (each slot is an etcd key on a lease of that TTL, so a
+    /// reservation leaves the window by itself), in a transaction fenced
+    /// on `shard`. `Ok(false)`: fewer than `n` slots are free (the
+    /// budget is exhausted cluster-wide). Alone: always `Ok(true)` (the
+    /// Planner's own budget is the whole budget).
+    fn reserve_budget<'a>(
+        &'a self,
+        _shard: u32,
+        _n: u32,
+        _max: u32,
+        _window: std::time::Duration,
+        _holder: &'a str,
+    ) -> BoxFuture<'a, Result<bool, FenceError>> {
+        Box::pin(async { Ok(true) })
+    }
+
     /// The `host:port` of a member's API, as it published it (`None`
     /// when unknown, and always alone).
     fn address_of(&self, _member: &str) -> Option<String> {

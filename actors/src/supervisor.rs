@@ -265,6 +265,7 @@ pub fn start_loop(parts: LoopParts) -> LoopHandle {
             mode: settings.safety.mode,
             state: Some(state.clone()),
             leadership: leadership.clone(),
+            budget: settings.safety.disruption_budget.clone(),
         };
         let e_inbox = inbox(ActorKind::Executor);
         let (ei, ek, ep, est, er) = (

@@ -772,6 +772,121 @@ impl Inner {
         }
     }
 
+    /// See [`Leadership::reserve_budget`]: the slots are
+    /// `{prefix}/budget-slots/{k}` for `k < max`, each put on a lease of
+    /// TTL `window` in one transaction that also compares the shard's
+    /// leader key (so only its leader reserves).
+    async fn reserve_budget(
+        self: &Arc<Self>,
+        shard: u32,
+        n: u32,
+        max: u32,
+        window: Duration,
+        holder: &str,
+    ) -> Result<bool, FenceError> {
+        if n == 0 {
+            return Ok(true);
+        }
+        if n > max {
+            return Ok(false);
+        }
+        let slots = format!("{}/budget-slots/", self.prefix);
+        let mut c = self.client.clone();
+        for _ in 0..3 {
+            let (fence, _) = self.fence(shard).ok_or(FenceError::NotLeader { shard })?;
+            let taken = rpc(
+                self.rpc_timeout,
+                "budget slots",
+                c.get(
+                    slots.clone(),
+                    Some(GetOptions::new().with_prefix().with_keys_only()),
+                ),
+            )
+            .await
+            .map_err(FenceError::Unavailable)?;
+            let used: BTreeSet<u32> = taken
+                .kvs()
+                .iter()
+                .filter_map(|kv| {
+                    kv.key_str()
+                        .ok()?
+                        .strip_prefix(slots.as_str())?
+                        .parse()
+                        .ok()
+                })
+                .collect();
+            let free: Vec<u32> = (0..max)
+                .filter(|k| !used.contains(k))
+                .take(n as usize)
+                .collect();
+            if free.len() < n as usize {
+                return Ok(false);
+            }
+            let lease = rpc(
+                self.rpc_timeout,
+                "lease grant",
+                c.lease_grant(window.as_secs().max(1) as i64, None),
+            )
+            .await
+            .map_err(FenceError::Unavailable)?
+            .id();
+            let lk = fence.leader_key.clone();
+            let mut when = vec![
+                Compare::create_revision(lk.clone(), CompareOp::Equal, fence.revision),
+                Compare::lease(lk.clone(), CompareOp::Equal, fence.lease_id),
+            ];
+            let mut puts = Vec::new();
+            for k in &free {
+                let key = format!("{slots}{k}");
+                when.push(Compare::version(key.clone(), CompareOp::Equal, 0));
+                puts.push(TxnOp::put(
+                    key,
+                    holder.to_string(),
+                    Some(PutOptions::new().with_lease(lease)),
+                ));
+            }
+            let txn = Txn::new()
+                .when(when)
+                .and_then(puts)
+                .or_else([TxnOp::get(lk, None)]);
+            let resp = match rpc(self.rpc_timeout, "reserve budget", c.txn(txn)).await {
+                Ok(r) => r,
+                Err(e) => {
+                    self.revoke_later(lease);
+                    return Err(FenceError::Unavailable(e));
+                }
+            };
+            if resp.succeeded() {
+                if self.fence(shard).is_none() {
+                    return Err(FenceError::NotLeader { shard });
+                }
+                return Ok(true);
+            }
+            self.revoke_later(lease);
+            // Deposed, or another leader took a slot first (try again).
+            let still = resp.op_responses().into_iter().any(|op| match op {
+                TxnOpResponse::Get(g) => g
+                    .kvs()
+                    .first()
+                    .is_some_and(|kv| kv.create_revision() == fence.revision),
+                _ => false,
+            });
+            if !still {
+                self.step_down(
+                    shard,
+                    Some(fence.lease_id),
+                    "deposed: a budget reservation found the leader key changed",
+                    true,
+                );
+                return Err(FenceError::Deposed {
+                    shard,
+                    holder: None,
+                });
+            }
+        }
+        Ok(false)
+    }
+
     /// Tries to become the leader of `shard`. `Ok(false)`: someone else
     /// holds it.
     async fn campaign(self: &Arc<Self>, shard: u32) -> Result<bool, String> {
@@ -1244,6 +1359,17 @@ impl Leadership for Cluster {
 
     fn fence(&self, shard: u32) -> Option<Fence> {
         Cluster::fence(self, shard)
+    }
+
+    fn reserve_budget<'a>(
+        &'a self,
+        shard: u32,
+        n: u32,
+        max: u32,
+        window: Duration,
+        holder: &'a str,
+    ) -> BoxFuture<'a, Result<bool, FenceError>> {
+        Box::pin(self.inner.reserve_budget(shard, n, max, window, holder))
     }
 
     fn address_of(&self, member: &str) -> Option<String> {

@@ -261,6 +261,28 @@ async fn publish(
                     }
                 },
             };
+            // The disruption budget is counted per leader, shared by all:
+            // each leader's window is its own key (`budget@<replica>`).
+            let r = match r {
+                Record::Put { tree, key, value }
+                    if tree == mapek_actors::safety::GUARDS_TREE && key == "budget" =>
+                {
+                    Record::Put {
+                        tree,
+                        key: format!("budget@{}", cluster.name()),
+                        value,
+                    }
+                }
+                Record::Delete { tree, key }
+                    if tree == mapek_actors::safety::GUARDS_TREE && key == "budget" =>
+                {
+                    Record::Delete {
+                        tree,
+                        key: format!("budget@{}", cluster.name()),
+                    }
+                }
+                other => other,
+            };
             let Some((key, delete)) = key_of(&r) else {
                 continue;
             };
@@ -366,6 +388,8 @@ async fn follow(
     // client's 4 MiB message limit).
     let mut from = prefix.clone().into_bytes();
     let mut rev = 0i64;
+    let guards_prefix = format!("{prefix}{}/", mapek_actors::safety::GUARDS_TREE);
+    let mut listed_guards: std::collections::HashSet<String> = std::collections::HashSet::new();
     loop {
         let mut opts = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
         if rev > 0 {
@@ -377,6 +401,13 @@ async fn follow(
         }
         let mut pending = Vec::new();
         for kv in resp.kvs() {
+            if let Some(rest) = kv
+                .key_str()
+                .ok()
+                .and_then(|k| k.strip_prefix(guards_prefix.as_str()))
+            {
+                listed_guards.insert(rest.to_string());
+            }
             if let Some(f) = apply_listed(cluster, store, kv.value(), counters) {
                 pending.push(f);
             }
@@ -390,6 +421,7 @@ async fn follow(
             _ => break,
         }
     }
+    forget_unlisted(cluster, store, &listed_guards, counters).await?;
     let mut stream = rpc(
         cluster.inner.rpc_timeout,
         "watch knowledge",
@@ -484,6 +516,41 @@ fn apply_put(
     }
     counters.applied.fetch_add(1, Ordering::Relaxed);
     Some(Box::pin(store.submit_replica(&env.record)))
+}
+
+/// After a list: another leader's budget record that etcd no longer has
+/// goes. Other guard keys are kept even when etcd no longer has them (a
+/// deletion missed while not watching, or state this replica could not
+/// publish): what they keep is conservative (a pause, a silence, an open
+/// breaker, a full window), visible in `/api/v1/safety`, and ended by a
+/// resume or a clear, whereas dropping one could let mapek act where it
+/// was told not to.
+async fn forget_unlisted(
+    cluster: &Cluster,
+    store: &KnowledgeStore,
+    listed: &std::collections::HashSet<String>,
+    counters: &ReplicationCounters,
+) -> Result<(), String> {
+    use mapek_actors::safety::GUARDS_TREE;
+    let mine = format!("budget@{}", cluster.name());
+    let local = store
+        .list_records_prefixed::<serde_json::Value>(GUARDS_TREE, "budget@")
+        .map_err(|e| e.to_string())?;
+    let mut pending = Vec::new();
+    for (key, _) in local {
+        if listed.contains(&key) || key == mine {
+            continue;
+        }
+        if key.starts_with("budget@") {
+            let record = Record::Delete {
+                tree: GUARDS_TREE.to_string(),
+                key,
+            };
+            counters.applied.fetch_add(1, Ordering::Relaxed);
+            pending.push(Box::pin(store.submit_replica(&record)) as Pending);
+        }
+    }
+    settle(pending).await
 }
 
 /// Like [`apply_put`], for a listed record: one of our own is applied

@@ -245,6 +245,9 @@ pub struct ExecutionEnv {
     /// coordination service under the shard's fence (only the leader can),
     /// and the fence's revision goes with the call as its fencing token.
     pub leadership: Option<Arc<dyn crate::leadership::Leadership>>,
+    /// `safety.disruption_budget`: in cluster mode its slots are reserved
+    /// in etcd before a policy's first disruptive action.
+    pub budget: crate::settings::DisruptionBudgetSettings,
 }
 
 /// Parameter carrying an action's fencing token (cluster mode) to its
@@ -259,6 +262,20 @@ pub const FENCING_DOMAIN: &str = "fencing_domain";
 
 /// Error of an execution that the pause stopped before it acted.
 pub const HELD_BY_PAUSE: &str = "held by the pause before acting: nothing was sent";
+
+/// Error of an execution that the cluster-wide disruption budget stopped
+/// before it acted (cluster mode: other leaders used the budget first).
+pub const HELD_BY_BUDGET: &str =
+    "held by the cluster-wide disruption budget before acting: nothing was sent";
+
+/// Whether an execution ended before acting, held (pause or cluster-wide
+/// budget): nothing was sent, nothing is learned, it is planned again.
+pub fn held_before_acting(exec: &PolicyExecution) -> bool {
+    matches!(
+        exec.error.as_deref(),
+        Some(HELD_BY_PAUSE) | Some(HELD_BY_BUDGET)
+    )
+}
 
 /// What the fence said about one action (cluster mode).
 enum Fenced {
@@ -442,6 +459,26 @@ impl ExecutionEnv {
                 "interrupted before acting: {why}; nothing was sent"
             ));
             return;
+        }
+        // Cluster: the disruption budget is the cluster's; its slots are
+        // taken in etcd before the first disruptive action.
+        match self.reserve_budget(policy).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::info!(policy = %policy.id, "the cluster-wide disruption budget is used up: nothing sent");
+                exec.status = ExecutionStatus::Failed;
+                exec.error = Some(HELD_BY_BUDGET.into());
+                return;
+            }
+            Err(why) => {
+                tracing::warn!(policy = %policy.id, reason = %why, "not the leader: nothing sent");
+                exec.status = ExecutionStatus::Unknown;
+                exec.interrupted = true;
+                exec.error = Some(format!(
+                    "interrupted before acting: {why}; nothing was sent"
+                ));
+                return;
+            }
         }
         // The intent of every action is journaled before the first one is
         // sent (queued now, made durable in one group commit while the
@@ -773,6 +810,32 @@ impl ExecutionEnv {
         if let Some(tx) = acted.take() {
             let _ = tx.send(());
         }
+    }
+
+    /// Cluster mode: reserves the policy's disruptive actions in the
+    /// cluster-wide budget (fenced on the shard of its component).
+    async fn reserve_budget(&self, policy: &RemediationPolicy) -> Result<bool, String> {
+        let Some(l) = &self.leadership else {
+            return Ok(true);
+        };
+        let n = policy
+            .actions
+            .iter()
+            .filter(|a| self.budget.action_types.contains(&a.action_type))
+            .count() as u32;
+        if n == 0 {
+            return Ok(true);
+        }
+        let shard = l.shard_of(crate::leadership::policy_component(policy));
+        l.reserve_budget(
+            shard,
+            n,
+            self.budget.max_actions,
+            Duration::from_secs(self.budget.window_seconds),
+            &policy.id,
+        )
+        .await
+        .map_err(|e| format!("the disruption budget could not be reserved: {e}"))
     }
 
     /// Cluster mode: finds the incident's claim, adopts its name and
@@ -1330,6 +1393,7 @@ mod pause_tests {
             mode: Mode::Act,
             state: Some(state),
             leadership: None,
+            budget: Default::default(),
         }
     }
 

@@ -2137,6 +2137,24 @@ impl KnowledgeStore {
         Ok(out)
     }
 
+    /// The records of tree `tree` whose keys start with `prefix`, with
+    /// their keys, in key order.
+    pub fn list_records_prefixed<T: DeserializeOwned>(
+        &self,
+        tree: &'static str,
+        prefix: &str,
+    ) -> Result<Vec<(String, T)>, StoreError> {
+        let inner = self.live()?;
+        let t = inner.db.open_tree(tree).map_err(|e| inner.err(e))?;
+        let mut out = Vec::new();
+        for item in t.scan_prefix(prefix.as_bytes()) {
+            let (k, v) = item.map_err(|e| inner.err(e))?;
+            let rec: T = inner.decode(tree, &k, &v)?;
+            out.push((String::from_utf8_lossy(&k).into_owned(), rec));
+        }
+        Ok(out)
+    }
+
     /// Journals the intent to act before acting: one record per action,
     /// keyed by its deterministic idempotency key `incident/attempt/action`,
     /// with the request to be sent (tree [`INTENTS_TREE`]; journaling the

@@ -455,6 +455,24 @@ impl Planner {
         tracing::info!(shards = ?self.led, adopted_pending = adopted, decided_elsewhere = decided.len(), "leading: learned statistics, guard state and pending approvals taken from Knowledge");
     }
 
+    /// Cluster mode: the disruption budget is the cluster's: the other
+    /// leaders' recent disruptive actions (their `budget@<replica>`
+    /// records, replicated into this Knowledge) count against it too.
+    fn refresh_cluster_budget(&mut self, now: chrono::DateTime<chrono::Utc>) {
+        let Some(l) = &self.leadership else { return };
+        let mine = format!("budget@{}", l.name());
+        match self
+            .store
+            .list_records_prefixed::<serde_json::Value>(GUARDS_TREE, "budget@")
+        {
+            Ok(mut records) => {
+                records.retain(|(k, _)| *k != mine);
+                self.guards.set_others_budget(records, now);
+            }
+            Err(e) => tracing::warn!(error = %e, "the other leaders' budget use could not be read"),
+        }
+    }
+
     /// Whether this replica may act on `policy` now (always, alone): it
     /// leads the shard of every component the policy acts on.
     fn leads(&self, policy: &RemediationPolicy) -> bool {
@@ -555,10 +573,18 @@ impl Planner {
         changed
     }
 
-    fn post_escalations(&self, firing: Vec<Escalation>, resolved: Vec<Escalation>) {
+    fn post_escalations(&self, mut firing: Vec<Escalation>, resolved: Vec<Escalation>) {
         let Some(sink) = self.sink.clone() else {
             return;
         };
+        // Cluster mode: an incident's escalation is posted by the leader
+        // of its shard only (a standby takes over the reposting when it
+        // starts leading); resolving is idempotent and always sent.
+        if let Some(l) = &self.leadership {
+            firing.retain(|e| {
+                l.is_leader(l.shard_of(e.components.first().map(String::as_str).unwrap_or("")))
+            });
+        }
         if firing.is_empty() && resolved.is_empty() {
             return;
         }
@@ -1381,6 +1407,7 @@ impl Planner {
             return; // shutting down: nothing new starts
         }
         let wall = self.clock.now();
+        self.refresh_cluster_budget(wall);
         // The queue timeout (time paused does not count).
         if self.guards.pause().is_none() {
             let timeout = Duration::from_secs(self.guards.settings().queue_timeout_seconds);
@@ -1856,8 +1883,18 @@ impl Handler<ExecutionFinished> for Planner {
         let inbox = self.inbox.clone();
         inbox.guard(self, ctx, "ExecutionFinished", |act, ctx| {
             let dry = msg.execution.status == ExecutionStatus::DryRun;
-            let held = msg.execution.error.as_deref() == Some(crate::execute::HELD_BY_PAUSE);
-            let cooldown = if dry || held {
+            let held = crate::execute::run::held_before_acting(&msg.execution);
+            let by_budget =
+                msg.execution.error.as_deref() == Some(crate::execute::run::HELD_BY_BUDGET);
+            if by_budget {
+                // Not spent here; planned again once the other leaders'
+                // use (replicated meanwhile) leaves room: a second's pause
+                // keeps a lost race from spinning.
+                act.guards.release_budget(&msg.policy.id);
+            }
+            let cooldown = if by_budget {
+                Duration::from_secs(1)
+            } else if dry || held {
                 Duration::ZERO
             } else {
                 Duration::from_secs(act.settings.cooldown_seconds)

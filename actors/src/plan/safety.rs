@@ -154,7 +154,8 @@ pub fn verdict(exec: &PolicyExecution) -> Verdict {
         || exec
             .error
             .as_deref()
-            .is_some_and(|e| e.starts_with("interrupted") || e == crate::execute::HELD_BY_PAUSE)
+            .is_some_and(|e| e.starts_with("interrupted"))
+        || crate::execute::run::held_before_acting(exec)
     {
         return Verdict::Nothing;
     }
@@ -243,6 +244,10 @@ pub struct Guards {
     /// When the earliest entry of any component's rate window leaves it.
     rate_next: Option<Timestamp>,
     dirty: Vec<String>,
+    /// Cluster mode: when the other leaders' disruptive actions were
+    /// taken (their `budget@<replica>` records), sorted: the disruption
+    /// budget is shared by the whole cluster.
+    others: Vec<Timestamp>,
 }
 
 impl Guards {
@@ -258,6 +263,7 @@ impl Guards {
             silences: BTreeMap::new(),
             successes: HashMap::new(),
             budget_blocked: false,
+            others: Vec::new(),
             reset: Vec::new(),
             rate_next: None,
             dirty: Vec::new(),
@@ -450,10 +456,36 @@ impl Guards {
             .count()
     }
 
-    /// Disruptive actions counted in the current window.
+    /// Disruptive actions counted in the current window (this replica's
+    /// and, in cluster mode, the other leaders').
     pub fn budget_used(&mut self, now: Timestamp) -> usize {
         self.trim(now);
-        self.budget.len()
+        self.budget.len() + self.others_in_window(now)
+    }
+
+    /// Cluster mode: the other leaders' budget records (`budget@<replica>`
+    /// keys of [`GUARDS_TREE`], as replicated), replacing the previous
+    /// ones. Unreadable records are skipped.
+    pub fn set_others_budget(&mut self, records: Vec<(String, Value)>, now: Timestamp) {
+        let window = secs(self.settings.disruption_budget.window_seconds);
+        let mut at: Vec<Timestamp> = Vec::new();
+        for (key, v) in records {
+            match serde_json::from_value::<VecDeque<(Timestamp, String, ActionType)>>(v) {
+                Ok(q) => at.extend(q.into_iter().map(|(t, _, _)| t)),
+                Err(e) => {
+                    tracing::warn!(key, error = %e, "unreadable budget record of another replica skipped")
+                }
+            }
+        }
+        at.retain(|t| *t + window > now);
+        at.sort_unstable();
+        self.others = at;
+    }
+
+    fn others_in_window(&self, now: Timestamp) -> usize {
+        let window = secs(self.settings.disruption_budget.window_seconds);
+        let first = self.others.partition_point(|t| *t + window <= now);
+        self.others.len() - first
     }
 
     /// Disruptive actions still allowed in the current window.
@@ -465,10 +497,15 @@ impl Guards {
     /// When the earliest entry of a full window leaves it (the budget or a
     /// component's rate limit frees up), if one is full.
     pub fn next_release(&self) -> Option<Timestamp> {
-        let b = self
-            .budget
-            .front()
-            .map(|(at, _, _)| *at + secs(self.settings.disruption_budget.window_seconds));
+        let window = secs(self.settings.disruption_budget.window_seconds);
+        let b = match (
+            self.budget.front().map(|(at, _, _)| *at),
+            self.others.first(),
+        ) {
+            (Some(a), Some(o)) => Some(a.min(*o)),
+            (a, o) => a.or(o.copied()),
+        }
+        .map(|at| at + window);
         let r = self
             .rate
             .values()
@@ -602,13 +639,19 @@ impl Guards {
                     "waits behind an earlier policy for the disruption budget".into(),
                 );
             }
-            if self.budget.len() + d > max {
+            let others = self.others_in_window(now);
+            if self.budget.len() + others + d > max {
                 self.budget_blocked = true;
+                let elsewhere = if others > 0 {
+                    format!(" ({others} of them by other leaders)")
+                } else {
+                    String::new()
+                };
                 return Gate::Hold(
                     "disruption_budget",
                     format!(
-                        "disruption budget exhausted: {} of {max} disruptive action(s) used in the last {} s",
-                        self.budget.len(),
+                        "disruption budget exhausted: {} of {max} disruptive action(s) used in the last {} s{elsewhere}",
+                        self.budget.len() + others,
                         self.settings.disruption_budget.window_seconds
                     ),
                 );
@@ -670,6 +713,17 @@ impl Guards {
                     self.mark(format!("breaker/{k}"));
                 }
             }
+        }
+    }
+
+    /// A policy admitted but held before acting by the cluster-wide
+    /// budget: its disruptive actions leave this replica's window (they
+    /// did not happen).
+    pub fn release_budget(&mut self, policy_id: &str) {
+        let before = self.budget.len();
+        self.budget.retain(|(_, p, _)| p != policy_id);
+        if self.budget.len() != before {
+            self.mark("budget".into());
         }
     }
 
@@ -1200,6 +1254,60 @@ mod tests {
             g.gate(&big, at(600)),
             Gate::Escalate("disruption_budget", EscalationKind::BudgetExhausted, _)
         ));
+    }
+
+    #[test]
+    fn other_leaders_use_of_the_budget_counts_until_it_leaves_the_window() {
+        let mut g = Guards::new(settings());
+        // Another leader took 3 disruptive actions at 100 s; one record
+        // of a leader long gone (at -1000 s) no longer counts.
+        let theirs = serde_json::json!([
+            [at(100), "svc-a", "RESTART_SERVICE"],
+            [at(100), "svc-b", "RESTART_SERVICE"],
+            [at(100), "svc-c", "RESTART_SERVICE"],
+        ]);
+        let gone = serde_json::json!([[at(-1000), "svc-z", "RESTART_SERVICE"]]);
+        g.set_others_budget(
+            vec![
+                ("budget@b".into(), theirs),
+                ("budget@c".into(), gone),
+                ("budget@d".into(), serde_json::json!("garbage")),
+            ],
+            at(100),
+        );
+        assert_eq!(g.budget_used(at(100)), 3);
+        g.begin_pass(at(100));
+        let mut admitted = 0;
+        let mut held = Vec::new();
+        for i in 0..5 {
+            let p = policy(
+                &format!("p{i}"),
+                &format!("svc-{i}"),
+                &[ActionType::RestartService],
+            );
+            match g.gate(&p, at(100)) {
+                Gate::Admit => {
+                    g.admitted(&p, at(100));
+                    admitted += 1;
+                }
+                Gate::Hold("disruption_budget", why) => held.push(why),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(
+            admitted, 2,
+            "5 in the cluster's window, 3 of them elsewhere"
+        );
+        assert!(held[0].contains("3 of them by other leaders"), "{held:?}");
+        assert!(
+            held[1..].iter().all(|w| w.contains("waits behind")),
+            "{held:?}"
+        );
+        // Theirs leave the window at 700 s, ours at 700 s too.
+        assert_eq!(g.next_release(), Some(at(700)));
+        g.begin_pass(at(700));
+        let p = policy("later", "svc-later", &[ActionType::RestartService]);
+        assert_eq!(g.gate(&p, at(700)), Gate::Admit);
     }
 
     #[test]
