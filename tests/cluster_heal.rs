@@ -874,12 +874,32 @@ fn three_replicas_twelve_shards_thirty_components_all_healed() {
     }
     let applied = applied_per_key(&sim);
     let twice: Vec<_> = applied.iter().filter(|(_, n)| **n > 1).collect();
+    // How the remedies went: incidents, attempts per incident, actions.
+    let mut attempts: std::collections::BTreeMap<&str, std::collections::BTreeSet<&str>> =
+        Default::default();
+    for k in applied.keys() {
+        let mut it = k.split('/');
+        if let (Some(inc), Some(att)) = (it.next(), it.next()) {
+            attempts.entry(inc).or_default().insert(att);
+        }
+    }
+    let most = attempts.values().map(|a| a.len()).max().unwrap_or(0);
+    let paths: std::collections::BTreeMap<String, usize> = sim
+        .calls()
+        .iter()
+        .filter(|c| c.method == "POST" && c.status == 200 && !c.replayed)
+        .fold(Default::default(), |mut m, c| {
+            *m.entry(c.path.clone()).or_insert(0) += 1;
+            m
+        });
     eprintln!(
         "three replicas: {} shards of the killed replica taken over in {takeover:?} (lease {LEASE} \
-         s); {samples} samples, never two leaders of a shard; {} keys applied, {} twice",
+         s); {samples} samples, never two leaders of a shard; {} keys applied, {} twice; {} \
+         incidents, at most {most} attempts each; calls by path {paths:?}",
         theirs.len(),
         applied.len(),
-        twice.len()
+        twice.len(),
+        attempts.len()
     );
     assert!(twice.is_empty(), "applied twice: {twice:?}");
     assert!(!theirs.is_empty(), "the killed replica led shards");
