@@ -1215,6 +1215,7 @@ mod tests {
             guards: Vec::new(),
             autonomy: None,
             candidates: Vec::new(),
+            shard: None,
         }
     }
 

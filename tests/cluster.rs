@@ -865,3 +865,32 @@ async fn budget_slots_are_shared_and_free_themselves() {
     // Not the leader of the shard: refused.
     assert!(a.reserve_budget(sb, 1, 3, window, "pz").await.is_err());
 }
+
+/// Intents and incident claims expire by themselves (a shared lease of
+/// about a day): the keyspace stays bounded by a day of actions. Other
+/// fenced writes do not expire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn intents_and_claims_expire_other_fenced_writes_do_not() {
+    let etcd = etcd().await;
+    let a = start(&settings(&etcd.url(), "a", 2, 1, "/exp")).await;
+    until(Duration::from_secs(10), "a leads", || a.is_leader(0)).await;
+    for k in ["intents/inc-1/1/a1", "incident-claims/00ff", "notes/x"] {
+        a.fenced_put(0, k, b"v".to_vec()).await.expect("put");
+    }
+    let mut c = a.client();
+    let lease_of = |k: &str| {
+        let key = a.key(k);
+        let mut c = a.client();
+        async move { c.get(key, None).await.expect("get").kvs()[0].lease() }
+    };
+    let (i, cl, n) = (
+        lease_of("intents/inc-1/1/a1").await,
+        lease_of("incident-claims/00ff").await,
+        lease_of("notes/x").await,
+    );
+    assert!(i != 0 && i == cl, "one shared lease: {i} {cl}");
+    assert_eq!(n, 0, "no lease on other keys");
+    let ttl = c.lease_time_to_live(i, None).await.expect("ttl").ttl();
+    let day = 24 * 3600;
+    assert!((day..=day + 3600).contains(&ttl), "ttl {ttl}");
+}

@@ -601,6 +601,18 @@ fn the_disruption_budget_is_shared_by_every_leader() {
         held_by_budget(ab)
     );
     assert_eq!(applied(), 2, "a: {a_policies}\nb: {b_policies}");
+    // Every policy belongs to its incident's shard (its root component's,
+    // pinned when first planned).
+    for (addr, ps) in [(aa, &a_policies), (ab, &b_policies)] {
+        for p in ps["policies"].as_array().into_iter().flatten() {
+            let root = p["scope"][0].as_str().expect("scope");
+            assert_eq!(
+                p["shard"].as_u64(),
+                Some(u64::from(shard_of(root, 2))),
+                "on {addr}: {p}"
+            );
+        }
+    }
     // Each applied action holds one of the two slots in etcd (until the
     // window's lease ends).
     let slots = etcd_client_get(&etcd.url(), "/budget/budget-slots/");

@@ -218,6 +218,7 @@ fn policy(id: &str) -> RemediationPolicy {
         guards: Vec::new(),
         autonomy: None,
         candidates: Vec::new(),
+        shard: None,
     }
 }
 

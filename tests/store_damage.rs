@@ -42,6 +42,7 @@ fn policy() -> RemediationPolicy {
         guards: Vec::new(),
         autonomy: None,
         candidates: Vec::new(),
+        shard: None,
     }
 }
 

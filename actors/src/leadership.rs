@@ -214,6 +214,16 @@ pub fn policy_component(policy: &crate::model::RemediationPolicy) -> &str {
         .unwrap_or("")
 }
 
+/// The shard a policy belongs to: the one pinned on it (its incident's,
+/// see [`crate::model::RemediationPolicy::shard`]), else that of its
+/// component.
+pub fn policy_shard(l: &dyn Leadership, policy: &crate::model::RemediationPolicy) -> u32 {
+    policy
+        .shard
+        .filter(|s| *s < l.shards())
+        .unwrap_or_else(|| l.shard_of(policy_component(policy)))
+}
+
 /// The components whose shards a policy acts in: its actions' targets
 /// (each action is fenced on its own target's shard), or the policy's
 /// component when no action names one.

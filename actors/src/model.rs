@@ -545,6 +545,12 @@ pub struct RemediationPolicy {
     /// The remedies it was chosen among (learning), with what was sampled.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub candidates: Vec<CandidateRemedy>,
+    /// Cluster mode: the shard its incident belongs to (that of the
+    /// incident's root component when it was first planned; it stays
+    /// there): only that shard's leader admits it, and every action is
+    /// fenced on it. `None` alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard: Option<u32>,
 }
 
 /// One decision of a safety guard about a policy.
@@ -1070,6 +1076,10 @@ pub struct Incident {
     /// restart does not plan it again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub handed_off: Option<HandOff>,
+    /// Cluster mode: the shard it belongs to, that of its root component
+    /// when it was first planned; it stays there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard: Option<u32>,
 }
 
 /// A lasting hand-off of an incident to people.

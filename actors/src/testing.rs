@@ -258,3 +258,111 @@ impl EvidenceProbe for ScriptedProbe {
         Box::pin(async move { a })
     }
 }
+
+/// Test double: a replica of a cluster of `shards` shards that leads a
+/// fixed set of them (changeable with [`FixedLeadership::lead`]); fenced
+/// writes succeed on led shards and are kept in memory, so a read sees
+/// them. Not a coordination service: for the loop's own tests.
+#[derive(Clone)]
+pub struct FixedLeadership {
+    name: String,
+    shards: u32,
+    tx: Arc<tokio::sync::watch::Sender<crate::leadership::LeadershipView>>,
+    kv: Arc<Mutex<std::collections::BTreeMap<String, Vec<u8>>>>,
+}
+
+impl FixedLeadership {
+    /// Replica `name` of `shards` shards, leading `leading`.
+    pub fn new(name: &str, shards: u32, leading: &[u32]) -> Self {
+        let view = crate::leadership::LeadershipView {
+            name: name.into(),
+            clustered: true,
+            shards,
+            leading: leading.iter().copied().collect(),
+            leaders: (0..shards)
+                .map(|s| (s, leading.contains(&s).then(|| name.to_string())))
+                .collect(),
+            members: vec![name.to_string()],
+            etcd_error: None,
+        };
+        let (tx, _) = tokio::sync::watch::channel(view);
+        FixedLeadership {
+            name: name.into(),
+            shards,
+            tx: Arc::new(tx),
+            kv: Arc::default(),
+        }
+    }
+
+    /// From now on leads `leading` (subscribers are told).
+    pub fn lead(&self, leading: &[u32]) {
+        let name = self.name.clone();
+        self.tx.send_modify(|v| {
+            v.leading = leading.iter().copied().collect();
+            v.leaders = (0..v.shards)
+                .map(|s| (s, leading.contains(&s).then(|| name.clone())))
+                .collect();
+        });
+    }
+
+    /// What was written under `key`.
+    pub fn written(&self, key: &str) -> Option<Vec<u8>> {
+        self.kv
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .cloned()
+    }
+}
+
+impl crate::leadership::Leadership for FixedLeadership {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn shards(&self) -> u32 {
+        self.shards
+    }
+
+    fn is_leader(&self, shard: u32) -> bool {
+        self.tx.borrow().leading.contains(&shard)
+    }
+
+    fn fence(&self, shard: u32) -> Option<crate::leadership::Fence> {
+        self.is_leader(shard).then(|| crate::leadership::Fence {
+            shard,
+            lease_id: 1,
+            leader_key: format!("shards/{shard}/leader"),
+            revision: 1,
+        })
+    }
+
+    fn fenced_put<'a>(
+        &'a self,
+        shard: u32,
+        key: &'a str,
+        value: Vec<u8>,
+    ) -> BoxFuture<'a, Result<crate::leadership::FencedWrite, crate::leadership::FenceError>> {
+        Box::pin(async move {
+            let fence = self
+                .fence(shard)
+                .ok_or(crate::leadership::FenceError::NotLeader { shard })?;
+            self.kv
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(key.to_string(), value);
+            Ok(crate::leadership::FencedWrite { fence, revision: 1 })
+        })
+    }
+
+    fn read<'a>(
+        &'a self,
+        key: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Vec<u8>>, crate::leadership::FenceError>> {
+        Box::pin(async move { Ok(self.written(key)) })
+    }
+
+    fn subscribe(&self) -> tokio::sync::watch::Receiver<crate::leadership::LeadershipView> {
+        self.tx.subscribe()
+    }
+}

@@ -1029,6 +1029,7 @@ fn an_interrupted_execution_is_re_measured_after_a_second_stop_and_kept_out_of_l
         guards: Vec::new(),
         autonomy: None,
         candidates: Vec::new(),
+        shard: None,
     };
     store.put_policy(&policy).expect("policy");
     // Closed as interrupted by a start that stopped again before its
@@ -1087,4 +1088,127 @@ fn an_interrupted_execution_is_re_measured_after_a_second_stop_and_kept_out_of_l
         h.supervisor.send(Shutdown).await.expect("shutdown");
     });
     assert_eq!(sys.run_with_code().expect("run"), 0);
+}
+
+/// Cluster mode: an incident belongs to the shard of its root component
+/// when it is first planned, and stays there: when the incident grows
+/// upstream (a new root in another shard), its next policy still belongs
+/// to the first shard, and so does every fenced write of its actions.
+#[test]
+fn an_incident_stays_on_the_shard_it_was_first_planned_in() {
+    use mapek_actors::leadership::shard_of;
+    use mapek_actors::testing::FixedLeadership;
+    let shards = 16;
+    assert_ne!(
+        shard_of("api", shards),
+        shard_of("db", shards),
+        "two shards"
+    );
+    let pinned = shard_of("api", shards);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = KnowledgeStore::open(dir.path(), Duration::from_secs(5)).expect("store");
+    let source = ScriptedSource::new("scripted");
+    // First only api fails.
+    source.set(Ok(vec![
+        v("api-fail-1", "api", Signal::Failure, 10),
+        v("api-fail-2", "api", Signal::Failure, 11),
+        v("api-fail-3", "api", Signal::Failure, 12),
+    ]));
+    let effector = ConcurrencyProbe::default();
+    let mut s = settings();
+    s.execute.verification_window_seconds = 5;
+    s.plan.cooldown_seconds = 1;
+    s.analyze.topology = BTreeMap::from([("api".to_string(), vec!["db".to_string()])]);
+    let leadership = FixedLeadership::new("a", shards, &(0..shards).collect::<Vec<_>>());
+    let sys = paused_system();
+    sys.block_on(async {
+        let h = start_loop(LoopParts {
+            settings: s,
+            sources: vec![Arc::new(source.clone())],
+            effectors: EffectorRouter::all_to(Arc::new(effector.clone())),
+            probe: Some(Arc::new(HealingProbe::default())),
+            store: store.clone(),
+            clock: Arc::new(SystemClock),
+            metrics: Arc::new(Metrics::new()),
+            chaos: None,
+            events: None,
+            alert_state: None,
+            escalations: None,
+            leadership: Some(Arc::new(leadership.clone())),
+        });
+        let mut rx = h.events.subscribe();
+        let first = next_planned(&mut rx).await;
+        let p1 = stored_policy(&store, &first).await;
+        assert_eq!(p1.shard, Some(pinned), "{p1:?}");
+        // Then db, upstream, fails too: the root moves to db (another
+        // shard); the incident, and its next policy, stay on api's.
+        source.set(Ok(vec![
+            v("api-fail-1", "api", Signal::Failure, 10),
+            v("api-fail-2", "api", Signal::Failure, 11),
+            v("api-fail-3", "api", Signal::Failure, 12),
+            // Seen now, begun before api's failures: the cause upstream.
+            v("db-lat-1", "db", Signal::Latency, 0),
+            v("db-lat-2", "db", Signal::Latency, 1),
+        ]));
+        let second = loop {
+            let id = next_planned(&mut rx).await;
+            let p = stored_policy(&store, &id).await;
+            if p.scope.first().map(String::as_str) == Some("db") {
+                break p;
+            }
+        };
+        assert_eq!(second.incident_id, p1.incident_id, "one incident");
+        assert_eq!(
+            second.shard,
+            Some(pinned),
+            "stays on api's shard: {second:?}"
+        );
+        let page = h
+            .planner
+            .send(GetIncidents {
+                state: None,
+                limit: 10,
+                after: None,
+            })
+            .await
+            .expect("planner");
+        let inc = page
+            .incidents
+            .iter()
+            .find(|i| Some(&i.id) == p1.incident_id.as_ref())
+            .expect("incident");
+        assert_eq!(inc.root_component.as_deref(), Some("db"));
+        assert_eq!(inc.shard, Some(pinned));
+        h.supervisor.send(Shutdown).await.expect("shutdown");
+    });
+    assert_eq!(sys.run_with_code().expect("run"), 0);
+}
+
+async fn next_planned(rx: &mut Receiver<LoopEvent>) -> String {
+    tokio::time::timeout(Duration::from_secs(600), async {
+        loop {
+            if let Ok(LoopEvent::Planned { policy_id, .. }) = rx.recv().await {
+                return policy_id;
+            }
+        }
+    })
+    .await
+    .expect("planned")
+}
+
+/// The policy once Knowledge has stored it (written by the journal thread:
+/// awaited in real time, the actors' clock being paused).
+async fn stored_policy(store: &KnowledgeStore, id: &str) -> mapek_actors::model::RemediationPolicy {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(p) = store.get_policy(id).expect("store") {
+            return p;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "policy {id} never stored"
+        );
+        tokio::task::yield_now().await;
+        std::thread::sleep(Duration::from_millis(2));
+    }
 }

@@ -7,6 +7,7 @@
 //! |---|---|---|
 //! | `{prefix}/members/{name}` | JSON `{name, api, started_at}` | the replica's membership lease |
 //! | `{prefix}/shards/{n}/leader` | the leader's name | that shard's leadership lease |
+//! | `{prefix}/intents/…`, `{prefix}/incident-claims/…` | written by [`Cluster::fenced_put`] | a shared lease of TTL [`RECORD_TTL`] |
 //! | `{prefix}/...` anything else | written by [`Cluster::fenced_put`] | none |
 //!
 //! # Election
@@ -74,6 +75,17 @@ pub mod replication;
 /// How long a shard's leader key must have been gone before a replica
 /// that already leads its share campaigns for it anyway.
 pub const TAKEOVER_GRACE: Duration = Duration::from_millis(500);
+
+/// How long an intent (`intents/…`) or an incident claim
+/// (`incident-claims/…`) stays in etcd: they are written on a shared lease
+/// of this TTL, granted anew every [`RECORD_LEASE_ROTATE`], so each one
+/// goes between 24 and 25 hours after its last write and the keyspace
+/// stays bounded by a day of actions. A day is far longer than any action
+/// and its verification can be in flight.
+pub const RECORD_TTL: Duration = Duration::from_secs(25 * 3600);
+
+/// How often a new lease for intents and claims is granted.
+pub const RECORD_LEASE_ROTATE: Duration = Duration::from_secs(3600);
 
 /// How often the election is re-evaluated without any event.
 const TICK: Duration = Duration::from_millis(100);
@@ -200,6 +212,9 @@ struct Inner {
     seen: Mutex<Seen>,
     etcd_error: Mutex<Option<String>>,
     member_lease: Mutex<Option<i64>>,
+    /// The lease that intents and incident claims are written on (see
+    /// [`RECORD_TTL`]) and when it was granted.
+    record_lease: Mutex<Option<(i64, Instant)>>,
     tx: watch::Sender<LeadershipView>,
     wake: Notify,
     tasks: Mutex<Vec<AbortHandle>>,
@@ -325,6 +340,7 @@ impl Cluster {
             seen: Mutex::new(Seen::default()),
             etcd_error: Mutex::new(Some("not connected yet".into())),
             member_lease: Mutex::new(None),
+            record_lease: Mutex::new(None),
             tx,
             wake: Notify::new(),
             tasks: Mutex::new(Vec::new()),
@@ -699,17 +715,31 @@ impl Inner {
         }
         let (fence, _) = self.fence(shard).ok_or(FenceError::NotLeader { shard })?;
         let lk = fence.leader_key.clone();
+        let expiring = key.starts_with("intents/") || key.starts_with("incident-claims/");
+        let options = if expiring {
+            Some(PutOptions::new().with_lease(self.record_lease().await?))
+        } else {
+            None
+        };
         let txn = Txn::new()
             .when([
                 Compare::create_revision(lk.clone(), CompareOp::Equal, fence.revision),
                 Compare::lease(lk.clone(), CompareOp::Equal, fence.lease_id),
             ])
-            .and_then([TxnOp::put(format!("{}/{key}", self.prefix), value, None)])
+            .and_then([TxnOp::put(format!("{}/{key}", self.prefix), value, options)])
             .or_else([TxnOp::get(lk, None)]);
         let mut c = self.client.clone();
-        let resp = rpc(self.rpc_timeout, "fenced put", c.txn(txn))
-            .await
-            .map_err(FenceError::Unavailable)?;
+        let resp = match rpc(self.rpc_timeout, "fenced put", c.txn(txn)).await {
+            Ok(r) => r,
+            Err(e) => {
+                if expiring && e.contains("lease") {
+                    // The shared lease is gone (etcd lost it): a new one
+                    // next time.
+                    *lock(&self.record_lease) = None;
+                }
+                return Err(FenceError::Unavailable(e));
+            }
+        };
         if resp.succeeded() {
             if self.fence(shard).is_none() {
                 return Err(FenceError::NotLeader { shard });
@@ -770,6 +800,28 @@ impl Inner {
                 "deposed as leader of shard {shard}: nothing published"
             ))
         }
+    }
+
+    /// The lease intents and claims are written on: the current one, or
+    /// a new one (TTL [`RECORD_TTL`]) once it is [`RECORD_LEASE_ROTATE`]
+    /// old.
+    async fn record_lease(&self) -> Result<i64, FenceError> {
+        if let Some((id, at)) = *lock(&self.record_lease) {
+            if at.elapsed() < RECORD_LEASE_ROTATE {
+                return Ok(id);
+            }
+        }
+        let mut c = self.client.clone();
+        let id = rpc(
+            self.rpc_timeout,
+            "lease grant",
+            c.lease_grant(RECORD_TTL.as_secs() as i64, None),
+        )
+        .await
+        .map_err(FenceError::Unavailable)?
+        .id();
+        *lock(&self.record_lease) = Some((id, Instant::now()));
+        Ok(id)
     }
 
     /// See [`Leadership::reserve_budget`]: the slots are

@@ -18,10 +18,6 @@
 //! while the series keeps breaching, so a poll costs etcd nothing for
 //! violations already known.
 //!
-//! The same clean-up removes incident claims (`incident-claims/`, written
-//! by the Executor before it acts, see `mapek_actors::execute::run::IncidentClaim`)
-//! that no execution renewed for [`CLAIM_IDLE`].
-//!
 //! The keys are removed by the leader of shard 0 once no source of its own
 //! has seen the fingerprint for [`FORGET_AFTER`] (checked every
 //! [`GC_EVERY`]), so the keyspace is bounded by the active violations. A
@@ -56,9 +52,6 @@ pub const FORGET_AFTER: Duration = Duration::from_secs(300);
 
 /// How often the leader of shard 0 looks for onset keys to remove.
 pub const GC_EVERY: Duration = Duration::from_secs(60);
-
-/// How long an incident claim lives without an execution renewing it.
-pub const CLAIM_IDLE: Duration = Duration::from_secs(3600);
 
 /// Agreements asked of etcd at once.
 const PARALLEL: usize = 16;
@@ -346,49 +339,6 @@ impl OnsetBook {
         }
         if removed > 0 {
             tracing::debug!(removed, "cluster: removed onset keys of violations gone");
-        }
-        removed += self.forget_idle_claims(CLAIM_IDLE).await?;
-        Ok(removed)
-    }
-
-    /// Removes the incident claims (`incident-claims/`) no execution has
-    /// renewed for `idle`: no action of theirs can still be in flight, so
-    /// a later leader may name the incident afresh.
-    async fn forget_idle_claims(&self, idle: Duration) -> Result<usize, String> {
-        let mut c = self.cluster.client();
-        let resp = rpc(
-            self.cluster.inner.rpc_timeout,
-            "list claims",
-            c.get(
-                self.cluster.key("incident-claims/"),
-                Some(GetOptions::new().with_prefix()),
-            ),
-        )
-        .await?;
-        let cutoff = Utc::now().timestamp_millis() - idle.as_millis() as i64;
-        let mut removed = 0;
-        for kv in resp.kvs() {
-            let updated = serde_json::from_slice::<serde_json::Value>(kv.value())
-                .ok()
-                .and_then(|v| v["updated_ms"].as_i64())
-                .unwrap_or(0);
-            if updated > cutoff {
-                continue;
-            }
-            let key = kv.key().to_vec();
-            let txn = Txn::new()
-                .when([Compare::mod_revision(
-                    key.clone(),
-                    CompareOp::Equal,
-                    kv.mod_revision(),
-                )])
-                .and_then([TxnOp::delete(key, None)]);
-            if rpc(self.cluster.inner.rpc_timeout, "remove claim", c.txn(txn))
-                .await?
-                .succeeded()
-            {
-                removed += 1;
-            }
         }
         Ok(removed)
     }

@@ -172,16 +172,10 @@ pub fn start(cluster: &Cluster, store: &KnowledgeStore) -> Arc<ReplicationCounte
 fn shard_of_record(cluster: &Cluster, store: &KnowledgeStore, r: &Record) -> Option<u32> {
     let of_policy = |id: &str| -> Option<u32> {
         let p = store.get_policy(id).ok().flatten()?;
-        Some(Leadership::shard_of(
-            cluster,
-            mapek_actors::leadership::policy_component(&p),
-        ))
+        Some(mapek_actors::leadership::policy_shard(cluster, &p))
     };
     match r {
-        Record::Policy { policy } => Some(Leadership::shard_of(
-            cluster,
-            mapek_actors::leadership::policy_component(policy),
-        )),
+        Record::Policy { policy } => Some(mapek_actors::leadership::policy_shard(cluster, policy)),
         Record::Execution { execution } => of_policy(&execution.policy_id),
         Record::Outcome { outcome, .. } => of_policy(&outcome.policy_id),
         Record::Reclassify { execution_id, .. } => store

@@ -137,7 +137,7 @@ pub async fn to_leader(State(s): State<ApiState>, req: Request, next: Next) -> R
         Target::Policy(id) => {
             let (store, id) = (s.handle.store.clone(), id.clone());
             match tokio::task::spawn_blocking(move || store.get_policy(&id)).await {
-                Ok(Ok(Some(p))) => vec![l.shard_of(mapek_actors::leadership::policy_component(&p))],
+                Ok(Ok(Some(p))) => vec![mapek_actors::leadership::policy_shard(l.as_ref(), &p)],
                 // Unknown here: answered here (404), as alone.
                 _ => return next.run(req).await,
             }

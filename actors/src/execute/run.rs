@@ -576,7 +576,12 @@ impl ExecutionEnv {
                 } else {
                     action.target.as_str()
                 };
-                (l.clone(), l.shard_of(component))
+                // The incident's pinned shard; else the target's.
+                let shard = match policy.shard {
+                    Some(s) if s < l.shards() => s,
+                    _ => l.shard_of(component),
+                };
+                (l.clone(), shard)
             });
             let key = idempotency_key(policy, exec, &action);
             action.parameters.insert(
@@ -826,7 +831,7 @@ impl ExecutionEnv {
         if n == 0 {
             return Ok(true);
         }
-        let shard = l.shard_of(crate::leadership::policy_component(policy));
+        let shard = crate::leadership::policy_shard(l.as_ref(), policy);
         l.reserve_budget(
             shard,
             n,
@@ -851,7 +856,7 @@ impl ExecutionEnv {
             return None;
         };
         let root = crate::leadership::policy_component(policy);
-        let shard = l.shard_of(root);
+        let shard = crate::leadership::policy_shard(l.as_ref(), policy);
         let key = claim_key(root);
         let found = match l.read(&key).await {
             Ok(v) => v
@@ -1375,6 +1380,7 @@ mod pause_tests {
             guards: Vec::new(),
             autonomy: None,
             candidates: Vec::new(),
+            shard: None,
         }
     }
 

@@ -2372,6 +2372,7 @@ mod tests {
             guards: Vec::new(),
             autonomy: None,
             candidates: Vec::new(),
+            shard: None,
         }
     }
 

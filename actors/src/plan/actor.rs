@@ -476,10 +476,11 @@ impl Planner {
     /// Whether this replica may act on `policy` now (always, alone): it
     /// leads the shard of every component the policy acts on.
     fn leads(&self, policy: &RemediationPolicy) -> bool {
-        self.leadership.as_ref().is_none_or(|l| {
-            crate::leadership::policy_components(policy)
+        self.leadership.as_ref().is_none_or(|l| match policy.shard {
+            Some(s) => l.is_leader(s),
+            None => crate::leadership::policy_components(policy)
                 .into_iter()
-                .all(|c| l.is_leader(l.shard_of(c)))
+                .all(|c| l.is_leader(l.shard_of(c))),
         })
     }
 
@@ -815,6 +816,7 @@ impl Planner {
                 shadow: None,
                 escalation: None,
                 handed_off: None,
+                shard: None,
             },
             analysis: None,
             chain: chain.clone(),
@@ -1240,6 +1242,15 @@ impl Planner {
                 covered[chosen].clone()
             }
         };
+        // Cluster mode: the incident belongs to the shard of its root
+        // component when it is first planned, and stays there.
+        if let Some(l) = &self.leadership {
+            let fallback = crate::leadership::policy_component(&p).to_string();
+            p.shard = self.incidents.get_mut(id).map(|e| {
+                let root = e.incident.root_component.clone().unwrap_or(fallback);
+                *e.incident.shard.get_or_insert_with(|| l.shard_of(&root))
+            });
+        }
         if thompson {
             self.inbox.emit(LoopEvent::Chose {
                 incident_id: id.to_string(),

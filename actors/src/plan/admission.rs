@@ -363,6 +363,7 @@ mod tests {
             guards: Vec::new(),
             autonomy: None,
             candidates: Vec::new(),
+            shard: None,
         }
     }
 

@@ -1193,6 +1193,7 @@ mod tests {
             guards: Vec::new(),
             autonomy: None,
             candidates: Vec::new(),
+            shard: None,
         }
     }
 

@@ -578,6 +578,7 @@ pub(crate) fn build_policy(
         guards: Vec::new(),
         autonomy: None,
         candidates: Vec::new(),
+        shard: None,
     }
 }
 
