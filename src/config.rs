@@ -215,6 +215,20 @@ impl ClusterSettings {
                 format!("must start with `/`, not end with `/` and have no spaces, such as /mapek (got {p:?})"),
             );
         }
+        let a = self.advertise.trim();
+        if !a.is_empty() {
+            let ok = a.rsplit_once(':').is_some_and(|(host, port)| {
+                !host.is_empty()
+                    && !host.contains(['/', ' '])
+                    && port.parse::<u16>().is_ok_and(|p| p > 0)
+            });
+            if !ok {
+                i.push(
+                    "advertise",
+                    format!("must be host:port where the other replicas reach this one's API, such as 10.0.0.5:8001 (got {a:?})"),
+                );
+            }
+        }
     }
 }
 
@@ -2643,7 +2657,7 @@ effectors:
     #[test]
     fn cluster_section_errors_have_paths() {
         let issues = issues_of(Config::from_yaml_str(
-            "cluster:\n  etcd_endpoints: [\"127.0.0.1:2379\", \"https://e:2379\", \"http://e:2379/x\"]\n  name: \"a/b\"\n  lease_seconds: 1\n  shards: 0\n  prefix: \"mapek/\"\n  bogus: 1\n",
+            "cluster:\n  etcd_endpoints: [\"127.0.0.1:2379\", \"https://e:2379\", \"http://e:2379/x\"]\n  name: \"a/b\"\n  lease_seconds: 1\n  shards: 0\n  prefix: \"mapek/\"\n  advertise: \"http://x\"\n  bogus: 1\n",
             "t",
         ));
         for p in [
@@ -2654,6 +2668,7 @@ effectors:
             "cluster.lease_seconds",
             "cluster.shards",
             "cluster.prefix",
+            "cluster.advertise",
             "cluster.bogus",
         ] {
             find(&issues, p);
@@ -2664,5 +2679,15 @@ effectors:
             .contains("MAPEK_ETCD_ENDPOINTS"));
         let issues = issues_of(Config::from_yaml_str("cluster:\n  shards: many\n", "t"));
         find(&issues, "cluster.shards");
+        // A good advertise address, and the environment's.
+        let c = Config::load_with_env(
+            None,
+            &env(&[
+                ("MAPEK_ETCD_ENDPOINTS", "http://10.0.0.1:2379"),
+                ("MAPEK_ADVERTISE_ADDRESS", " 10.1.2.3:8001 "),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.cluster.unwrap().advertise, "10.1.2.3:8001");
     }
 }
