@@ -29,6 +29,13 @@ struct Charter {
 }
 
 fn charter() -> Charter {
+    charter_with(None)
+}
+
+/// [`charter`]; with `hang`, the first mutating call is held without being
+/// applied (`hang` is set when it arrives), as a call in flight when its
+/// sender dies.
+fn charter_with(hang: Option<Arc<std::sync::atomic::AtomicBool>>) -> Charter {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -40,14 +47,22 @@ fn charter() -> Charter {
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
     let router = mapek::sim::router(sim.clone(), None).layer(axum::middleware::from_fn(
-        |req: axum::extract::Request, next: axum::middleware::Next| async move {
-            let slow =
-                req.method() == axum::http::Method::POST && req.uri().path().starts_with("/api/");
-            let res = next.run(req).await;
-            if slow {
-                tokio::time::sleep(Duration::from_millis(300)).await;
+        move |req: axum::extract::Request, next: axum::middleware::Next| {
+            let hang = hang.clone();
+            async move {
+                let slow = req.method() == axum::http::Method::POST
+                    && req.uri().path().starts_with("/api/");
+                if let Some(h) = hang.filter(|_| slow) {
+                    if !h.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                        std::future::pending::<()>().await;
+                    }
+                }
+                let res = next.run(req).await;
+                if slow {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+                res
             }
-            res
         },
     ));
     rt.spawn(async move { axum::serve(listener, router).await });
@@ -229,6 +244,67 @@ fn kill_9_the_leader_mid_incident_the_standby_heals_it_and_nothing_runs_twice() 
     );
     assert!(tokens.len() >= 2, "both leaders acted: {tokens:?}");
     assert!(!standby.output().contains("panicked"));
+}
+
+/// The leader dies while its first call is in flight (never applied): the
+/// new leader, which named the incident itself, finds the old leader's
+/// claim, verifies the recorded action without sending it, then acts
+/// under the old leader's name with the next attempt. Nothing is applied
+/// twice, nothing under a second name.
+#[test]
+fn a_call_in_flight_at_the_kill_is_verified_then_retried_under_the_same_name() {
+    let hung = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ch = charter_with(Some(hung.clone()));
+    let prom = prometheus(&[("charter", ch.addr)], None, None);
+    let etcd = etcd();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (pa, aa) = replica(dir.path(), &etcd.url(), &prom.url(), ch.addr, "a");
+    let (pb, ab) = replica(dir.path(), &etcd.url(), &prom.url(), ch.addr, "b");
+    let addrs = [aa, ab];
+    let mut procs = [Some(pa), Some(pb)];
+    let (l, s) = leader_of(addrs);
+    ch.sim.inject(FaultKind::NodeCrash).expect("inject");
+    wait_until(
+        Duration::from_secs(60),
+        "the leader's first call in flight",
+        || hung.load(std::sync::atomic::Ordering::SeqCst).then_some(()),
+    );
+    // The old leader's name of the incident, from its claim in etcd.
+    let claims = etcd_client_get(&etcd.url(), "/heal/incident-claims/");
+    let claim: Value = serde_json::from_str(claims.lines().next().expect("a claim")).expect("json");
+    let name = claim["incident"].as_str().expect("incident").to_string();
+    let mut leader = procs[l].take().expect("leader");
+    leader.child.kill().expect("kill -9");
+    let _ = leader.child.wait();
+    let healed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wait_until(Duration::from_secs(90), "the fault healed", || {
+            ch.sim.active_faults().is_empty().then_some(())
+        })
+    }));
+    let standby = procs[s].as_mut().expect("standby");
+    if healed.is_err() {
+        panic!("not healed; the standby said:\n{}", standby.output());
+    }
+    let applied: Vec<String> = applied_per_key(&ch.sim).into_keys().collect();
+    eprintln!("in flight at the kill: the old leader's name {name}; applied {applied:?}");
+    assert_eq!(applied.len(), 1, "{applied:?}");
+    assert!(
+        applied[0].starts_with(&format!("{name}/"))
+            && !applied[0].starts_with(&format!("{name}/1/")),
+        "applied {applied:?}: expected {name}, past attempt 1"
+    );
+    let execs = get(&format!("http://{}/api/v1/executions", addrs[s])).expect("executions");
+    assert!(
+        execs["executions"]
+            .as_array()
+            .expect("executions")
+            .iter()
+            .any(|e| e["interrupted"] == true
+                && e.to_string().contains("recorded by a previous leader")
+                && (e["acted_as"] == format!("{name}/1")
+                    || (e["acted_as"].is_null() && e["incident_id"] == name.as_str()))),
+        "the recorded attempt was only verified: {execs}"
+    );
 }
 
 /// A leader that dies after recording an action leaves the incident's
