@@ -804,7 +804,7 @@ async fn a_replica_applies_published_knowledge_and_publishes_its_own() {
 /// reserved only by a shard's leader.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn budget_slots_are_shared_and_free_themselves() {
-    use mapek_actors::leadership::Leadership;
+    use mapek_actors::leadership::{Budget, Leadership};
     let etcd = etcd().await;
     let a = start(&settings(&etcd.url(), "a", 2, 2, "/slots")).await;
     let b = start(&settings(&etcd.url(), "b", 2, 2, "/slots")).await;
@@ -815,18 +815,25 @@ async fn budget_slots_are_shared_and_free_themselves() {
     let sa = *a.view().leading.first().expect("a leads");
     let sb = *b.view().leading.first().expect("b leads");
     let window = Duration::from_secs(2);
-    assert_eq!(a.reserve_budget(sa, 2, 3, window, "pa").await, Ok(true));
-    assert_eq!(
-        b.reserve_budget(sb, 2, 3, window, "pb").await,
-        Ok(false),
-        "only 1 of 3 left"
-    );
-    assert_eq!(b.reserve_budget(sb, 1, 3, window, "pb").await, Ok(true));
-    assert_eq!(
-        a.reserve_budget(sa, 1, 3, window, "pc").await,
-        Ok(false),
-        "all 3 used"
-    );
+    let reserved =
+        |r: &Result<Budget, FenceError>| matches!(r, Ok(Budget::Reserved { lease }) if *lease != 0);
+    let full = |r: &Result<Budget, FenceError>| match r {
+        Ok(Budget::Full { frees_in }) => *frees_in <= window,
+        _ => false,
+    };
+    let r = a.reserve_budget(sa, 2, 3, window, "pa").await;
+    assert!(reserved(&r), "{r:?}");
+    let r = b.reserve_budget(sb, 2, 3, window, "pb").await;
+    assert!(full(&r), "only 1 of 3 left: {r:?}");
+    let r = b.reserve_budget(sb, 1, 3, window, "pb").await;
+    assert!(reserved(&r), "{r:?}");
+    let r = a.reserve_budget(sa, 1, 3, window, "pc").await;
+    assert!(full(&r), "all 3 used: {r:?}");
+    // A reservation given back frees its slots at once.
+    let Ok(Budget::Reserved { lease }) = b.reserve_budget(sb, 0, 3, window, "none").await else {
+        panic!("nothing to reserve")
+    };
+    assert_eq!(lease, 0);
     // Concurrent reservations for the last slots never over-reserve.
     // The window ends: etcd expires the leases and the slots go.
     let mut c = a.client();
@@ -855,13 +862,20 @@ async fn budget_slots_are_shared_and_free_themselves() {
         a.reserve_budget(sa, 2, 3, Duration::from_secs(30), "px"),
         b.reserve_budget(sb, 2, 3, Duration::from_secs(30), "py")
     );
-    let won = [x.clone(), y.clone()]
-        .iter()
-        .filter(|r| **r == Ok(true))
-        .count();
+    let won = [&x, &y].iter().filter(|r| reserved(r)).count();
     // Whichever came second found only one slot: exactly one wins (both
     // free slots may also have gone to one if the first read was slow).
     assert_eq!(won, 1, "{x:?} {y:?}");
+    // The winner gives its reservation back (it sent nothing): all three
+    // slots are free again at once.
+    let (winner, lease) = match (&x, &y) {
+        (Ok(Budget::Reserved { lease }), _) => (&a, *lease),
+        (_, Ok(Budget::Reserved { lease })) => (&b, *lease),
+        _ => unreachable!("one won"),
+    };
+    winner.release_budget(lease).await;
+    let r = a.reserve_budget(sa, 3, 3, window, "all").await;
+    assert!(reserved(&r), "{r:?}");
     // Not the leader of the shard: refused.
     assert!(a.reserve_budget(sb, 1, 3, window, "pz").await.is_err());
 }

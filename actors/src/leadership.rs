@@ -97,6 +97,23 @@ pub enum FenceError {
     Unavailable(String),
 }
 
+/// The answer to a disruption-budget reservation
+/// ([`Leadership::reserve_budget`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Budget {
+    /// Reserved; `lease` gives it back early ([`Leadership::release_budget`];
+    /// 0: nothing to give back).
+    Reserved {
+        /// The reservation's lease.
+        lease: i64,
+    },
+    /// Not enough free slots; the earliest frees in about this time.
+    Full {
+        /// Until a slot frees.
+        frees_in: std::time::Duration,
+    },
+}
+
 /// What a replica knows of the cluster at one moment.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct LeadershipView {
@@ -180,8 +197,8 @@ pub trait Leadership: Send + Sync + 'static {
     /// Reserves `n` of the cluster's `max` disruption-budget slots for
     /// `window` (each slot is an etcd key on a lease of that TTL, so a
     /// reservation leaves the window by itself), in a transaction fenced
-    /// on `shard`. `Ok(false)`: fewer than `n` slots are free (the
-    /// budget is exhausted cluster-wide). Alone: always `Ok(true)` (the
+    /// on `shard`. [`Budget::Full`]: fewer than `n` slots are free (the
+    /// budget is exhausted cluster-wide). Alone: always reserved (the
     /// Planner's own budget is the whole budget).
     fn reserve_budget<'a>(
         &'a self,
@@ -190,8 +207,13 @@ pub trait Leadership: Send + Sync + 'static {
         _max: u32,
         _window: std::time::Duration,
         _holder: &'a str,
-    ) -> BoxFuture<'a, Result<bool, FenceError>> {
-        Box::pin(async { Ok(true) })
+    ) -> BoxFuture<'a, Result<Budget, FenceError>> {
+        Box::pin(async { Ok(Budget::Reserved { lease: 0 }) })
+    }
+
+    /// Gives back a reservation that was not used (nothing was sent).
+    fn release_budget(&self, _lease: i64) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
     }
 
     /// The `host:port` of a member's API, as it published it (`None`
@@ -222,6 +244,19 @@ pub fn policy_shard(l: &dyn Leadership, policy: &crate::model::RemediationPolicy
         .shard
         .filter(|s| *s < l.shards())
         .unwrap_or_else(|| l.shard_of(policy_component(policy)))
+}
+
+/// A shard of `policy` this replica does not lead now, if any: its pinned
+/// shard, else (a policy planned alone, or before pinning) any shard its
+/// actions' targets are in. `None`: this replica may act on it.
+pub fn shard_not_led(l: &dyn Leadership, policy: &crate::model::RemediationPolicy) -> Option<u32> {
+    match policy.shard.filter(|s| *s < l.shards()) {
+        Some(s) => (!l.is_leader(s)).then_some(s),
+        None => policy_components(policy)
+            .into_iter()
+            .map(|c| l.shard_of(c))
+            .find(|s| !l.is_leader(*s)),
+    }
 }
 
 /// The components whose shards a policy acts in: its actions' targets

@@ -305,6 +305,17 @@ impl FixedLeadership {
         });
     }
 
+    /// The keys written under `prefix`.
+    pub fn keys(&self, prefix: &str) -> Vec<String> {
+        self.kv
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .filter(|k| k.starts_with(prefix))
+            .cloned()
+            .collect()
+    }
+
     /// What was written under `key`.
     pub fn written(&self, key: &str) -> Option<Vec<u8>> {
         self.kv

@@ -1119,7 +1119,8 @@ fn an_incident_stays_on_the_shard_it_was_first_planned_in() {
     s.execute.verification_window_seconds = 5;
     s.plan.cooldown_seconds = 1;
     s.analyze.topology = BTreeMap::from([("api".to_string(), vec!["db".to_string()])]);
-    let leadership = FixedLeadership::new("a", shards, &(0..shards).collect::<Vec<_>>());
+    // This replica leads api's shard only (db's is another replica's).
+    let leadership = FixedLeadership::new("a", shards, &[pinned]);
     let sys = paused_system();
     sys.block_on(async {
         let h = start_loop(LoopParts {
@@ -1179,6 +1180,36 @@ fn an_incident_stays_on_the_shard_it_was_first_planned_in() {
             .expect("incident");
         assert_eq!(inc.root_component.as_deref(), Some("db"));
         assert_eq!(inc.shard, Some(pinned));
+        // The leader of the incident's shard acts on db (in another
+        // shard): approved, it runs here, fenced on the pinned shard.
+        let decided = h
+            .planner
+            .send(DecidePolicy {
+                id: second.id.clone(),
+                decision: ApprovalStatus::Approved,
+                by: "alice".into(),
+                reason: None,
+            })
+            .await
+            .expect("planner");
+        assert!(decided.is_ok(), "{decided:?}");
+        tokio::time::timeout(Duration::from_secs(600), async {
+            loop {
+                if let Ok(LoopEvent::Verified { policy_id, .. }) = rx.recv().await {
+                    if policy_id == second.id {
+                        return;
+                    }
+                }
+            }
+        })
+        .await
+        .expect("the db policy verified");
+        {
+            let c = effector.inner.lock().expect("lock");
+            assert!(c.applied.iter().any(|(t, _)| t == "db"), "{:?}", c.applied);
+        }
+        let intents: Vec<String> = leadership.keys("intents/");
+        assert!(!intents.is_empty(), "fenced intents written");
         h.supervisor.send(Shutdown).await.expect("shutdown");
     });
     assert_eq!(sys.run_with_code().expect("run"), 0);

@@ -56,7 +56,9 @@ use etcd_client::{
     LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
 };
 use futures::future::BoxFuture;
-use mapek_actors::leadership::{Fence, FenceError, FencedWrite, Leadership, LeadershipView};
+use mapek_actors::leadership::{
+    Budget, Fence, FenceError, FencedWrite, Leadership, LeadershipView,
+};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -835,12 +837,12 @@ impl Inner {
         max: u32,
         window: Duration,
         holder: &str,
-    ) -> Result<bool, FenceError> {
+    ) -> Result<Budget, FenceError> {
         if n == 0 {
-            return Ok(true);
+            return Ok(Budget::Reserved { lease: 0 });
         }
         if n > max {
-            return Ok(false);
+            return Ok(Budget::Full { frees_in: window });
         }
         let slots = format!("{}/budget-slots/", self.prefix);
         let mut c = self.client.clone();
@@ -872,7 +874,27 @@ impl Inner {
                 .take(n as usize)
                 .collect();
             if free.len() < n as usize {
-                return Ok(false);
+                // When the earliest of the taken slots' leases ends.
+                let leases: BTreeSet<i64> = taken
+                    .kvs()
+                    .iter()
+                    .map(|kv| kv.lease())
+                    .filter(|l| *l != 0)
+                    .take(32)
+                    .collect();
+                let mut frees_in = window;
+                for lease in leases {
+                    if let Ok(t) = rpc(
+                        self.rpc_timeout,
+                        "lease ttl",
+                        c.lease_time_to_live(lease, None),
+                    )
+                    .await
+                    {
+                        frees_in = frees_in.min(Duration::from_secs(t.ttl().max(1) as u64));
+                    }
+                }
+                return Ok(Budget::Full { frees_in });
             }
             let lease = rpc(
                 self.rpc_timeout,
@@ -910,9 +932,10 @@ impl Inner {
             };
             if resp.succeeded() {
                 if self.fence(shard).is_none() {
+                    self.revoke_later(lease);
                     return Err(FenceError::NotLeader { shard });
                 }
-                return Ok(true);
+                return Ok(Budget::Reserved { lease });
             }
             self.revoke_later(lease);
             // Deposed, or another leader took a slot first (try again).
@@ -936,7 +959,10 @@ impl Inner {
                 });
             }
         }
-        Ok(false)
+        // Lost the race for free slots three times: full for now.
+        Ok(Budget::Full {
+            frees_in: Duration::from_secs(1),
+        })
     }
 
     /// Tries to become the leader of `shard`. `Ok(false)`: someone else
@@ -1420,8 +1446,12 @@ impl Leadership for Cluster {
         max: u32,
         window: Duration,
         holder: &'a str,
-    ) -> BoxFuture<'a, Result<bool, FenceError>> {
+    ) -> BoxFuture<'a, Result<Budget, FenceError>> {
         Box::pin(self.inner.reserve_budget(shard, n, max, window, holder))
+    }
+
+    fn release_budget(&self, lease: i64) -> BoxFuture<'_, ()> {
+        Box::pin(async move { self.inner.revoke(lease).await })
     }
 
     fn address_of(&self, member: &str) -> Option<String> {

@@ -271,10 +271,22 @@ pub const HELD_BY_BUDGET: &str =
 /// Whether an execution ended before acting, held (pause or cluster-wide
 /// budget): nothing was sent, nothing is learned, it is planned again.
 pub fn held_before_acting(exec: &PolicyExecution) -> bool {
-    matches!(
-        exec.error.as_deref(),
-        Some(HELD_BY_PAUSE) | Some(HELD_BY_BUDGET)
-    )
+    exec.error
+        .as_deref()
+        .is_some_and(|e| e == HELD_BY_PAUSE || e.starts_with(HELD_BY_BUDGET))
+}
+
+/// For an execution held by the cluster-wide budget: when a slot frees
+/// (as the error says: `… (a slot frees in N s)`).
+pub fn budget_frees_in(exec: &PolicyExecution) -> Option<Duration> {
+    let rest = exec.error.as_deref()?.strip_prefix(HELD_BY_BUDGET)?;
+    let n = rest
+        .trim()
+        .strip_prefix("(a slot frees in ")?
+        .strip_suffix(" s)")?
+        .parse::<u64>()
+        .ok()?;
+    Some(Duration::from_secs(n))
 }
 
 /// What the fence said about one action (cluster mode).
@@ -390,7 +402,16 @@ impl ExecutionEnv {
         let started = Instant::now();
         let mut exec = in_progress(policy, execution_id, chain_id, self.clock.now());
         let mut acted = Some(acted);
-        self.run_into(policy, &mut exec, deadline, &mut acted).await;
+        let mut reserved: Option<i64> = None;
+        self.run_into(policy, &mut exec, deadline, &mut acted, &mut reserved)
+            .await;
+        // A budget reservation that sent nothing goes back at once (it
+        // would hold a slot for the whole window otherwise).
+        if let (Some(lease), Some(l)) = (reserved, &self.leadership) {
+            if !exec.actions.iter().any(|a| a.attempts > 0) {
+                l.release_budget(lease).await;
+            }
+        }
         if !matches!(
             exec.status,
             ExecutionStatus::Completed | ExecutionStatus::DryRun
@@ -418,6 +439,7 @@ impl ExecutionEnv {
         exec: &mut PolicyExecution,
         deadline: Instant,
         acted: &mut Option<tokio::sync::oneshot::Sender<()>>,
+        reserved: &mut Option<i64>,
     ) {
         let order = match execution_order(&policy.actions) {
             Ok(o) => o,
@@ -463,11 +485,16 @@ impl ExecutionEnv {
         // Cluster: the disruption budget is the cluster's; its slots are
         // taken in etcd before the first disruptive action.
         match self.reserve_budget(policy).await {
-            Ok(true) => {}
-            Ok(false) => {
-                tracing::info!(policy = %policy.id, "the cluster-wide disruption budget is used up: nothing sent");
+            Ok(crate::leadership::Budget::Reserved { lease }) => {
+                *reserved = (lease != 0).then_some(lease);
+            }
+            Ok(crate::leadership::Budget::Full { frees_in }) => {
+                tracing::info!(policy = %policy.id, frees_in_seconds = frees_in.as_secs(), "the cluster-wide disruption budget is used up: nothing sent");
                 exec.status = ExecutionStatus::Failed;
-                exec.error = Some(HELD_BY_BUDGET.into());
+                exec.error = Some(format!(
+                    "{HELD_BY_BUDGET} (a slot frees in {} s)",
+                    frees_in.as_secs().max(1)
+                ));
                 return;
             }
             Err(why) => {
@@ -819,9 +846,13 @@ impl ExecutionEnv {
 
     /// Cluster mode: reserves the policy's disruptive actions in the
     /// cluster-wide budget (fenced on the shard of its component).
-    async fn reserve_budget(&self, policy: &RemediationPolicy) -> Result<bool, String> {
+    async fn reserve_budget(
+        &self,
+        policy: &RemediationPolicy,
+    ) -> Result<crate::leadership::Budget, String> {
+        let reserved = crate::leadership::Budget::Reserved { lease: 0 };
         let Some(l) = &self.leadership else {
-            return Ok(true);
+            return Ok(reserved);
         };
         let n = policy
             .actions
@@ -829,7 +860,7 @@ impl ExecutionEnv {
             .filter(|a| self.budget.action_types.contains(&a.action_type))
             .count() as u32;
         if n == 0 {
-            return Ok(true);
+            return Ok(reserved);
         }
         let shard = crate::leadership::policy_shard(l.as_ref(), policy);
         l.reserve_budget(

@@ -101,6 +101,9 @@ pub struct Planner {
     leadership: Option<Arc<dyn crate::leadership::Leadership>>,
     /// The shards this replica led at the last leadership change.
     led: std::collections::BTreeSet<u32>,
+    /// Cluster mode: incidents whose escalation this replica posted (only
+    /// those are resolved by it).
+    posted_escalations: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Whether the leadership watch is armed (re-armed after a restart).
     watching: bool,
 }
@@ -335,6 +338,7 @@ impl Planner {
             escalations: HashMap::new(),
             leadership: None,
             led: std::collections::BTreeSet::new(),
+            posted_escalations: Default::default(),
             watching: false,
             rng: StdRng::seed_from_u64(0),
             reclassify: None,
@@ -443,7 +447,7 @@ impl Planner {
             .list_policies(Some(ApprovalStatus::Pending), 1000)
             .unwrap_or_default()
         {
-            let shard = l.shard_of(crate::leadership::policy_component(&p));
+            let shard = crate::leadership::policy_shard(l.as_ref(), &p);
             if gained.contains(&shard) && !self.pending.contains_key(&p.id) {
                 let mut chain = ChainTrace::start(self.clock.now());
                 chain.chain_id = p.chain_id.clone();
@@ -476,12 +480,9 @@ impl Planner {
     /// Whether this replica may act on `policy` now (always, alone): it
     /// leads the shard of every component the policy acts on.
     fn leads(&self, policy: &RemediationPolicy) -> bool {
-        self.leadership.as_ref().is_none_or(|l| match policy.shard {
-            Some(s) => l.is_leader(s),
-            None => crate::leadership::policy_components(policy)
-                .into_iter()
-                .all(|c| l.is_leader(l.shard_of(c))),
-        })
+        self.leadership
+            .as_ref()
+            .is_none_or(|l| crate::leadership::shard_not_led(l.as_ref(), policy).is_none())
     }
 
     pub fn with_safety(
@@ -580,11 +581,27 @@ impl Planner {
         };
         // Cluster mode: an incident's escalation is posted by the leader
         // of its shard only (a standby takes over the reposting when it
-        // starts leading); resolving is idempotent and always sent.
+        // starts leading) and resolved by the replica that posted it.
+        let mut resolved = resolved;
         if let Some(l) = &self.leadership {
-            firing.retain(|e| {
-                l.is_leader(l.shard_of(e.components.first().map(String::as_str).unwrap_or("")))
-            });
+            let shard_of = |e: &Escalation| -> u32 {
+                let inc = self.incidents.get(&e.incident_id).map(|x| &x.incident);
+                inc.and_then(|i| i.shard.filter(|s| *s < l.shards()))
+                    .unwrap_or_else(|| {
+                        let root = inc
+                            .and_then(|i| i.root_component.as_deref())
+                            .or(e.components.first().map(String::as_str))
+                            .unwrap_or("");
+                        l.shard_of(root)
+                    })
+            };
+            firing.retain(|e| l.is_leader(shard_of(e)));
+            let mut posted = self
+                .posted_escalations
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            resolved.retain(|e| posted.remove(&e.incident_id));
+            posted.extend(firing.iter().map(|e| e.incident_id.clone()));
         }
         if firing.is_empty() && resolved.is_empty() {
             return;
@@ -1463,10 +1480,7 @@ impl Planner {
             let leadership = self.leadership.clone();
             let pass = self.admission.admit_with(Instant::now(), |p| {
                 let standby = leadership.as_ref().and_then(|l| {
-                    let shard = crate::leadership::policy_components(p)
-                        .into_iter()
-                        .map(|c| l.shard_of(c))
-                        .find(|s| !l.is_leader(*s))?;
+                    let shard = crate::leadership::shard_not_led(l.as_ref(), p)?;
                     Some(()).map(|_| {
                         let view = l.view();
                         format!(
@@ -1895,17 +1909,27 @@ impl Handler<ExecutionFinished> for Planner {
         inbox.guard(self, ctx, "ExecutionFinished", |act, ctx| {
             let dry = msg.execution.status == ExecutionStatus::DryRun;
             let held = crate::execute::run::held_before_acting(&msg.execution);
-            let by_budget =
-                msg.execution.error.as_deref() == Some(crate::execute::run::HELD_BY_BUDGET);
-            if by_budget {
-                // Not spent here; planned again once the other leaders'
-                // use (replicated meanwhile) leaves room: a second's pause
-                // keeps a lost race from spinning.
+            let by_budget = msg
+                .execution
+                .error
+                .as_deref()
+                .is_some_and(|e| e.starts_with(crate::execute::run::HELD_BY_BUDGET));
+            // Cluster mode: nothing sent, nothing spent (the Executor gave
+            // its slots back too).
+            let sent = msg.execution.actions.iter().any(|a| a.attempts > 0);
+            if act.leadership.is_some() && !sent {
                 act.guards.release_budget(&msg.policy.id);
             }
-            let cooldown = if by_budget {
-                Duration::from_secs(1)
-            } else if dry || held {
+            if by_budget {
+                // Disruptive policies wait (in the admission queue, not
+                // planned again and again) until a slot frees.
+                let wait = crate::execute::run::budget_frees_in(&msg.execution)
+                    .unwrap_or(Duration::from_secs(1));
+                act.guards.cluster_budget_full_until(
+                    act.clock.now() + chrono::Duration::from_std(wait).unwrap_or_default(),
+                );
+            }
+            let cooldown = if dry || held {
                 Duration::ZERO
             } else {
                 Duration::from_secs(act.settings.cooldown_seconds)

@@ -248,6 +248,9 @@ pub struct Guards {
     /// taken (their `budget@<replica>` records), sorted: the disruption
     /// budget is shared by the whole cluster.
     others: Vec<Timestamp>,
+    /// Cluster mode: the cluster-wide budget was found full when acting
+    /// (the slots in etcd); disruptive policies wait until then.
+    cluster_full_until: Option<Timestamp>,
 }
 
 impl Guards {
@@ -264,6 +267,7 @@ impl Guards {
             successes: HashMap::new(),
             budget_blocked: false,
             others: Vec::new(),
+            cluster_full_until: None,
             reset: Vec::new(),
             rate_next: None,
             dirty: Vec::new(),
@@ -392,6 +396,11 @@ impl Guards {
 
     fn trim(&mut self, now: Timestamp) {
         let budget_window = secs(self.settings.disruption_budget.window_seconds);
+        let gone = self.others.partition_point(|t| *t + budget_window <= now);
+        self.others.drain(..gone);
+        if self.cluster_full_until.is_some_and(|u| u <= now) {
+            self.cluster_full_until = None;
+        }
         let before = self.budget.len();
         while self
             .budget
@@ -482,6 +491,12 @@ impl Guards {
         self.others = at;
     }
 
+    /// Cluster mode: the Executor found the cluster-wide budget full; no
+    /// disruptive policy is admitted before `until` (when a slot frees).
+    pub fn cluster_budget_full_until(&mut self, until: Timestamp) {
+        self.cluster_full_until = Some(self.cluster_full_until.map_or(until, |u| u.max(until)));
+    }
+
     fn others_in_window(&self, now: Timestamp) -> usize {
         let window = secs(self.settings.disruption_budget.window_seconds);
         let first = self.others.partition_point(|t| *t + window <= now);
@@ -506,6 +521,10 @@ impl Guards {
             (a, o) => a.or(o.copied()),
         }
         .map(|at| at + window);
+        let b = match (b, self.cluster_full_until) {
+            (Some(x), Some(y)) => Some(x.min(y)),
+            (x, y) => x.or(y),
+        };
         let r = self
             .rate
             .values()
@@ -637,6 +656,16 @@ impl Guards {
                 return Gate::Hold(
                     "disruption_budget",
                     "waits behind an earlier policy for the disruption budget".into(),
+                );
+            }
+            if let Some(until) = self.cluster_full_until.filter(|u| *u > now) {
+                self.budget_blocked = true;
+                return Gate::Hold(
+                    "disruption_budget",
+                    format!(
+                        "the cluster-wide disruption budget was full when last tried (other leaders hold its slots); a slot frees at {}",
+                        until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                    ),
                 );
             }
             let others = self.others_in_window(now);
@@ -1263,9 +1292,9 @@ mod tests {
         // Another leader took 3 disruptive actions at 100 s; one record
         // of a leader long gone (at -1000 s) no longer counts.
         let theirs = serde_json::json!([
-            [at(100), "svc-a", "RESTART_SERVICE"],
-            [at(100), "svc-b", "RESTART_SERVICE"],
-            [at(100), "svc-c", "RESTART_SERVICE"],
+            [at(50), "svc-a", "RESTART_SERVICE"],
+            [at(50), "svc-b", "RESTART_SERVICE"],
+            [at(50), "svc-c", "RESTART_SERVICE"],
         ]);
         let gone = serde_json::json!([[at(-1000), "svc-z", "RESTART_SERVICE"]]);
         g.set_others_budget(
@@ -1304,11 +1333,31 @@ mod tests {
             held[1..].iter().all(|w| w.contains("waits behind")),
             "{held:?}"
         );
-        // Theirs leave the window at 700 s, ours at 700 s too.
-        assert_eq!(g.next_release(), Some(at(700)));
-        g.begin_pass(at(700));
+        // Theirs leave the window at 650 s (ours at 700 s): then there is
+        // room for exactly what they used.
+        assert_eq!(g.next_release(), Some(at(650)));
+        g.begin_pass(at(649));
         let p = policy("later", "svc-later", &[ActionType::RestartService]);
-        assert_eq!(g.gate(&p, at(700)), Gate::Admit);
+        assert!(matches!(
+            g.gate(&p, at(649)),
+            Gate::Hold("disruption_budget", _)
+        ));
+        g.begin_pass(at(650));
+        assert_eq!(g.gate(&p, at(650)), Gate::Admit);
+        g.admitted(&p, at(650));
+        assert_eq!(g.budget_used(at(650)), 3);
+        // The cluster-wide budget found full by the Executor holds every
+        // disruptive policy until a slot frees.
+        g.cluster_budget_full_until(at(680));
+        g.begin_pass(at(660));
+        let q = policy("q", "svc-q", &[ActionType::RestartService]);
+        match g.gate(&q, at(660)) {
+            Gate::Hold("disruption_budget", why) => assert!(why.contains("cluster-wide"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(g.next_release(), Some(at(680)));
+        g.begin_pass(at(680));
+        assert_eq!(g.gate(&q, at(680)), Gate::Admit);
     }
 
     #[test]
