@@ -908,3 +908,33 @@ async fn intents_and_claims_expire_other_fenced_writes_do_not() {
     let day = 24 * 3600;
     assert!((day..=day + 3600).contains(&ttl), "ttl {ttl}");
 }
+
+/// An incident is pinned to a shard cluster-wide by the first leader that
+/// acts on it (one key per member fingerprint): a leader of another shard
+/// that names the incident by an overlapping set of fingerprints learns
+/// where it belongs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_leader_to_act_pins_an_incident_for_everyone() {
+    use mapek_actors::leadership::Leadership;
+    let etcd = etcd().await;
+    let a = start(&settings(&etcd.url(), "a", 2, 2, "/pins")).await;
+    let b = start(&settings(&etcd.url(), "b", 2, 2, "/pins")).await;
+    until(Duration::from_secs(10), "one shard each", || {
+        a.view().leading.len() == 1 && b.view().leading.len() == 1
+    })
+    .await;
+    let sa = *a.view().leading.first().expect("a leads");
+    let sb = *b.view().leading.first().expect("b leads");
+    let keys = |names: &[&str]| -> Vec<String> {
+        names.iter().map(|n| format!("incident-pins/{n}")).collect()
+    };
+    assert_eq!(a.pin_incident(sa, &keys(&["f1", "f2"])).await, Ok(sa));
+    // b saw the incident with f2 and f3 first: it belongs to a's shard.
+    assert_eq!(b.pin_incident(sb, &keys(&["f2", "f3"])).await, Ok(sa));
+    // Again from a: unchanged.
+    assert_eq!(a.pin_incident(sa, &keys(&["f1"])).await, Ok(sa));
+    // Another incident: b's.
+    assert_eq!(b.pin_incident(sb, &keys(&["f9"])).await, Ok(sb));
+    // A replica pins only for a shard it leads.
+    assert!(a.pin_incident(sb, &keys(&["f7"])).await.is_err());
+}

@@ -211,6 +211,19 @@ pub trait Leadership: Send + Sync + 'static {
         Box::pin(async { Ok(Budget::Reserved { lease: 0 }) })
     }
 
+    /// Pins an incident to `shard` cluster-wide: `keys` (relative to the
+    /// prefix, one per member fingerprint) name the incident; the first
+    /// leader to act on it writes them (fenced on `shard`), and every
+    /// later caller learns the shard it was pinned to, which is returned.
+    /// Alone: `shard`.
+    fn pin_incident<'a>(
+        &'a self,
+        shard: u32,
+        _keys: &'a [String],
+    ) -> BoxFuture<'a, Result<u32, FenceError>> {
+        Box::pin(async move { Ok(shard) })
+    }
+
     /// Gives back a reservation that was not used (nothing was sent).
     fn release_budget(&self, _lease: i64) -> BoxFuture<'_, ()> {
         Box::pin(async {})

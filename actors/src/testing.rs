@@ -376,4 +376,43 @@ impl crate::leadership::Leadership for FixedLeadership {
     fn subscribe(&self) -> tokio::sync::watch::Receiver<crate::leadership::LeadershipView> {
         self.tx.subscribe()
     }
+
+    fn pin_incident<'a>(
+        &'a self,
+        shard: u32,
+        keys: &'a [String],
+    ) -> BoxFuture<'a, Result<u32, crate::leadership::FenceError>> {
+        Box::pin(async move {
+            let mut kv = self.kv.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(pinned) = keys
+                .iter()
+                .filter_map(|k| kv.get(k))
+                .filter_map(|v| std::str::from_utf8(v).ok()?.parse::<u32>().ok())
+                .next()
+            {
+                return Ok(pinned);
+            }
+            if !self.is_leader(shard) {
+                return Err(crate::leadership::FenceError::NotLeader { shard });
+            }
+            for k in keys {
+                kv.insert(k.clone(), shard.to_string().into_bytes());
+            }
+            Ok(shard)
+        })
+    }
+}
+
+impl FixedLeadership {
+    /// Pins the incident of these member fingerprints to `shard`, as
+    /// another leader would have (`incident-pins/<hash>` keys).
+    pub fn pin(&self, fingerprints: &[&str], shard: u32) {
+        let mut kv = self.kv.lock().unwrap_or_else(|p| p.into_inner());
+        for fp in fingerprints {
+            kv.insert(
+                format!("incident-pins/{:016x}", crate::leadership::name_hash(fp)),
+                shard.to_string().into_bytes(),
+            );
+        }
+    }
 }

@@ -1243,3 +1243,84 @@ async fn stored_policy(store: &KnowledgeStore, id: &str) -> mapek_actors::model:
         std::thread::sleep(Duration::from_millis(2));
     }
 }
+
+/// Cluster mode: another leader pinned the incident to its shard first
+/// (it acted on it under another view of the incident): this leader sends
+/// nothing, takes the pin, and from then on holds the incident's policies
+/// for that shard's leader.
+#[test]
+fn an_incident_pinned_elsewhere_is_left_to_that_shards_leader() {
+    use mapek_actors::leadership::shard_of;
+    use mapek_actors::testing::FixedLeadership;
+    let shards = 16;
+    let mine = shard_of("api", shards);
+    let theirs = (mine + 1) % shards;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = KnowledgeStore::open(dir.path(), Duration::from_secs(5)).expect("store");
+    let source = ScriptedSource::new("scripted");
+    source.set(Ok(vec![
+        v("api-fail-1", "api", Signal::Failure, 10),
+        v("api-fail-2", "api", Signal::Failure, 11),
+        v("api-fail-3", "api", Signal::Failure, 12),
+    ]));
+    let effector = ConcurrencyProbe::default();
+    let mut s = settings();
+    s.plan.cooldown_seconds = 1;
+    let leadership = FixedLeadership::new("a", shards, &[mine]);
+    leadership.pin(&["api-fail-2"], theirs);
+    let sys = paused_system();
+    sys.block_on(async {
+        let h = start_loop(LoopParts {
+            settings: s,
+            sources: vec![Arc::new(source.clone())],
+            effectors: EffectorRouter::all_to(Arc::new(effector.clone())),
+            probe: Some(Arc::new(HealingProbe::default())),
+            store: store.clone(),
+            clock: Arc::new(SystemClock),
+            metrics: Arc::new(Metrics::new()),
+            chaos: None,
+            events: None,
+            alert_state: None,
+            escalations: None,
+            leadership: Some(Arc::new(leadership.clone())),
+        });
+        // The incident takes the pin, and its next policy waits for the
+        // other shard's leader.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let inc = loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let page = h
+                .planner
+                .send(GetIncidents {
+                    state: None,
+                    limit: 10,
+                    after: None,
+                })
+                .await
+                .expect("planner");
+            if let Some(i) = page.incidents.into_iter().find(|i| i.shard == Some(theirs)) {
+                if i.reason
+                    .as_deref()
+                    .is_some_and(|r| r.contains("leadership"))
+                {
+                    break i;
+                }
+            }
+            assert!(std::time::Instant::now() < deadline, "never re-pinned");
+        };
+        assert!(
+            inc.reason
+                .as_deref()
+                .unwrap_or_default()
+                .contains(&format!("shard {theirs}")),
+            "{inc:?}"
+        );
+        {
+            let c = effector.inner.lock().expect("lock");
+            assert!(c.applied.is_empty(), "nothing sent: {:?}", c.applied);
+        }
+        assert!(leadership.keys("intents/").is_empty(), "no intent written");
+        h.supervisor.send(Shutdown).await.expect("shutdown");
+    });
+    assert_eq!(sys.run_with_code().expect("run"), 0);
+}

@@ -8,6 +8,7 @@
 //! | `{prefix}/members/{name}` | JSON `{name, api, started_at}` | the replica's membership lease |
 //! | `{prefix}/shards/{n}/leader` | the leader's name | that shard's leadership lease |
 //! | `{prefix}/intents/…`, `{prefix}/incident-claims/…` | written by [`Cluster::fenced_put`] | a shared lease of TTL [`RECORD_TTL`] |
+//! | `{prefix}/incident-pins/{hash}` | the shard an incident belongs to, one key per member fingerprint | the same lease |
 //! | `{prefix}/...` anything else | written by [`Cluster::fenced_put`] | none |
 //!
 //! # Election
@@ -826,6 +827,107 @@ impl Inner {
         Ok(id)
     }
 
+    /// See [`Leadership::pin_incident`]: reads the keys; the earliest
+    /// written decides; none written: writes them all (each only if still
+    /// absent) under `shard`'s fence, on the lease of intents (they go a
+    /// day after the last write).
+    async fn pin_incident(
+        self: &Arc<Self>,
+        shard: u32,
+        keys: &[String],
+    ) -> Result<u32, FenceError> {
+        if keys.is_empty() {
+            return Ok(shard);
+        }
+        let full: Vec<String> = keys
+            .iter()
+            .map(|k| format!("{}/{k}", self.prefix))
+            .collect();
+        let mut c = self.client.clone();
+        for _ in 0..3 {
+            let read = Txn::new().and_then(
+                full.iter()
+                    .map(|k| TxnOp::get(k.clone(), None))
+                    .collect::<Vec<_>>(),
+            );
+            let resp = rpc(self.rpc_timeout, "incident pins", c.txn(read))
+                .await
+                .map_err(FenceError::Unavailable)?;
+            let first = resp
+                .op_responses()
+                .into_iter()
+                .filter_map(|op| match op {
+                    TxnOpResponse::Get(g) => g.kvs().first().and_then(|kv| {
+                        let s = std::str::from_utf8(kv.value())
+                            .ok()?
+                            .trim()
+                            .parse::<u32>()
+                            .ok()?;
+                        Some((kv.create_revision(), s))
+                    }),
+                    _ => None,
+                })
+                .min();
+            if let Some((_, pinned)) = first {
+                return Ok(pinned);
+            }
+            let (fence, _) = self.fence(shard).ok_or(FenceError::NotLeader { shard })?;
+            let lease = self.record_lease().await?;
+            let lk = fence.leader_key.clone();
+            let mut when = vec![
+                Compare::create_revision(lk.clone(), CompareOp::Equal, fence.revision),
+                Compare::lease(lk.clone(), CompareOp::Equal, fence.lease_id),
+            ];
+            when.extend(
+                full.iter()
+                    .map(|k| Compare::version(k.clone(), CompareOp::Equal, 0)),
+            );
+            let puts: Vec<TxnOp> = full
+                .iter()
+                .map(|k| {
+                    TxnOp::put(
+                        k.clone(),
+                        shard.to_string(),
+                        Some(PutOptions::new().with_lease(lease)),
+                    )
+                })
+                .collect();
+            let txn = Txn::new()
+                .when(when)
+                .and_then(puts)
+                .or_else([TxnOp::get(lk, None)]);
+            let resp = rpc(self.rpc_timeout, "pin incident", c.txn(txn))
+                .await
+                .map_err(FenceError::Unavailable)?;
+            if resp.succeeded() {
+                return Ok(shard);
+            }
+            let still = resp.op_responses().into_iter().any(|op| match op {
+                TxnOpResponse::Get(g) => g
+                    .kvs()
+                    .first()
+                    .is_some_and(|kv| kv.create_revision() == fence.revision),
+                _ => false,
+            });
+            if !still {
+                self.step_down(
+                    shard,
+                    Some(fence.lease_id),
+                    "deposed: pinning an incident found the leader key changed",
+                    true,
+                );
+                return Err(FenceError::Deposed {
+                    shard,
+                    holder: None,
+                });
+            }
+            // Another leader pinned one of them first: read again.
+        }
+        Err(FenceError::Unavailable(
+            "the incident's pin kept changing".into(),
+        ))
+    }
+
     /// See [`Leadership::reserve_budget`]: the slots are
     /// `{prefix}/budget-slots/{k}` for `k < max`, each put on a lease of
     /// TTL `window` in one transaction that also compares the shard's
@@ -1448,6 +1550,14 @@ impl Leadership for Cluster {
         holder: &'a str,
     ) -> BoxFuture<'a, Result<Budget, FenceError>> {
         Box::pin(self.inner.reserve_budget(shard, n, max, window, holder))
+    }
+
+    fn pin_incident<'a>(
+        &'a self,
+        shard: u32,
+        keys: &'a [String],
+    ) -> BoxFuture<'a, Result<u32, FenceError>> {
+        Box::pin(self.inner.pin_incident(shard, keys))
     }
 
     fn release_budget(&self, lease: i64) -> BoxFuture<'_, ()> {

@@ -263,6 +263,22 @@ pub const FENCING_DOMAIN: &str = "fencing_domain";
 /// Error of an execution that the pause stopped before it acted.
 pub const HELD_BY_PAUSE: &str = "held by the pause before acting: nothing was sent";
 
+/// How an execution refused because its incident is pinned to another
+/// shard reads (followed by the shard).
+pub const PINNED_ELSEWHERE: &str = "the incident belongs to shard ";
+
+/// Member fingerprints that name an incident's pin (one etcd key each).
+const PIN_KEYS: usize = 16;
+
+/// The shard an execution found its incident pinned to, when it was
+/// refused for that ([`PINNED_ELSEWHERE`]).
+pub fn pinned_elsewhere(exec: &PolicyExecution) -> Option<u32> {
+    let e = exec.error.as_deref()?;
+    let rest = &e[e.find(PINNED_ELSEWHERE)? + PINNED_ELSEWHERE.len()..];
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
 /// Error of an execution that the cluster-wide disruption budget stopped
 /// before it acted (cluster mode: other leaders used the budget first).
 pub const HELD_BY_BUDGET: &str =
@@ -471,8 +487,18 @@ impl ExecutionEnv {
             exec.error = Some(HELD_BY_PAUSE.into());
             return;
         }
-        // Cluster: the name the incident's keys use (a previous leader may
-        // have named it first).
+        // Cluster: the shard the incident belongs to, cluster-wide (the
+        // first leader to act on it pinned it), then the name its keys use
+        // (a previous leader may have named it first).
+        if let Some(why) = self.pin(policy).await {
+            tracing::info!(policy = %policy.id, reason = %why, "the incident belongs to another shard: nothing sent");
+            exec.status = ExecutionStatus::Unknown;
+            exec.interrupted = true;
+            exec.error = Some(format!(
+                "interrupted before acting: {why}; nothing was sent"
+            ));
+            return;
+        }
         if let Some(why) = self.claim(policy, exec).await {
             tracing::warn!(policy = %policy.id, reason = %why, "not the leader: nothing sent");
             exec.status = ExecutionStatus::Unknown;
@@ -841,6 +867,41 @@ impl ExecutionEnv {
         self.executed(exec);
         if let Some(tx) = acted.take() {
             let _ = tx.send(());
+        }
+    }
+
+    /// Cluster mode: pins the policy's incident to its shard cluster-wide
+    /// (keys per member fingerprint); `Some`: it belongs to another shard
+    /// ([`PINNED_ELSEWHERE`]), or the pin could not be checked.
+    async fn pin(&self, policy: &RemediationPolicy) -> Option<String> {
+        let (Some(l), Some(local), Some(shard)) = (
+            &self.leadership,
+            policy.incident_id.as_deref(),
+            policy.shard,
+        ) else {
+            return None;
+        };
+        let fingerprints: Vec<String> = self
+            .store
+            .as_ref()
+            .and_then(|st| {
+                st.get_record::<crate::model::Incident>(crate::store::INCIDENTS_TREE, local)
+                    .ok()
+                    .flatten()
+            })
+            .map(|i| i.fingerprints)
+            .unwrap_or_default();
+        let keys: Vec<String> = fingerprints
+            .iter()
+            .take(PIN_KEYS)
+            .map(|fp| format!("incident-pins/{:016x}", crate::leadership::name_hash(fp)))
+            .collect();
+        match l.pin_incident(shard, &keys).await {
+            Ok(s) if s == shard => None,
+            Ok(s) => Some(format!(
+                "{PINNED_ELSEWHERE}{s} (pinned by the leader that first acted on it)"
+            )),
+            Err(e) => Some(format!("the incident's shard could not be pinned: {e}")),
         }
     }
 
@@ -1413,6 +1474,21 @@ mod pause_tests {
             candidates: Vec::new(),
             shard: None,
         }
+    }
+
+    #[test]
+    fn the_shard_an_incident_is_pinned_to_is_read_back_from_the_error() {
+        let mut exec = in_progress(&policy(), "e".into(), "c".into(), chrono::Utc::now());
+        assert_eq!(pinned_elsewhere(&exec), None);
+        exec.error = Some(format!(
+            "interrupted before acting: {}7 (pinned by the leader that first acted on it); nothing was sent",
+            PINNED_ELSEWHERE
+        ));
+        assert_eq!(pinned_elsewhere(&exec), Some(7));
+        exec.error = Some(format!("{} (a slot frees in 42 s)", HELD_BY_BUDGET));
+        assert_eq!(pinned_elsewhere(&exec), None);
+        assert_eq!(budget_frees_in(&exec), Some(Duration::from_secs(42)));
+        assert!(held_before_acting(&exec));
     }
 
     fn env(effector: &RecordingEffector, state: crate::state::SharedState) -> ExecutionEnv {

@@ -1920,6 +1920,16 @@ impl Handler<ExecutionFinished> for Planner {
             if act.leadership.is_some() && !sent {
                 act.guards.release_budget(&msg.policy.id);
             }
+            // Cluster mode: another leader pinned the incident to its
+            // shard first; it belongs there (this replica holds it from
+            // now on unless it leads that shard).
+            if let Some(shard) = crate::execute::run::pinned_elsewhere(&msg.execution) {
+                let id = msg.policy.incident_id.clone().unwrap_or_default();
+                if let Some(e) = act.incidents.get_mut(&id) {
+                    tracing::info!(incident = %id, shard, "the incident belongs to another shard, pinned cluster-wide");
+                    e.incident.shard = Some(shard);
+                }
+            }
             if by_budget {
                 // Disruptive policies wait (in the admission queue, not
                 // planned again and again) until a slot frees.
