@@ -392,7 +392,7 @@ fn replica(
 /// `lease_seconds` + 2 s.
 #[test]
 fn two_daemons_kill_the_leader_and_the_standby_leads() {
-    let etcd = support::servers::etcd();
+    let mut etcd = support::servers::etcd();
     let dir = tempfile::tempdir().expect("tempdir");
     let lease = 2;
     let (pa, aa) = replica(dir.path(), &etcd.url(), "a", lease);
@@ -463,6 +463,39 @@ fn two_daemons_kill_the_leader_and_the_standby_leads() {
         .and_then(|r| r.text())
         .expect("metrics");
     assert!(metrics.contains("mape_k_cluster_leader{shard=\"0\"} 1"));
+
+    // etcd goes away: the replica cannot tell who leads, so a mutating
+    // call is refused (503, saying why), never sent to a stale leader.
+    etcd.kill();
+    let t0 = Instant::now();
+    loop {
+        if !cluster(saddr)["etcd"]
+            .as_str()
+            .unwrap_or("reachable")
+            .starts_with("reachable")
+        {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(lease + 5),
+            "etcd still reachable"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let r = reqwest::blocking::Client::new()
+        .post(format!("http://{saddr}/api/v1/pause"))
+        .json(&serde_json::json!({"by": "sre"}))
+        .send()
+        .expect("post");
+    assert_eq!(r.status().as_u16(), 503);
+    let body: serde_json::Value = r.json().expect("json");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("cannot reach etcd"),
+        "{body}"
+    );
 }
 
 fn polled(fingerprint: &str, onset_s: i64) -> mapek_actors::model::Violation {

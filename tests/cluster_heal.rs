@@ -548,6 +548,19 @@ fn pause_and_resume_reach_every_leader() {
     names.sort_unstable();
     assert_eq!(names, ["a", "b"], "applied by both leaders");
     assert_eq!((paused(aa), paused(ab)), (Some(true), Some(true)));
+    // Bad input is refused as such (400, not a gateway error), by the
+    // replica asked, and changes nothing anywhere.
+    let r = reqwest::blocking::Client::new()
+        .post(format!("http://{ab}/api/v1/resume"))
+        .header("content-type", "application/json")
+        .body("garbage")
+        .send()
+        .expect("post");
+    assert_eq!(r.status().as_u16(), 400);
+    assert!(r.headers().get("x-mapek-applied-by").is_none());
+    let body: Value = r.json().expect("json error");
+    assert!(body["error"].is_string(), "{body}");
+    assert_eq!((paused(aa), paused(ab)), (Some(true), Some(true)));
     let r = post(ab, "resume");
     assert!(r.status().is_success(), "{}", r.status());
     assert_eq!((paused(aa), paused(ab)), (Some(false), Some(false)));

@@ -360,11 +360,28 @@ async fn publish(
 /// Lists `knowledge/`, then watches it, applying other replicas'
 /// records; starts over after any error.
 async fn apply(cluster: Cluster, store: KnowledgeStore, counters: Arc<ReplicationCounters>) {
+    let mut failures = 0u32;
     loop {
-        if let Err(e) = follow(&cluster, &store, &counters).await {
-            tracing::warn!(error = %e, "cluster: following the replicated knowledge failed; listing again");
+        let started = tokio::time::Instant::now();
+        match follow(&cluster, &store, &counters).await {
+            Ok(()) => failures = 0,
+            Err(e) => {
+                // A watch that ran a while and then broke starts over.
+                if started.elapsed() > Duration::from_secs(60) {
+                    failures = 0;
+                }
+                failures += 1;
+                // Said once, then every 30th time (etcd may be down for
+                // long: the election reports that too).
+                if failures == 1 || failures % 30 == 0 {
+                    tracing::warn!(error = %e, failures, "cluster: following the replicated knowledge failed; listing again");
+                }
+            }
         }
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        // 1 s, doubling to 30 s while it keeps failing.
+        let wait = Duration::from_secs(1 << failures.saturating_sub(1).min(5))
+            .min(Duration::from_secs(30));
+        tokio::time::sleep(wait).await;
     }
 }
 

@@ -130,6 +130,12 @@ pub async fn to_leader(State(s): State<ApiState>, req: Request, next: Next) -> R
         return next.run(req).await;
     };
     let me = view.name.clone();
+    if let Some(e) = &view.etcd_error {
+        return unavailable(
+            format!("{me} cannot reach etcd, so it cannot tell who leads ({e}); retry, or ask another replica"),
+            None,
+        );
+    }
     let forwarded = req.headers().contains_key(FORWARDED);
     let shards: Vec<u32> = match &target {
         Target::All => (0..view.shards).collect(),
@@ -226,11 +232,30 @@ pub async fn to_leader(State(s): State<ApiState>, req: Request, next: Next) -> R
     }
     if leaders.contains(&me) {
         let req = Request::from_parts(parts, Body::from(body));
-        local = Some(next.run(req).await);
+        let r = next.run(req).await;
+        // Forwarded here (this replica's part of a fan-out), or refused as
+        // bad input (the others would refuse it alike): the answer as is,
+        // nothing sent on.
+        if forwarded || r.status().is_client_error() {
+            return r;
+        }
+        local = Some(r);
     } else if forwarded {
         return unavailable(format!("{me} does not lead the shard"), None);
     }
     remote.extend(futures::future::join_all(calls).await);
+    // Every leader refused it as bad input: the first refusal as is.
+    if local.is_none()
+        && !remote.is_empty()
+        && remote
+            .iter()
+            .all(|(_, r)| matches!(r, Ok((st, _, _)) if st.is_client_error()))
+    {
+        if let Some((_, Ok((st, h, b)))) = remote.into_iter().next() {
+            return answer(st, h, b);
+        }
+        return unavailable("no leader answered".into(), None);
+    }
     // One target: its answer as is.
     if leaders.len() == 1 {
         if let Some(mut r) = local {
@@ -303,6 +328,9 @@ pub async fn to_leader(State(s): State<ApiState>, req: Request, next: Next) -> R
 }
 
 fn applied_by(r: &mut Response, names: &[String]) {
+    if names.is_empty() {
+        return;
+    }
     if let Ok(v) = HeaderValue::from_str(&names.join(",")) {
         r.headers_mut().insert(APPLIED_BY, v);
     }
