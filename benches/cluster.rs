@@ -98,6 +98,44 @@ async fn main() {
         );
     }
 
+    // What cluster mode adds to one execution before its first effector
+    // call, in etcd round trips: pin the incident, read and write its
+    // claim, reserve one budget slot, read and write one intent (then the
+    // slot is given back, as when nothing is sent).
+    {
+        use mapek_actors::leadership::{Budget, Leadership};
+        let shard = 0;
+        let n = 200;
+        let t0 = Instant::now();
+        for i in 0..n {
+            let pins = vec![format!("incident-pins/bench-{i}")];
+            assert_eq!(leader.pin_incident(shard, &pins).await, Ok(shard));
+            let claim = format!("incident-claims/bench-{i}");
+            let _ = leader.read(&claim).await.expect("read claim");
+            leader
+                .fenced_put(shard, &claim, b"{}".to_vec())
+                .await
+                .expect("claim");
+            let Ok(Budget::Reserved { lease }) = leader
+                .reserve_budget(shard, 1, 1000, Duration::from_secs(600), "bench")
+                .await
+            else {
+                panic!("budget")
+            };
+            let intent = format!("intents/bench-{i}/1/a1");
+            let _ = leader.read(&intent).await.expect("read intent");
+            leader
+                .fenced_put(shard, &intent, b"{}".to_vec())
+                .await
+                .expect("intent");
+            leader.release_budget(lease).await;
+        }
+        let per = t0.elapsed().as_secs_f64() * 1e3 / n as f64;
+        println!(
+            "{{\"bench\":\"execution_overhead\",\"executions\":{n},\"ms_per_execution\":{per:.2}}}"
+        );
+    }
+
     // Knowledge: N guard records written on the leader, until all are in
     // etcd and until all are applied to the standby's store.
     let dl = tempfile::tempdir().expect("dir");
