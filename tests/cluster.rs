@@ -55,6 +55,20 @@ async fn until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) -> D
     }
 }
 
+/// Replicas `a` and `b` of two shards, each leading one: (a, its shard,
+/// b, its shard).
+async fn two_leaders(etcd: &str, prefix: &str) -> (Cluster, u32, Cluster, u32) {
+    let a = start(&settings(etcd, "a", 2, 2, prefix)).await;
+    let b = start(&settings(etcd, "b", 2, 2, prefix)).await;
+    until(Duration::from_secs(10), "one shard each", || {
+        a.view().leading.len() == 1 && b.view().leading.len() == 1
+    })
+    .await;
+    let sa = *a.view().leading.first().expect("a leads");
+    let sb = *b.view().leading.first().expect("b leads");
+    (a, sa, b, sb)
+}
+
 /// How many of `replicas` lead `shard` now.
 fn leaders_of(replicas: &[&Cluster], shard: u32) -> usize {
     replicas.iter().filter(|c| c.is_leader(shard)).count()
@@ -839,14 +853,7 @@ async fn a_replica_applies_published_knowledge_and_publishes_its_own() {
 async fn budget_slots_are_shared_and_free_themselves() {
     use mapek_actors::leadership::{Budget, Leadership};
     let etcd = etcd().await;
-    let a = start(&settings(&etcd.url(), "a", 2, 2, "/slots")).await;
-    let b = start(&settings(&etcd.url(), "b", 2, 2, "/slots")).await;
-    until(Duration::from_secs(10), "one shard each", || {
-        a.view().leading.len() == 1 && b.view().leading.len() == 1
-    })
-    .await;
-    let sa = *a.view().leading.first().expect("a leads");
-    let sb = *b.view().leading.first().expect("b leads");
+    let (a, sa, b, sb) = two_leaders(&etcd.url(), "/slots").await;
     let window = Duration::from_secs(2);
     let reserved =
         |r: &Result<Budget, FenceError>| matches!(r, Ok(Budget::Reserved { lease }) if *lease != 0);
@@ -950,14 +957,7 @@ async fn intents_and_claims_expire_other_fenced_writes_do_not() {
 async fn the_first_leader_to_act_pins_an_incident_for_everyone() {
     use mapek_actors::leadership::Leadership;
     let etcd = etcd().await;
-    let a = start(&settings(&etcd.url(), "a", 2, 2, "/pins")).await;
-    let b = start(&settings(&etcd.url(), "b", 2, 2, "/pins")).await;
-    until(Duration::from_secs(10), "one shard each", || {
-        a.view().leading.len() == 1 && b.view().leading.len() == 1
-    })
-    .await;
-    let sa = *a.view().leading.first().expect("a leads");
-    let sb = *b.view().leading.first().expect("b leads");
+    let (a, sa, b, sb) = two_leaders(&etcd.url(), "/pins").await;
     let keys = |names: &[&str]| -> Vec<String> {
         names.iter().map(|n| format!("incident-pins/{n}")).collect()
     };

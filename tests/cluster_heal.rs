@@ -87,9 +87,9 @@ fn replica_with_shards(
     name: &str,
     shards: u32,
 ) -> (Proc, SocketAddr) {
-    let cfg = dir.join(format!("{name}.yaml"));
-    std::fs::write(
-        &cfg,
+    run_replica(
+        dir,
+        name,
         format!(
             "monitor:\n  interval_seconds: 1\n\
              prometheus:\n  url: {prometheus}\n  timeout_seconds: 2\n  retries: 0\n\
@@ -101,7 +101,13 @@ fn replica_with_shards(
              cluster:\n  etcd_endpoints: [\"{etcd}\"]\n  name: {name}\n  lease_seconds: {LEASE}\n  prefix: /heal\n  shards: {shards}\n"
         ),
     )
-    .expect("config");
+}
+
+/// Starts `mapek run` named `name` in `dir` with `config` (its own data
+/// directory and a free port); returns once it serves.
+fn run_replica(dir: &std::path::Path, name: &str, config: String) -> (Proc, SocketAddr) {
+    let cfg = dir.join(format!("{name}.yaml"));
+    std::fs::write(&cfg, config).expect("config");
     let data = dir.join(format!("data-{name}")).display().to_string();
     let addr = free_addr();
     let (c, a) = (cfg.display().to_string(), addr.to_string());
@@ -602,9 +608,9 @@ fn the_disruption_budget_is_shared_by_every_leader() {
     let etcd = etcd();
     let dir = tempfile::tempdir().expect("tempdir");
     let start = |name: &str| {
-        let cfg = dir.path().join(format!("{name}.yaml"));
-        std::fs::write(
-            &cfg,
+        run_replica(
+            dir.path(),
+            name,
             format!(
                 "monitor:\n  interval_seconds: 1\n\
                  prometheus:\n  url: {}\n  timeout_seconds: 2\n  retries: 0\n\
@@ -618,21 +624,6 @@ fn the_disruption_budget_is_shared_by_every_leader() {
                 etcd.url()
             ),
         )
-        .expect("config");
-        let data = dir
-            .path()
-            .join(format!("data-{name}"))
-            .display()
-            .to_string();
-        let addr = free_addr();
-        let (c, a) = (cfg.display().to_string(), addr.to_string());
-        let mut p = Proc::start(
-            &["run", "--config", &c, "--data-dir", &data, "--listen", &a],
-            &[("LOG_LEVEL", "info")],
-            dir.path(),
-        );
-        p.wait_for("serving", Duration::from_secs(30));
-        (p, addr)
     };
     let (_pa, aa) = start("a");
     let (_pb, ab) = start("b");
@@ -845,9 +836,9 @@ fn three_replicas_twelve_shards_thirty_components_all_healed() {
     let dir = tempfile::tempdir().expect("tempdir");
     let shards = 12;
     let start = |name: &str| {
-        let cfg = dir.path().join(format!("{name}.yaml"));
-        std::fs::write(
-            &cfg,
+        run_replica(
+            dir.path(),
+            name,
             format!(
                 "monitor:\n  interval_seconds: 1\n\
                  prometheus:\n  url: {}\n  timeout_seconds: 2\n  retries: 0\n\
@@ -861,21 +852,6 @@ fn three_replicas_twelve_shards_thirty_components_all_healed() {
                 etcd.url()
             ),
         )
-        .expect("config");
-        let data = dir
-            .path()
-            .join(format!("data-{name}"))
-            .display()
-            .to_string();
-        let addr = free_addr();
-        let (c, a) = (cfg.display().to_string(), addr.to_string());
-        let mut p = Proc::start(
-            &["run", "--config", &c, "--data-dir", &data, "--listen", &a],
-            &[("LOG_LEVEL", "info")],
-            dir.path(),
-        );
-        p.wait_for("serving", Duration::from_secs(30));
-        (p, addr)
     };
     let mut replicas: Vec<(String, Option<Proc>, SocketAddr)> = ["a", "b", "c"]
         .iter()

@@ -123,6 +123,17 @@ fn start(
     store: &KnowledgeStore,
     settings: LoopSettings,
 ) -> LoopHandle {
+    start_led(source, effector, store, settings, None)
+}
+
+/// [`start`], as a replica of a cluster (`leadership`).
+fn start_led(
+    source: &ScriptedSource,
+    effector: &ConcurrencyProbe,
+    store: &KnowledgeStore,
+    settings: LoopSettings,
+    leadership: Option<Arc<dyn mapek_actors::leadership::Leadership>>,
+) -> LoopHandle {
     start_loop(LoopParts {
         settings,
         sources: vec![Arc::new(source.clone())],
@@ -135,7 +146,7 @@ fn start(
         events: None,
         alert_state: None,
         escalations: None,
-        leadership: None,
+        leadership,
     })
 }
 
@@ -1123,20 +1134,13 @@ fn an_incident_stays_on_the_shard_it_was_first_planned_in() {
     let leadership = FixedLeadership::new("a", shards, &[pinned]);
     let sys = paused_system();
     sys.block_on(async {
-        let h = start_loop(LoopParts {
-            settings: s,
-            sources: vec![Arc::new(source.clone())],
-            effectors: EffectorRouter::all_to(Arc::new(effector.clone())),
-            probe: Some(Arc::new(HealingProbe::default())),
-            store: store.clone(),
-            clock: Arc::new(SystemClock),
-            metrics: Arc::new(Metrics::new()),
-            chaos: None,
-            events: None,
-            alert_state: None,
-            escalations: None,
-            leadership: Some(Arc::new(leadership.clone())),
-        });
+        let h = start_led(
+            &source,
+            &effector,
+            &store,
+            s,
+            Some(Arc::new(leadership.clone())),
+        );
         let mut rx = h.events.subscribe();
         let first = next_planned(&mut rx).await;
         let p1 = stored_policy(&store, &first).await;
@@ -1270,20 +1274,13 @@ fn an_incident_pinned_elsewhere_is_left_to_that_shards_leader() {
     leadership.pin(&["api-fail-2"], theirs);
     let sys = paused_system();
     sys.block_on(async {
-        let h = start_loop(LoopParts {
-            settings: s,
-            sources: vec![Arc::new(source.clone())],
-            effectors: EffectorRouter::all_to(Arc::new(effector.clone())),
-            probe: Some(Arc::new(HealingProbe::default())),
-            store: store.clone(),
-            clock: Arc::new(SystemClock),
-            metrics: Arc::new(Metrics::new()),
-            chaos: None,
-            events: None,
-            alert_state: None,
-            escalations: None,
-            leadership: Some(Arc::new(leadership.clone())),
-        });
+        let h = start_led(
+            &source,
+            &effector,
+            &store,
+            s,
+            Some(Arc::new(leadership.clone())),
+        );
         // The incident takes the pin, and its next policy waits for the
         // other shard's leader.
         let deadline = std::time::Instant::now() + Duration::from_secs(20);

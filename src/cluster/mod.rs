@@ -725,10 +725,7 @@ impl Inner {
             None
         };
         let txn = Txn::new()
-            .when([
-                Compare::create_revision(lk.clone(), CompareOp::Equal, fence.revision),
-                Compare::lease(lk.clone(), CompareOp::Equal, fence.lease_id),
-            ])
+            .when(Self::fence_compares(&fence))
             .and_then([TxnOp::put(format!("{}/{key}", self.prefix), value, options)])
             .or_else([TxnOp::get(lk, None)]);
         let mut c = self.client.clone();
@@ -777,23 +774,17 @@ impl Inner {
         let (fence, _) = self
             .fence(shard)
             .ok_or_else(|| format!("not the leader of shard {shard}"))?;
-        let lk = fence.leader_key.clone();
-        let txn = Txn::new()
-            .when([
-                Compare::create_revision(lk.clone(), CompareOp::Equal, fence.revision),
-                Compare::lease(lk, CompareOp::Equal, fence.lease_id),
-            ])
-            .and_then(
-                ops.iter()
-                    .map(|(k, v)| {
-                        let key = format!("{}/{k}", self.prefix);
-                        match v {
-                            Some(v) => TxnOp::put(key, v.clone(), None),
-                            None => TxnOp::delete(key, None),
-                        }
-                    })
-                    .collect::<Vec<_>>(),
-            );
+        let txn = Txn::new().when(Self::fence_compares(&fence)).and_then(
+            ops.iter()
+                .map(|(k, v)| {
+                    let key = format!("{}/{k}", self.prefix);
+                    match v {
+                        Some(v) => TxnOp::put(key, v.clone(), None),
+                        None => TxnOp::delete(key, None),
+                    }
+                })
+                .collect::<Vec<_>>(),
+        );
         let mut c = self.client.clone();
         let resp = rpc(self.rpc_timeout, "fenced publish", c.txn(txn)).await?;
         if resp.succeeded() {
@@ -825,6 +816,43 @@ impl Inner {
         .id();
         *lock(&self.record_lease) = Some((id, Instant::now()));
         Ok(id)
+    }
+
+    /// The compares that make a transaction fenced: `fence`'s leader key
+    /// still has its create revision and lease.
+    fn fence_compares(fence: &Fence) -> Vec<Compare> {
+        vec![
+            Compare::create_revision(fence.leader_key.clone(), CompareOp::Equal, fence.revision),
+            Compare::lease(fence.leader_key.clone(), CompareOp::Equal, fence.lease_id),
+        ]
+    }
+
+    /// After a fenced transaction (whose `or_else` read the leader key)
+    /// failed: when the leader key is no longer ours, steps down (saying
+    /// `why`) and gives the error; `None` when only another compare
+    /// failed (a race to retry).
+    fn deposed_by(
+        self: &Arc<Self>,
+        shard: u32,
+        fence: &Fence,
+        resp: &etcd_client::TxnResponse,
+        why: &str,
+    ) -> Option<FenceError> {
+        let still = resp.op_responses().into_iter().any(|op| match op {
+            TxnOpResponse::Get(g) => g
+                .kvs()
+                .first()
+                .is_some_and(|kv| kv.create_revision() == fence.revision),
+            _ => false,
+        });
+        if still {
+            return None;
+        }
+        self.step_down(shard, Some(fence.lease_id), why, true);
+        Some(FenceError::Deposed {
+            shard,
+            holder: None,
+        })
     }
 
     /// See [`Leadership::pin_incident`]: reads the keys; the earliest
@@ -874,10 +902,7 @@ impl Inner {
             let (fence, _) = self.fence(shard).ok_or(FenceError::NotLeader { shard })?;
             let lease = self.record_lease().await?;
             let lk = fence.leader_key.clone();
-            let mut when = vec![
-                Compare::create_revision(lk.clone(), CompareOp::Equal, fence.revision),
-                Compare::lease(lk.clone(), CompareOp::Equal, fence.lease_id),
-            ];
+            let mut when = Self::fence_compares(&fence);
             when.extend(
                 full.iter()
                     .map(|k| Compare::version(k.clone(), CompareOp::Equal, 0)),
@@ -902,24 +927,13 @@ impl Inner {
             if resp.succeeded() {
                 return Ok(shard);
             }
-            let still = resp.op_responses().into_iter().any(|op| match op {
-                TxnOpResponse::Get(g) => g
-                    .kvs()
-                    .first()
-                    .is_some_and(|kv| kv.create_revision() == fence.revision),
-                _ => false,
-            });
-            if !still {
-                self.step_down(
-                    shard,
-                    Some(fence.lease_id),
-                    "deposed: pinning an incident found the leader key changed",
-                    true,
-                );
-                return Err(FenceError::Deposed {
-                    shard,
-                    holder: None,
-                });
+            if let Some(e) = self.deposed_by(
+                shard,
+                &fence,
+                &resp,
+                "deposed: pinning an incident found the leader key changed",
+            ) {
+                return Err(e);
             }
             // Another leader pinned one of them first: read again.
         }
@@ -1007,10 +1021,7 @@ impl Inner {
             .map_err(FenceError::Unavailable)?
             .id();
             let lk = fence.leader_key.clone();
-            let mut when = vec![
-                Compare::create_revision(lk.clone(), CompareOp::Equal, fence.revision),
-                Compare::lease(lk.clone(), CompareOp::Equal, fence.lease_id),
-            ];
+            let mut when = Self::fence_compares(&fence);
             let mut puts = Vec::new();
             for k in &free {
                 let key = format!("{slots}{k}");
@@ -1041,24 +1052,13 @@ impl Inner {
             }
             self.revoke_later(lease);
             // Deposed, or another leader took a slot first (try again).
-            let still = resp.op_responses().into_iter().any(|op| match op {
-                TxnOpResponse::Get(g) => g
-                    .kvs()
-                    .first()
-                    .is_some_and(|kv| kv.create_revision() == fence.revision),
-                _ => false,
-            });
-            if !still {
-                self.step_down(
-                    shard,
-                    Some(fence.lease_id),
-                    "deposed: a budget reservation found the leader key changed",
-                    true,
-                );
-                return Err(FenceError::Deposed {
-                    shard,
-                    holder: None,
-                });
+            if let Some(e) = self.deposed_by(
+                shard,
+                &fence,
+                &resp,
+                "deposed: a budget reservation found the leader key changed",
+            ) {
+                return Err(e);
             }
         }
         // Lost the race for free slots three times: full for now.

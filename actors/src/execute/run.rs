@@ -490,7 +490,9 @@ impl ExecutionEnv {
         // Cluster: the shard the incident belongs to, cluster-wide (the
         // first leader to act on it pinned it), then the name its keys use
         // (a previous leader may have named it first).
-        if let Some(why) = self.pin(policy).await {
+        // The incident's record (its fingerprints and onset), read once.
+        let incident = self.incident_record(policy);
+        if let Some(why) = self.pin(policy, incident.as_ref()).await {
             tracing::info!(policy = %policy.id, reason = %why, "the incident belongs to another shard: nothing sent");
             exec.status = ExecutionStatus::Unknown;
             exec.interrupted = true;
@@ -499,7 +501,7 @@ impl ExecutionEnv {
             ));
             return;
         }
-        if let Some(why) = self.claim(policy, exec).await {
+        if let Some(why) = self.claim(policy, exec, incident.as_ref()).await {
             tracing::warn!(policy = %policy.id, reason = %why, "not the leader: nothing sent");
             exec.status = ExecutionStatus::Unknown;
             exec.interrupted = true;
@@ -870,28 +872,31 @@ impl ExecutionEnv {
         }
     }
 
+    /// Cluster mode: the record of the policy's incident, if stored.
+    fn incident_record(&self, policy: &RemediationPolicy) -> Option<crate::model::Incident> {
+        self.leadership.as_ref()?;
+        let local = policy.incident_id.as_deref()?;
+        self.store
+            .as_ref()?
+            .get_record::<crate::model::Incident>(crate::store::INCIDENTS_TREE, local)
+            .ok()
+            .flatten()
+    }
+
     /// Cluster mode: pins the policy's incident to its shard cluster-wide
     /// (keys per member fingerprint); `Some`: it belongs to another shard
     /// ([`PINNED_ELSEWHERE`]), or the pin could not be checked.
-    async fn pin(&self, policy: &RemediationPolicy) -> Option<String> {
-        let (Some(l), Some(local), Some(shard)) = (
-            &self.leadership,
-            policy.incident_id.as_deref(),
-            policy.shard,
-        ) else {
+    async fn pin(
+        &self,
+        policy: &RemediationPolicy,
+        incident: Option<&crate::model::Incident>,
+    ) -> Option<String> {
+        let (Some(l), Some(shard)) = (&self.leadership, policy.shard) else {
             return None;
         };
-        let fingerprints: Vec<String> = self
-            .store
-            .as_ref()
-            .and_then(|st| {
-                st.get_record::<crate::model::Incident>(crate::store::INCIDENTS_TREE, local)
-                    .ok()
-                    .flatten()
-            })
-            .map(|i| i.fingerprints)
-            .unwrap_or_default();
-        let keys: Vec<String> = fingerprints
+        let keys: Vec<String> = incident
+            .map(|i| i.fingerprints.as_slice())
+            .unwrap_or_default()
             .iter()
             .take(PIN_KEYS)
             .map(|fp| format!("incident-pins/{:016x}", crate::leadership::name_hash(fp)))
@@ -943,6 +948,7 @@ impl ExecutionEnv {
         &self,
         policy: &RemediationPolicy,
         exec: &mut PolicyExecution,
+        incident: Option<&crate::model::Incident>,
     ) -> Option<String> {
         let (Some(l), Some(local)) = (&self.leadership, policy.incident_id.as_deref()) else {
             return None;
@@ -958,12 +964,7 @@ impl ExecutionEnv {
         };
         let now_ms = self.clock.now().timestamp_millis();
         // When our incident opened (its first violation's agreed onset).
-        let opened_ms = self.store.as_ref().and_then(|st| {
-            st.get_record::<crate::model::Incident>(crate::store::INCIDENTS_TREE, local)
-                .ok()
-                .flatten()
-                .map(|i| i.opened_at.timestamp_millis())
-        });
+        let opened_ms = incident.map(|i| i.opened_at.timestamp_millis());
         let (incident, attempt, offset) = claimed_keys(
             found.as_ref(),
             l.name(),
